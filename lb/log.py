@@ -1,0 +1,114 @@
+"""Structured logging: one JSON object per line on stdout, one ``write(2)`` per line.
+
+Every process configures structlog once, right after it knows its role
+(``supervisor``, ``worker``, ``prober``) and generation; those and the pid are
+bound once and appear on every line.  A line is rendered to bytes and written
+with a single ``os.write`` so lines from several processes sharing one stdout
+pipe never interleave (writes up to PIPE_BUF, 4096 bytes, are atomic).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("json", "console")
+_LEVEL_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+EventDict = MutableMapping[str, Any]
+
+
+class FdLogger:
+    """The sink: writes each rendered line to a file descriptor in one call."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def msg(self, message: bytes | str) -> None:
+        data = message.encode() if isinstance(message, str) else message
+        data += b"\n"
+        while data:
+            try:
+                written = os.write(self._fd, data)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.EBADF):
+                    return  # nobody is reading our stdout any more
+                raise
+            data = data[written:]
+
+    debug = info = warning = error = critical = exception = log = msg
+
+
+class _Clock:
+    """ISO-8601 UTC timestamps with milliseconds; the seconds part is cached."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: Any, _name: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        return event_dict
+
+
+def _render_json(_logger: Any, name: str, event_dict: EventDict) -> bytes:
+    line = {
+        "timestamp": event_dict.pop("timestamp"),
+        "level": name if name != "exception" else "error",
+        "event": event_dict.pop("event"),
+    }
+    line.update(event_dict)
+    return orjson.dumps(line, default=str)
+
+
+def configure(
+    role: str,
+    generation: int,
+    *,
+    level: str = "info",
+    fmt: str = "json",
+    fd: int | None = None,
+) -> Any:
+    """Configure structlog for this process and return its bound logger.
+
+    Called once per process: by the supervisor at start and by every child
+    right after fork (the child's role and pid differ from its parent's).
+    """
+    fd = sys.stdout.fileno() if fd is None else fd
+    processors: list[Any] = [_Clock()]
+    if fmt == "console":
+        processors += [
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=os.isatty(fd)),
+        ]
+    else:
+        processors.append(_render_json)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVEL_NUMBERS[level]),
+        logger_factory=lambda *_args: FdLogger(fd),
+        cache_logger_on_first_use=True,
+    )
+    return structlog.get_logger().bind(pid=os.getpid(), role=role, generation=generation)

@@ -1,0 +1,121 @@
+"""The fixed layout of the live pool, a file in the runtime dir mapped by every process.
+
+Theory of operation
+-------------------
+The file holds, in order: a header, a names table (JSON, written once at
+creation), one health record per server, one admin word per server, and one
+slot per worker.  Every part has exactly one writer:
+
+* header versions: ``health_version`` is bumped by the prober whenever a
+  server's health changes, ``admin_version`` by the supervisor whenever an
+  admin state changes; workers compare them with what they last saw, so the
+  common pick reads two words and reuses its cached list of eligible servers;
+* health records: the prober, under a sequence lock (odd while writing);
+  readers retry until they see the same even sequence before and after;
+* admin words: the supervisor (one aligned 8-byte word, never torn);
+* worker slots: their worker.  Counters are single aligned 8-byte words
+  (an aligned store is atomic on the machines we run on), so a reader may see
+  one counter a step ahead of another but never half a number.
+
+Everything is 8-byte aligned and addressed through ``memoryview.cast("Q")``
+and ``cast("d")`` views, so a single counter update is one index store.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+MAGIC: Final = 0x3130424C43494C50  # b"PLICLB01" little-endian, a sanity check
+LAYOUT_VERSION: Final = 1
+
+# Header: words (8 bytes each) by index.
+H_MAGIC, H_VERSION, H_GENERATION, H_NSERVERS, H_NSLOTS = 0, 1, 2, 3, 4
+H_NAMES_OFF, H_NAMES_LEN, H_HEALTH_OFF, H_ADMIN_OFF, H_SLOTS_OFF, H_SLOT_SIZE = 5, 6, 7, 8, 9, 10
+H_HEALTH_VERSION, H_ADMIN_VERSION = 11, 12
+H_PROBER_PID, H_PROBER_BEAT = 13, 14  # BEAT is a double (monotonic seconds)
+HEADER_WORDS: Final = 16
+
+# Server health record (prober-written), words by index.
+R_SEQ, R_HEALTH, R_RISE_COUNT, R_FALL_COUNT, R_CHECKED_AT, R_CHANGED_AT = 0, 1, 2, 3, 4, 5
+R_LATENCY, R_CHECKS = 6, 7  # CHECKED_AT monotonic, CHANGED_AT wall clock, LATENCY seconds: doubles
+R_TEXT_OFF: Final = 8 * 8  # byte offset of the last result text within the record
+TEXT_BYTES: Final = 96  # NUL-padded UTF-8
+RECORD_WORDS: Final = 8 + TEXT_BYTES // 8
+
+# Health values.
+UNCHECKED, UP, DOWN = 0, 1, 2
+HEALTH_NAMES: Final = ("unchecked", "up", "down")
+
+# Admin values.
+READY, DRAIN, MAINT = 0, 1, 2
+ADMIN_NAMES: Final = ("ready", "drain", "maint")
+
+# Worker slot header, words by index.
+S_PID, S_GENERATION, S_BEAT, S_STATE, S_CONNECTIONS, S_ACCEPTED = 0, 1, 2, 3, 4, 5
+S_SUSPECT_VERSION: Final = 6
+S_ANSWERS: Final = 8  # 8 words: counts of the statuses in ANSWER_STATUSES
+ANSWER_STATUSES: Final = (400, 403, 408, 431, 502, 503, 504, 0)
+SLOT_HEADER_WORDS: Final = 16
+
+# Worker slot state values.
+SLOT_EMPTY, SLOT_RUNNING, SLOT_DRAINING = 0, 1, 2
+
+# Per-server counters inside a worker slot, words by index.
+C_ACTIVE, C_TOTAL, C_BYTES_IN, C_BYTES_OUT, C_SUSPECT_AT, C_FAILED = 0, 1, 2, 3, 4, 5
+COUNTER_WORDS: Final = 6  # SUSPECT_AT is a double (monotonic seconds)
+
+_TEXT = struct.Struct(f"{TEXT_BYTES}s")
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where each part of a pool file lies, in 8-byte words from the start."""
+
+    nservers: int
+    nslots: int
+    names_len: int
+
+    @property
+    def names_off(self) -> int:
+        return HEADER_WORDS
+
+    @property
+    def health_off(self) -> int:
+        return self.names_off + (self.names_len + 7) // 8
+
+    @property
+    def admin_off(self) -> int:
+        return self.health_off + self.nservers * RECORD_WORDS
+
+    @property
+    def slots_off(self) -> int:
+        return self.admin_off + self.nservers
+
+    @property
+    def slot_words(self) -> int:
+        return SLOT_HEADER_WORDS + self.nservers * COUNTER_WORDS
+
+    @property
+    def total_words(self) -> int:
+        return self.slots_off + self.nslots * self.slot_words
+
+    def record(self, server: int) -> int:
+        return self.health_off + server * RECORD_WORDS
+
+    def slot(self, slot: int) -> int:
+        return self.slots_off + slot * self.slot_words
+
+    def counter(self, slot: int, server: int) -> int:
+        return self.slot(slot) + SLOT_HEADER_WORDS + server * COUNTER_WORDS
+
+
+def encode_text(text: str) -> bytes:
+    """A result text as stored: UTF-8, cut to fit, NUL padded."""
+    raw = text.encode("utf-8", "replace")[:TEXT_BYTES]
+    return _TEXT.pack(raw.decode("utf-8", "ignore").encode())
+
+
+def decode_text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("utf-8", "replace")

@@ -1,0 +1,210 @@
+"""Choosing a server: which servers are eligible, and the balancing algorithms.
+
+A worker keeps one :class:`BackendPicker` per backend.  Eligibility (health up
+or unchecked, admin ``ready``, not suspect) is recomputed only when the pool's
+versions change or a suspect mark expires; the common pick reads a few words
+of shared memory and steps through a cached sequence.
+
+Algorithms share one small interface, :class:`Balancer`: ``rebuild`` gets the
+eligible servers (global indexes) whenever they change, ``pick`` returns one
+of them that ``usable`` accepts, or None.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from lb.pool import layout as L
+from lb.pool.shm import Pool
+
+SUSPECT_HOLD_UNCHECKED = 5.0  # seconds a suspect mark holds where no prober checks
+
+
+class Balancer(Protocol):
+    def rebuild(self, eligible: Sequence[int]) -> None: ...
+
+    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None: ...
+
+
+def smooth_sequence(servers: Sequence[int], weights: dict[int, int]) -> list[int]:
+    """nginx's smooth weighted round-robin, unrolled into one full cycle."""
+    total = sum(weights[s] for s in servers)
+    current = dict.fromkeys(servers, 0)
+    order: list[int] = []
+    for _ in range(total):
+        for s in servers:
+            current[s] += weights[s]
+        best = max(servers, key=current.__getitem__)
+        current[best] -= total
+        order.append(best)
+    return order
+
+
+class RoundRobin:
+    """Weighted round-robin; skips servers ``usable`` refuses."""
+
+    def __init__(self, weights: dict[int, int]) -> None:
+        self._weights = weights
+        self._order: list[int] = []
+        self._next = 0
+
+    def rebuild(self, eligible: Sequence[int]) -> None:
+        self._order = smooth_sequence(eligible, self._weights)
+
+    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+        order = self._order
+        n = len(order)
+        for _ in range(n):
+            server = order[self._next % n]
+            self._next += 1
+            if usable(server):
+                return server
+        return None
+
+
+class LeastConn:
+    """Fewest active connections (all workers) per unit of weight; ties rotate."""
+
+    def __init__(self, weights: dict[int, int], pool: Pool) -> None:
+        self._weights = weights
+        self._pool = pool
+        self._eligible: list[int] = []
+        self._turn = 0
+
+    def rebuild(self, eligible: Sequence[int]) -> None:
+        self._eligible = list(eligible)
+
+    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+        candidates = [s for s in self._eligible if usable(s)]
+        if not candidates:
+            return None
+        self._turn += 1
+        start = self._turn % len(candidates)
+        rotated = candidates[start:] + candidates[:start]
+        active = self._pool.server_active
+        return min(rotated, key=lambda s: active(s) / self._weights[s])
+
+
+class Random2:
+    """Power of two random choices, weighted, the less loaded one wins."""
+
+    def __init__(self, weights: dict[int, int], pool: Pool) -> None:
+        self._weights = weights
+        self._pool = pool
+        self._eligible: list[int] = []
+        self._cum: list[int] = []
+
+    def rebuild(self, eligible: Sequence[int]) -> None:
+        self._eligible = list(eligible)
+        self._cum = []
+        total = 0
+        for s in self._eligible:
+            total += self._weights[s]
+            self._cum.append(total)
+
+    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+        candidates = [s for s in self._eligible if usable(s)]
+        if len(candidates) < 2:
+            return candidates[0] if candidates else None
+        weights = [self._weights[s] for s in candidates]
+        a, b = random.choices(candidates, weights=weights, k=2)
+        active = self._pool.server_active
+        return a if active(a) / self._weights[a] <= active(b) / self._weights[b] else b
+
+
+class Source:
+    """The client address picks the server (rendezvous hashing, weighted).
+
+    A client keeps its server while that server is eligible; when one server
+    leaves, only its own clients move.
+    """
+
+    def __init__(self, weights: dict[int, int], names: dict[int, str]) -> None:
+        self._weights = weights
+        self._keys = {s: names[s].encode() for s in names}
+        self._eligible: list[int] = []
+
+    def rebuild(self, eligible: Sequence[int]) -> None:
+        self._eligible = list(eligible)
+
+    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+        host = client.rpartition(":")[0].encode()
+        best, best_score = None, -1
+        for s in self._eligible:
+            if not usable(s):
+                continue
+            score = zlib.crc32(self._keys[s], zlib.crc32(host)) * self._weights[s]
+            if score > best_score:
+                best, best_score = s, score
+        return best
+
+
+class BackendPicker:
+    """Eligibility cache plus one balancer, for one backend in one worker."""
+
+    __slots__ = (
+        "_balancer",
+        "_key",
+        "_pool",
+        "_servers",
+        "_suspect_hold",
+        "_valid_until",
+        "maxconn",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        servers: Sequence[int],
+        balancer: Balancer,
+        maxconn: dict[int, int],
+        suspect_hold: float,
+    ) -> None:
+        self._pool = pool
+        self._servers = tuple(servers)
+        self._balancer = balancer
+        self.maxconn = maxconn  # servers with a cap only
+        self._suspect_hold = suspect_hold
+        self._key: tuple[int, int, int] = (-1, -1, -1)
+        self._valid_until = 0.0
+
+    def _versions(self) -> tuple[int, int, int]:
+        q, geo = self._pool.q, self._pool.geometry
+        suspects = sum(q[geo.slot(s) + L.S_SUSPECT_VERSION] for s in range(geo.nslots))
+        return q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects
+
+    def refresh(self, now: float) -> None:
+        """Recompute the eligible servers if anything they depend on changed."""
+        key = self._versions()
+        if key == self._key and now < self._valid_until:
+            return
+        pool = self._pool
+        eligible: list[int] = []
+        valid_until = float("inf")
+        for s in self._servers:
+            if pool.health(s) == L.DOWN or pool.admin(s) != L.READY:
+                continue
+            suspect_at = pool.suspect_since(s)
+            if suspect_at > pool.checked_at(s) and now < suspect_at + self._suspect_hold:
+                valid_until = min(valid_until, suspect_at + self._suspect_hold)
+                continue
+            eligible.append(s)
+        self._balancer.rebuild(eligible)
+        self._key, self._valid_until = key, valid_until
+
+    def pick(self, client: str, tried: Sequence[int] = ()) -> int | None:
+        """A server for a new connection, or None (the caller answers 503)."""
+        self.refresh(time.monotonic())
+        maxconn, pool = self.maxconn, self._pool
+
+        def usable(server: int) -> bool:
+            if server in tried:
+                return False
+            cap = maxconn.get(server)
+            return cap is None or pool.server_active(server) < cap
+
+        return self._balancer.pick(client, usable)

@@ -1,0 +1,282 @@
+"""Sans-I/O sniffer for the first HTTP/1.x request head on a connection.
+
+Theory of operation
+-------------------
+The worker feeds whatever ``recv`` returned to :meth:`HeadSniffer.feed` and
+gets one of three answers: ``NEED_DATA``, a :class:`Head` (route it and forward
+``buffer`` unchanged), or a :class:`Reject` (answer its status and close).
+No sockets, clock or loop live here; the 408 timeout is the worker's.
+
+Invariants that make it correct and O(total bytes):
+
+* The head ends at the first CRLF CRLF.  A valid head cannot contain that
+  sequence earlier (CR is illegal inside a request line or a field), so one
+  ``bytes.find``, resumed 3 bytes before each new chunk and bounded by
+  ``MAX_HEAD_BYTES``, finds the end.  No terminator within the first
+  ``MAX_HEAD_BYTES`` bytes means 431, whatever follows.
+* Validation is llhttp's (``httptools``, strict mode: no leniency flags), fed
+  each byte of the head exactly once and nothing past it, so the body or a
+  first WebSocket frame is never parsed.  Being a streaming parser, it rejects
+  at the first byte that cannot start a valid request, so garbage gets its 400
+  without waiting for the terminator or the timeout.
+* On top of llhttp, Python checks only what llhttp does not: the request line
+  once its CRLF is in (single spaces, HTTP/1.0 or 1.1 only), duplicate
+  Host/Origin, Host present in 1.1, Host syntax, target form.  These run once.
+
+Decisions, stricter than RFC 9112 allows but never than real clients need:
+CRLF only (a bare LF or CR is a 400); no empty lines before the request line;
+llhttp's method table (an unknown token method is a 400, like a non-token);
+any duplicate Content-Length, even an equal one, is a 400; so are CONNECT, a
+fragment in the target, ``*`` with any method but OPTIONS, and userinfo in an
+absolute-form target.  After ``feed`` has returned a Head or a Reject, calling
+it again raises RuntimeError: the sniffer is done with the connection.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from httptools.parser.errors import HttpParserInvalidMethodError, HttpParserInvalidURLError
+
+MAX_HEAD_BYTES: Final = 16384
+"""A head (request line + headers + blank line) larger than this is a 431."""
+
+_TERMINATOR: Final = b"\r\n\r\n"
+_VERSIONS: Final = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
+
+# RFC 3986 host (IP-literal or reg-name; IPv4 is a reg-name), optional port, and
+# the trailing whitespace llhttp leaves in a value.  "%" is allowed without
+# checking its two hex digits: a single character class keeps the match cheap.
+_HOST_RE: Final = re.compile(
+    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?[ \t]*"
+)
+_ABSOLUTE_RE: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?]*)(/[^?]*)?(?:\?.*)?", re.S)
+
+
+class NeedData:
+    """More bytes are needed before the head can be judged."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final[NeedData] = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A complete, valid request head: what routing needs, as the client sent it."""
+
+    method: str
+    target: str
+    path: str
+    host: str
+    origin: str | None
+    websocket: bool
+    version: str
+    head_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The client's bytes cannot be a valid request; answer ``status`` and close."""
+
+    status: int
+    reason: str
+
+
+class _Fields:
+    """llhttp callback target: keeps the few header fields routing needs.
+
+    Kept apart from the sniffer so that parser and sniffer form no reference
+    cycle (the parser holds bound methods of its protocol object).
+    """
+
+    __slots__ = ("complete", "connection", "host", "origin", "problem", "upgrade")
+
+    def __init__(self) -> None:
+        self.host: bytes | None = None
+        self.origin: bytes | None = None
+        self.upgrade: bytes | None = None
+        self.connection: bytes | None = None
+        self.problem: str | None = None
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.lower()
+        if key == b"host":
+            if self.host is not None:
+                self._fail("duplicate Host header")
+            self.host = value
+        elif key == b"origin":
+            if self.origin is not None:
+                self._fail("duplicate Origin header")
+            self.origin = value
+        elif key == b"upgrade":
+            self.upgrade = value if self.upgrade is None else self.upgrade + b"," + value
+        elif key == b"connection":
+            self.connection = value if self.connection is None else self.connection + b"," + value
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+    def _fail(self, reason: str) -> None:
+        # Raising aborts llhttp at once; feed() reads the reason back from here.
+        self.problem = reason
+        raise ValueError(reason)
+
+
+class HeadSniffer:
+    """Feed bytes as they arrive; get NEED_DATA, a Head, or a Reject."""
+
+    __slots__ = ("_buf", "_done", "_fields", "_head_len", "_line", "_parser")
+
+    def __init__(self) -> None:
+        self._buf: bytes | bytearray = b""
+        self._fields = _Fields()
+        self._parser = HttpRequestParser(self._fields)
+        self._line: list[bytes] | None = None  # method, target, version once checked
+        self._head_len = 0
+        self._done = False
+
+    @property
+    def buffer(self) -> bytes:
+        """Every byte fed so far, to be forwarded unchanged to the backend."""
+        return self._buf if isinstance(self._buf, bytes) else bytes(self._buf)
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes after the head (a first frame, a body); b"" until the head is complete."""
+        return bytes(self._buf[self._head_len :]) if self._head_len else b""
+
+    def feed(self, data: bytes) -> Head | Reject | NeedData:
+        """Take the next bytes received; see the module docstring for the contract."""
+        if self._done:
+            raise RuntimeError("HeadSniffer.feed() called after the head was judged")
+        start = len(self._buf)
+        buf: bytes | bytearray
+        if not start:
+            self._buf = buf = data  # the common case: the whole head in one recv, no copy
+        else:
+            if isinstance(self._buf, bytes):
+                self._buf = bytearray(self._buf)
+            self._buf += data
+            buf = self._buf
+        end = buf.find(_TERMINATOR, start - 3 if start > 3 else 0, MAX_HEAD_BYTES)
+        head_len = end + 4 if end >= 0 else min(len(buf), MAX_HEAD_BYTES)
+
+        if self._line is None:
+            line_end = buf.find(b"\r\n", start - 1 if start else 0, head_len)
+            if line_end >= 0:
+                line = _split_request_line(bytes(buf[:line_end]))
+                if isinstance(line, str):
+                    return self._reject(400, line)
+                self._line = line
+
+        if head_len > start:
+            try:
+                self._parser.feed_data(data if head_len >= len(buf) else data[: head_len - start])
+            except HttpParserUpgrade:
+                pass  # llhttp stops at the end of an upgrade head; that is all we fed it
+            except HttpParserError as exc:
+                return self._reject(400, self._fields.problem or _describe(exc))
+
+        if end < 0:
+            if len(buf) >= MAX_HEAD_BYTES:
+                return self._reject(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            return NEED_DATA
+        return self._finish(head_len)
+
+    def _reject(self, status: int, reason: str) -> Reject:
+        self._done = True
+        return Reject(status, reason)
+
+    def _finish(self, head_len: int) -> Head | Reject:
+        fields, line = self._fields, self._line
+        if line is None or not fields.complete:  # defensive: llhttp and we disagree on the end
+            return self._reject(400, "malformed request head")
+        method, target, version = line
+        host = fields.host
+        if host is None and version == b"HTTP/1.1":
+            return self._reject(400, "missing Host header")
+        if method == b"CONNECT":
+            return self._reject(400, "CONNECT is not supported")
+        if b"#" in target or not target.isascii():
+            return self._reject(400, "invalid request-target")
+
+        if host is None:
+            hostname = ""
+        else:
+            m = _HOST_RE.fullmatch(host)
+            if m is None:
+                return self._reject(400, "invalid Host header")
+            hostname = m[1].decode("ascii").lower()
+
+        if target[0] == 0x2F:  # "/": origin-form, the usual case
+            query = target.find(b"?")
+            path = target if query < 0 else target[:query]
+        elif target == b"*":
+            if method != b"OPTIONS":
+                return self._reject(400, "asterisk-form target without OPTIONS")
+            path = target
+        else:  # absolute-form: its authority replaces Host (RFC 9112 section 3.2.2)
+            url = _ABSOLUTE_RE.fullmatch(target)
+            authority = _HOST_RE.fullmatch(url[1]) if url else None
+            if url is None or authority is None or not authority[1]:
+                return self._reject(400, "invalid absolute-form request-target")
+            hostname = authority[1].decode("ascii").lower()
+            path = url[2] or b"/"
+
+        origin = fields.origin
+        self._head_len = head_len
+        self._done = True
+        return Head(
+            method=method.decode("ascii"),
+            target=target.decode("ascii"),
+            path=path.decode("ascii"),
+            host=hostname,
+            origin=None if origin is None else origin.strip(b" \t").decode("latin-1"),
+            websocket=(
+                method == b"GET"
+                and _has_token(fields.upgrade, b"websocket")
+                and _has_token(fields.connection, b"upgrade")
+            ),
+            version=_VERSIONS[version],
+            head_len=head_len,
+        )
+
+
+def _split_request_line(line: bytes) -> list[bytes] | str:
+    """Method, target, version of a request line, or why it is rejected.
+
+    llhttp checks the characters; this checks what llhttp lets through: more
+    than one space between parts, leading empty lines, versions other than 1.x
+    (the HTTP/2 preface "PRI * HTTP/2.0" is caught here, before llhttp sees it).
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        return "malformed request line"
+    if parts[2] not in _VERSIONS:
+        return "HTTP/2 is not supported" if parts[2] == b"HTTP/2.0" else "unsupported HTTP version"
+    return parts
+
+
+def _has_token(value: bytes | None, token: bytes) -> bool:
+    """Whether a comma-separated header value lists ``token`` (case-insensitive)."""
+    if value is None:
+        return False
+    return any(item.strip(b" \t").lower() == token for item in value.split(b","))
+
+
+def _describe(exc: HttpParserError) -> str:
+    if isinstance(exc, HttpParserInvalidMethodError):
+        return "invalid method"
+    if isinstance(exc, HttpParserInvalidURLError):
+        return "invalid request-target"
+    message = str(exc)
+    return f"malformed request head: {message[:1].lower()}{message[1:]}"

@@ -1,0 +1,336 @@
+"""One client connection in a worker: head, route, connect, then hand over to a tunnel.
+
+Theory of operation
+-------------------
+Everything runs as callbacks on raw file descriptors (``add_reader`` /
+``add_writer`` / ``call_later``); there is no Task or coroutine per
+connection.  A connection goes through at most four steps:
+
+1. head (``mode = "http"`` only): read until the sniffer returns a head or a
+   rejection, within ``head_timeout``; the bytes read are kept verbatim;
+2. route and pick: the listener's router names a backend, its picker a server
+   that is up, ``ready``, not suspect and under its ``maxconn``;
+3. connect: non-blocking ``connect_ex``; a refusal or a ``connect_timeout``
+   marks the server suspect and tries another, up to ``retries`` times;
+4. forward the bytes already read, unchanged, with one ``write``, and start a
+   :class:`~lb.worker.splice.Tunnel`.
+
+Whatever happens, the connection ends in exactly one call to
+``worker.finish`` (one ``event="conn"`` log line): a rejected or unservable
+request is answered with a short HTTP response and a lingering close, so the
+client reads the answer instead of a reset.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from lb.proto.http1 import Head, HeadSniffer, Reject
+from lb.worker.splice import Tunnel, shutdown_write
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from lb.worker.process import BackendRuntime, ListenerRuntime, Worker
+
+READ_SIZE = 16 * 1024 + 1
+LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
+LINGER_BYTES = 256 * 1024  # ... or until it sent this much more
+
+_PHRASES = {
+    400: "Bad Request",
+    403: "Forbidden",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def response(status: int, text: str) -> bytes:
+    """A short HTTP/1.1 answer of the balancer's own, closing the connection."""
+    body = f"{status} {_PHRASES[status]}: {text}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {_PHRASES[status]}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+class Connection:
+    """A client connection from accept to its log line."""
+
+    __slots__ = (
+        "backend",
+        "bytes_in",
+        "client",
+        "fd",
+        "listener",
+        "loop",
+        "pending",
+        "reading",
+        "server",
+        "sniffer",
+        "sock",
+        "started",
+        "timer",
+        "tried",
+        "tunnel",
+        "websocket",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, listener: ListenerRuntime, fd: int, client: str) -> None:
+        self.worker = worker
+        self.loop: asyncio.AbstractEventLoop = worker.loop
+        self.listener = listener
+        self.fd = fd
+        self.client = client
+        self.started = time.monotonic()
+        self.sniffer: HeadSniffer | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.reading = False
+        self.websocket = False
+        self.backend: BackendRuntime | None = None
+        self.server = -1
+        self.tried: list[int] = []
+        self.sock: socket.socket | None = None
+        self.tunnel: Tunnel | None = None
+        self.bytes_in = 0
+        self.pending = b""
+
+    def start(self) -> None:
+        if self.listener.mode == "tcp":
+            self._route(self.listener.default_backend)
+            return
+        self.sniffer = HeadSniffer()
+        self.timer = self.loop.call_later(self.listener.head_timeout, self._head_timeout)
+        self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
+
+    # -- 1. head ---------------------------------------------------------------
+
+    def _read_head(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            if not self.reading:
+                self.loop.add_reader(self.fd, self._read_head)
+                self.reading = True
+            return
+        except OSError as exc:
+            self._drop(f"client error before the head: {exc.strerror}")
+            return
+        if not data:
+            self._drop("client closed before the head")
+            return
+        assert self.sniffer is not None
+        event = self.sniffer.feed(data)
+        if not isinstance(event, (Head, Reject)):  # NEED_DATA
+            if not self.reading:
+                self.loop.add_reader(self.fd, self._read_head)
+                self.reading = True
+            return
+        self._stop_reading()
+        self._cancel_timer()
+        if isinstance(event, Reject):
+            self.answer(event.status, event.reason)
+            return
+        self.websocket = event.websocket
+        if not self.listener.router.origin_allowed(event):
+            self.answer(403, "origin not allowed")
+            return
+        self._route(self.listener.router.backend_for(event))
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        self._stop_reading()
+        self.answer(408, f"request head not complete within {self.listener.head_timeout:g} s")
+
+    # -- 2. route and pick, 3. connect -------------------------------------------
+
+    def _route(self, backend: str) -> None:
+        self.backend = self.worker.backends[backend]
+        self._connect_next()
+
+    def _connect_next(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        server = None
+        if len(self.tried) <= backend.retries:
+            server = backend.picker.pick(self.client, self.tried)
+        if server is None:
+            self.answer(503, "no server available")
+            return
+        self.server = server
+        self.tried.append(server)
+        family, sockaddr = backend.addresses[server]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        self.worker.sockopts(sock)
+        self.sock = sock
+        err = sock.connect_ex(sockaddr)
+        if err == 0:
+            self._connected()
+        elif err == errno.EINPROGRESS:
+            self.loop.add_writer(sock.fileno(), self._connect_done)
+            self.timer = self.loop.call_later(backend.connect_timeout, self._connect_timeout)
+        else:
+            self._connect_failed(os.strerror(err))
+
+    def _connect_done(self) -> None:
+        assert self.sock is not None
+        self.loop.remove_writer(self.sock.fileno())
+        self._cancel_timer()
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(os.strerror(err))
+        else:
+            self._connected()
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        assert self.sock is not None and self.backend is not None
+        self.loop.remove_writer(self.sock.fileno())
+        self._connect_failed(f"connect timeout after {self.backend.connect_timeout:g} s")
+
+    def _connect_failed(self, why: str) -> None:
+        assert self.sock is not None
+        self.sock.close()
+        self.sock = None
+        self.worker.connect_failed(self, why)
+        self._connect_next()
+
+    # -- 4. forward and tunnel ---------------------------------------------------
+
+    def _connected(self) -> None:
+        assert self.sock is not None
+        head = self.sniffer.buffer if self.sniffer is not None else b""
+        self.bytes_in = len(head)
+        self.sniffer = None  # release the head: an idle tunnel keeps no buffers
+        self.pending = head
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Forward the bytes read so far; one ``send`` takes them all but on a full buffer."""
+        sock = self.sock
+        assert sock is not None and self.backend is not None
+        try:
+            sent = sock.send(self.pending) if self.pending else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            if len(self.pending) < self.bytes_in:  # the server has part of it: no retry
+                self._abort_connect(f"server reset: {exc.strerror}")
+            else:
+                self._connect_failed(f"send failed: {exc.strerror}")
+            return
+        self.pending = self.pending[sent:]
+        if self.pending:
+            if self.timer is None:
+                self.loop.add_writer(sock.fileno(), self._send_pending)
+                self.timer = self.loop.call_later(
+                    self.backend.connect_timeout, self._abort_connect, "server took no request"
+                )
+            return
+        if self.timer is not None:
+            self._cancel_timer()
+            self.loop.remove_writer(sock.fileno())
+        server_fd = sock.detach()
+        self.sock = None
+        self.tunnel = self.worker.open_tunnel(self, server_fd)
+
+    def _abort_connect(self, reason: str) -> None:
+        assert self.sock is not None
+        self._cancel_timer()
+        self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        self.sock = None
+        self.answer(503, reason)
+
+    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
+        self.bytes_in += tunnel.up.nbytes
+        self.worker.finish(self, None, reason, tunnel.down.nbytes)
+
+    # -- answers and endings -----------------------------------------------------
+
+    def answer(self, status: int, reason: str) -> None:
+        """Answer with the balancer's own response (http) or just close (tcp)."""
+        if self.listener.mode == "tcp":
+            self._drop(reason, status)
+            return
+        data = response(status, reason)
+        try:
+            sent = os.write(self.fd, data)
+        except OSError:
+            sent = 0
+        Linger(self.loop, self.fd)
+        self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
+        self.worker.finish(self, status, reason, sent)
+
+    def _drop(self, reason: str, status: int | None = None) -> None:
+        self._stop_reading()
+        self._cancel_timer()
+        self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
+        os.close(self.fd)
+        self.worker.finish(self, status, reason, 0)
+
+    def abort(self, reason: str) -> None:
+        """Close at once, whatever the step (worker shutdown)."""
+        if self.tunnel is not None:
+            self.tunnel.close(reason)
+            return
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        self._drop(reason)
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class Linger:
+    """Close a client we answered without resetting it.
+
+    Closing a socket with unread input makes the kernel send a reset, which
+    can destroy our answer before the client reads it.  So: shut down our
+    side, read and discard what the client still sends, close on its end of
+    file, after ``LINGER_BYTES`` or after ``LINGER_TIMEOUT``.
+    """
+
+    __slots__ = ("fd", "left", "loop", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.left = LINGER_BYTES
+        shutdown_write(fd)
+        loop.add_reader(fd, self._drain)
+        self.timer = loop.call_later(LINGER_TIMEOUT, self._close)
+
+    def _drain(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.left -= len(data)
+        if not data or self.left <= 0:
+            self.timer.cancel()
+            self._close()
+
+    def _close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)

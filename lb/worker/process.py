@@ -1,0 +1,324 @@
+"""A worker process: one uvloop event loop accepting on its own listening sockets.
+
+The supervisor forks a worker with the sockets of its slot (one
+``SO_REUSEPORT`` socket per listener) and the path of the live pool.  The
+worker accepts in batches until ``EAGAIN``, hands every connection to a
+:class:`~lb.worker.conn.Connection`, publishes its counters in its own pool
+slot and beats its heartbeat from inside the loop, so a stuck loop stops
+beating.  SIGTERM: stop accepting and let connections finish for up to
+``drain_timeout``; SIGQUIT: close everything at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvloop
+
+from lb.config import Config
+from lb.pool import layout as L
+from lb.pool.select import (
+    SUSPECT_HOLD_UNCHECKED,
+    BackendPicker,
+    Balancer,
+    LeastConn,
+    Random2,
+    RoundRobin,
+    Source,
+)
+from lb.pool.shm import Pool
+from lb.route import Router
+from lb.worker.conn import Connection
+from lb.worker.splice import PipePool, Tunnel
+
+ACCEPT_BATCH = 64  # connections accepted per readable event, for fairness between listeners
+ACCEPT_BACKOFF = 0.1  # seconds accepting pauses when out of file descriptors
+HEARTBEAT_INTERVAL = 1.0
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+
+# Exit codes of a worker, read by the supervisor.
+WORKER_OK = 0
+WORKER_BOOT_ERROR = 3
+
+
+@dataclass(slots=True)
+class ListenerRuntime:
+    name: str
+    mode: str
+    router: Router
+    default_backend: str
+    head_timeout: float
+    tunnel_timeout: float
+    sock: socket.socket
+
+
+@dataclass(slots=True)
+class BackendRuntime:
+    name: str
+    picker: BackendPicker
+    connect_timeout: float
+    retries: int
+    addresses: dict[int, tuple[int, Any]]  # server index -> (family, sockaddr)
+    names: dict[int, str]
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive and no Nagle; accepted sockets inherit both from the listener."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def format_peer(addr: tuple[Any, ...]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def make_balancer(
+    kind: str, weights: dict[int, int], names: dict[int, str], pool: Pool
+) -> Balancer:
+    if kind == "leastconn":
+        return LeastConn(weights, pool)
+    if kind == "random2":
+        return Random2(weights, pool)
+    if kind == "source":
+        return Source(weights, names)
+    return RoundRobin(weights)
+
+
+class Worker:
+    """The state of one worker process; ``run`` returns its exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        slot: int,
+        generation: int,
+        sockets: dict[str, socket.socket],
+        pool: Pool,
+        maxconn: int,
+        log: Any,
+    ) -> None:
+        self.config = config
+        self.slot = slot
+        self.generation = generation
+        self.pool = pool
+        self.maxconn = maxconn
+        self.log = log
+        self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        self.pipes = PipePool()
+        self.q = pool.q
+        self.slot_base = pool.geometry.slot(slot)
+        self.connections: set[Connection] = set()
+        self.active = 0
+        self.accepting = False
+        self.draining = False
+        self.backends = self._backends(config, pool)
+        self.listeners = [
+            ListenerRuntime(
+                name=lc.name,
+                mode=lc.mode,
+                router=Router(lc),
+                default_backend=lc.default_backend,
+                head_timeout=lc.head_timeout,
+                tunnel_timeout=lc.tunnel_timeout,
+                sock=sockets[lc.name],
+            )
+            for lc in config.listeners
+        ]
+
+    def _backends(self, config: Config, pool: Pool) -> dict[str, BackendRuntime]:
+        backends: dict[str, BackendRuntime] = {}
+        index = 0
+        for bc in config.backends:
+            ids = list(range(index, index + len(bc.servers)))
+            index += len(bc.servers)
+            weights = {i: s.weight for i, s in zip(ids, bc.servers, strict=True)}
+            names = {i: s.name for i, s in zip(ids, bc.servers, strict=True)}
+            hold = (
+                2 * (bc.health.interval + bc.health.timeout)
+                if bc.health is not None
+                else SUSPECT_HOLD_UNCHECKED
+            )
+            picker = BackendPicker(
+                pool,
+                ids,
+                make_balancer(bc.balance, weights, names, pool),
+                {i: s.maxconn for i, s in zip(ids, bc.servers, strict=True) if s.maxconn},
+                hold,
+            )
+            addresses = {
+                i: (s.address.family, s.address.sockaddr)
+                for i, s in zip(ids, bc.servers, strict=True)
+            }
+            backends[bc.name] = BackendRuntime(
+                bc.name, picker, bc.connect_timeout, bc.retries, addresses, names
+            )
+        return backends
+
+    # -- life ------------------------------------------------------------------
+
+    def run(self) -> int:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        q, base = self.q, self.slot_base
+        q[base + L.S_PID], q[base + L.S_GENERATION] = os.getpid(), self.generation
+        q[base + L.S_STATE] = L.SLOT_RUNNING
+        loop.add_signal_handler(signal.SIGTERM, self.drain)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
+        self._beat()
+        self._resume()
+        self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn)
+        try:
+            loop.run_forever()
+        finally:
+            self.pipes.close()
+            q[base + L.S_STATE] = L.SLOT_EMPTY
+            loop.close()
+        self.log.info("worker_stopped", slot=self.slot)
+        return WORKER_OK
+
+    def _beat(self) -> None:
+        self.pool.d[self.slot_base + L.S_BEAT] = time.monotonic()
+        self.loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    def drain(self) -> None:
+        """Stop accepting; leave when the last connection ends or at drain_timeout."""
+        if self.draining:
+            self.stop_now()
+            return
+        self.draining = True
+        self.q[self.slot_base + L.S_STATE] = L.SLOT_DRAINING
+        self._pause()
+        self.log.info("worker_drain", active=self.active, timeout=self.config.global_.drain_timeout)
+        if self.active == 0:
+            self.loop.stop()
+        else:
+            self.loop.call_later(self.config.global_.drain_timeout, self.stop_now)
+
+    def stop_now(self) -> None:
+        self._pause()
+        for conn in list(self.connections):
+            conn.abort("worker stopped")
+        self.loop.stop()
+
+    # -- accepting -------------------------------------------------------------
+
+    def _resume(self) -> None:
+        if self.accepting or self.draining:
+            return
+        self.accepting = True
+        for listener in self.listeners:
+            accept = listener.sock._accept  # type: ignore[attr-defined]
+            self.loop.add_reader(listener.sock.fileno(), self._accept, accept, listener)
+
+    def _pause(self) -> None:
+        if not self.accepting:
+            return
+        self.accepting = False
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.sock.fileno())
+
+    def _accept(self, accept: Any, listener: ListenerRuntime) -> None:
+        # socket._accept returns (fd, addr) without building a socket object.
+        for _ in range(ACCEPT_BATCH):
+            if self.active >= self.maxconn:
+                self._pause()  # the listen backlog holds the rest until we are below the cap
+                return
+            try:
+                fd, addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.log.warning("accept_paused", reason=exc.strerror)
+                    self._pause()
+                    self.loop.call_later(ACCEPT_BACKOFF, self._resume)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone already
+            os.set_blocking(fd, False)
+            self.active += 1
+            q, base = self.q, self.slot_base
+            q[base + L.S_CONNECTIONS] = self.active
+            q[base + L.S_ACCEPTED] += 1
+            conn = Connection(self, listener, fd, format_peer(addr))
+            self.connections.add(conn)
+            conn.start()
+
+    # -- called by connections -------------------------------------------------
+
+    def sockopts(self, sock: socket.socket) -> None:
+        set_keepalive(sock)
+
+    def open_tunnel(self, conn: Connection, server_fd: int) -> Tunnel:
+        counter = self.pool.geometry.counter(self.slot, conn.server)
+        q = self.q
+        q[counter + L.C_ACTIVE] += 1
+        q[counter + L.C_TOTAL] += 1
+        tunnel = Tunnel(
+            self.loop,
+            self.pipes,
+            q,
+            conn.fd,
+            server_fd,
+            (counter + L.C_BYTES_IN, counter + L.C_BYTES_OUT),
+            conn.listener.tunnel_timeout,
+            conn.tunnel_closed,
+        )
+        tunnel.start()
+        return tunnel
+
+    def connect_failed(self, conn: Connection, why: str) -> None:
+        """Passive health: mark the server suspect so every worker avoids it."""
+        counter = self.pool.geometry.counter(self.slot, conn.server)
+        self.pool.d[counter + L.C_SUSPECT_AT] = time.monotonic()
+        self.q[counter + L.C_FAILED] += 1
+        self.q[self.slot_base + L.S_SUSPECT_VERSION] += 1
+        assert conn.backend is not None
+        self.log.warning(
+            "connect_failed",
+            backend=conn.backend.name,
+            server=conn.backend.names[conn.server],
+            reason=why,
+        )
+
+    def finish(self, conn: Connection, status: int | None, reason: str, bytes_out: int) -> None:
+        """The one end of every connection: counters and its log line."""
+        self.connections.discard(conn)
+        self.active -= 1
+        q, base = self.q, self.slot_base
+        q[base + L.S_CONNECTIONS] = self.active
+        if conn.tunnel is not None:
+            q[self.pool.geometry.counter(self.slot, conn.server) + L.C_ACTIVE] -= 1
+        if status is not None:
+            q[base + L.S_ANSWERS + _ANSWER_INDEX.get(status, 7)] += 1
+        backend = conn.backend
+        self.log.info(
+            "conn",
+            client=conn.client,
+            listener=conn.listener.name,
+            backend=backend.name if backend else None,
+            server=backend.names[conn.server] if backend and conn.tunnel else None,
+            websocket=conn.websocket,
+            status=status,
+            bytes_in=conn.bytes_in,
+            bytes_out=bytes_out,
+            duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
+            reason=reason,
+        )
+        if self.draining:
+            if self.active == 0:
+                self.loop.stop()
+        elif not self.accepting and self.active < self.maxconn:
+            self._resume()
+
+
+_ANSWER_INDEX = {status: i for i, status in enumerate(L.ANSWER_STATUSES)}

@@ -1,0 +1,65 @@
+"""Clients for integration tests: raw sockets and the websockets library."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from websockets.asyncio.client import connect
+
+
+def exchange(port: int, data: bytes, *, half_close: bool = False, timeout: float = 10) -> bytes:
+    """Send ``data``, optionally shut down writing, read until the balancer closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def status_of(reply: bytes) -> int:
+    assert reply.startswith(b"HTTP/1.1 "), reply[:80]
+    return int(reply[9:12])
+
+
+def upgrade_request(path: str = "/ws", host: str = "example.test", extra: str = "") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"{extra}\r\n"
+    ).encode()
+
+
+async def ws_echo(url: str, messages: list[bytes | str], **kwargs: object) -> list[bytes | str]:
+    """Send each message and collect its echo, in order."""
+    replies: list[bytes | str] = []
+    async with connect(url, max_size=None, open_timeout=10, **kwargs) as ws:  # type: ignore[arg-type]
+        for message in messages:
+            await ws.send(message)
+            replies.append(await ws.recv())
+    return replies
+
+
+def run(coro: object, timeout: float = 60) -> object:
+    async def bounded() -> object:
+        return await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
+
+    return asyncio.run(bounded())
+
+
+def elapsed(start: float) -> float:
+    return time.monotonic() - start

@@ -1,0 +1,199 @@
+"""Real processes for integration tests: splicelb, example backends, small TCP servers.
+
+Everything binds 127.0.0.1, every wait is bounded, and every process started
+here is killed by the fixture that started it (whole process group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+ECHO_BACKEND = REPO / "examples" / "echo_backend.py"
+TOOLS = Path(__file__).with_name("tools.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Proc:
+    """A child process in its own process group, its stdout lines collected."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.popen.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.popen.stderr, self.errors), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream: Any, into: list[str]) -> None:
+        for raw in stream:
+            into.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        """Kill the whole process group (children included) and reap."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+        for reader in self._readers:
+            reader.join(2)
+
+
+class EchoBackend(Proc):
+    """examples/echo_backend.py on a free port."""
+
+    def __init__(self, name: str, port: int | None = None) -> None:
+        self.name = name
+        self.port = port or free_port()
+        super().__init__(
+            [sys.executable, str(ECHO_BACKEND), "--name", name, "--port", str(self.port)]
+        )
+        wait_until(lambda: any("listening" in line for line in self.lines), 15, f"backend {name}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class ToolServer(Proc):
+    """A server from tools.py (sha, halfclose, ...); its stdout lines are JSON results."""
+
+    def __init__(self, kind: str, *args: str) -> None:
+        self.port = free_port()
+        super().__init__([sys.executable, str(TOOLS), kind, "--port", str(self.port), *args])
+        wait_until(lambda: self.lines, 15, f"tool server {kind}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def results(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines[1:]]
+
+
+class SpliceLB(Proc):
+    """``splicelb run`` with a config written to a temp dir."""
+
+    def __init__(self, tmp: Path, config: str, workers: int = 2) -> None:
+        self.tmp = tmp
+        self.workers = workers
+        self.runtime_dir = tmp / "run"
+        self.config_path = tmp / "splicelb.toml"
+        self.config_path.write_text(config.replace("@RUNTIME@", str(self.runtime_dir)))
+        super().__init__([sys.executable, "-m", "lb", "run", "-c", str(self.config_path)])
+        wait_until(
+            lambda: len(self.events("worker_start")) >= workers and self.events("prober_start"),
+            20,
+            f"splicelb to start (stderr: {self.errors}, stdout: {self.lines[-5:]})",
+        )
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("event") == name]
+
+    def conns(self) -> list[dict[str, Any]]:
+        return self.events("conn")
+
+    def wait_conns(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        wait_until(lambda: len(self.conns()) >= count, timeout, f"{count} conn log lines")
+        return self.conns()
+
+    def worker_pids(self) -> list[int]:
+        return [r["pid"] for r in self.events("worker_start")]
+
+    def stop(self, timeout: float = 30) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+
+def config(
+    listeners: str,
+    backends: str,
+    workers: int = 2,
+    extra_global: str = "",
+) -> str:
+    """A config with the runtime dir under the test's tmp dir and no admin endpoint."""
+    return (
+        f'[global]\nworkers = {workers}\nruntime_dir = "@RUNTIME@"\nadmin_bind = ""\n'
+        f"drain_timeout = 5\n{extra_global}\n{listeners}\n{backends}\n"
+    )
+
+
+def listener(
+    bind: str, backend: str, mode: str = "http", name: str = "public", extra: str = ""
+) -> str:
+    return (
+        f'[[listeners]]\nname = "{name}"\nbind = "{bind}"\nmode = "{mode}"\n'
+        f'default_backend = "{backend}"\n{extra}\n'
+    )
+
+
+def backend(name: str, servers: list[tuple[str, str]], extra: str = "") -> str:
+    text = f'[[backends]]\nname = "{name}"\n{extra}\n'
+    for server_name, address in servers:
+        text += f'[[backends.servers]]\nname = "{server_name}"\naddress = "{address}"\n'
+    return text
+
+
+@contextlib.contextmanager
+def running(*procs: Proc) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()

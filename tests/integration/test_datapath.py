@@ -1,0 +1,160 @@
+"""The data path through a real ``splicelb run``: WebSocket echo, TCP tunnels, half-close."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+
+from tests.integration import clients
+from tests.integration.harness import (
+    EchoBackend,
+    Proc,
+    SpliceLB,
+    ToolServer,
+    backend,
+    config,
+    free_port,
+    listener,
+    wait_until,
+)
+from tests.integration.tools import drain, pattern, pattern_sha
+
+GiB = 1 << 30
+
+
+def echo_config(port: int, pair: tuple[EchoBackend, EchoBackend], **kw: str) -> str:
+    servers = [(b.name, b.address) for b in pair]
+    return config(
+        listener(f"127.0.0.1:{port}", "app", extra=kw.get("listener", "")),
+        backend("app", servers, extra=kw.get("backend", "")),
+    )
+
+
+def test_websocket_messages_echo_intact_and_in_order(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair))
+    messages: list[bytes | str] = [b"x", os.urandom(64 * 1024), os.urandom(16 << 20), "text ✓"]
+    replies = clients.run(clients.ws_echo(f"ws://127.0.0.1:{port}/ws", messages))
+    assert replies == messages
+    [line] = lb.wait_conns(1)
+    assert line["websocket"] is True
+    assert line["status"] is None
+    assert line["server"] in {"echo1", "echo2"}
+    assert line["bytes_in"] > (16 << 20) + 64 * 1024
+    assert line["bytes_out"] > (16 << 20) + 64 * 1024
+
+
+def test_hundred_concurrent_clients_spread_over_workers_and_backends(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair))
+    url = f"ws://127.0.0.1:{port}/ws"
+
+    async def client(i: int) -> list[bytes | str]:
+        return await clients.ws_echo(url, [f"hello {i}", os.urandom(1000)])
+
+    async def all_clients() -> list[list[bytes | str]]:
+        return await asyncio.gather(*(client(i) for i in range(100)))
+
+    results = clients.run(all_clients())
+    assert all(r[0] == f"hello {i}" for i, r in enumerate(results))  # type: ignore[index]
+    lines = lb.wait_conns(100)
+    assert len(lines) == 100
+    assert {line["pid"] for line in lines} == set(lb.worker_pids())
+    assert {line["server"] for line in lines} == {"echo1", "echo2"}
+    assert all(line["websocket"] for line in lines)
+
+
+def test_sigterm_stops_cleanly_with_no_process_left(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair))
+    children = psutil.Process(lb.pid).children(recursive=True)
+    assert len(children) == 3  # two workers and the prober
+    assert lb.stop(timeout=20) == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    assert not (lb.runtime_dir / "splicelb.pid").exists()
+    assert lb.events("stopped")[-1]["exit_code"] == 0
+
+
+def test_tcp_tunnel_carries_a_gibibyte_each_way(
+    procs: list[Proc], start_lb: Callable[..., SpliceLB]
+) -> None:
+    far = ToolServer("sha", "--send", str(GiB))
+    procs.append(far)
+    port = free_port()
+    start_lb(
+        config(
+            listener(f"127.0.0.1:{port}", "bulk", mode="tcp"),
+            backend("bulk", [("far", far.address)]),
+            workers=1,
+        ),
+        workers=1,
+    )
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sent: dict[str, str] = {}
+
+    def sender() -> None:
+        digest = hashlib.sha256()
+        for chunk in pattern(GiB):
+            sock.sendall(chunk)
+            digest.update(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        sent["sha"] = digest.hexdigest()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    received, received_sha = drain(sock)
+    thread.join(120)
+    sock.close()
+    assert received == GiB
+    assert received_sha == pattern_sha(GiB)
+    wait_until(far.results, 30, "the far end's result")
+    [result] = far.results()
+    assert result["received"] == GiB
+    assert result["received_sha"] == sent["sha"]
+
+
+def test_half_close_in_each_mode(procs: list[Proc], start_lb: Callable[..., SpliceLB]) -> None:
+    far = ToolServer("halfclose")
+    procs.append(far)
+    http_port, tcp_port = free_port(), free_port()
+    start_lb(
+        config(
+            listener(f"127.0.0.1:{http_port}", "far")
+            + listener(f"127.0.0.1:{tcp_port}", "far", mode="tcp", name="raw"),
+            backend("far", [("far", far.address)]),
+        )
+    )
+    body = os.urandom(300_000)
+    request = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    assert clients.exchange(http_port, request, half_close=True) == request
+    assert clients.exchange(tcp_port, body, half_close=True) == body
+
+
+def test_idle_tunnel_is_closed_after_tunnel_timeout(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair, listener="tunnel_timeout = 1"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(clients.upgrade_request())
+        start = time.monotonic()
+        reply = clients.read_all(sock)
+        waited = clients.elapsed(start)
+    assert reply.startswith(b"HTTP/1.1 101")
+    assert 0.9 < waited < 5
+    [line] = lb.wait_conns(1)
+    assert line["reason"] == "tunnel idle timeout"
