@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -158,3 +159,31 @@ def test_idle_tunnel_is_closed_after_tunnel_timeout(
     assert 0.9 < waited < 5
     [line] = lb.wait_conns(1)
     assert line["reason"] == "tunnel idle timeout"
+
+
+def test_tcp_keepalive_is_on_for_both_sockets_of_a_tunnel(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    a, _ = echo_pair
+    port = free_port()
+    start_lb(config(listener(f"127.0.0.1:{port}", "app"), backend("app", [("echo1", a.address)])))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(clients.upgrade_request())
+        assert sock.recv(200).startswith(b"HTTP/1.1 101")
+        # The balancer's two sockets: local port = the listener's, remote port = the backend's.
+        client_side = ss_timers(f"sport = :{port}")
+        server_side = ss_timers(f"dport = :{a.port}")
+    assert client_side and all("keepalive" in t for t in client_side), client_side
+    assert server_side and all("keepalive" in t for t in server_side), server_side
+
+
+def ss_timers(selector: str) -> list[str]:
+    """The timer column of ``ss -tno`` for established sockets matching ``selector``."""
+    out = subprocess.run(
+        ["ss", "-tnoH", "state", "established", selector],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    return [line[line.index("timer:") :] if "timer:" in line else line for line in out.splitlines()]
