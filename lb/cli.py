@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
 
 from lb.config import DEFAULT_CONFIG_PATH, LOG_FORMATS, LOG_LEVELS, Config, load_config
-from lb.errors import ConfigError
+from lb.errors import ConfigError, NotRunningError
+from lb.status import format_table, open_pool, snapshot
 from lb.supervisor import Supervisor
+
+EXIT_NOT_RUNNING = 3  # commands that talk to a running instance, when there is none
 
 config_option = click.option(
     "-c",
@@ -67,6 +71,44 @@ def check(config_path: str) -> None:
         f"{config.path}: OK ({len(config.listeners)} listeners, "
         f"{len(config.backends)} backends, {servers} servers)"
     )
+
+
+runtime_dir_option = click.option(
+    "--runtime-dir",
+    type=click.Path(file_okay=False),
+    help="The running instance's runtime dir, instead of reading it from the config.",
+)
+
+
+def _runtime_dir(config_path: str, runtime_dir: str | None) -> str:
+    return runtime_dir or _load_or_exit(config_path).global_.runtime_dir
+
+
+@cli.command()
+@config_option
+@runtime_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status object as JSON.")
+def status(config_path: str, runtime_dir: str | None, as_json: bool) -> None:
+    """Show listeners, backends, servers (health, admin state, connections) and workers.
+
+    Reads the live pool directly, so it answers even while the workers are busy.
+
+    \b
+    Examples:
+      splicelb status -c /etc/splicelb/splicelb.toml
+      splicelb status --runtime-dir /run/splicelb --json
+    """
+    directory = _runtime_dir(config_path, runtime_dir)
+    try:
+        pool = open_pool(directory)
+    except NotRunningError as exc:
+        click.echo(f"splicelb: {exc}", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    try:
+        state = snapshot(pool)
+    finally:
+        pool.close()
+    click.echo(json.dumps(state) if as_json else format_table(state))
 
 
 def main() -> None:

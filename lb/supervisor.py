@@ -32,6 +32,7 @@ from lb.config import Config
 from lb.errors import LBError
 from lb.pool.shm import Pool, create_pool
 from lb.sockets import bind_listener
+from lb.status import PID_FILE, POOL_LINK
 from lb.worker.process import Worker
 from probes.process import Prober
 
@@ -40,8 +41,6 @@ EXIT_START_FAILED = 1
 EXIT_CHILD_CRASHED = 2  # a child's exit code after an unexpected exception
 EXIT_BOOT_ERROR = 3  # a child could not start: the supervisor halts instead of looping
 
-PID_FILE = "splicelb.pid"
-POOL_LINK = "pool"
 BOOT_GRACE = 1.0  # a child that dies sooner than this after its start failed at boot
 MAX_BOOT_FAILURES = 5  # in a row, before the supervisor gives up
 BACKOFF_MAX = 10.0

@@ -1,25 +1,73 @@
-"""The prober process: its own event loop, the only writer of server health.
+"""The prober process: checks every server on its own schedule; the only writer of health.
 
-It publishes its pid and a heartbeat in the pool header.  Health checks are
-scheduled here (see :mod:`probes.checks`); until a backend has a
-``[backends.health]`` section its servers stay ``unchecked``, which counts as up.
+Theory of operation
+-------------------
+One asyncio task per checked server.  Each waits a random part of its
+interval before its first check (so checks of many servers spread out), then
+checks every ``interval`` seconds ±10% jitter, measured from the previous
+scheduled start so a slow check does not push the schedule back.  Results go
+through HAProxy's rise/fall rule: ``fall`` consecutive failures take an up
+server down, ``rise`` consecutive successes bring a down server up; a server
+never checked yet (``unchecked``, counted as up) takes the first result at
+once.  Every result is published in the server's pool record; a change of
+health bumps the pool's health version so workers recompute their eligible
+servers on their next connection.
+
+A worker whose connect to a server failed marks it suspect in its own slot,
+and every worker avoids the server until a check succeeds after the mark
+(or the mark's hold runs out).  The prober notices the mark within
+``SUSPECT_POLL`` seconds and checks that server at once: a success clears
+the mark for every worker; failures keep it out while ``fall`` counts down.  A server in ``maint``
+is not checked.  A prober that is restarted continues from the records in
+the pool; it never resets a server's health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import signal
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import uvloop
 
-from lb.config import Config
+from lb.config import Address, Config
 from lb.pool import layout as L
-from lb.pool.shm import Pool
+from lb.pool.shm import HealthRecord, Pool
+from probes.checks import Checker, CheckResult
 
 HEARTBEAT_INTERVAL = 1.0
+SUSPECT_POLL = 0.1  # seconds between looks at the workers' suspect marks
+JITTER = 0.1  # ±10% of the interval
+
+
+@dataclass(slots=True)
+class Probe:
+    index: int  # the server's index in the pool
+    backend: str
+    server: str
+    address: Address
+    checker: Checker
+    interval: float
+    rise: int
+    fall: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def next_health(health: int, rise_count: int, fall_count: int, rise: int, fall: int) -> int:
+    """HAProxy's rule; ``unchecked`` takes the first result at once."""
+    if health == L.UNCHECKED:
+        return L.UP if rise_count else L.DOWN
+    if health == L.UP and fall_count >= fall:
+        return L.DOWN
+    if health == L.DOWN and rise_count >= rise:
+        return L.UP
+    return health
 
 
 class Prober:
@@ -28,21 +76,125 @@ class Prober:
         self.pool = pool
         self.log = log
         self.loop = uvloop.new_event_loop()
+        self.stop = asyncio.Event()
 
     def run(self) -> int:
-        loop = self.loop
-        asyncio.set_event_loop(loop)
+        asyncio.set_event_loop(self.loop)
         self.pool.q[L.H_PROBER_PID] = os.getpid()
-        loop.add_signal_handler(signal.SIGTERM, loop.stop)
-        loop.add_signal_handler(signal.SIGQUIT, loop.stop)
-        self._beat()
-        self.log.info("prober_start")
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            self.loop.add_signal_handler(sig, self.stop.set)
         try:
-            loop.run_forever()
+            self.loop.run_until_complete(self._main())
         finally:
-            loop.close()
+            self.loop.close()
         return 0
 
-    def _beat(self) -> None:
-        self.pool.d[L.H_PROBER_BEAT] = time.monotonic()
-        self.loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+    async def _main(self) -> None:
+        connector = aiohttp.TCPConnector(force_close=True, limit=0, use_dns_cache=False)
+        async with aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+        ) as session:
+            probes = self._probes(session)
+            self.log.info("prober_start", checks=len(probes))
+            tasks = [asyncio.create_task(self._probe_loop(p)) for p in probes]
+            tasks.append(asyncio.create_task(self._beat()))
+            tasks.append(asyncio.create_task(self._watch_suspects(probes)))
+            await self.stop.wait()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _probes(self, session: aiohttp.ClientSession) -> list[Probe]:
+        probes = []
+        index = 0
+        for backend in self.config.backends:
+            health = backend.health
+            if health is not None and health.type == "https" and not health.verify:
+                self.log.warning(
+                    "tls_verify_off",
+                    backend=backend.name,
+                    reason="health.verify = false: server certificates are not checked",
+                )
+            checker = Checker(health, session) if health is not None else None
+            for server in backend.servers:
+                if checker is not None and health is not None:
+                    probes.append(
+                        Probe(
+                            index,
+                            backend.name,
+                            server.name,
+                            server.address,
+                            checker,
+                            health.interval,
+                            health.rise,
+                            health.fall,
+                        )
+                    )
+                index += 1
+        return probes
+
+    async def _beat(self) -> None:
+        while True:
+            self.pool.d[L.H_PROBER_BEAT] = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _probe_loop(self, probe: Probe) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(random.uniform(0, probe.interval))
+        due = loop.time()
+        while True:
+            if self.pool.admin(probe.index) != L.MAINT:  # maint: checks paused
+                self._publish(probe, await probe.checker.check(probe.address))
+            due += probe.interval * random.uniform(1 - JITTER, 1 + JITTER)
+            due = max(due, loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(probe.wake.wait(), due - loop.time())
+                due = loop.time()  # woken for a suspect server: check now, schedule from now
+            probe.wake.clear()
+
+    async def _watch_suspects(self, probes: list[Probe]) -> None:
+        pool, geo = self.pool, self.pool.geometry
+        seen = -1
+        while True:
+            version = sum(pool.q[geo.slot(s) + L.S_SUSPECT_VERSION] for s in range(geo.nslots))
+            if version != seen:
+                seen = version
+                for probe in probes:
+                    if pool.suspect_since(probe.index) > pool.checked_at(probe.index):
+                        probe.wake.set()
+            await asyncio.sleep(SUSPECT_POLL)
+
+    def _publish(self, probe: Probe, result: CheckResult) -> None:
+        pool = self.pool
+        old = pool.read_record(probe.index)
+        rise_count = old.rise_count + 1 if result.ok else 0
+        fall_count = 0 if result.ok else old.fall_count + 1
+        health = next_health(old.health, rise_count, fall_count, probe.rise, probe.fall)
+        was_suspect = pool.suspect_since(probe.index) > old.ok_at
+        now = time.monotonic()
+        pool.write_record(
+            probe.index,
+            HealthRecord(
+                health=health,
+                rise_count=rise_count,
+                fall_count=fall_count,
+                checked_at=now,
+                changed_at=time.time() if health != old.health else old.changed_at,
+                latency=result.latency,
+                checks=old.checks + 1,
+                text=result.text,
+                ok_at=now if result.ok else old.ok_at,
+            ),
+        )
+        if was_suspect and result.ok and health == old.health:
+            pool.bump_health_version()  # the suspect mark is settled: workers look again
+        if health != old.health:
+            log = self.log.warning if health == L.DOWN else self.log.info
+            log(
+                "server_state",
+                backend=probe.backend,
+                server=probe.server,
+                **{"from": L.HEALTH_NAMES[old.health], "to": L.HEALTH_NAMES[health]},
+                reason=result.text,
+                latency_ms=round(result.latency * 1000, 3),
+            )

@@ -39,10 +39,12 @@ HEADER_WORDS: Final = 16
 
 # Server health record (prober-written), words by index.
 R_SEQ, R_HEALTH, R_RISE_COUNT, R_FALL_COUNT, R_CHECKED_AT, R_CHANGED_AT = 0, 1, 2, 3, 4, 5
-R_LATENCY, R_CHECKS = 6, 7  # CHECKED_AT monotonic, CHANGED_AT wall clock, LATENCY seconds: doubles
-R_TEXT_OFF: Final = 8 * 8  # byte offset of the last result text within the record
+R_LATENCY, R_CHECKS, R_OK_AT = 6, 7, 8
+# Doubles: CHECKED_AT and OK_AT (last check, last successful check) are monotonic
+# seconds, CHANGED_AT (last change of health) is wall-clock, LATENCY is seconds.
+R_TEXT_OFF: Final = 9 * 8  # byte offset of the last result text within the record
 TEXT_BYTES: Final = 96  # NUL-padded UTF-8
-RECORD_WORDS: Final = 8 + TEXT_BYTES // 8
+RECORD_WORDS: Final = 9 + TEXT_BYTES // 8
 
 # Health values.
 UNCHECKED, UP, DOWN = 0, 1, 2

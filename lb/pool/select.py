@@ -189,7 +189,9 @@ class BackendPicker:
             if pool.health(s) == L.DOWN or pool.admin(s) != L.READY:
                 continue
             suspect_at = pool.suspect_since(s)
-            if suspect_at > pool.checked_at(s) and now < suspect_at + self._suspect_hold:
+            # Suspect until a check succeeds after the mark (a failing one keeps it out
+            # while fall counts down), or until the hold runs out.
+            if suspect_at > pool.ok_at(s) and now < suspect_at + self._suspect_hold:
                 valid_until = min(valid_until, suspect_at + self._suspect_hold)
                 continue
             eligible.append(s)

@@ -35,6 +35,7 @@ class HealthRecord:
     latency: float  # seconds the last check took
     checks: int
     text: str  # last result, e.g. "HTTP 200" or "connection refused"
+    ok_at: float = 0.0  # monotonic seconds of the last successful check; 0 if never
 
 
 class Pool:
@@ -110,6 +111,9 @@ class Pool:
     def checked_at(self, server: int) -> float:
         return float(self.d[self.geometry.record(server) + L.R_CHECKED_AT])
 
+    def ok_at(self, server: int) -> float:
+        return float(self.d[self.geometry.record(server) + L.R_OK_AT])
+
     def read_record(self, server: int) -> HealthRecord:
         """A consistent copy of one record (sequence lock: retry while torn)."""
         base = self.geometry.record(server)
@@ -128,6 +132,7 @@ class Pool:
                 changed_at=d[base + L.R_CHANGED_AT],
                 latency=d[base + L.R_LATENCY],
                 checks=q[base + L.R_CHECKS],
+                ok_at=d[base + L.R_OK_AT],
                 text=L.decode_text(bytes(self.raw[text_at : text_at + L.TEXT_BYTES])),
             )
             if q[base + L.R_SEQ] == seq:
@@ -147,11 +152,16 @@ class Pool:
         d[base + L.R_CHANGED_AT] = record.changed_at
         d[base + L.R_LATENCY] = record.latency
         q[base + L.R_CHECKS] = record.checks
+        d[base + L.R_OK_AT] = record.ok_at
         text_at = base * 8 + L.R_TEXT_OFF
         self.raw[text_at : text_at + L.TEXT_BYTES] = L.encode_text(record.text)
         q[base + L.R_SEQ] = seq + 2
         if changed:
             q[L.H_HEALTH_VERSION] += 1
+
+    def bump_health_version(self) -> None:
+        """Make workers recompute eligibility though no health changed."""
+        self.q[L.H_HEALTH_VERSION] += 1
 
     # -- admin states (writer: the supervisor) -------------------------------
 

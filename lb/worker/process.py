@@ -144,7 +144,7 @@ class Worker:
             weights = {i: s.weight for i, s in zip(ids, bc.servers, strict=True)}
             names = {i: s.name for i, s in zip(ids, bc.servers, strict=True)}
             hold = (
-                2 * (bc.health.interval + bc.health.timeout)
+                (bc.health.fall + 1) * bc.health.interval + bc.health.timeout
                 if bc.health is not None
                 else SUSPECT_HOLD_UNCHECKED
             )
@@ -263,6 +263,7 @@ class Worker:
         q = self.q
         q[counter + L.C_ACTIVE] += 1
         q[counter + L.C_TOTAL] += 1
+        q[counter + L.C_BYTES_IN] += conn.bytes_in  # the head, forwarded by send()
         tunnel = Tunnel(
             self.loop,
             self.pipes,

@@ -5,7 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import EchoBackend, Proc, SpliceLB
+from tests.integration.harness import EchoBackend, Proc, SpliceLB, network_namespace
+
+
+@pytest.fixture
+def namespace() -> Iterator[tuple[str, str, str]]:
+    """A network namespace and veth pair: (name, our address, its address).
+
+    Requested before ``procs`` so its processes are killed before it goes.
+    """
+    try:
+        with network_namespace() as ns:
+            yield ns
+    except OSError as exc:
+        pytest.skip(f"cannot create a network namespace here: {exc}")
 
 
 @pytest.fixture

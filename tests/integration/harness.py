@@ -11,10 +11,12 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -197,3 +199,96 @@ def running(*procs: Proc) -> Iterator[None]:
     finally:
         for proc in procs:
             proc.kill()
+
+
+FLAKY = Path(__file__).with_name("flaky.py")
+
+
+class FlakyBackend(Proc):
+    """tests/integration/flaky.py: a backend whose health check can be made to fail."""
+
+    def __init__(
+        self,
+        name: str,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        extra: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port or free_port()
+        super().__init__(
+            [
+                *prefix,
+                sys.executable,
+                str(FLAKY),
+                "--name",
+                name,
+                "--host",
+                host,
+                "--port",
+                str(self.port),
+                *extra,
+            ]
+        )
+        wait_until(lambda: any("listening" in ln for ln in self.lines), 15, f"flaky {name}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the health check's behaviour (talks to the backend directly)."""
+        tls = "--tls" in self.argv
+        context = ssl._create_unverified_context() if tls else None
+        url = f"{'https' if tls else 'http'}://{self.address}/control/{mode}"
+        with urllib.request.urlopen(
+            urllib.request.Request(url, method="POST"), timeout=10, context=context
+        ) as reply:
+            assert reply.read().decode() == mode
+
+
+@contextlib.contextmanager
+def network_namespace() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to ours by a veth pair: (name, our address, its address).
+
+    The addresses come from 198.18.0.0/15, the range set aside for network
+    tests; they exist only on this veth pair, inside this machine.  Raises
+    OSError when namespaces cannot be made here (the caller skips).
+    """
+    tag = os.getpid() % 100000
+    name, ours, theirs = f"slb{tag}", f"slbr{tag}", f"slbn{tag}"
+    octet = tag % 250
+    here, there = f"198.18.{octet}.1", f"198.18.{octet}.2"
+    setup = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", ours, "type", "veth", "peer", "name", theirs],
+        ["ip", "link", "set", theirs, "netns", name],
+        ["ip", "addr", "add", f"{here}/30", "dev", ours],
+        ["ip", "link", "set", ours, "up"],
+        ["ip", "netns", "exec", name, "ip", "addr", "add", f"{there}/30", "dev", theirs],
+        ["ip", "netns", "exec", name, "ip", "link", "set", theirs, "up"],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for argv in setup:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            if result.returncode:
+                raise OSError(f"{' '.join(argv)}: {result.stderr.strip()}")
+        yield name, here, there
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10, check=False)
+        subprocess.run(["ip", "link", "del", ours], capture_output=True, timeout=10, check=False)
+
+
+def blackhole(namespace: str, address: str, on: bool) -> None:
+    """Silently drop every packet the namespace sends to ``address`` (connects hang)."""
+    verb = "add" if on else "del"
+    subprocess.run(
+        ["ip", "netns", "exec", namespace, "ip", "route", verb, "blackhole", f"{address}/32"],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )

@@ -66,14 +66,30 @@ def test_down_and_admin_states_leave_rotation(pool: Pool) -> None:
     assert p.pick("c:1") == 2
 
 
-def test_suspect_server_is_avoided_until_checked(pool: Pool) -> None:
+def test_suspect_server_is_avoided_until_a_check_succeeds(pool: Pool) -> None:
     p = picker(pool)
     geo = pool.geometry
     pool.d[geo.counter(1, 0) + L.C_SUSPECT_AT] = time.monotonic()  # worker slot 1 marks s0
     pool.q[geo.slot(1) + L.S_SUSPECT_VERSION] += 1
     assert 0 not in {p.pick("c:1") for _ in range(6)}
-    pool.write_record(0, HealthRecord(L.UP, 2, 0, time.monotonic() + 1, 0, 0.01, 1, "HTTP 200"))
+    failed = HealthRecord(L.UP, 0, 1, time.monotonic(), 0, 0.01, 1, "connection refused")
+    pool.write_record(0, failed)
+    pool.bump_health_version()
+    assert 0 not in {p.pick("c:1") for _ in range(6)}  # a failed check settles nothing
+    now = time.monotonic()
+    pool.write_record(0, HealthRecord(L.UP, 1, 0, now, 0, 0.01, 2, "HTTP 200", ok_at=now))
+    pool.bump_health_version()
     assert 0 in {p.pick("c:1") for _ in range(6)}
+
+
+def test_suspect_mark_expires_after_its_hold(pool: Pool) -> None:
+    p = BackendPicker(pool, [0, 1, 2], RoundRobin({0: 1, 1: 1, 2: 1}), {}, 0.2)
+    geo = pool.geometry
+    pool.d[geo.counter(0, 2) + L.C_SUSPECT_AT] = time.monotonic()
+    pool.q[geo.slot(0) + L.S_SUSPECT_VERSION] += 1
+    assert 2 not in {p.pick("c:1") for _ in range(6)}
+    time.sleep(0.25)
+    assert 2 in {p.pick("c:1") for _ in range(6)}
 
 
 def test_tried_servers_and_full_servers_are_skipped(pool: Pool) -> None:

@@ -1,0 +1,163 @@
+"""What ``splicelb status`` shows, read straight from the live pool.
+
+Reading the pool file needs no answer from any process, so status works even
+while every worker is busy.  The object follows ARCHITECTURE.md's contract
+(``generation``, ``workers``, ``backends`` with ``servers``) and adds a few
+fields (check results, bytes, answers by status).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from lb.errors import NotRunningError
+from lb.pool import layout as L
+from lb.pool.shm import Pool
+
+PID_FILE = "splicelb.pid"
+POOL_LINK = "pool"
+
+
+def supervisor_pid(runtime_dir: str) -> int:
+    """The pid of the running instance, or NotRunningError."""
+    path = os.path.join(runtime_dir, PID_FILE)
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        raise NotRunningError(f"no instance is running in {runtime_dir}") from None
+    except PermissionError:
+        pass  # running as another user: it exists
+    return pid
+
+
+def open_pool(runtime_dir: str) -> Pool:
+    supervisor_pid(runtime_dir)
+    try:
+        return Pool.open(os.path.join(runtime_dir, POOL_LINK))
+    except FileNotFoundError:
+        raise NotRunningError(f"no instance is running in {runtime_dir}") from None
+
+
+def snapshot(pool: Pool) -> dict[str, Any]:
+    """The status object of one pool."""
+    q, d, geo = pool.q, pool.d, pool.geometry
+    now = time.monotonic()
+    workers = []
+    answers = dict.fromkeys((str(s) for s in L.ANSWER_STATUSES if s), 0)
+    for slot in range(geo.nslots):
+        base = geo.slot(slot)
+        if q[base + L.S_STATE] == L.SLOT_EMPTY or not _alive(q[base + L.S_PID]):
+            continue
+        workers.append(
+            {
+                "pid": q[base + L.S_PID],
+                "generation": q[base + L.S_GENERATION],
+                "connections": q[base + L.S_CONNECTIONS],
+                "slot": slot,
+                "state": "draining" if q[base + L.S_STATE] == L.SLOT_DRAINING else "running",
+                "accepted": q[base + L.S_ACCEPTED],
+                "heartbeat_age_s": round(now - d[base + L.S_BEAT], 3),
+            }
+        )
+        for i, status in enumerate(L.ANSWER_STATUSES):
+            if status:
+                answers[str(status)] += q[base + L.S_ANSWERS + i]
+    backends = []
+    for backend in pool.names["backends"]:
+        servers = [_server(pool, s, backend["checked"], now) for s in backend["servers"]]
+        backends.append({"name": backend["name"], "servers": servers})
+    prober_pid = q[L.H_PROBER_PID]
+    return {
+        "generation": q[L.H_GENERATION],
+        "workers": workers,
+        "prober": {
+            "pid": prober_pid if _alive(prober_pid) else None,
+            "heartbeat_age_s": round(now - d[L.H_PROBER_BEAT], 3),
+        },
+        "listeners": pool.names["listeners"],
+        "backends": backends,
+        "answers": answers,
+    }
+
+
+def _server(pool: Pool, server: dict[str, Any], checked: bool, now: float) -> dict[str, Any]:
+    index = server["index"]
+    q, geo = pool.q, pool.geometry
+    record = pool.read_record(index)
+    counters = [geo.counter(slot, index) for slot in range(geo.nslots)]
+    out: dict[str, Any] = {
+        "name": server["name"],
+        "address": server["address"],
+        "health": L.HEALTH_NAMES[record.health] if checked else "unchecked",
+        "admin": L.ADMIN_NAMES[pool.admin(index)],
+        "active": sum(q[c + L.C_ACTIVE] for c in counters),
+        "total": sum(q[c + L.C_TOTAL] for c in counters),
+        "bytes_in": sum(q[c + L.C_BYTES_IN] for c in counters),
+        "bytes_out": sum(q[c + L.C_BYTES_OUT] for c in counters),
+        "failed_connects": sum(q[c + L.C_FAILED] for c in counters),
+    }
+    if checked and record.checks:
+        out["check"] = {
+            "result": record.text,
+            "latency_ms": round(record.latency * 1000, 3),
+            "checks": record.checks,
+            "age_s": round(now - record.checked_at, 3),
+            "since": _iso(record.changed_at) if record.changed_at else None,
+        }
+    return out
+
+
+def format_table(status: dict[str, Any]) -> str:
+    """The human view: one line per server, then the workers."""
+    lines = [f"generation {status['generation']}"]
+    header = ("BACKEND", "SERVER", "ADDRESS", "HEALTH", "ADMIN", "ACTIVE", "TOTAL", "LAST CHECK")
+    rows = [header]
+    for backend in status["backends"]:
+        for s in backend["servers"]:
+            check = s.get("check")
+            last = f"{check['result']} ({check['latency_ms']:g} ms)" if check else "-"
+            rows.append(
+                (
+                    backend["name"],
+                    s["name"],
+                    s["address"],
+                    s["health"],
+                    s["admin"],
+                    str(s["active"]),
+                    str(s["total"]),
+                    last,
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.append("")
+    workers = ", ".join(
+        f"{w['pid']} (slot {w['slot']}, {w['connections']} conns, {w['state']})"
+        for w in status["workers"]
+    )
+    lines.append(f"workers: {workers or 'none'}")
+    prober = status["prober"]["pid"]
+    lines.append(f"prober: {prober if prober else 'not running'}")
+    return "\n".join(lines)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

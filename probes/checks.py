@@ -1,0 +1,124 @@
+"""One health check of one server: HTTP, HTTPS or a bare TCP connect.
+
+A check returns a :class:`CheckResult` and never raises: every failure
+becomes a short text an operator can read in ``server_state`` log lines and
+in ``splicelb status`` ("HTTP 500", "timeout after 1.0 s", "connection
+refused", "TLS: certificate verify failed: ...").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from lb.config import Address, HealthCheck
+
+MAX_BODY = 64 * 1024  # bytes of a response body read for expect_body
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    ok: bool
+    text: str
+    latency: float  # seconds
+
+
+def ssl_context(health: HealthCheck) -> ssl.SSLContext:
+    """System CAs plus ``ca_file``; ``verify = false`` turns verification off."""
+    context = ssl.create_default_context()
+    if health.ca_file:
+        context.load_verify_locations(health.ca_file)
+    if not health.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def status_ok(status: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(low <= status <= high for low, high in ranges)
+
+
+class Checker:
+    """Runs the checks of one backend; holds its TLS context and its HTTP session."""
+
+    def __init__(self, health: HealthCheck, session: aiohttp.ClientSession | None) -> None:
+        self.health = health
+        self.session = session
+        self.ssl = ssl_context(health) if health.type == "https" else None
+
+    async def check(self, address: Address) -> CheckResult:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.health.timeout):
+                ok, text = await self._check(address)
+        except TimeoutError:
+            ok, text = False, f"timeout after {self.health.timeout:g} s"
+        except (OSError, aiohttp.ClientError, ssl.SSLError) as exc:
+            ok, text = False, describe_error(exc)
+        return CheckResult(ok, text, time.monotonic() - started)
+
+    async def _check(self, address: Address) -> tuple[bool, str]:
+        if self.health.type == "tcp":
+            _, writer = await asyncio.open_connection(address.sockaddr[0], address.port)
+            writer.close()
+            return True, "connected"
+        return await self._http(address)
+
+    async def _http(self, address: Address) -> tuple[bool, str]:
+        health = self.health
+        assert self.session is not None
+        scheme = "https" if health.type == "https" else "http"
+        url = f"{scheme}://{address}{health.path}"
+        headers = {"Host": health.host or str(address), "User-Agent": "splicelb-check"}
+        kwargs: dict[str, object] = {}
+        if self.ssl is not None:
+            kwargs["ssl"] = self.ssl
+            if health.sni:
+                kwargs["server_hostname"] = health.sni
+        async with self.session.request(
+            health.method,
+            url,
+            headers=headers,
+            allow_redirects=False,
+            **kwargs,  # type: ignore[arg-type]
+        ) as response:
+            status = response.status
+            if not status_ok(status, health.expect_status):
+                return False, f"HTTP {status}"
+            if health.expect_body:
+                body = await response.content.read(MAX_BODY)
+                if health.expect_body.encode() not in body:
+                    return False, f"HTTP {status} without {health.expect_body!r} in the body"
+            return True, f"HTTP {status}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, stable text for a failed check."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = exc.certificate_error
+        detail = getattr(cause, "verify_message", None) or str(cause)
+        return f"TLS: certificate verify failed: {detail}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, (aiohttp.ClientConnectorSSLError, ssl.SSLError)):
+        return f"TLS: {getattr(exc, 'reason', None) or exc}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return describe_error(exc.os_error)
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "host unreachable"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server closed the connection"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"bad HTTP response: {exc.message}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return f"{type(exc).__name__}: {exc}"

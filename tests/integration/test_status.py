@@ -1,0 +1,90 @@
+"""``splicelb status`` reads the live pool of a running instance."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration import clients
+from tests.integration.harness import (
+    EchoBackend,
+    SpliceLB,
+    backend,
+    config,
+    free_port,
+    listener,
+    wait_until,
+)
+
+
+def status(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lb", "status", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_status_shows_servers_workers_and_open_tunnels(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    a, b = echo_pair
+    port = free_port()
+    health = '[backends.health]\ntype = "http"\ninterval = 0.5\n'
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{port}", "app"),
+            backend("app", [("echo1", a.address), ("echo2", b.address)], extra=health)
+            + backend("plain", [("solo", a.address)]),
+        )
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as tunnel:
+        tunnel.sendall(clients.upgrade_request())
+        assert tunnel.recv(200).startswith(b"HTTP/1.1 101")
+
+        def snapshot() -> dict[str, object]:
+            result = status("-c", str(lb.config_path), "--json")
+            assert result.returncode == 0, result.stderr
+            return dict(json.loads(result.stdout))
+
+        state = wait_until(
+            lambda: (
+                (s := snapshot())
+                and all(x["health"] == "up" for x in s["backends"][0]["servers"])  # type: ignore[index]
+                and s
+            ),
+            10,
+            "both servers up",
+        )
+    assert state["generation"] == 1
+    assert sorted(w["pid"] for w in state["workers"]) == sorted(lb.worker_pids())
+    assert sum(w["connections"] for w in state["workers"]) == 1
+    app, plain = state["backends"]
+    assert [s["name"] for s in app["servers"]] == ["echo1", "echo2"]
+    assert sum(s["active"] for s in app["servers"]) == 1
+    assert sum(s["total"] for s in app["servers"]) == 1
+    assert sum(s["bytes_in"] for s in app["servers"]) == len(clients.upgrade_request())
+    assert all(s["admin"] == "ready" for s in app["servers"])
+    assert app["servers"][0]["check"]["result"] == "HTTP 200"
+    assert plain["servers"][0]["health"] == "unchecked"
+    assert plain["servers"][0]["address"] == a.address
+
+    table = status("--runtime-dir", str(lb.runtime_dir))
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[1].split()[:5] == ["BACKEND", "SERVER", "ADDRESS", "HEALTH", "ADMIN"]
+    assert any(line.split()[:4] == ["app", "echo1", a.address, "up"] for line in lines)
+    assert any(line.split()[:4] == ["plain", "solo", a.address, "unchecked"] for line in lines)
+
+
+def test_status_without_an_instance_says_so_in_one_line(tmp_path: Path) -> None:
+    result = status("--runtime-dir", str(tmp_path))
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert result.stderr.strip() == f"splicelb: no instance is running in {tmp_path}"
