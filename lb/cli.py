@@ -7,9 +7,10 @@ import sys
 
 import click
 
+from lb import control
 from lb.config import DEFAULT_CONFIG_PATH, LOG_FORMATS, LOG_LEVELS, Config, load_config
-from lb.errors import ConfigError, NotRunningError
-from lb.status import format_table, open_pool, snapshot
+from lb.errors import ConfigError, LBError, NotRunningError
+from lb.status import format_table, read_status
 from lb.supervisor import Supervisor
 
 EXIT_NOT_RUNNING = 3  # commands that talk to a running instance, when there is none
@@ -100,15 +101,84 @@ def status(config_path: str, runtime_dir: str | None, as_json: bool) -> None:
     """
     directory = _runtime_dir(config_path, runtime_dir)
     try:
-        pool = open_pool(directory)
+        state = read_status(directory)
     except NotRunningError as exc:
         click.echo(f"splicelb: {exc}", err=True)
         sys.exit(EXIT_NOT_RUNNING)
-    try:
-        state = snapshot(pool)
-    finally:
-        pool.close()
     click.echo(json.dumps(state) if as_json else format_table(state))
+
+
+def _talk(directory: str, command: dict[str, object], timeout: float = 120) -> dict[str, object]:
+    """One control request; exits with the documented code when there is no instance."""
+    try:
+        return control.request(directory, command, timeout)
+    except NotRunningError as exc:
+        click.echo(f"splicelb: {exc}", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    except (LBError, OSError) as exc:
+        click.echo(f"splicelb: {exc}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@config_option
+@runtime_dir_option
+def reload(config_path: str, runtime_dir: str | None) -> None:
+    """Reload the running instance's config and report the outcome.
+
+    The instance re-reads the file it was started with. If it is invalid, the
+    running config stays and each problem is printed; otherwise a new generation
+    of workers takes over new connections while the old ones drain. Open
+    tunnels are not touched.
+
+    \b
+    Example:
+      splicelb reload -c /etc/splicelb/splicelb.toml
+    """
+    answer = _talk(_runtime_dir(config_path, runtime_dir), {"cmd": "reload"})
+    if answer.get("ok"):
+        click.echo(f"reloaded: generation {answer['generation']} is serving")
+        return
+    for line in answer.get("errors", []):  # type: ignore[attr-defined]
+        click.echo(line, err=True)
+    sys.exit(1)
+
+
+def _admin_command(state: str, summary: str, example: str) -> None:
+    @cli.command(name=state, help=f"{summary}\n\n\b\nExample:\n  {example}")
+    @config_option
+    @runtime_dir_option
+    @click.argument("target", metavar="BACKEND/SERVER")
+    def command(config_path: str, runtime_dir: str | None, target: str) -> None:
+        backend, sep, server = target.partition("/")
+        if not sep or not backend or not server:
+            raise click.BadParameter("expected BACKEND/SERVER, e.g. app/a1", param_hint="target")
+        answer = _talk(
+            _runtime_dir(config_path, runtime_dir),
+            {"cmd": "admin", "backend": backend, "server": server, "state": state},
+        )
+        if not answer.get("ok"):
+            for line in answer.get("errors", []):  # type: ignore[attr-defined]
+                click.echo(f"splicelb: {line}", err=True)
+            sys.exit(1)
+        click.echo(f"{backend}/{server}: {answer['from']} -> {answer['to']}")
+
+
+_admin_command(
+    "drain",
+    "Send no new connections to a server; its open connections stay.",
+    "splicelb drain -c /etc/splicelb/splicelb.toml app/a1",
+)
+_admin_command(
+    "maint",
+    "Take a server out of rotation and pause its health checks; open connections stay.",
+    "splicelb maint -c /etc/splicelb/splicelb.toml app/a1",
+)
+_admin_command(
+    "ready",
+    "Put a server back to normal after drain or maint.",
+    "splicelb ready -c /etc/splicelb/splicelb.toml app/a1",
+)
 
 
 def main() -> None:

@@ -1,20 +1,33 @@
-"""Listening sockets: one ``SO_REUSEPORT`` socket per worker slot per listener.
+"""Listening sockets: ``SO_REUSEPORT`` sockets per listener, kept across reloads.
 
-The supervisor binds them all before forking and keeps them for its whole
-life, so a worker that is replaced hands its accept queue to its successor
-(a connection queued on a socket outlives the worker that was to accept it).
+The supervisor binds them and keeps them for its whole life, so a worker
+that is replaced hands its accept queue to its successor: a connection
+queued on a socket outlives the worker that was to accept it.  A listener
+has at least one socket per worker slot; on reload a listener whose address
+did not change keeps its sockets (and their queues), a new address gets new
+ones, and only the sockets of removed listeners are closed.  When the number
+of workers shrinks, the extra sockets stay open and are shared out among the
+remaining workers (socket k goes to worker k mod workers), so nothing queued
+on them is lost either.
 """
 
 from __future__ import annotations
 
 import math
 import socket
+from typing import Any
 
-from lb.config import Listener
+from lb.config import Config, Listener
 from lb.errors import LBError
 from lb.worker.process import set_keepalive
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
+Key = tuple[int, Any]  # (family, sockaddr)
+
+
+def key(listener: Listener) -> Key:
+    return listener.bind.family, listener.bind.sockaddr
 
 
 def bind_listener(listener: Listener, path: str) -> socket.socket:
@@ -26,13 +39,7 @@ def bind_listener(listener: Listener, path: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if address.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        set_keepalive(sock)  # inherited by every accepted socket
-        if listener.mode == "http":
-            # Wake the worker only once the client has sent something (HAProxy's
-            # defer-accept); a client that sends nothing is still accepted after
-            # about this many seconds and then gets its 408 after head_timeout.
-            defer = max(1, math.ceil(min(listener.head_timeout, 1.0)))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
+        configure(sock, listener)
         sock.bind(address.sockaddr)
         sock.listen(BACKLOG)
         sock.setblocking(False)
@@ -40,3 +47,63 @@ def bind_listener(listener: Listener, path: str) -> socket.socket:
         sock.close()
         raise LBError(f"{path}.bind: cannot listen on {address}: {exc.strerror}") from exc
     return sock
+
+
+def configure(sock: socket.socket, listener: Listener) -> None:
+    """Options that may change on reload; accepted sockets inherit them."""
+    set_keepalive(sock)
+    # http: wake the worker only once the client has sent something (HAProxy's
+    # defer-accept); a client that sends nothing is still accepted after about
+    # a second and then gets its 408 after head_timeout.
+    defer = max(1, math.ceil(min(listener.head_timeout, 1.0))) if listener.mode == "http" else 0
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
+
+
+class SocketTable:
+    """Every listening socket of the instance, by bind address."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[Key, list[socket.socket]] = {}
+
+    def prepare(self, config: Config) -> None:
+        """Bind what ``config`` needs and is missing; all or nothing."""
+        added: list[tuple[Key, socket.socket]] = []
+        try:
+            for index, listener in enumerate(config.listeners):
+                have = self.sockets.get(key(listener), [])
+                for sock in have:
+                    configure(sock, listener)
+                for _ in range(len(have), config.global_.workers):
+                    added.append((key(listener), bind_listener(listener, f"listeners[{index}]")))
+        except LBError:
+            for _, sock in added:
+                sock.close()
+            raise
+        for k, sock in added:
+            self.sockets.setdefault(k, []).append(sock)
+
+    def for_worker(self, config: Config, slot: int) -> dict[str, list[socket.socket]]:
+        workers = config.global_.workers
+        return {
+            listener.name: [
+                s for i, s in enumerate(self.sockets[key(listener)]) if i % workers == slot
+            ]
+            for listener in config.listeners
+        }
+
+    def keep_only(self, config: Config) -> list[Key]:
+        """Close the sockets of listeners that ``config`` no longer has."""
+        wanted = {key(listener) for listener in config.listeners}
+        gone = [k for k in self.sockets if k not in wanted]
+        for k in gone:
+            for sock in self.sockets.pop(k):
+                sock.close()
+        return gone
+
+    def all(self) -> list[socket.socket]:
+        return [s for socks in self.sockets.values() for s in socks]
+
+    def close(self) -> None:
+        for sock in self.all():
+            sock.close()
+        self.sockets.clear()

@@ -8,16 +8,18 @@ fields (check results, bytes, answers by status).
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import time
 from typing import Any
 
-from lb.errors import NotRunningError
+from lb.errors import LBError, NotRunningError
+from lb.generation import POOL_LINK
 from lb.pool import layout as L
 from lb.pool.shm import Pool
 
 PID_FILE = "splicelb.pid"
-POOL_LINK = "pool"
 
 
 def supervisor_pid(runtime_dir: str) -> int:
@@ -35,6 +37,7 @@ def supervisor_pid(runtime_dir: str) -> int:
 
 
 def open_pool(runtime_dir: str) -> Pool:
+    """The current generation's pool."""
     supervisor_pid(runtime_dir)
     try:
         return Pool.open(os.path.join(runtime_dir, POOL_LINK))
@@ -42,12 +45,54 @@ def open_pool(runtime_dir: str) -> Pool:
         raise NotRunningError(f"no instance is running in {runtime_dir}") from None
 
 
-def snapshot(pool: Pool) -> dict[str, Any]:
-    """The status object of one pool."""
-    q, d, geo = pool.q, pool.d, pool.geometry
+def read_status(runtime_dir: str) -> dict[str, Any]:
+    """The status object: the current generation, plus workers still draining older ones."""
+    pool = open_pool(runtime_dir)
+    others: list[Pool] = []
+    try:
+        for path in glob.glob(os.path.join(runtime_dir, "pool-*.shm")):
+            if os.path.samefile(path, pool.path):
+                continue
+            with contextlib.suppress(OSError, LBError):  # finished while we looked
+                others.append(Pool.open(path))
+        return snapshot(pool, others)
+    finally:
+        for p in [pool, *others]:
+            p.close()
+
+
+def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
+    """The status object of one pool; ``others`` are older generations still draining."""
     now = time.monotonic()
-    workers = []
     answers = dict.fromkeys((str(s) for s in L.ANSWER_STATUSES if s), 0)
+    workers = []
+    older = sorted(others or [], key=lambda p: p.q[L.H_GENERATION])
+    for p in [*older, pool]:
+        workers += _workers(p, answers, now)
+    backends = []
+    for backend in pool.names["backends"]:
+        servers = [_server(pool, s, backend["checked"], now) for s in backend["servers"]]
+        for server in servers:  # tunnels still open in older generations count too
+            server["active"] += sum(_active(p, backend["name"], server) for p in older)
+        backends.append({"name": backend["name"], "servers": servers})
+    q, d = pool.q, pool.d
+    prober_pid = q[L.H_PROBER_PID]
+    return {
+        "generation": q[L.H_GENERATION],
+        "workers": workers,
+        "prober": {
+            "pid": prober_pid if _alive(prober_pid) else None,
+            "heartbeat_age_s": round(now - d[L.H_PROBER_BEAT], 3),
+        },
+        "listeners": pool.names["listeners"],
+        "backends": backends,
+        "answers": answers,
+    }
+
+
+def _workers(pool: Pool, answers: dict[str, int], now: float) -> list[dict[str, Any]]:
+    q, d, geo = pool.q, pool.d, pool.geometry
+    workers = []
     for slot in range(geo.nslots):
         base = geo.slot(slot)
         if q[base + L.S_STATE] == L.SLOT_EMPTY or not _alive(q[base + L.S_PID]):
@@ -66,22 +111,15 @@ def snapshot(pool: Pool) -> dict[str, Any]:
         for i, status in enumerate(L.ANSWER_STATUSES):
             if status:
                 answers[str(status)] += q[base + L.S_ANSWERS + i]
-    backends = []
-    for backend in pool.names["backends"]:
-        servers = [_server(pool, s, backend["checked"], now) for s in backend["servers"]]
-        backends.append({"name": backend["name"], "servers": servers})
-    prober_pid = q[L.H_PROBER_PID]
-    return {
-        "generation": q[L.H_GENERATION],
-        "workers": workers,
-        "prober": {
-            "pid": prober_pid if _alive(prober_pid) else None,
-            "heartbeat_age_s": round(now - d[L.H_PROBER_BEAT], 3),
-        },
-        "listeners": pool.names["listeners"],
-        "backends": backends,
-        "answers": answers,
-    }
+    return workers
+
+
+def _active(pool: Pool, backend: str, server: dict[str, Any]) -> int:
+    for b in pool.names["backends"]:
+        for s in b["servers"] if b["name"] == backend else ():
+            if s["name"] == server["name"] and s["address"] == server["address"]:
+                return pool.server_active(s["index"])
+    return 0
 
 
 def _server(pool: Pool, server: dict[str, Any], checked: bool, now: float) -> dict[str, Any]:

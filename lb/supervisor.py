@@ -1,112 +1,101 @@
-"""The supervisor: binds the sockets, forks the workers and the prober, and watches them.
+"""The supervisor: binds the sockets, forks the workers and the prober, watches, reloads.
 
 Theory of operation (after gunicorn's arbiter)
 ----------------------------------------------
 Signal handlers only put the signal on a queue (and wake the loop through
 ``signal.set_wakeup_fd``).  The main loop takes signals off the queue and
-dispatches them to ``handle_<name>``, then does its three verbs: reap the
-children that died, kill the ones whose heartbeat is stale, and bring the
-children back to what the config asks for (one worker per slot, one prober).
+dispatches them to ``handle_<name>``, answers the control socket, then does
+its verbs: reap the children that died, kill the ones whose heartbeat is
+stale, bring the current generation back to what its config asks for (one
+worker per slot, one prober), and move reloads along.
 
-The supervisor binds every listening socket before the first fork and keeps
-them: a worker that dies leaves its accept queue to the one that replaces it
-on the same slot, so a queued connection is never lost.
+Reload = start a new generation, then retire the old ones: the new workers
+accept on the same listening sockets as the old (the supervisor keeps them),
+and only once every new worker is accepting are the old workers told to stop
+accepting and drain.  At no moment does a listening socket lack a worker for
+longer than a respawn takes, and a socket's queue survives every handover,
+so no connection is refused or lost.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import select
+import selectors
 import signal
 import socket
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
+from lb import control
 from lb import log as lblog
-from lb.config import Config
-from lb.errors import LBError
-from lb.pool.shm import Pool, create_pool
-from lb.sockets import bind_listener
-from lb.status import PID_FILE, POOL_LINK
-from lb.worker.process import Worker
-from probes.process import Prober
-
-EXIT_OK = 0
-EXIT_START_FAILED = 1
-EXIT_CHILD_CRASHED = 2  # a child's exit code after an unexpected exception
-EXIT_BOOT_ERROR = 3  # a child could not start: the supervisor halts instead of looping
+from lb.children import (
+    EXIT_BOOT_ERROR,
+    EXIT_OK,
+    EXIT_START_FAILED,
+    Child,
+    LogSettings,
+    alive,
+    spawn,
+)
+from lb.config import Config, load_config
+from lb.errors import ConfigError, LBError
+from lb.generation import POOL_LINK, Generation, find_server
+from lb.pool import layout as L
+from lb.sockets import SocketTable
+from lb.status import PID_FILE
+from lb.systemd import Notifier
 
 BOOT_GRACE = 1.0  # a child that dies sooner than this after its start failed at boot
 MAX_BOOT_FAILURES = 5  # in a row, before the supervisor gives up
 BACKOFF_MAX = 10.0
 STOP_GRACE = 5.0  # seconds after drain_timeout before stragglers get SIGKILL
+RELOAD_TIMEOUT = 30.0  # a new generation not serving by then is abandoned
+TICK = 0.25  # the loop's longest sleep
 HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
-PR_SET_PDEATHSIG = 1
 
 
-@dataclass(slots=True)
-class Child:
-    pid: int
-    kind: str  # "worker" | "prober"
-    slot: int
-    generation: int
-    started: float
-
-
-@dataclass(slots=True)
-class SlotState:
-    """Restart bookkeeping for one child position (a worker slot or the prober)."""
-
-    failures: int = 0
-    not_before: float = 0.0
-
-
-@dataclass
 class Supervisor:
-    config: Config
-    log_level: str | None = None
-    log_format: str | None = None
-    generation: int = 1
-    children: dict[int, Child] = field(default_factory=dict)
-    sockets: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
-    restarts: dict[tuple[str, int], SlotState] = field(default_factory=dict)
-    queue: list[int] = field(default_factory=list)
-    stopping: bool = False
-    stop_deadline: float = 0.0
-    exit_code: int = EXIT_OK
-    pool: Pool | None = None
-    log: Any = None
-    _wakeup: tuple[int, int] = (-1, -1)
-
-    @property
-    def runtime_dir(self) -> str:
-        return self.config.global_.runtime_dir
+    def __init__(
+        self, config: Config, *, log_level: str | None = None, log_format: str | None = None
+    ) -> None:
+        self.config = config
+        self.runtime_dir = config.global_.runtime_dir
+        g = config.global_
+        self.log_settings = LogSettings(log_level or g.log_level, log_format or g.log_format)
+        self.log: Any = None
+        self.notifier = Notifier()
+        self.sockets = SocketTable()
+        self.generations: dict[int, Generation] = {}
+        self.current: Generation | None = None
+        self.previous: Generation | None = None  # the one a reload started from
+        self.children: dict[int, Child] = {}
+        self.restarts: dict[tuple[str, int], tuple[int, float]] = {}  # failures, not before
+        self.queue: list[int] = []
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.exit_code = EXIT_OK
+        self.reload_queued: list[socket.socket | None] = []
+        self.control: socket.socket | None = None
+        self.selector = selectors.DefaultSelector()
+        self._wakeup = (-1, -1)
 
     # -- start -----------------------------------------------------------------
 
     def run(self) -> int:
-        g = self.config.global_
         self.log = lblog.configure(
-            "supervisor",
-            self.generation,
-            level=self.log_level or g.log_level,
-            fmt=self.log_format or g.log_format,
+            "supervisor", 1, level=self.log_settings.level, fmt=self.log_settings.fmt
         )
         try:
             self._start()
-        except LBError as exc:
+        except (LBError, OSError) as exc:
             self.log.error("start_failed", reason=str(exc))
             self._cleanup()
             return EXIT_START_FAILED
         self.log.info(
             "ready",
             listeners=[f"{lc.name}={lc.bind}" for lc in self.config.listeners],
-            workers=g.workers,
+            workers=self.config.global_.workers,
             runtime_dir=self.runtime_dir,
         )
         self._loop()
@@ -117,23 +106,23 @@ class Supervisor:
     def _start(self) -> None:
         os.makedirs(self.runtime_dir, mode=0o755, exist_ok=True)
         self._write_pid_file()
-        for index, listener in enumerate(self.config.listeners):
-            for slot in range(self.config.global_.workers):
-                self.sockets[(listener.name, slot)] = bind_listener(listener, f"listeners[{index}]")
-        path = os.path.join(self.runtime_dir, f"pool-{self.generation}.shm")
-        self.pool = create_pool(path, self.config, self.generation, self.config.global_.workers)
-        _replace_symlink(os.path.basename(path), os.path.join(self.runtime_dir, POOL_LINK))
+        self.sockets.prepare(self.config)
+        generation = Generation.create(1, self.config, None)
+        self.generations[1] = self.current = generation
+        generation.publish()
+        self.control = control.listen(self.runtime_dir)
         self._install_signals()
-        self._spawn("prober", 0)
-        for slot in range(self.config.global_.workers):
-            self._spawn("worker", slot)
+        self.selector.register(self._wakeup[0], selectors.EVENT_READ, "wakeup")
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.notifier.status(f"starting {self.config.global_.workers} workers")
+        self._spawn_generation(generation)
 
     def _write_pid_file(self) -> None:
         path = os.path.join(self.runtime_dir, PID_FILE)
         with contextlib.suppress(FileNotFoundError, ValueError):
             with open(path) as f:
                 pid = int(f.read().strip())
-            if pid != os.getpid() and _alive(pid):
+            if pid != os.getpid() and alive(pid):
                 raise LBError(
                     f"global.runtime_dir: an instance is already running there (pid {pid})"
                 )
@@ -156,29 +145,31 @@ class Supervisor:
 
     def _loop(self) -> None:
         while True:
-            self._sleep(1.0)
+            self._wait(0 if self.queue else TICK)
             while self.queue:
-                sig = self.queue.pop(0)
-                handler = getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}")
-                handler()
+                name = signal.Signals(self.queue.pop(0)).name[3:].lower()
+                getattr(self, f"handle_{name}")()
             self._reap()
+            now = time.monotonic()
+            self.notifier.watchdog(now)
             if self.stopping:
                 if not self.children:
                     return
-                if time.monotonic() > self.stop_deadline:
-                    self._signal_all(signal.SIGKILL)
-            else:
-                self._maintain()
+                if now > self.stop_deadline:
+                    self._signal(self.children.values(), signal.SIGKILL)
+                continue
+            self._kill_stale(now)
+            self._maintain(now)
+            self._progress(now)
 
-    def _sleep(self, timeout: float) -> None:
-        if self.queue:
-            return
-        with contextlib.suppress(InterruptedError):
-            ready, _, _ = select.select([self._wakeup[0]], [], [], timeout)
-            if ready:
+    def _wait(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.data == "wakeup":
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wakeup[0], 4096):
                         pass
+            elif key.data == "control":
+                self._on_control()
 
     def _reap(self) -> None:
         while True:
@@ -189,52 +180,237 @@ class Supervisor:
             if pid == 0:
                 return
             child = self.children.pop(pid, None)
-            if child is None:
-                continue
-            self._child_exited(child, os.waitstatus_to_exitcode(status))
+            if child is not None:
+                self._child_exited(child, os.waitstatus_to_exitcode(status))
 
     def _child_exited(self, child: Child, code: int) -> None:
         lived = time.monotonic() - child.started
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        level = "info" if self.stopping and code == 0 else "warning"
-        getattr(self.log, level)(
+        expected = self.stopping or child.generation.retiring
+        (self.log.info if expected and code == 0 else self.log.warning)(
             f"{child.kind}_exit",
             child_pid=child.pid,
             slot=child.slot,
+            child_generation=child.generation.number,
             reason=how,
             uptime_s=round(lived, 3),
         )
-        if self.stopping:
+        if expected or child.generation is not self.current:
             return
-        state = self.restarts.setdefault((child.kind, child.slot), SlotState())
-        if code == EXIT_BOOT_ERROR or lived < BOOT_GRACE:
-            state.failures += 1
-        else:
-            state.failures = 0
-        if code == EXIT_BOOT_ERROR and state.failures >= MAX_BOOT_FAILURES:
+        failures, _ = self.restarts.get((child.kind, child.slot), (0, 0.0))
+        failures = failures + 1 if code == EXIT_BOOT_ERROR or lived < BOOT_GRACE else 0
+        if code == EXIT_BOOT_ERROR and not child.generation.serving and child.generation.number > 1:
+            self._abandon_reload(f"{child.kind} {child.slot} of the new generation failed to boot")
+            return
+        if code == EXIT_BOOT_ERROR and failures >= MAX_BOOT_FAILURES:
             self.log.error(
-                "halt",
-                reason=f"{child.kind} {child.slot} failed to boot {state.failures} times in a row",
+                "halt", reason=f"{child.kind} {child.slot} failed to boot {failures} times in a row"
             )
             self.exit_code = EXIT_BOOT_ERROR
             self.begin_stop(graceful=True)
             return
-        delay = min(BACKOFF_MAX, 0.1 * 2 ** (state.failures - 1)) if state.failures else 0.0
-        state.not_before = time.monotonic() + delay
+        delay = min(BACKOFF_MAX, 0.1 * 2 ** (failures - 1)) if failures else 0.0
+        self.restarts[(child.kind, child.slot)] = (failures, time.monotonic() + delay)
 
-    def _maintain(self) -> None:
-        now = time.monotonic()
-        wanted = [("prober", 0)] + [("worker", s) for s in range(self.config.global_.workers)]
-        present = {(c.kind, c.slot) for c in self.children.values()}
+    def _kill_stale(self, now: float) -> None:
+        """SIGKILL a worker whose loop stopped beating (stuck, or stopped)."""
+        timeout = self.config.global_.worker_timeout
+        for child in list(self.children.values()):
+            if child.kind != "worker" or now - child.started < timeout:
+                continue
+            pool = child.generation.pool
+            base = pool.geometry.slot(child.slot)
+            beat = pool.d[base + L.S_BEAT] if pool.q[base + L.S_PID] == child.pid else 0.0
+            if now - max(beat, child.started) > timeout:
+                self.log.warning(
+                    "worker_timeout",
+                    child_pid=child.pid,
+                    slot=child.slot,
+                    reason=f"no heartbeat for {timeout:g} s",
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                child.started = now  # one kill per timeout; the reaper does the rest
+
+    def _maintain(self, now: float) -> None:
+        generation = self.current
+        assert generation is not None
+        wanted = [("prober", 0)] + [("worker", s) for s in range(generation.config.global_.workers)]
+        present = {(c.kind, c.slot) for c in self.children.values() if c.generation is generation}
         for kind, slot in wanted:
-            state = self.restarts.get((kind, slot))
-            if (kind, slot) not in present and (state is None or now >= state.not_before):
-                self._spawn(kind, slot)
+            _, not_before = self.restarts.get((kind, slot), (0, 0.0))
+            if (kind, slot) not in present and now >= not_before:
+                self._spawn(kind, slot, generation)
+
+    def _progress(self, now: float) -> None:
+        """Move a starting generation to serving; clear away finished old ones."""
+        current = self.current
+        assert current is not None
+        if not current.serving:
+            slots = {
+                c.slot: c.pid
+                for c in self.children.values()
+                if c.generation is current and c.kind == "worker"
+            }
+            if current.workers_running(slots):
+                self._serving(current)
+            elif current.number > 1 and now - current.started > RELOAD_TIMEOUT:
+                self._abandon_reload(f"the new workers were not serving after {RELOAD_TIMEOUT:g} s")
+        for number, generation in list(self.generations.items()):
+            if generation.retiring and not any(
+                c.generation is generation for c in self.children.values()
+            ):
+                generation.remove()
+                del self.generations[number]
+
+    # -- generations and reload --------------------------------------------------
+
+    def _spawn_generation(self, generation: Generation) -> None:
+        self._spawn("prober", 0, generation)
+        for slot in range(generation.config.global_.workers):
+            self._spawn("worker", slot, generation)
+
+    def _spawn(self, kind: str, slot: int, generation: Generation) -> None:
+        own = self.sockets.for_worker(generation.config, slot) if kind == "worker" else {}
+        mine = {id(s) for socks in own.values() for s in socks}
+        close: list[int | socket.socket] = [s for s in self.sockets.all() if id(s) not in mine]
+        if self.control is not None:
+            close.append(self.control)
+        close += list(self._wakeup)
+        child = spawn(kind, slot, generation, own, close, self.log_settings)
+        self.children[child.pid] = child
+
+    def _serving(self, generation: Generation) -> None:
+        generation.serving = True
+        old = [g for g in self.generations.values() if g is not generation and not g.retiring]
+        for previous in old:
+            previous.retiring = True
+            self._signal(
+                [c for c in self.children.values() if c.generation is previous], signal.SIGTERM
+            )
+        gone = self.sockets.keep_only(generation.config)
+        workers = generation.config.global_.workers
+        status = f"serving: generation {generation.number}, {workers} workers"
+        self.notifier.ready(status)
+        if generation.number > 1:
+            self.log.info(
+                "reload",
+                outcome="done",
+                listeners_closed=len(gone),
+                draining=[g.number for g in old],
+            )
+        else:
+            self.log.info("serving", workers=workers)
+        for waiter in generation.waiters:
+            control.reply(waiter, {"ok": True, "generation": generation.number})
+        generation.waiters.clear()
+        if self.reload_queued:
+            queued, self.reload_queued = self.reload_queued, []
+            self.reload(queued)
+
+    def reload(self, waiters: list[socket.socket | None]) -> None:
+        """Re-read the config and start a new generation (or say why not)."""
+        current = self.current
+        assert current is not None
+        if not current.serving:  # one reload at a time; this one follows
+            self.reload_queued += waiters
+            return
+        clients = [w for w in waiters if w is not None]
+        self.log.info("reload", outcome="started", config=self.config.path)
+        try:
+            config = load_config(self.config.path)
+            if config.global_.runtime_dir != self.runtime_dir:
+                raise ConfigError(["global.runtime_dir: cannot change on reload; restart instead"])
+            self.sockets.prepare(config)
+        except ConfigError as exc:
+            self._reload_failed(clients, exc.problems)
+            return
+        except LBError as exc:
+            self._reload_failed(clients, [str(exc)])
+            return
+        number = max(self.generations) + 1
+        self.notifier.reloading(f"reloading: starting generation {number}")
+        generation = Generation.create(number, config, current.pool)
+        generation.waiters = clients
+        self.generations[number] = generation
+        self.previous, self.current, self.config = current, generation, config
+        self.log = self.log.bind(generation=number)
+        generation.publish()
+        self.restarts.clear()
+        self._spawn_generation(generation)
+
+    def _reload_failed(self, clients: list[socket.socket], problems: list[str]) -> None:
+        self.log.error("reload", outcome="rejected", problems=problems)
+        for conn in clients:
+            control.reply(conn, {"ok": False, "errors": problems})
+
+    def _abandon_reload(self, reason: str) -> None:
+        """The new generation cannot serve: stop it and go on with the previous one."""
+        failed, previous = self.current, self.previous
+        assert failed is not None and previous is not None
+        self.log.error("reload", outcome="failed", reason=reason)
+        self._signal([c for c in self.children.values() if c.generation is failed], signal.SIGKILL)
+        failed.retiring = True
+        self.current, self.config = previous, previous.config
+        self.log = self.log.bind(generation=previous.number)
+        previous.publish()
+        self.sockets.keep_only(previous.config)
+        self.restarts.clear()
+        self.notifier.ready(f"serving: generation {previous.number} (reload failed: {reason})")
+        for waiter in failed.waiters:
+            control.reply(waiter, {"ok": False, "errors": [reason]})
+        failed.waiters.clear()
+
+    # -- the control socket --------------------------------------------------------
+
+    def _on_control(self) -> None:
+        assert self.control is not None
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        try:
+            if not control.peer_allowed(conn):
+                control.reply(conn, {"ok": False, "errors": ["permission denied"]})
+                return
+            request = control.read_request(conn)
+        except (LBError, OSError) as exc:
+            control.reply(conn, {"ok": False, "errors": [str(exc)]})
+            return
+        command = request.get("cmd")
+        if command == "reload":
+            self.reload([conn])
+        elif command == "admin":
+            control.reply(conn, self._set_admin(request))
+        elif command == "ping":
+            assert self.current is not None
+            control.reply(conn, {"ok": True, "pid": os.getpid(), "generation": self.current.number})
+        else:
+            control.reply(conn, {"ok": False, "errors": [f"unknown command {command!r}"]})
+
+    def _set_admin(self, request: dict[str, Any]) -> dict[str, Any]:
+        backend, server, state = request.get("backend"), request.get("server"), request.get("state")
+        if (
+            state not in L.ADMIN_NAMES
+            or not isinstance(backend, str)
+            or not isinstance(server, str)
+        ):
+            return {"ok": False, "errors": ["admin needs backend, server and state"]}
+        assert self.current is not None
+        pool = self.current.pool
+        index = find_server(pool, backend, server)
+        if index is None:
+            return {"ok": False, "errors": [f"no server {backend}/{server}"]}
+        before = L.ADMIN_NAMES[pool.admin(index)]
+        pool.set_admin(index, L.ADMIN_NAMES.index(state))
+        self.log.info("admin_state", backend=backend, server=server, to=state, **{"from": before})
+        return {"ok": True, "backend": backend, "server": server, "from": before, "to": state}
 
     # -- signals -----------------------------------------------------------------
 
     def handle_hup(self) -> None:
-        self.log.warning("reload_unsupported", reason="reload arrives with the lifecycle work")
+        if not self.stopping:
+            self.reload([None])
 
     def handle_term(self) -> None:
         self.begin_stop(graceful=not self.stopping)
@@ -252,115 +428,39 @@ class Supervisor:
         if not self.stopping:
             self.stopping = True
             self.stop_deadline = time.monotonic() + (drain if graceful else 0) + STOP_GRACE
+            self.notifier.stopping("stopping: draining connections" if graceful else "stopping")
+            for generation in self.generations.values():
+                for waiter in generation.waiters:
+                    control.reply(waiter, {"ok": False, "errors": ["the instance is stopping"]})
+                generation.waiters.clear()
         if graceful:
             self.log.info("stopping", graceful=True, drain_timeout=drain)
-            self._signal_all(signal.SIGTERM)
+            self._signal(self.children.values(), signal.SIGTERM)
         else:
             self.log.info("stopping", graceful=False)
             self.stop_deadline = min(self.stop_deadline, time.monotonic() + STOP_GRACE)
-            self._signal_all(signal.SIGQUIT)
+            self._signal(self.children.values(), signal.SIGQUIT)
 
-    def _signal_all(self, sig: int) -> None:
-        for pid in list(self.children):
+    def _signal(self, children: Any, sig: int) -> None:
+        for child in list(children):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    # -- children ----------------------------------------------------------------
-
-    def _spawn(self, kind: str, slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            self._child_main(kind, slot)
-        self.children[pid] = Child(pid, kind, slot, self.generation, time.monotonic())
-
-    def _child_main(self, kind: str, slot: int) -> NoReturn:
-        code = EXIT_BOOT_ERROR
-        try:
-            parent = os.getppid()
-            signal.set_wakeup_fd(-1)
-            for sig in HANDLED:
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the supervisor's
-            for fd in self._wakeup:
-                os.close(fd)
-            _set_pdeathsig(signal.SIGTERM)
-            if os.getppid() != parent:
-                os._exit(EXIT_OK)
-            own: dict[str, socket.socket] = {}
-            for (name, s), sock in self.sockets.items():
-                if kind == "worker" and s == slot:
-                    own[name] = sock
-                else:
-                    sock.close()  # only the parent's copy keeps it open
-            run = self._boot_child(kind, slot, own)
-            code = EXIT_CHILD_CRASHED  # from here on a failure is a crash, not a boot error
-            code = run()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else EXIT_CHILD_CRASHED
-        except BaseException as exc:
-            with contextlib.suppress(BaseException):
-                lblog.configure(kind, self.generation).error(
-                    f"{kind}_crash", error=repr(exc), slot=slot, boot=code == EXIT_BOOT_ERROR
-                )
-        finally:
-            with contextlib.suppress(BaseException):
-                sys.stdout.flush()
-            os._exit(code)
-
-    def _boot_child(self, kind: str, slot: int, own: dict[str, socket.socket]) -> Callable[[], int]:
-        """Build a child's state; its ``run`` is returned, not called."""
-        g = self.config.global_
-        log = lblog.configure(
-            kind,
-            self.generation,
-            level=self.log_level or g.log_level,
-            fmt=self.log_format or g.log_format,
-        )
-        assert self.pool is not None
-        if kind == "prober":
-            return Prober(self.config, self.pool, log).run
-        share = g.maxconn // g.workers + (1 if slot < g.maxconn % g.workers else 0)
-        return Worker(self.config, slot, self.generation, own, self.pool, max(1, share), log).run
+                os.kill(child.pid, sig)
 
     # -- cleanup ---------------------------------------------------------------
 
     def _cleanup(self) -> None:
-        for sock in self.sockets.values():
-            sock.close()
-        self.sockets.clear()
-        if self.pool is not None:
-            path = self.pool.path
-            self.pool.close()
-            self.pool = None
-            for name in (path, os.path.join(self.runtime_dir, POOL_LINK)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
+        self.sockets.close()
+        for generation in self.generations.values():
+            generation.remove()
+        self.generations.clear()
+        names = [POOL_LINK, control.CONTROL_SOCKET] if self.control is not None else [POOL_LINK]
+        if self.control is not None:
+            self.control.close()
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.runtime_dir, name))
         pid_file = os.path.join(self.runtime_dir, PID_FILE)
         with contextlib.suppress(FileNotFoundError, ValueError), open(pid_file) as f:
             if int(f.read().strip()) == os.getpid():
                 os.unlink(pid_file)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _replace_symlink(target: str, link: str) -> None:
-    tmp = f"{link}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
-    os.rename(tmp, link)
-
-
-def _set_pdeathsig(sig: int) -> None:
-    """Have the kernel signal this child when the supervisor dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        self.notifier.close()

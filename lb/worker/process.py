@@ -56,7 +56,7 @@ class ListenerRuntime:
     default_backend: str
     head_timeout: float
     tunnel_timeout: float
-    sock: socket.socket
+    socks: list[socket.socket]
 
 
 @dataclass(slots=True)
@@ -102,7 +102,7 @@ class Worker:
         config: Config,
         slot: int,
         generation: int,
-        sockets: dict[str, socket.socket],
+        sockets: dict[str, list[socket.socket]],
         pool: Pool,
         maxconn: int,
         log: Any,
@@ -130,7 +130,7 @@ class Worker:
                 default_backend=lc.default_backend,
                 head_timeout=lc.head_timeout,
                 tunnel_timeout=lc.tunnel_timeout,
-                sock=sockets[lc.name],
+                socks=sockets[lc.name],
             )
             for lc in config.listeners
         ]
@@ -171,11 +171,15 @@ class Worker:
         asyncio.set_event_loop(loop)
         q, base = self.q, self.slot_base
         q[base + L.S_PID], q[base + L.S_GENERATION] = os.getpid(), self.generation
-        q[base + L.S_STATE] = L.SLOT_RUNNING
+        q[base + L.S_CONNECTIONS] = 0
+        geo = self.pool.geometry
+        for server in range(geo.nservers):  # a predecessor killed in this slot left its own
+            q[geo.counter(self.slot, server) + L.C_ACTIVE] = 0
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         self._beat()
         self._resume()
+        q[base + L.S_STATE] = L.SLOT_RUNNING  # the supervisor now counts us as accepting
         self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn)
         try:
             loop.run_forever()
@@ -198,6 +202,9 @@ class Worker:
         self.draining = True
         self.q[self.slot_base + L.S_STATE] = L.SLOT_DRAINING
         self._pause()
+        for listener in self.listeners:  # ours are copies: the supervisor keeps the sockets
+            for sock in listener.socks:
+                sock.close()
         self.log.info("worker_drain", active=self.active, timeout=self.config.global_.drain_timeout)
         if self.active == 0:
             self.loop.stop()
@@ -217,15 +224,17 @@ class Worker:
             return
         self.accepting = True
         for listener in self.listeners:
-            accept = listener.sock._accept  # type: ignore[attr-defined]
-            self.loop.add_reader(listener.sock.fileno(), self._accept, accept, listener)
+            for sock in listener.socks:
+                accept = sock._accept  # type: ignore[attr-defined]
+                self.loop.add_reader(sock.fileno(), self._accept, accept, listener)
 
     def _pause(self) -> None:
         if not self.accepting:
             return
         self.accepting = False
         for listener in self.listeners:
-            self.loop.remove_reader(listener.sock.fileno())
+            for sock in listener.socks:
+                self.loop.remove_reader(sock.fileno())
 
     def _accept(self, accept: Any, listener: ListenerRuntime) -> None:
         # socket._accept returns (fd, addr) without building a socket object.

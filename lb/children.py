@@ -1,0 +1,137 @@
+"""Forking the supervisor's children and what a child does first.
+
+A child resets the supervisor's signal handling, asks the kernel for SIGTERM
+when the supervisor dies, closes every descriptor that is not its own (the
+listening sockets of other slots and generations, the control socket), then
+boots its role.  A failure while booting exits with ``EXIT_BOOT_ERROR`` (the
+supervisor then backs off, or halts if it keeps happening); a failure after
+that exits with ``EXIT_CHILD_CRASHED``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from lb import log as lblog
+from lb.generation import Generation
+from lb.worker.process import Worker
+from probes.process import Prober
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_CHILD_CRASHED = 2  # a child's exit code after an unexpected exception
+EXIT_BOOT_ERROR = 3  # a child could not start; the supervisor halts if this repeats
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(slots=True)
+class Child:
+    pid: int
+    kind: str  # "worker" | "prober"
+    slot: int
+    generation: Generation
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str
+    fmt: str
+
+
+def spawn(
+    kind: str,
+    slot: int,
+    generation: Generation,
+    sockets: dict[str, list[socket.socket]],
+    close: Iterable[int | socket.socket],
+    log: LogSettings,
+) -> Child:
+    """Fork a child; in the child this never returns."""
+    pid = os.fork()
+    if pid == 0:
+        _child_main(kind, slot, generation, sockets, close, log)
+    return Child(pid, kind, slot, generation, time.monotonic())
+
+
+def _child_main(
+    kind: str,
+    slot: int,
+    generation: Generation,
+    sockets: dict[str, list[socket.socket]],
+    close: Iterable[int | socket.socket],
+    log: LogSettings,
+) -> NoReturn:
+    code = EXIT_BOOT_ERROR
+    try:
+        parent = os.getppid()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the supervisor's
+        set_pdeathsig(signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(EXIT_OK)  # the supervisor died while we were forking
+        for item in close:
+            with contextlib.suppress(OSError):
+                item.close() if isinstance(item, socket.socket) else os.close(item)
+        run = _boot(kind, slot, generation, sockets, log)
+        code = EXIT_CHILD_CRASHED  # from here on a failure is a crash, not a boot error
+        code = run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_CHILD_CRASHED
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            lblog.configure(kind, generation.number).error(
+                f"{kind}_crash", error=repr(exc), slot=slot, boot=code == EXIT_BOOT_ERROR
+            )
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+        os._exit(code)
+
+
+def _boot(
+    kind: str,
+    slot: int,
+    generation: Generation,
+    sockets: dict[str, list[socket.socket]],
+    log: LogSettings,
+) -> Callable[[], int]:
+    """Build a child's state; its ``run`` is returned, not called."""
+    config = generation.config
+    logger = lblog.configure(kind, generation.number, level=log.level, fmt=log.fmt)
+    if kind == "prober":
+        return Prober(config, generation.pool, logger).run
+    g = config.global_
+    share = g.maxconn // g.workers + (1 if slot < g.maxconn % g.workers else 0)
+    return Worker(
+        config, slot, generation.number, sockets, generation.pool, max(1, share), logger
+    ).run
+
+
+def set_pdeathsig(sig: int) -> None:
+    """Have the kernel signal this process when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

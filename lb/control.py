@@ -1,0 +1,104 @@
+"""The control socket: a Unix stream socket in the runtime dir, mode 0600.
+
+One request per connection: a JSON object on one line, answered by a JSON
+object on one line.  Commands: ``{"cmd": "reload"}`` (answered when the new
+generation is serving, or with the config's problems), ``{"cmd": "admin",
+"backend": B, "server": S, "state": "ready"|"drain"|"maint"}``, and
+``{"cmd": "ping"}``.  Only the instance's own user (and root) may connect:
+the socket file's mode says so, and the peer's credentials are checked too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+from lb.errors import LBError, NotRunningError
+
+CONTROL_SOCKET = "control.sock"
+MAX_REQUEST = 64 * 1024
+
+
+def control_path(runtime_dir: str) -> str:
+    return os.path.join(runtime_dir, CONTROL_SOCKET)
+
+
+def listen(runtime_dir: str) -> socket.socket:
+    """Bind the control socket with mode 0600 (no window where it is wider)."""
+    path = control_path(runtime_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def peer_allowed(conn: socket.socket) -> bool:
+    """The peer runs as our user or as root."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
+
+
+def read_request(conn: socket.socket, timeout: float = 2.0) -> dict[str, Any]:
+    conn.settimeout(timeout)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise LBError("control request too large")
+    try:
+        request = json.loads(data)
+    except ValueError as exc:
+        raise LBError(f"control request is not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise LBError("control request must be a JSON object")
+    return request
+
+
+def reply(conn: socket.socket, answer: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError), conn:  # the client may have given up
+        conn.settimeout(2.0)
+        conn.sendall(json.dumps(answer).encode() + b"\n")
+
+
+def request(runtime_dir: str, command: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+    """Send one command to the running instance and return its answer."""
+    path = control_path(runtime_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise NotRunningError(f"no instance is running in {runtime_dir}") from None
+    except PermissionError:
+        sock.close()
+        raise LBError(f"{path}: permission denied (run as the instance's user)") from None
+    with sock:
+        sock.sendall(json.dumps(command).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        raise LBError("the instance closed the control connection without an answer")
+    answer = json.loads(data)
+    assert isinstance(answer, dict)
+    return answer

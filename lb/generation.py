@@ -1,0 +1,100 @@
+"""A generation: one config, its live pool file, and the prober and workers started for it.
+
+``splicelb run`` starts generation 1; every successful reload starts the
+next one.  A new generation's pool starts with the health records and admin
+states of the servers it shares (same backend, name and address) with the
+generation before it, so health and drain/maint survive a reload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from lb.config import Config
+from lb.pool import layout as L
+from lb.pool.shm import Pool, create_pool
+
+POOL_LINK = "pool"
+
+
+def pool_path(runtime_dir: str, number: int) -> str:
+    return os.path.join(runtime_dir, f"pool-{number}.shm")
+
+
+@dataclass(eq=False)
+class Generation:
+    number: int
+    config: Config
+    pool: Pool
+    started: float = field(default_factory=time.monotonic)
+    serving: bool = False  # every worker has started accepting
+    retiring: bool = False
+    waiters: list[socket.socket] = field(default_factory=list)  # `splicelb reload` clients
+
+    @classmethod
+    def create(cls, number: int, config: Config, previous: Pool | None) -> Generation:
+        runtime_dir = config.global_.runtime_dir
+        pool = create_pool(pool_path(runtime_dir, number), config, number, config.global_.workers)
+        if previous is not None:
+            carry_over(previous, pool)
+        return cls(number, config, pool)
+
+    def publish(self) -> None:
+        """Point the runtime dir's ``pool`` link (read by ``splicelb status``) here."""
+        runtime_dir = self.config.global_.runtime_dir
+        link = os.path.join(runtime_dir, POOL_LINK)
+        tmp = f"{link}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(os.path.basename(self.pool.path), tmp)
+        os.rename(tmp, link)
+
+    def workers_running(self, pids: dict[int, int]) -> bool:
+        """Every slot is run by the given child (slot -> pid) and accepting."""
+        q, geo = self.pool.q, self.pool.geometry
+        return all(
+            pids.get(slot) == q[geo.slot(slot) + L.S_PID]
+            and q[geo.slot(slot) + L.S_STATE] == L.SLOT_RUNNING
+            for slot in range(self.config.global_.workers)
+        )
+
+    def remove(self) -> None:
+        """The generation is over: unmap and delete its pool file."""
+        path = self.pool.path
+        self.pool.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def server_keys(pool: Pool) -> dict[tuple[str, str, str], int]:
+    return {
+        (backend["name"], server["name"], server["address"]): server["index"]
+        for backend in pool.names["backends"]
+        for server in backend["servers"]
+    }
+
+
+def carry_over(old: Pool, new: Pool) -> None:
+    """Copy health and admin state of the servers both pools know."""
+    old_keys = server_keys(old)
+    for k, index in server_keys(new).items():
+        previous = old_keys.get(k)
+        if previous is None:
+            continue
+        new.write_record(index, old.read_record(previous))
+        admin = old.admin(previous)
+        if admin != L.READY:
+            new.set_admin(index, admin)
+
+
+def find_server(pool: Pool, backend: str, server: str) -> int | None:
+    for b in pool.names["backends"]:
+        if b["name"] == backend:
+            for s in b["servers"]:
+                if s["name"] == server:
+                    return int(s["index"])
+    return None
