@@ -8,7 +8,14 @@ import sys
 import click
 
 from lb import control
-from lb.config import DEFAULT_CONFIG_PATH, LOG_FORMATS, LOG_LEVELS, Config, load_config
+from lb.config import (
+    DEFAULT_CONFIG_PATH,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Config,
+    load_config,
+    runtime_dir_of,
+)
 from lb.errors import ConfigError, LBError, NotRunningError
 from lb.status import format_table, read_status
 from lb.supervisor import Supervisor
@@ -82,7 +89,14 @@ runtime_dir_option = click.option(
 
 
 def _runtime_dir(config_path: str, runtime_dir: str | None) -> str:
-    return runtime_dir or _load_or_exit(config_path).global_.runtime_dir
+    if runtime_dir:
+        return runtime_dir
+    try:
+        return runtime_dir_of(config_path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(line, err=True)
+        sys.exit(1)
 
 
 @cli.command()

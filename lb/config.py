@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from lb.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/splicelb/splicelb.toml"
+DEFAULT_RUNTIME_DIR = "/run/splicelb"
 
 MAX_WORKERS = 256
 MAX_WEIGHT = 256
@@ -301,7 +302,7 @@ def _parse_global(table: _Table | None, problems: list[str]) -> GlobalConfig:
     admin_text = t.string("admin_bind", "127.0.0.1:9900")
     config = GlobalConfig(
         workers=t.integer("workers", min(os.cpu_count() or 1, MAX_WORKERS), 1, MAX_WORKERS),
-        runtime_dir=t.string("runtime_dir", "/run/splicelb"),
+        runtime_dir=t.string("runtime_dir", DEFAULT_RUNTIME_DIR),
         drain_timeout=t.seconds("drain_timeout", 30, allow_zero=True),
         admin_bind=t.address("admin_bind", admin_text) if admin_text else None,
         maxconn=t.integer("maxconn", 10000, 1),
@@ -503,16 +504,34 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> Config:
     return Config(global_, tuple(x for _, x in listeners), tuple(x for _, x in backends), path)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the TOML file at ``path``; ConfigError lists every problem."""
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The TOML file as a dict, not yet validated; ConfigError if it cannot be read."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as file:
-            data = tomllib.load(file)
+            return tomllib.load(file)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not valid UTF-8 (byte {exc.start})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
-    return parse_config(data, path)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at ``path``; ConfigError lists every problem."""
+    return parse_config(read_toml(path), os.fspath(path))
+
+
+def runtime_dir_of(path: str | os.PathLike[str]) -> str:
+    """Where the instance started from this file keeps its runtime files.
+
+    Read without validating the rest, so that ``splicelb reload`` can reach the
+    running instance (and have it report the problems) when the file has just
+    been broken.
+    """
+    table = read_toml(path).get("global", {})
+    value = table.get("runtime_dir", DEFAULT_RUNTIME_DIR) if isinstance(table, dict) else None
+    if not isinstance(value, str) or not value:
+        return DEFAULT_RUNTIME_DIR
+    return value

@@ -44,34 +44,32 @@ def status_ok(status: int, ranges: tuple[tuple[int, int], ...]) -> bool:
 
 
 class Checker:
-    """Runs the checks of one backend; holds its TLS context and its HTTP session."""
+    """Runs the checks of one backend; holds its TLS context (built once, at boot)."""
 
-    def __init__(self, health: HealthCheck, session: aiohttp.ClientSession | None) -> None:
+    def __init__(self, health: HealthCheck) -> None:
         self.health = health
-        self.session = session
         self.ssl = ssl_context(health) if health.type == "https" else None
 
-    async def check(self, address: Address) -> CheckResult:
+    async def check(self, session: aiohttp.ClientSession, address: Address) -> CheckResult:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.health.timeout):
-                ok, text = await self._check(address)
+                ok, text = await self._check(session, address)
         except TimeoutError:
             ok, text = False, f"timeout after {self.health.timeout:g} s"
         except (OSError, aiohttp.ClientError, ssl.SSLError) as exc:
             ok, text = False, describe_error(exc)
         return CheckResult(ok, text, time.monotonic() - started)
 
-    async def _check(self, address: Address) -> tuple[bool, str]:
+    async def _check(self, session: aiohttp.ClientSession, address: Address) -> tuple[bool, str]:
         if self.health.type == "tcp":
             _, writer = await asyncio.open_connection(address.sockaddr[0], address.port)
             writer.close()
             return True, "connected"
-        return await self._http(address)
+        return await self._http(session, address)
 
-    async def _http(self, address: Address) -> tuple[bool, str]:
+    async def _http(self, session: aiohttp.ClientSession, address: Address) -> tuple[bool, str]:
         health = self.health
-        assert self.session is not None
         scheme = "https" if health.type == "https" else "http"
         url = f"{scheme}://{address}{health.path}"
         headers = {"Host": health.host or str(address), "User-Agent": "splicelb-check"}
@@ -80,7 +78,7 @@ class Checker:
             kwargs["ssl"] = self.ssl
             if health.sni:
                 kwargs["server_hostname"] = health.sni
-        async with self.session.request(
+        async with session.request(
             health.method,
             url,
             headers=headers,

@@ -77,6 +77,8 @@ class Prober:
         self.log = log
         self.loop = uvloop.new_event_loop()
         self.stop = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+        self.probes = self._probes()  # TLS contexts are built here: a bad ca_file fails the boot
 
     def run(self) -> int:
         asyncio.set_event_loop(self.loop)
@@ -94,7 +96,8 @@ class Prober:
         async with aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
         ) as session:
-            probes = self._probes(session)
+            self.session = session
+            probes = self.probes
             self.log.info("prober_start", checks=len(probes))
             tasks = [asyncio.create_task(self._probe_loop(p)) for p in probes]
             tasks.append(asyncio.create_task(self._beat()))
@@ -104,7 +107,7 @@ class Prober:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _probes(self, session: aiohttp.ClientSession) -> list[Probe]:
+    def _probes(self) -> list[Probe]:
         probes = []
         index = 0
         for backend in self.config.backends:
@@ -115,7 +118,7 @@ class Prober:
                     backend=backend.name,
                     reason="health.verify = false: server certificates are not checked",
                 )
-            checker = Checker(health, session) if health is not None else None
+            checker = Checker(health) if health is not None else None
             for server in backend.servers:
                 if checker is not None and health is not None:
                     probes.append(
@@ -140,11 +143,14 @@ class Prober:
 
     async def _probe_loop(self, probe: Probe) -> None:
         loop = asyncio.get_running_loop()
+        session = self.session
+        assert session is not None
         await asyncio.sleep(random.uniform(0, probe.interval))
         due = loop.time()
         while True:
             if self.pool.admin(probe.index) != L.MAINT:  # maint: checks paused
-                self._publish(probe, await probe.checker.check(probe.address))
+                result = await probe.checker.check(session, probe.address)
+                self._publish(probe, result)
             due += probe.interval * random.uniform(1 - JITTER, 1 + JITTER)
             due = max(due, loop.time())
             with contextlib.suppress(TimeoutError):

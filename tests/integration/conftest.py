@@ -41,8 +41,8 @@ def echo_pair(procs: list[Proc]) -> tuple[EchoBackend, EchoBackend]:
 
 @pytest.fixture
 def start_lb(tmp_path: Path, procs: list[Proc]) -> Callable[..., SpliceLB]:
-    def start(config: str, workers: int = 2) -> SpliceLB:
-        lb = SpliceLB(tmp_path, config, workers)
+    def start(config: str, workers: int = 2, env: dict[str, str] | None = None) -> SpliceLB:
+        lb = SpliceLB(tmp_path, config, workers, env)
         procs.append(lb)
         return lb
 

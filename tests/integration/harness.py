@@ -26,10 +26,18 @@ ECHO_BACKEND = REPO / "examples" / "echo_backend.py"
 TOOLS = Path(__file__).with_name("tools.py")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, never the same twice in one test run."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -125,17 +133,25 @@ class ToolServer(Proc):
 class SpliceLB(Proc):
     """``splicelb run`` with a config written to a temp dir."""
 
-    def __init__(self, tmp: Path, config: str, workers: int = 2) -> None:
+    def __init__(
+        self, tmp: Path, config: str, workers: int = 2, env: dict[str, str] | None = None
+    ) -> None:
         self.tmp = tmp
         self.workers = workers
         self.runtime_dir = tmp / "run"
         self.config_path = tmp / "splicelb.toml"
         self.config_path.write_text(config.replace("@RUNTIME@", str(self.runtime_dir)))
-        super().__init__([sys.executable, "-m", "lb", "run", "-c", str(self.config_path)])
-        wait_until(
-            lambda: len(self.events("worker_start")) >= workers and self.events("prober_start"),
-            20,
-            f"splicelb to start (stderr: {self.errors}, stdout: {self.lines[-5:]})",
+        super().__init__([sys.executable, "-m", "lb", "run", "-c", str(self.config_path)], env)
+        wait_until(self._started, 20, "splicelb to start")
+
+    def _started(self) -> bool:
+        if self.popen.poll() is not None:
+            time.sleep(0.2)  # let the readers catch the last lines
+            raise AssertionError(
+                f"splicelb exited with {self.popen.returncode}: {self.errors} {self.lines[-5:]}"
+            )
+        return len(self.events("worker_start")) >= self.workers and bool(
+            self.events("prober_start")
         )
 
     def records(self) -> list[dict[str, Any]]:
@@ -168,11 +184,12 @@ def config(
     backends: str,
     workers: int = 2,
     extra_global: str = "",
+    drain_timeout: float = 5,
 ) -> str:
     """A config with the runtime dir under the test's tmp dir and no admin endpoint."""
     return (
         f'[global]\nworkers = {workers}\nruntime_dir = "@RUNTIME@"\nadmin_bind = ""\n'
-        f"drain_timeout = 5\n{extra_global}\n{listeners}\n{backends}\n"
+        f"drain_timeout = {drain_timeout}\n{extra_global}\n{listeners}\n{backends}\n"
     )
 
 
@@ -292,3 +309,41 @@ def blackhole(namespace: str, address: str, on: bool) -> None:
         capture_output=True,
         timeout=10,
     )
+
+
+LOAD = Path(__file__).with_name("load.py")
+
+
+class LoadGen(Proc):
+    """tests/integration/load.py against a balancer port."""
+
+    def __init__(
+        self, port: int, *, tunnels: int = 0, rate: float = 0, duration: float = 5
+    ) -> None:
+        super().__init__(
+            [
+                sys.executable,
+                str(LOAD),
+                "--port",
+                str(port),
+                "--tunnels",
+                str(tunnels),
+                "--rate",
+                str(rate),
+                "--duration",
+                str(duration),
+            ]
+        )
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("event") == name:
+                    return dict(record)
+        return None
+
+    def summary(self, timeout: float) -> dict[str, Any]:
+        return dict(
+            wait_until(lambda: self.event("summary"), timeout, f"load summary {self.errors}")
+        )
