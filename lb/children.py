@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from lb import log as lblog
+from lb.admin import Admin
 from lb.generation import Generation
 from lb.worker.process import Worker
 from probes.process import Prober
@@ -37,7 +38,7 @@ PR_SET_PDEATHSIG = 1
 @dataclass(slots=True)
 class Child:
     pid: int
-    kind: str  # "worker" | "prober"
+    kind: str  # "worker" | "prober" | "admin"
     slot: int
     generation: Generation
     started: float
@@ -113,6 +114,8 @@ def _boot(
     logger = lblog.configure(kind, generation.number, level=log.level, fmt=log.fmt)
     if kind == "prober":
         return Prober(config, generation.pool, logger).run
+    if kind == "admin":
+        return Admin(config.global_.runtime_dir, sockets["admin"][0], logger).run
     g = config.global_
     share = g.maxconn // g.workers + (1 if slot < g.maxconn % g.workers else 0)
     return Worker(

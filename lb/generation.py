@@ -79,13 +79,18 @@ def server_keys(pool: Pool) -> dict[tuple[str, str, str], int]:
 
 
 def carry_over(old: Pool, new: Pool) -> None:
-    """Copy health and admin state of the servers both pools know."""
+    """Copy health, admin state and check histograms of the servers both pools know,
+    and the instance's restart and reload counts."""
+    new.q[L.H_RESTARTS] = old.q[L.H_RESTARTS]
+    new.q[L.H_RELOADS] = old.q[L.H_RELOADS]
     old_keys = server_keys(old)
     for k, index in server_keys(new).items():
         previous = old_keys.get(k)
         if previous is None:
             continue
         new.write_record(index, old.read_record(previous))
+        src, dst = old.geometry.histogram(previous), new.geometry.histogram(index)
+        new.q[dst : dst + L.HIST_WORDS] = old.q[src : src + L.HIST_WORDS]
         admin = old.admin(previous)
         if admin != L.READY:
             new.set_admin(index, admin)

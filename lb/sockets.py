@@ -17,7 +17,7 @@ import math
 import socket
 from typing import Any
 
-from lb.config import Config, Listener
+from lb.config import Address, Config, Listener
 from lb.errors import LBError
 from lb.worker.process import set_keepalive
 
@@ -59,15 +59,31 @@ def configure(sock: socket.socket, listener: Listener) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
 
 
+def bind_admin(address: Address) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address.sockaddr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise LBError(f"global.admin_bind: cannot listen on {address}: {exc.strerror}") from exc
+    return sock
+
+
 class SocketTable:
     """Every listening socket of the instance, by bind address."""
 
     def __init__(self) -> None:
         self.sockets: dict[Key, list[socket.socket]] = {}
+        self.admin: dict[Key, socket.socket] = {}
 
     def prepare(self, config: Config) -> None:
         """Bind what ``config`` needs and is missing; all or nothing."""
         added: list[tuple[Key, socket.socket]] = []
+        admin = config.global_.admin_bind
+        admin_key = (admin.family, admin.sockaddr) if admin else None
         try:
             for index, listener in enumerate(config.listeners):
                 have = self.sockets.get(key(listener), [])
@@ -75,12 +91,18 @@ class SocketTable:
                     configure(sock, listener)
                 for _ in range(len(have), config.global_.workers):
                     added.append((key(listener), bind_listener(listener, f"listeners[{index}]")))
+            if admin and admin_key not in self.admin:
+                self.admin[admin_key] = bind_admin(admin)  # type: ignore[index]
         except LBError:
             for _, sock in added:
                 sock.close()
             raise
         for k, sock in added:
             self.sockets.setdefault(k, []).append(sock)
+
+    def admin_socket(self, config: Config) -> socket.socket | None:
+        admin = config.global_.admin_bind
+        return self.admin.get((admin.family, admin.sockaddr)) if admin else None
 
     def for_worker(self, config: Config, slot: int) -> dict[str, list[socket.socket]]:
         workers = config.global_.workers
@@ -98,12 +120,18 @@ class SocketTable:
         for k in gone:
             for sock in self.sockets.pop(k):
                 sock.close()
+        keep = self.admin_socket(config)
+        for k, sock in list(self.admin.items()):
+            if sock is not keep:
+                sock.close()
+                del self.admin[k]
         return gone
 
     def all(self) -> list[socket.socket]:
-        return [s for socks in self.sockets.values() for s in socks]
+        return [s for socks in self.sockets.values() for s in socks] + list(self.admin.values())
 
     def close(self) -> None:
         for sock in self.all():
             sock.close()
         self.sockets.clear()
+        self.admin.clear()

@@ -197,6 +197,7 @@ class Supervisor:
         )
         if expected or child.generation is not self.current:
             return
+        child.generation.pool.q[L.H_RESTARTS] += 1
         failures, _ = self.restarts.get((child.kind, child.slot), (0, 0.0))
         failures = failures + 1 if code == EXIT_BOOT_ERROR or lived < BOOT_GRACE else 0
         if code == EXIT_BOOT_ERROR and not child.generation.serving and child.generation.number > 1:
@@ -236,6 +237,8 @@ class Supervisor:
         generation = self.current
         assert generation is not None
         wanted = [("prober", 0)] + [("worker", s) for s in range(generation.config.global_.workers)]
+        if generation.config.global_.admin_bind is not None:
+            wanted.append(("admin", 0))
         present = {(c.kind, c.slot) for c in self.children.values() if c.generation is generation}
         for kind, slot in wanted:
             _, not_before = self.restarts.get((kind, slot), (0, 0.0))
@@ -269,9 +272,16 @@ class Supervisor:
         self._spawn("prober", 0, generation)
         for slot in range(generation.config.global_.workers):
             self._spawn("worker", slot, generation)
+        if generation.config.global_.admin_bind is not None:
+            self._spawn("admin", 0, generation)
 
     def _spawn(self, kind: str, slot: int, generation: Generation) -> None:
-        own = self.sockets.for_worker(generation.config, slot) if kind == "worker" else {}
+        own: dict[str, list[socket.socket]] = {}
+        if kind == "worker":
+            own = self.sockets.for_worker(generation.config, slot)
+        elif kind == "admin":
+            admin = self.sockets.admin_socket(generation.config)
+            own = {"admin": [admin]} if admin is not None else {}
         mine = {id(s) for socks in own.values() for s in socks}
         close: list[int | socket.socket] = [s for s in self.sockets.all() if id(s) not in mine]
         if self.control is not None:
@@ -331,6 +341,7 @@ class Supervisor:
         number = max(self.generations) + 1
         self.notifier.reloading(f"reloading: starting generation {number}")
         generation = Generation.create(number, config, current.pool)
+        generation.pool.q[L.H_RELOADS] += 1
         generation.waiters = clients
         self.generations[number] = generation
         self.previous, self.current, self.config = current, generation, config

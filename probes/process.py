@@ -192,6 +192,7 @@ class Prober:
                 ok_at=now if result.ok else old.ok_at,
             ),
         )
+        pool.observe_latency(probe.index, result.latency)
         if was_suspect and result.ok and health == old.health:
             pool.bump_health_version()  # the suspect mark is settled: workers look again
         if health != old.health:

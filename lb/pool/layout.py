@@ -10,8 +10,10 @@ slot per worker.  Every part has exactly one writer:
   server's health changes, ``admin_version`` by the supervisor whenever an
   admin state changes; workers compare them with what they last saw, so the
   common pick reads two words and reuses its cached list of eligible servers;
+  the supervisor also counts worker restarts and reloads there;
 * health records: the prober, under a sequence lock (odd while writing);
   readers retry until they see the same even sequence before and after;
+* check latency histograms: the prober (one counter per bucket);
 * admin words: the supervisor (one aligned 8-byte word, never torn);
 * worker slots: their worker.  Counters are single aligned 8-byte words
   (an aligned store is atomic on the machines we run on), so a reader may see
@@ -28,14 +30,15 @@ from dataclasses import dataclass
 from typing import Final
 
 MAGIC: Final = 0x3130424C43494C50  # b"PLICLB01" little-endian, a sanity check
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 
 # Header: words (8 bytes each) by index.
 H_MAGIC, H_VERSION, H_GENERATION, H_NSERVERS, H_NSLOTS = 0, 1, 2, 3, 4
 H_NAMES_OFF, H_NAMES_LEN, H_HEALTH_OFF, H_ADMIN_OFF, H_SLOTS_OFF, H_SLOT_SIZE = 5, 6, 7, 8, 9, 10
 H_HEALTH_VERSION, H_ADMIN_VERSION = 11, 12
 H_PROBER_PID, H_PROBER_BEAT = 13, 14  # BEAT is a double (monotonic seconds)
-HEADER_WORDS: Final = 16
+H_NLISTENERS, H_RESTARTS, H_RELOADS = 15, 16, 17
+HEADER_WORDS: Final = 24
 
 # Server health record (prober-written), words by index.
 R_SEQ, R_HEALTH, R_RISE_COUNT, R_FALL_COUNT, R_CHECKED_AT, R_CHANGED_AT = 0, 1, 2, 3, 4, 5
@@ -64,9 +67,15 @@ SLOT_HEADER_WORDS: Final = 16
 # Worker slot state values.
 SLOT_EMPTY, SLOT_RUNNING, SLOT_DRAINING = 0, 1, 2
 
-# Per-server counters inside a worker slot, words by index.
+# Per-server counters inside a worker slot, words by index; per-listener ones follow them.
 C_ACTIVE, C_TOTAL, C_BYTES_IN, C_BYTES_OUT, C_SUSPECT_AT, C_FAILED = 0, 1, 2, 3, 4, 5
 COUNTER_WORDS: Final = 6  # SUSPECT_AT is a double (monotonic seconds)
+LISTENER_WORDS: Final = 4  # C_ACTIVE, C_TOTAL, C_BYTES_IN, C_BYTES_OUT
+
+# Check latency histogram per server: a count per bucket (upper bounds in seconds,
+# the last one +Inf), then the sum of latencies (a double).
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+HIST_WORDS: Final = len(LATENCY_BUCKETS) + 2
 
 _TEXT = struct.Struct(f"{TEXT_BYTES}s")
 
@@ -78,6 +87,7 @@ class Geometry:
     nservers: int
     nslots: int
     names_len: int
+    nlisteners: int = 0
 
     @property
     def names_off(self) -> int:
@@ -92,12 +102,16 @@ class Geometry:
         return self.health_off + self.nservers * RECORD_WORDS
 
     @property
-    def slots_off(self) -> int:
+    def hist_off(self) -> int:
         return self.admin_off + self.nservers
 
     @property
+    def slots_off(self) -> int:
+        return self.hist_off + self.nservers * HIST_WORDS
+
+    @property
     def slot_words(self) -> int:
-        return SLOT_HEADER_WORDS + self.nservers * COUNTER_WORDS
+        return SLOT_HEADER_WORDS + self.nservers * COUNTER_WORDS + self.nlisteners * LISTENER_WORDS
 
     @property
     def total_words(self) -> int:
@@ -111,6 +125,12 @@ class Geometry:
 
     def counter(self, slot: int, server: int) -> int:
         return self.slot(slot) + SLOT_HEADER_WORDS + server * COUNTER_WORDS
+
+    def listener_counter(self, slot: int, listener: int) -> int:
+        return self.counter(slot, self.nservers) + listener * LISTENER_WORDS
+
+    def histogram(self, server: int) -> int:
+        return self.hist_off + server * HIST_WORDS
 
 
 def encode_text(text: str) -> bytes:

@@ -52,7 +52,10 @@ class Pool:
             self.close()
             raise LBError(f"{path}: not a splicelb pool file of this version")
         self.geometry = L.Geometry(
-            nservers=q[L.H_NSERVERS], nslots=q[L.H_NSLOTS], names_len=q[L.H_NAMES_LEN]
+            nservers=q[L.H_NSERVERS],
+            nslots=q[L.H_NSLOTS],
+            names_len=q[L.H_NAMES_LEN],
+            nlisteners=q[L.H_NLISTENERS],
         )
         start = self.geometry.names_off * 8
         self.names: dict[str, Any] = orjson.loads(bytes(self.raw[start : start + q[L.H_NAMES_LEN]]))
@@ -61,7 +64,8 @@ class Pool:
     def create(cls, path: str, names: dict[str, Any], nservers: int, nslots: int) -> Pool:
         """Write a new pool file atomically (temp file, then rename) and map it."""
         blob = orjson.dumps(names)
-        geo = L.Geometry(nservers=nservers, nslots=nslots, names_len=len(blob))
+        nlisteners = len(names.get("listeners", ()))
+        geo = L.Geometry(nservers, nslots, len(blob), nlisteners)
         size = geo.total_words * 8
         tmp = f"{path}.tmp{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -75,6 +79,7 @@ class Pool:
                 q[L.H_NAMES_OFF], q[L.H_NAMES_LEN] = geo.names_off, len(blob)
                 q[L.H_HEALTH_OFF], q[L.H_ADMIN_OFF] = geo.health_off, geo.admin_off
                 q[L.H_SLOTS_OFF], q[L.H_SLOT_SIZE] = geo.slots_off, geo.slot_words
+                q[L.H_NLISTENERS] = nlisteners
                 mm[geo.names_off * 8 : geo.names_off * 8 + len(blob)] = blob
                 q.release()
             os.rename(tmp, path)
@@ -158,6 +163,22 @@ class Pool:
         q[base + L.R_SEQ] = seq + 2
         if changed:
             q[L.H_HEALTH_VERSION] += 1
+
+    def observe_latency(self, server: int, seconds: float) -> None:
+        """Count one check's latency in the server's histogram (writer: the prober)."""
+        base = self.geometry.histogram(server)
+        bucket = next(
+            (i for i, bound in enumerate(L.LATENCY_BUCKETS) if seconds <= bound),
+            len(L.LATENCY_BUCKETS),
+        )
+        self.q[base + bucket] += 1
+        self.d[base + len(L.LATENCY_BUCKETS) + 1] += seconds
+
+    def latency_histogram(self, server: int) -> tuple[list[int], float]:
+        """Counts per bucket (the last is +Inf) and the sum of latencies."""
+        base = self.geometry.histogram(server)
+        n = len(L.LATENCY_BUCKETS) + 1
+        return [self.q[base + i] for i in range(n)], float(self.d[base + n])
 
     def bump_health_version(self) -> None:
         """Make workers recompute eligibility though no health changed."""

@@ -50,6 +50,7 @@ WORKER_BOOT_ERROR = 3
 
 @dataclass(slots=True)
 class ListenerRuntime:
+    index: int
     name: str
     mode: str
     router: Router
@@ -124,6 +125,7 @@ class Worker:
         self.backends = self._backends(config, pool)
         self.listeners = [
             ListenerRuntime(
+                index=i,
                 name=lc.name,
                 mode=lc.mode,
                 router=Router(lc),
@@ -132,7 +134,7 @@ class Worker:
                 tunnel_timeout=lc.tunnel_timeout,
                 socks=sockets[lc.name],
             )
-            for lc in config.listeners
+            for i, lc in enumerate(config.listeners)
         ]
 
     def _backends(self, config: Config, pool: Pool) -> dict[str, BackendRuntime]:
@@ -175,6 +177,8 @@ class Worker:
         geo = self.pool.geometry
         for server in range(geo.nservers):  # a predecessor killed in this slot left its own
             q[geo.counter(self.slot, server) + L.C_ACTIVE] = 0
+        for listener in range(geo.nlisteners):
+            q[geo.listener_counter(self.slot, listener) + L.C_ACTIVE] = 0
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         self._beat()
@@ -258,6 +262,9 @@ class Worker:
             q, base = self.q, self.slot_base
             q[base + L.S_CONNECTIONS] = self.active
             q[base + L.S_ACCEPTED] += 1
+            lcounter = self.pool.geometry.listener_counter(self.slot, listener.index)
+            q[lcounter + L.C_ACTIVE] += 1
+            q[lcounter + L.C_TOTAL] += 1
             conn = Connection(self, listener, fd, format_peer(addr))
             self.connections.add(conn)
             conn.start()
@@ -268,18 +275,22 @@ class Worker:
         set_keepalive(sock)
 
     def open_tunnel(self, conn: Connection, server_fd: int) -> Tunnel:
-        counter = self.pool.geometry.counter(self.slot, conn.server)
+        geo = self.pool.geometry
+        counter = geo.counter(self.slot, conn.server)
+        lcounter = geo.listener_counter(self.slot, conn.listener.index)
         q = self.q
         q[counter + L.C_ACTIVE] += 1
         q[counter + L.C_TOTAL] += 1
         q[counter + L.C_BYTES_IN] += conn.bytes_in  # the head, forwarded by send()
+        q[lcounter + L.C_BYTES_IN] += conn.bytes_in
         tunnel = Tunnel(
             self.loop,
             self.pipes,
             q,
             conn.fd,
             server_fd,
-            (counter + L.C_BYTES_IN, counter + L.C_BYTES_OUT),
+            (counter + L.C_BYTES_IN, lcounter + L.C_BYTES_IN),
+            (counter + L.C_BYTES_OUT, lcounter + L.C_BYTES_OUT),
             conn.listener.tunnel_timeout,
             conn.tunnel_closed,
         )
@@ -304,10 +315,15 @@ class Worker:
         """The one end of every connection: counters and its log line."""
         self.connections.discard(conn)
         self.active -= 1
-        q, base = self.q, self.slot_base
+        q, base, geo = self.q, self.slot_base, self.pool.geometry
         q[base + L.S_CONNECTIONS] = self.active
+        lcounter = geo.listener_counter(self.slot, conn.listener.index)
+        q[lcounter + L.C_ACTIVE] -= 1
         if conn.tunnel is not None:
-            q[self.pool.geometry.counter(self.slot, conn.server) + L.C_ACTIVE] -= 1
+            q[geo.counter(self.slot, conn.server) + L.C_ACTIVE] -= 1
+        else:  # answered or dropped: its few bytes were never spliced
+            q[lcounter + L.C_BYTES_IN] += conn.bytes_in
+            q[lcounter + L.C_BYTES_OUT] += bytes_out
         if status is not None:
             q[base + L.S_ANSWERS + _ANSWER_INDEX.get(status, 7)] += 1
         backend = conn.backend

@@ -98,6 +98,7 @@ class Flow:
         "dst",
         "dst_name",
         "ended",
+        "lcounter",
         "nbytes",
         "pipe",
         "queued",
@@ -108,13 +109,16 @@ class Flow:
         "writing",
     )
 
-    def __init__(self, tunnel: Tunnel, src: int, dst: int, counter: int, src_name: str) -> None:
+    def __init__(
+        self, tunnel: Tunnel, src: int, dst: int, counters: tuple[int, int], src_name: str
+    ) -> None:
         self.tunnel = tunnel
         self.src = src
         self.dst = dst
         self.src_name = src_name  # "client" or "server", for the close reason
         self.dst_name = "server" if src_name == "client" else "client"
-        self.counter = counter  # index of this flow's byte counter in the pool's word view
+        # Indexes of this flow's byte counters (server's, listener's) in the pool's word view.
+        self.counter, self.lcounter = counters
         self.pipe: Pipe | None = None
         self.queued = 0  # bytes in the pipe, not yet in dst
         self.nbytes = 0
@@ -139,7 +143,9 @@ class Flow:
             self._end()
             return
         self.nbytes += n
-        tunnel.counters[self.counter] += n
+        counters = tunnel.counters
+        counters[self.counter] += n
+        counters[self.lcounter] += n
         tunnel.active_at = time.monotonic()
         try:
             m = os.splice(pipe[0], self.dst, n, flags=SPLICE_FLAGS)
@@ -241,7 +247,8 @@ class Tunnel:
         counters: memoryview,
         client: int,
         server: int,
-        byte_counters: tuple[int, int],
+        up_counters: tuple[int, int],
+        down_counters: tuple[int, int],
         timeout: float,
         on_close: Callable[[Tunnel, str], None],
     ) -> None:
@@ -250,8 +257,8 @@ class Tunnel:
         self.counters = counters
         self.client = client
         self.server = server
-        self.up = Flow(self, client, server, byte_counters[0], "client")
-        self.down = Flow(self, server, client, byte_counters[1], "server")
+        self.up = Flow(self, client, server, up_counters, "client")
+        self.down = Flow(self, server, client, down_counters, "server")
         self.timeout = timeout
         self.on_close = on_close
         self.closed = False

@@ -185,10 +185,11 @@ def config(
     workers: int = 2,
     extra_global: str = "",
     drain_timeout: float = 5,
+    admin_bind: str = "",
 ) -> str:
-    """A config with the runtime dir under the test's tmp dir and no admin endpoint."""
+    """A config with the runtime dir under the test's tmp dir (no admin endpoint by default)."""
     return (
-        f'[global]\nworkers = {workers}\nruntime_dir = "@RUNTIME@"\nadmin_bind = ""\n'
+        f'[global]\nworkers = {workers}\nruntime_dir = "@RUNTIME@"\nadmin_bind = "{admin_bind}"\n'
         f"drain_timeout = {drain_timeout}\n{extra_global}\n{listeners}\n{backends}\n"
     )
 
