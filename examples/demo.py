@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(balancer)
         wait_for_line(balancer, '"event":"ready"', "splicelb")
         print(f"\nsplicelb demo is up: open {URL} (WebSocket echo at ws://127.0.0.1:8080/ws)")
+        print("live dashboard: http://127.0.0.1:9900/  metrics: http://127.0.0.1:9900/metrics")
         print("each page and echo names the backend that served it; Ctrl-C stops the demo\n")
         sys.stdout.flush()
         deadline = time.monotonic() + args.seconds if args.seconds else None

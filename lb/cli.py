@@ -55,11 +55,16 @@ def cli() -> None:
 def run(config_path: str, log_level: str | None, log_format: str | None) -> None:
     """Run in the foreground: JSON log lines on stdout; SIGTERM drains and stops.
 
+    Logs are human-readable instead when stdout is a terminal (or with
+    --log-format console). SIGHUP reloads the config.
+
     \b
     Example:
       splicelb run -c /etc/splicelb/splicelb.toml
     """
     config = _load_or_exit(config_path)
+    if log_format is None and sys.stdout.isatty():
+        log_format = "console"  # a person is watching; JSON stays the default for pipes
     supervisor = Supervisor(config, log_level=log_level, log_format=log_format)
     sys.exit(supervisor.run())
 

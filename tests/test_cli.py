@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,36 @@ def test_check_reports_a_missing_file(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help_with_an_example() -> None:
-    for command in ("run", "check"):
+    for command in ("run", "check", "status", "reload", "drain", "maint", "ready"):
         result = splicelb(command, "--help")
         assert result.returncode == 0
-        assert "Example:" in result.stdout
+        assert "Example" in result.stdout and "splicelb " + command in result.stdout
+
+
+def test_shell_completion_comes_from_click() -> None:
+    env = {
+        **os.environ,
+        "_SPLICELB_COMPLETE": "bash_complete",
+        "COMP_WORDS": "splicelb dr",
+        "COMP_CWORD": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "lb"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert "plain,drain" in result.stdout.splitlines()
+    source = subprocess.run(
+        [sys.executable, "-m", "lb"],
+        env={**os.environ, "_SPLICELB_COMPLETE": "bash_source"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert "complete -o nosort -F _splicelb_completion splicelb" in source.stdout
