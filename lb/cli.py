@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import NoReturn
 
 import click
 
@@ -33,13 +34,17 @@ config_option = click.option(
 )
 
 
+def _config_error(exc: ConfigError) -> NoReturn:
+    for line in exc.problems:
+        click.echo(line, err=True)
+    sys.exit(1)
+
+
 def _load_or_exit(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        for line in exc.problems:
-            click.echo(line, err=True)
-        sys.exit(1)
+        _config_error(exc)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,9 +104,7 @@ def _runtime_dir(config_path: str, runtime_dir: str | None) -> str:
     try:
         return runtime_dir_of(config_path)
     except ConfigError as exc:
-        for line in exc.problems:
-            click.echo(line, err=True)
-        sys.exit(1)
+        _config_error(exc)
 
 
 @cli.command()

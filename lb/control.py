@@ -20,7 +20,7 @@ from typing import Any
 from lb.errors import LBError, NotRunningError
 
 CONTROL_SOCKET = "control.sock"
-MAX_REQUEST = 64 * 1024
+MAX_MESSAGE = 1 << 20
 
 
 def control_path(runtime_dir: str) -> str:
@@ -51,16 +51,22 @@ def peer_allowed(conn: socket.socket) -> bool:
     return uid in (0, os.getuid())
 
 
-def read_request(conn: socket.socket, timeout: float = 2.0) -> dict[str, Any]:
-    conn.settimeout(timeout)
+def read_line(sock: socket.socket) -> bytes:
+    """One newline-terminated message (or what came before the peer closed)."""
     data = b""
     while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
+        chunk = sock.recv(65536)
         if not chunk:
             break
         data += chunk
-        if len(data) > MAX_REQUEST:
-            raise LBError("control request too large")
+        if len(data) > MAX_MESSAGE:
+            raise LBError("control message too large")
+    return data
+
+
+def read_request(conn: socket.socket, timeout: float = 2.0) -> dict[str, Any]:
+    conn.settimeout(timeout)
+    data = read_line(conn)
     try:
         request = json.loads(data)
     except ValueError as exc:
@@ -91,12 +97,7 @@ def request(runtime_dir: str, command: dict[str, Any], timeout: float = 60) -> d
         raise LBError(f"{path}: permission denied (run as the instance's user)") from None
     with sock:
         sock.sendall(json.dumps(command).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_line(sock)
     if not data:
         raise LBError("the instance closed the control connection without an answer")
     answer = json.loads(data)

@@ -81,7 +81,7 @@ def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
         "generation": q[L.H_GENERATION],
         "workers": workers,
         "prober": {
-            "pid": prober_pid if _alive(prober_pid) else None,
+            "pid": prober_pid if alive(prober_pid) else None,
             "heartbeat_age_s": round(now - d[L.H_PROBER_BEAT], 3),
         },
         "listeners": pool.names["listeners"],
@@ -95,7 +95,7 @@ def _workers(pool: Pool, answers: dict[str, int], now: float) -> list[dict[str, 
     workers = []
     for slot in range(geo.nslots):
         base = geo.slot(slot)
-        if q[base + L.S_STATE] == L.SLOT_EMPTY or not _alive(q[base + L.S_PID]):
+        if q[base + L.S_STATE] == L.SLOT_EMPTY or not alive(q[base + L.S_PID]):
             continue
         workers.append(
             {
@@ -185,7 +185,8 @@ def format_table(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process exists (ours or another user's)."""
     if pid <= 0:
         return False
     try:

@@ -35,7 +35,6 @@ from lb.children import (
     EXIT_START_FAILED,
     Child,
     LogSettings,
-    alive,
     spawn,
 )
 from lb.config import Config, load_config
@@ -43,7 +42,7 @@ from lb.errors import ConfigError, LBError
 from lb.generation import POOL_LINK, Generation, find_server
 from lb.pool import layout as L
 from lb.sockets import SocketTable
-from lb.status import PID_FILE
+from lb.status import PID_FILE, alive
 from lb.systemd import Notifier
 
 BOOT_GRACE = 1.0  # a child that dies sooner than this after its start failed at boot

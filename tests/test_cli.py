@@ -7,22 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.integration.harness import cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def splicelb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lb", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
-
-
 def test_check_accepts_the_example_config() -> None:
-    result = splicelb("check", "-c", "examples/splicelb.toml")
+    result = cli("check", "-c", "examples/splicelb.toml")
     assert result.returncode == 0
     assert "OK" in result.stdout
 
@@ -56,7 +47,7 @@ balance = "fastest"
   address = "127.0.0.1:9002"
 """
     )
-    result = splicelb("check", "-c", str(path))
+    result = cli("check", "-c", str(path))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     expected_paths = [
@@ -76,7 +67,7 @@ balance = "fastest"
 
 
 def test_check_reports_a_missing_file(tmp_path: Path) -> None:
-    result = splicelb("check", "-c", str(tmp_path / "absent.toml"))
+    result = cli("check", "-c", str(tmp_path / "absent.toml"))
     assert result.returncode == 1
     assert "absent.toml" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -84,7 +75,7 @@ def test_check_reports_a_missing_file(tmp_path: Path) -> None:
 
 def test_every_command_has_help_with_an_example() -> None:
     for command in ("run", "check", "status", "reload", "drain", "maint", "ready"):
-        result = splicelb(command, "--help")
+        result = cli(command, "--help")
         assert result.returncode == 0
         assert "Example" in result.stdout and "splicelb " + command in result.stdout
 

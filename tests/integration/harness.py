@@ -40,6 +40,18 @@ def free_port() -> int:
             return port
 
 
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``splicelb ARGS`` (as ``python -m lb``) and capture what it says."""
+    return subprocess.run(
+        [sys.executable, "-m", "lb", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
 
 from tests.integration.harness import (
@@ -147,49 +148,22 @@ def break_and_fix(
     wait_until(lambda: "A" in traffic.since(seen), 5, "traffic to reach A again")
 
 
-def test_server_answering_500_leaves_and_returns(
-    procs: list[Proc], start_lb: Callable[..., SpliceLB]
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [("500", "HTTP 500"), ("hang", f"timeout after {TIMEOUT:g} s"), ("body", "without 'ok'")],
+    ids=["answers-500", "hangs-past-timeout", "wrong-body"],
+)
+def test_failing_server_leaves_and_returns(
+    mode: str, reason: str, procs: list[Proc], start_lb: Callable[..., SpliceLB]
 ) -> None:
     lb, a, _, port = start_pair(procs, start_lb)
     traffic = Traffic(whoami(port))
     try:
-        break_and_fix(lb, traffic, lambda: a.set_mode("500"), lambda: a.set_mode("ok"), "HTTP 500")
+        break_and_fix(lb, traffic, lambda: a.set_mode(mode), lambda: a.set_mode("ok"), reason)
     finally:
         traffic.stop()
     assert traffic.errors == []
     assert len(traffic.answers) > 50
-
-
-def test_server_hanging_past_the_timeout_leaves_and_returns(
-    procs: list[Proc], start_lb: Callable[..., SpliceLB]
-) -> None:
-    lb, a, _, port = start_pair(procs, start_lb)
-    traffic = Traffic(whoami(port))
-    try:
-        break_and_fix(
-            lb,
-            traffic,
-            lambda: a.set_mode("hang"),
-            lambda: a.set_mode("ok"),
-            f"timeout after {TIMEOUT:g} s",
-        )
-    finally:
-        traffic.stop()
-    assert traffic.errors == []
-
-
-def test_server_with_the_wrong_body_leaves_and_returns(
-    procs: list[Proc], start_lb: Callable[..., SpliceLB]
-) -> None:
-    lb, a, _, port = start_pair(procs, start_lb)
-    traffic = Traffic(whoami(port))
-    try:
-        break_and_fix(
-            lb, traffic, lambda: a.set_mode("body"), lambda: a.set_mode("ok"), "without 'ok'"
-        )
-    finally:
-        traffic.stop()
-    assert traffic.errors == []
 
 
 def test_killed_server_leaves_and_returns_and_clients_never_notice(

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from tests.integration.harness import (
     Proc,
     SpliceLB,
     backend,
+    cli,
     config,
     free_port,
     listener,
@@ -36,16 +36,6 @@ def echo_config(
         backend("app", [(b.name, b.address) for b in pair]),
         extra_global=extra_global,
         drain_timeout=drain,
-    )
-
-
-def splicelb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lb", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
 
 
@@ -139,7 +129,7 @@ def test_reload_under_load_loses_nothing_and_keeps_every_tunnel(
     procs.append(load)
     wait_until(lambda: load.event("tunnels_open"), 60, "1000 tunnels")
     time.sleep(2)
-    result = splicelb("reload", "-c", str(lb.config_path))
+    result = cli("reload", "-c", str(lb.config_path))
     reloaded_at = time.monotonic()
     assert result.returncode == 0, result.stderr
     assert "generation 2 is serving" in result.stdout
@@ -166,7 +156,7 @@ def test_invalid_reload_is_rejected_while_traffic_continues(
     lb.config_path.write_text(
         good.replace('name = "app"\n', 'name = "app"\nbalance = "fastest"\n', 1)
     )
-    result = splicelb("reload", "-c", str(lb.config_path))
+    result = cli("reload", "-c", str(lb.config_path))
     assert result.returncode == 1
     assert result.stderr.startswith("backends[0].balance: ")
     os.kill(lb.pid, signal.SIGHUP)  # the same through the signal: logged, nothing changes
@@ -204,7 +194,7 @@ def test_reload_adds_and_removes_a_listener_and_a_backend(
             backend("three", [("echo2", b.address)]),
         ).replace("@RUNTIME@", str(lb.runtime_dir))
     )
-    result = splicelb("reload", "--runtime-dir", str(lb.runtime_dir))
+    result = cli("reload", "--runtime-dir", str(lb.runtime_dir))
     assert result.returncode == 0, result.stderr
     assert clients.exchange(kept, whoami).endswith(b"echo2")  # same socket, new routing
     assert clients.exchange(added, whoami).endswith(b"echo2")
@@ -215,7 +205,7 @@ def test_reload_adds_and_removes_a_listener_and_a_backend(
         pass
     assert ws_ping(tunnel)  # open tunnels are not touched by a reload
     tunnel.close()
-    status = splicelb("status", "--runtime-dir", str(lb.runtime_dir), "--json")
+    status = cli("status", "--runtime-dir", str(lb.runtime_dir), "--json")
     assert '"name": "three"' in status.stdout and '"name": "one"' not in status.stdout
 
 
@@ -235,9 +225,9 @@ def test_health_and_admin_state_survive_a_reload(
         )
     )
     wait_until(lambda: [r for r in lb.events("server_state") if r["server"] == "dead"], 5, "dead")
-    assert splicelb("maint", "-c", str(lb.config_path), "app/echo2").returncode == 0
-    assert splicelb("reload", "-c", str(lb.config_path)).returncode == 0
-    status = splicelb("status", "-c", str(lb.config_path), "--json").stdout
+    assert cli("maint", "-c", str(lb.config_path), "app/echo2").returncode == 0
+    assert cli("reload", "-c", str(lb.config_path)).returncode == 0
+    status = cli("status", "-c", str(lb.config_path), "--json").stdout
     servers = {s["name"]: s for s in json.loads(status)["backends"][0]["servers"]}
     assert servers["echo2"]["admin"] == "maint"
     assert servers["dead"]["health"] == "down"

@@ -10,7 +10,6 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from tests.integration.harness import (
     Proc,
     SpliceLB,
     backend,
+    cli,
     config,
     free_port,
     listener,
@@ -36,12 +36,6 @@ from tests.integration.harness import (
 )
 
 WHOAMI = b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-
-def splicelb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lb", *args], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def whoami(port: int) -> str:
@@ -77,24 +71,24 @@ def test_drain_maint_and_ready_against_a_running_instance(
     on_echo1 = [t for t in tunnels if still_served(t) == "echo1"]
     assert on_echo1
 
-    result = splicelb("drain", "-c", cfg, "app/echo1")
+    result = cli("drain", "-c", cfg, "app/echo1")
     assert result.returncode == 0 and result.stdout.strip() == "app/echo1: ready -> drain"
     assert {whoami(port) for _ in range(10)} == {"echo2"}  # no new connection reaches it
     assert all(still_served(t) == "echo1" for t in on_echo1)  # existing ones keep working
-    state = json.loads(splicelb("status", "-c", cfg, "--json").stdout)
+    state = json.loads(cli("status", "-c", cfg, "--json").stdout)
     echo1 = state["backends"][0]["servers"][0]
     assert echo1["admin"] == "drain" and echo1["active"] == len(on_echo1)
 
-    assert splicelb("maint", "-c", cfg, "app/echo1").stdout.strip() == "app/echo1: drain -> maint"
+    assert cli("maint", "-c", cfg, "app/echo1").stdout.strip() == "app/echo1: drain -> maint"
     assert {whoami(port) for _ in range(6)} == {"echo2"}
-    assert splicelb("ready", "-c", cfg, "app/echo1").returncode == 0
+    assert cli("ready", "-c", cfg, "app/echo1").returncode == 0
     assert {whoami(port) for _ in range(6)} == {"echo1", "echo2"}
     for t in tunnels:
         t.close()
 
-    unknown = splicelb("drain", "-c", cfg, "app/nope")
+    unknown = cli("drain", "-c", cfg, "app/nope")
     assert unknown.returncode == 1 and unknown.stderr.strip() == "splicelb: no server app/nope"
-    malformed = splicelb("drain", "-c", cfg, "echo1")
+    malformed = cli("drain", "-c", cfg, "echo1")
     assert malformed.returncode == 2 and "BACKEND/SERVER" in malformed.stderr
     events = lb.events("admin_state")
     assert [(e["from"], e["to"]) for e in events] == [
@@ -108,7 +102,7 @@ def test_drain_maint_and_ready_against_a_running_instance(
     "argv", [["status"], ["reload"], ["drain", "app/a"], ["maint", "app/a"], ["ready", "app/a"]]
 )
 def test_commands_without_an_instance_say_so_in_one_line(tmp_path: Path, argv: list[str]) -> None:
-    result = splicelb(argv[0], "--runtime-dir", str(tmp_path), *argv[1:])
+    result = cli(argv[0], "--runtime-dir", str(tmp_path), *argv[1:])
     assert result.returncode == 3
     assert result.stdout == ""
     assert result.stderr.splitlines() == [f"splicelb: no instance is running in {tmp_path}"]
@@ -173,7 +167,7 @@ def check_guard(lb: SpliceLB) -> None:
     os.chmod(path, 0o666)  # even if someone widens it, the peer's uid is checked
     answer = json.loads(connect_as_nobody(path))
     assert answer == {"ok": False, "errors": ["permission denied"]}
-    own = json.loads(splicelb("status", "--runtime-dir", str(lb.runtime_dir), "--json").stdout)
+    own = json.loads(cli("status", "--runtime-dir", str(lb.runtime_dir), "--json").stdout)
     assert own["generation"] == 1
 
 

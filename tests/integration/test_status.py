@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tests.integration.harness import (
     EchoBackend,
     SpliceLB,
     backend,
+    cli,
     config,
     free_port,
     listener,
@@ -22,13 +22,7 @@ from tests.integration.harness import (
 
 
 def status(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lb", "status", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return cli("status", *args)
 
 
 def test_status_shows_servers_workers_and_open_tunnels(
