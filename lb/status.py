@@ -72,8 +72,10 @@ def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
     backends = []
     for backend in pool.names["backends"]:
         servers = [_server(pool, s, backend["checked"], now) for s in backend["servers"]]
-        for server in servers:  # tunnels still open in older generations count too
-            server["active"] += sum(_active(p, backend["name"], server) for p in older)
+        for server in servers:  # older generations' workers still carry tunnels: count them
+            for p in older:
+                for key, value in _counters(p, backend["name"], server).items():
+                    server[key] += value
         backends.append({"name": backend["name"], "servers": servers})
     q, d = pool.q, pool.d
     prober_pid = q[L.H_PROBER_PID]
@@ -114,29 +116,39 @@ def _workers(pool: Pool, answers: dict[str, int], now: float) -> list[dict[str, 
     return workers
 
 
-def _active(pool: Pool, backend: str, server: dict[str, Any]) -> int:
+def _counters(pool: Pool, backend: str, server: dict[str, Any]) -> dict[str, int]:
+    """The same server's counters in another generation's pool (none if it has no such server)."""
     for b in pool.names["backends"]:
         for s in b["servers"] if b["name"] == backend else ():
             if s["name"] == server["name"] and s["address"] == server["address"]:
-                return pool.server_active(s["index"])
-    return 0
+                return _sums(pool, s["index"])
+    return {}
+
+
+def _sums(pool: Pool, index: int) -> dict[str, int]:
+    q, geo = pool.q, pool.geometry
+    counters = [geo.counter(slot, index) for slot in range(geo.nslots)]
+    return {
+        key: sum(q[c + word] for c in counters)
+        for key, word in (
+            ("active", L.C_ACTIVE),
+            ("total", L.C_TOTAL),
+            ("bytes_in", L.C_BYTES_IN),
+            ("bytes_out", L.C_BYTES_OUT),
+            ("failed_connects", L.C_FAILED),
+        )
+    }
 
 
 def _server(pool: Pool, server: dict[str, Any], checked: bool, now: float) -> dict[str, Any]:
     index = server["index"]
-    q, geo = pool.q, pool.geometry
     record = pool.read_record(index)
-    counters = [geo.counter(slot, index) for slot in range(geo.nslots)]
     out: dict[str, Any] = {
         "name": server["name"],
         "address": server["address"],
         "health": L.HEALTH_NAMES[record.health] if checked else "unchecked",
         "admin": L.ADMIN_NAMES[pool.admin(index)],
-        "active": sum(q[c + L.C_ACTIVE] for c in counters),
-        "total": sum(q[c + L.C_TOTAL] for c in counters),
-        "bytes_in": sum(q[c + L.C_BYTES_IN] for c in counters),
-        "bytes_out": sum(q[c + L.C_BYTES_OUT] for c in counters),
-        "failed_connects": sum(q[c + L.C_FAILED] for c in counters),
+        **_sums(pool, index),
     }
     if checked and record.checks:
         out["check"] = {

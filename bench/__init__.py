@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of splicelb against HAProxy: ``python bench/run.py``."""

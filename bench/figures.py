@@ -1,0 +1,220 @@
+"""The figures: what is measured, how, and which way is better.
+
+Each measure function takes a running target and the settings and returns the
+numbers of one run, plus raw extras (tool errors, counts) kept in the JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.procs import HOST, BenchError, Proc, log, run_tool
+from bench.servers import Target
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    short: str  # for the chart
+    unit: str
+    higher_is_better: bool
+    goal: float  # the splicelb/haproxy ratio to reach: >= goal, or <= goal if lower is better
+    direct: bool = True  # False: no direct (balancer-less) figure makes sense
+
+    def met(self, ratio: float) -> bool:
+        return ratio >= self.goal if self.higher_is_better else ratio <= self.goal
+
+    @property
+    def goal_text(self) -> str:
+        return f"{'≥' if self.higher_is_better else '≤'} {self.goal:g}"
+
+
+FIGURES = [
+    Figure("bulk_gbps", "Bulk throughput, 1 TCP stream (iperf3)", "bulk\n1 TCP stream",
+           "Gbit/s", True, 1.4),
+    Figure("rtt64_p50_us", "WebSocket round trip, 64 B, p50", "WS round trip\n64 B p50",
+           "µs", False, 0.9),
+    Figure("rtt64_p99_us", "WebSocket round trip, 64 B, p99", "WS round trip\n64 B p99",
+           "µs", False, 1.0),
+    Figure("rtt16k_p50_us", "WebSocket round trip, 16 KiB, p50", "WS round trip\n16 KiB p50",
+           "µs", False, 0.9),
+    Figure("rtt16k_p99_us", "WebSocket round trip, 16 KiB, p99", "WS round trip\n16 KiB p99",
+           "µs", False, 1.0),
+    Figure("http_keepalive_rps", "Small HTTP requests/s, keep-alive (wrk)",
+           "HTTP req/s\nkeep-alive", "req/s", True, 1.0),
+    Figure("http_close_cps", "New connections/s, Connection: close (wrk)",
+           "new conn/s\n(Connection: close)", "conn/s", True, 1.0),
+    Figure("idle_tunnel_bytes", "Resident memory per idle WebSocket tunnel",
+           "RSS per idle\nWS tunnel", "bytes", False, 1.0, direct=False),
+]
+BY_KEY = {f.key: f for f in FIGURES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: int  # seconds, iperf3 and wrk
+    rtt_sizes: tuple[tuple[int, int], ...]  # (message size, count)
+    rtt_warmup: int
+    idle_tunnels: int
+    tunnels_per_client: int = 3000
+
+
+Result = tuple[dict[str, float], dict[str, object]]
+
+
+def measure_bulk(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    argv = [tools["iperf3"], "-c", HOST, "-p", str(target.ports["bulk"]), "-t",
+            str(s.duration), "-J", "--connect-timeout", "5000"]
+    for attempt in range(3):
+        try:
+            out = run_tool(argv, s.duration + 30, "iperf3 -c")
+            break
+        except BenchError as exc:  # e.g. "the server is busy running a test"
+            if attempt == 2:
+                raise
+            log(f"  iperf3 failed, again in 2 s: {str(exc)[:200]}")
+            time.sleep(2)
+    report = json.loads(out)
+    end = report["end"]
+    gbps = end["sum_received"]["bits_per_second"] / 1e9
+    extra = {"sent_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
+             "retransmits": end["sum_sent"].get("retransmits")}
+    return {"bulk_gbps": gbps}, extra
+
+
+def measure_rtt(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    sizes = ",".join(f"{size}:{count}" for size, count in s.rtt_sizes)
+    timeout = 60 + sum(count for _, count in s.rtt_sizes) / 200
+    out = run_tool([sys.executable, "-m", "bench.clients", "rtt", "--port",
+                    str(target.ports["ws"]), "--sizes", sizes, "--warmup", str(s.rtt_warmup)],
+                   timeout, "the round-trip client")
+    report = json.loads(out)
+    names = {64: "rtt64", 16384: "rtt16k"}
+    values: dict[str, float] = {}
+    for size, _count in s.rtt_sizes:
+        prefix = names[size]
+        values[f"{prefix}_p50_us"] = report[str(size)]["p50_us"]
+        values[f"{prefix}_p99_us"] = report[str(size)]["p99_us"]
+    return values, {"rtt": report}
+
+
+WRK_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+WRK_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+WRK_TOTAL = re.compile(r"(\d+) requests in")
+
+
+def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dict[str, object]:
+    argv = [tools["wrk"], "-t2", "-c32", "-d", f"{s.duration}s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://{HOST}:{target.ports['http']}/")
+    out = run_tool(argv, s.duration + 60, "wrk")
+    rps = WRK_RPS.search(out)
+    if rps is None:
+        raise BenchError(f"wrk printed no Requests/sec: {out}")
+    errors = WRK_ERRORS.search(out)
+    non2xx = WRK_NON2XX.search(out)
+    total = WRK_TOTAL.search(out)
+    return {
+        "rate": float(rps.group(1)),
+        "requests": int(total.group(1)) if total else None,
+        "socket_errors": dict(zip(("connect", "read", "write", "timeout"),
+                                  map(int, errors.groups()), strict=True)) if errors else {},
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "latency": [line.strip() for line in out.splitlines() if "%" in line][:4],
+    }
+
+
+def measure_keepalive(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    extra = _wrk(target, s, tools, close=False)
+    return {"http_keepalive_rps": float(extra.pop("rate"))}, extra  # type: ignore[arg-type]
+
+
+def measure_close(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    extra = _wrk(target, s, tools, close=True)
+    return {"http_close_cps": float(extra.pop("rate"))}, extra  # type: ignore[arg-type]
+
+
+def _open_idle(port: int, count: int, per_client: int) -> list[Proc]:
+    """Start client processes holding ``count`` tunnels in all; wait until all are open."""
+    clients: list[Proc] = []
+    n_clients = max(1, math.ceil(count / per_client))
+    try:
+        for i in range(n_clients):
+            share = count // n_clients + (1 if i < count % n_clients else 0)
+            argv = [sys.executable, "-m", "bench.clients", "idle", "--port", str(port),
+                    "--count", str(share)]
+            clients.append(Proc(f"idle-client-{i}", argv, Proc.default_logdir,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        deadline = time.monotonic() + 60 + count / 100
+        for proc in clients:
+            assert proc.popen.stdout is not None
+            wait = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([proc.popen.stdout], [], [], wait)
+            line = proc.popen.stdout.readline().decode() if ready else ""
+            if not line.startswith("ready "):
+                proc.check_alive()
+                raise BenchError(f"{proc.name} did not open its tunnels in time ({line!r})")
+    except BaseException:
+        _close_idle(clients)
+        raise
+    return clients
+
+
+def _close_idle(clients: list[Proc]) -> None:
+    """Close the clients' stdin (they close their tunnels and exit); kill what lingers."""
+    for proc in clients:
+        if proc.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.popen.stdin.close()
+    for proc in clients:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(30)
+        proc.kill()
+
+
+def measure_idle(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    if target.proc is None:
+        raise BenchError("the idle-tunnel figure needs a balancer")
+    port = target.ports["ws"]
+    _close_idle(_open_idle(port, 20, s.tunnels_per_client))  # warm-up: first-connection costs
+    time.sleep(1.0)
+    before = target.rss()
+    clients = _open_idle(port, s.idle_tunnels, s.tunnels_per_client)
+    try:
+        time.sleep(1.0)
+        after = target.rss()
+        processes = target.pids()
+    finally:
+        _close_idle(clients)
+    per_tunnel = (after - before) / s.idle_tunnels
+    return {"idle_tunnel_bytes": per_tunnel}, {
+        "rss_before": before, "rss_after": after, "tunnels": s.idle_tunnels,
+        "processes": processes, "client_processes": len(clients),
+    }
+
+
+Measure = Callable[[Target, Settings, dict[str, str]], Result]
+# run kind -> (measure function, figures it yields)
+KINDS: dict[str, tuple[Measure, list[str]]] = {
+    "bulk": (measure_bulk, ["bulk_gbps"]),
+    "rtt": (measure_rtt, ["rtt64_p50_us", "rtt64_p99_us", "rtt16k_p50_us", "rtt16k_p99_us"]),
+    "keepalive": (measure_keepalive, ["http_keepalive_rps"]),
+    "close": (measure_close, ["http_close_cps"]),
+    "idle": (measure_idle, ["idle_tunnel_bytes"]),
+}
+
+
+def direct_applies(kind: str) -> bool:
+    return all(BY_KEY[key].direct for key in KINDS[kind][1])

@@ -1,0 +1,227 @@
+"""Benchmark splicelb against HAProxy 2.6, side by side: ``python bench/run.py``.
+
+Installs what is missing (haproxy, iperf3, wrk, nginx with apt; matplotlib with
+pip), starts the backends on free 127.0.0.1 ports, then for each worker count
+runs every figure through splicelb and HAProxy alternately (plus one direct
+run per figure, the physical limit), and writes ``bench/results/<stamp>.json``,
+``.md`` and ``.png`` (copied to ``latest.*``). ``--smoke`` is a seconds-long
+version for CI. Every process it starts is killed at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import report
+from bench.figures import KINDS, Settings, direct_applies
+from bench.procs import REPO, BenchError, Proc, ensure_tools, kill_all, log
+from bench.servers import (
+    HAPROXY_MAXCONN,
+    HAPROXY_MAXPIPES,
+    start_backends,
+    start_target,
+)
+
+FULL = Settings(duration=10, rtt_sizes=((64, 20000), (16384, 5000)), rtt_warmup=500,
+                idle_tunnels=9000)
+SMOKE = Settings(duration=2, rtt_sizes=((64, 500), (16384, 500)), rtt_warmup=50,
+                 idle_tunnels=200)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark splicelb against HAProxy.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long CI version: 1 run, 2 s tools, few messages/tunnels")
+    parser.add_argument("--runs", type=int,
+                        help="runs per balancer and figure (default 5, smoke 1)")
+    parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2 (default)")
+    parser.add_argument("--duration", type=int, help="seconds per iperf3/wrk run (10, smoke 2)")
+    parser.add_argument("--idle-tunnels", type=int, help="idle tunnels (9000, smoke 200)")
+    parser.add_argument("--only", default=",".join(KINDS),
+                        help=f"run kinds to measure (default all: {','.join(KINDS)})")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results",
+                        help="results directory (default bench/results)")
+    args = parser.parse_args(argv)
+    base = SMOKE if args.smoke else FULL
+    args.settings = Settings(
+        duration=args.duration or base.duration, rtt_sizes=base.rtt_sizes,
+        rtt_warmup=base.rtt_warmup, idle_tunnels=args.idle_tunnels or base.idle_tunnels)
+    args.runs = args.runs or (1 if args.smoke else 5)
+    args.workers = [int(w) for w in args.workers.split(",")]
+    args.only = [k for k in args.only.split(",") if k]
+    unknown = set(args.only) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown kinds: {', '.join(sorted(unknown))}")
+    return args
+
+
+def order(runs: int, with_direct: bool) -> list[str]:
+    """splicelb, haproxy, [direct once, after the first pair], splicelb, haproxy, ..."""
+    seq = []
+    for i in range(runs):
+        seq += ["splicelb", "haproxy"]
+        if i == 0 and with_direct:
+            seq.append("direct")
+    return seq
+
+
+def one_run(kind: str, target_name: str, workers: int, args: argparse.Namespace,
+            tools: dict[str, str], backends: Any, tmp: Path, run_id: str) -> dict[str, Any]:
+    measure = KINDS[kind][0]
+    record: dict[str, Any] = {"workers": workers, "kind": kind, "target": target_name,
+                              "run_id": run_id, "values": {}, "extra": {},
+                              "loadavg_before": os.getloadavg()[0]}
+    started = time.monotonic()
+    for attempt in range(2):
+        target = None
+        try:
+            target = start_target(target_name, tools, workers, backends, tmp,
+                                  f"{run_id}-{attempt}")
+            values, extra = measure(target, args.settings, tools)
+            if target.proc is not None:
+                target.proc.check_alive()  # it must have survived the run
+            record.update(values=values, extra=extra, error=None)
+            break
+        except BenchError as exc:
+            log(f"  {target_name} {kind} failed (attempt {attempt + 1}): {exc}")
+            record["error"] = str(exc)
+        finally:
+            if target is not None:
+                target.stop()
+    record["seconds"] = round(time.monotonic() - started, 2)
+    record["loadavg_after"] = os.getloadavg()[0]
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in record["values"].items())
+    log(f"  {target_name:8} W={workers} {kind:9} {shown or 'FAILED'}")
+    return record
+
+
+def machine_info(tools: dict[str, str]) -> dict[str, Any]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        return ((done.stdout or done.stderr).strip().splitlines() or ["?"])[0]
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    haproxy = first_line([tools["haproxy"], "-v"])
+    return {
+        "machine": {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+                    "python": platform.python_version(),
+                    "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]},
+        "versions": {
+            "haproxy": haproxy.split()[2] if haproxy.startswith("HAProxy") else haproxy,
+            "haproxy_full": haproxy,
+            "nginx": first_line([tools["nginx"], "-v"]),
+            "iperf3": first_line([tools["iperf3"], "--version"]),
+            "wrk": first_line([tools["wrk"], "-v"]),
+        },
+        "splicelb_commit": first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+    }
+
+
+def notes(args: argparse.Namespace) -> list[str]:
+    s = args.settings
+    return [
+        "Ratio = splicelb median / HAProxy median; for round trips and memory lower is better.",
+        "splicelb: `log_level = \"warning\"` (per-connection `conn` lines are info level, so "
+        "they were off), `admin_bind = \"\"`, no health checks; `mode = \"tcp\"` listeners for "
+        "iperf3 and wrk, `mode = \"http\"` for the WebSocket tunnel (it sniffs the upgrade).",
+        f"HAProxy: `mode tcp`, `option splice-auto`, `nbthread W`, no logging, "
+        f"`maxconn {HAPROXY_MAXCONN}`, `maxpipes {HAPROXY_MAXPIPES}` (its default, maxconn/4, "
+        "would need more descriptors than the 20,000 allowed per process).",
+        f"Bulk: `iperf3 -c -t {s.duration} -J`, one TCP stream, received Gbit/s. "
+        f"HTTP: `wrk -t2 -c32 -d{s.duration}s --latency` to nginx (1 worker, "
+        "`return 200 \"ok\\n\"`), new connections with `-H \"Connection: close\"`.",
+        "Round trips: one upgraded tunnel, blocking client, one masked binary frame at a time, "
+        "echoed byte for byte by a uvloop backend; " + ", ".join(
+            f"{n:,} x {size} B" for size, n in s.rtt_sizes) + f" after {s.rtt_warmup} untimed.",
+        f"Idle tunnels: {s.idle_tunnels:,} upgraded tunnels held by client processes of at "
+        f"most 3,000 each; (RSS of the balancer's process tree after - before) / "
+        f"{s.idle_tunnels:,}, measured 1 s after they are all open, after 20 warm-up tunnels. "
+        "Not 10,000: HAProxy (one process) and splicelb with 1 worker hold 2 descriptors per "
+        "tunnel, and 10,000 tunnels do not fit the 20,000 open files allowed per process. "
+        "No direct figure: there is no balancer to measure.",
+        "Every balancer is started fresh for each run and killed after it; the backends "
+        "(iperf3 -s, nginx, the echo backend) stay up for the whole benchmark. "
+        "Everything, clients included, shares the same cores.",
+    ]
+
+
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGHUP, on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="splicelb-bench-"))
+    Proc.default_logdir = tmp
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")
+    ok = False
+    try:
+        tools = ensure_tools()
+        meta = machine_info(tools)
+        echo_procs = max(2, -(-args.settings.idle_tunnels // 3000))
+        backends = start_backends(tools, tmp, echo_procs)
+        log(f"backends up: {backends.ports}; logs in {tmp}")
+        runs: list[dict[str, Any]] = []
+        for workers in args.workers:
+            for kind in args.only:
+                log(f"W={workers} {kind}")
+                for i, target in enumerate(order(args.runs, direct_applies(kind))):
+                    runs.append(one_run(kind, target, workers, args, tools, backends, tmp,
+                                        f"{workers}-{kind}-{i}"))
+                    time.sleep(0.5)
+        backends.stop()
+        result = {
+            "meta": {**meta, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "smoke": args.smoke, "runs": args.runs, "workers": args.workers,
+                     "settings": dataclasses.asdict(args.settings), "notes": notes(args)},
+            "summary": report.summarize(runs, args.workers),
+            "runs": runs,
+        }
+        paths = report.write(result, args.out, stamp, latest=not args.smoke)
+        print(report.markdown(result))
+        log(f"wrote {', '.join(str(p) for p in paths.values())}")
+        ok = all(r.get("error") is None for r in runs)
+        return 0 if ok else 1
+    except BenchError as exc:
+        log(f"failed: {exc}")
+        traceback.print_exc()
+        return 2
+    finally:
+        kill_all()
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log(f"process logs kept in {tmp}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Backends (iperf3, nginx, the WebSocket echo) and the balancers under test.
+
+Every target exposes three front ports: ``bulk`` (to ``iperf3 -s``), ``http``
+(to nginx) and ``ws`` (to the echo backend). The balancers get a config with
+all three listeners; "direct" is the backends' own ports (the physical limit).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import HOST, BenchError, Proc, free_port, log, wait_until
+
+START_TIMEOUT = 30.0
+HAPROXY_MAXCONN = 9500  # 2 x 9,500 sockets + 2 x MAXPIPES pipe ends fit in 20,000 descriptors
+HAPROXY_MAXPIPES = 256
+
+
+def listening_ports() -> set[int]:
+    """Ports with a TCP socket listening on 127.0.0.1 or any address (from /proc/net/tcp)."""
+    ports = set()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            address, _, port = local.partition(":")
+            if state == "0A" and address in ("0100007F", "00000000"):
+                ports.add(int(port, 16))
+    return ports
+
+
+def wait_listening(proc: Proc, ports: list[int], what: str) -> None:
+    def ready() -> bool:
+        proc.check_alive()
+        return set(ports) <= listening_ports()
+
+    wait_until(ready, START_TIMEOUT, what)
+
+
+@dataclass
+class Target:
+    """What a client talks to: a balancer's front ports, or the backends directly."""
+
+    name: str  # "direct", "splicelb", "haproxy"
+    ports: dict[str, int]
+    proc: Proc | None = None
+    workdir: Path | None = None
+
+    def rss(self) -> int:
+        """Resident memory of the balancer's whole process tree, in bytes."""
+        if self.proc is None:
+            return 0
+        total = 0
+        for p in self.proc.tree():
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a child that just ended
+                continue
+        return total
+
+    def pids(self) -> int:
+        return 0 if self.proc is None else len(self.proc.tree())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
+
+@dataclass
+class Backends:
+    ports: dict[str, int]
+    procs: list[Proc] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+
+
+def start_backends(tools: dict[str, str], tmp: Path, echo_procs: int) -> Backends:
+    backends = Backends(ports={})
+    try:
+        port = free_port()
+        iperf = Proc("iperf3-server", [tools["iperf3"], "-s", "-B", HOST, "-p", str(port),
+                                       "--forceflush"], tmp)
+        backends.procs.append(iperf)
+        wait_listening(iperf, [port], "iperf3 -s")
+        backends.ports["bulk"] = port
+
+        backends.ports["http"] = start_nginx(tools["nginx"], tmp, backends)
+
+        echo = Proc("echo-backend", [sys.executable, str(Path(__file__).with_name(
+            "echo_server.py")), "--procs", str(echo_procs)], tmp, stdout=subprocess.PIPE)
+        backends.procs.append(echo)
+        assert echo.popen.stdout is not None
+        line = echo.popen.stdout.readline().decode()  # "listening PORT", or EOF if it failed
+        echo.check_alive()
+        if not line.startswith("listening "):
+            raise BenchError(f"echo backend said {line!r}")
+        backends.ports["ws"] = int(line.split()[1])
+        wait_listening(echo, [backends.ports["ws"]], "the echo backend")
+    except BaseException:
+        backends.stop()
+        raise
+    return backends
+
+
+def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
+    """nginx, one worker, as root, everything under ``tmp/nginx``: ``return 200 "ok\\n"``."""
+    prefix = tmp / "nginx"
+    prefix.mkdir(exist_ok=True)
+    port = free_port()
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = prefix / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        worker_processes 1;
+        daemon off;
+        master_process on;
+        user root;
+        pid {prefix}/nginx.pid;
+        error_log {prefix}/error.log warn;
+        events {{ worker_connections 16384; }}
+        http {{
+            access_log off;
+            keepalive_requests 100000000;
+            keepalive_timeout 3600s;
+        {temp_paths}
+            server {{
+                listen {HOST}:{port} backlog=4096;
+                location / {{ return 200 "ok\\n"; }}
+            }}
+        }}
+        """))
+    proc = Proc("nginx", [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e",
+                          f"{prefix}/error.log"], tmp)
+    backends.procs.append(proc)
+    wait_listening(proc, [port], "nginx")
+    return port
+
+
+def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
+    workdir = tmp / f"splicelb-{run_id}"
+    workdir.mkdir()
+    runtime = workdir / "run"
+    ports = {name: free_port() for name in ("bulk", "http", "ws")}
+    parts = [textwrap.dedent(f"""\
+        [global]
+        workers = {workers}
+        runtime_dir = "{runtime}"
+        admin_bind = ""
+        log_level = "warning"
+        maxconn = 20000
+        drain_timeout = 1
+        """)]
+    for name, mode in (("bulk", "tcp"), ("http", "tcp"), ("ws", "http")):
+        parts.append(textwrap.dedent(f"""
+            [[listeners]]
+            name = "{name}"
+            bind = "{HOST}:{ports[name]}"
+            mode = "{mode}"
+            default_backend = "{name}"
+
+            [[backends]]
+            name = "{name}"
+
+              [[backends.servers]]
+              name = "{name}1"
+              address = "{HOST}:{backends.ports[name]}"
+            """))
+    config = workdir / "splicelb.toml"
+    config.write_text("".join(parts))
+    proc = Proc("splicelb", [sys.executable, "-m", "lb", "run", "-c", str(config)], workdir)
+    target = Target("splicelb", ports, proc, workdir)
+    try:
+        wait_listening(proc, list(ports.values()), "splicelb's listeners")
+        wait_until(lambda: _workers_running(proc, runtime) == workers, START_TIMEOUT,
+                   f"splicelb status to show {workers} running workers")
+    except BaseException:
+        target.stop()
+        raise
+    return target
+
+
+def _workers_running(proc: Proc, runtime: Path) -> int:
+    proc.check_alive()
+    result = subprocess.run(
+        [sys.executable, "-m", "lb", "status", "--runtime-dir", str(runtime), "--json"],
+        capture_output=True, text=True, timeout=20, check=False,
+    )
+    if result.returncode != 0:
+        return 0
+    status = json.loads(result.stdout)
+    return sum(1 for w in status["workers"] if w.get("state") == "running")
+
+
+def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path,
+                  run_id: str) -> Target:
+    workdir = tmp / f"haproxy-{run_id}"
+    workdir.mkdir()
+    ports = {name: free_port() for name in ("bulk", "http", "ws")}
+    cfg = textwrap.dedent(f"""\
+        global
+            nbthread {workers}
+            maxconn {HAPROXY_MAXCONN}
+            maxpipes {HAPROXY_MAXPIPES}
+
+        defaults
+            mode tcp
+            option splice-auto
+            maxconn {HAPROXY_MAXCONN}
+            timeout connect 5s
+            timeout client 1h
+            timeout server 1h
+        """)
+    for name, port in ports.items():
+        cfg += textwrap.dedent(f"""
+            listen {name}
+                bind {HOST}:{port}
+                server {name}1 {HOST}:{backends.ports[name]}
+            """)
+    path = workdir / "haproxy.cfg"
+    path.write_text(cfg)
+    proc = Proc("haproxy", [haproxy, "-db", "-f", str(path)], workdir)
+    target = Target("haproxy", ports, proc, workdir)
+    try:
+        wait_listening(proc, list(ports.values()), "haproxy's listeners")
+    except BaseException:
+        target.stop()
+        raise
+    return target
+
+
+def start_target(name: str, tools: dict[str, str], workers: int, backends: Backends,
+                 tmp: Path, run_id: str) -> Target:
+    if name == "direct":
+        return Target("direct", dict(backends.ports))
+    log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
+    if name == "splicelb":
+        return start_splicelb(workers, backends, tmp, run_id)
+    return start_haproxy(tools["haproxy"], workers, backends, tmp, run_id)

@@ -1,0 +1,69 @@
+"""CI smoke run of the HAProxy benchmark (bench/run.py --smoke): it runs end to end.
+
+It installs what it needs (haproxy, iperf3, wrk, nginx, matplotlib) if missing,
+measures every figure once through splicelb, HAProxy and directly, with short
+durations, and writes its JSON, Markdown and PNG. Nothing here asserts a timing
+or a ratio: a shared two-core CI machine says nothing about performance; this
+only proves the benchmark still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = ("haproxy", "iperf3", "wrk", "nginx")
+SBIN = os.pathsep.join(("/usr/sbin", "/sbin", os.environ.get("PATH", "")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_bench_smoke(tmp_path: Path) -> None:
+    missing = [t for t in TOOLS if shutil.which(t, path=SBIN) is None]
+    if missing and os.geteuid() != 0:
+        pytest.skip(f"{', '.join(missing)} missing and not root to install them")
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--workers", "1", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=360,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    written = sorted(out.iterdir())
+    names = {p.suffix for p in written}
+    assert names == {".json", ".md", ".png"}, written
+    assert not (out / "latest.json").exists()  # a smoke run never replaces the real results
+    result = json.loads(next(p for p in written if p.suffix == ".json").read_text())
+
+    meta = result["meta"]
+    assert meta["smoke"] is True
+    assert meta["machine"]["nproc"] >= 1
+    assert meta["versions"]["haproxy"].startswith("2.")
+    figures = result["summary"]["1"]
+    assert len(figures) == 8
+    for key, fig in figures.items():
+        targets = ["splicelb", "haproxy"] + (["direct"] if fig["direct_applicable"] else [])
+        for target in targets:
+            values = fig["values"][target]
+            assert len(values) == 1, (key, target, values)
+            assert values[0] > 0, (key, target, values)
+            assert fig["medians"][target] > 0, (key, target)
+        assert isinstance(fig["ratio"], float), key
+        assert fig["ratio"] > 0, key
+        assert fig["met"] in (True, False), key
+    assert all(run["error"] is None for run in result["runs"])
+
+    table = next(p for p in written if p.suffix == ".md").read_text()
+    assert "| figure | direct | HAProxy | splicelb |" in table
+    assert table in done.stdout  # the table is printed at the end
