@@ -73,6 +73,10 @@ class _Clock:
         return event_dict
 
 
+MAX_LINE = 4000  # under PIPE_BUF (4096) with the newline: one write stays whole on a pipe
+FIELD_CUT = 300  # what is left of a long field when a line must shrink
+
+
 def _render_json(_logger: Any, name: str, event_dict: EventDict) -> bytes:
     line = {
         "timestamp": event_dict.pop("timestamp"),
@@ -80,7 +84,16 @@ def _render_json(_logger: Any, name: str, event_dict: EventDict) -> bytes:
         "event": event_dict.pop("event"),
     }
     line.update(event_dict)
-    return orjson.dumps(line, default=str)
+    out = orjson.dumps(line, default=str)
+    if len(out) <= MAX_LINE:
+        return out
+    # Too long to stay atomic: cut the long fields rather than split the line.
+    for key, value in line.items():
+        text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+        if len(text) > FIELD_CUT:
+            line[key] = text[:FIELD_CUT] + "..."
+    line["truncated"] = True
+    return orjson.dumps(line, default=str)[:MAX_LINE]
 
 
 def configure(
