@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: {exc}")
         traceback.print_exc()
         return 2
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
     finally:
         kill_all()
         if ok:

@@ -118,8 +118,9 @@ def _boot(
         return Admin(config.global_.runtime_dir, sockets["admin"][0], logger).run
     g = config.global_
     share = g.maxconn // g.workers + (1 if slot < g.maxconn % g.workers else 0)
+    log_conn = lblog.conn_logger(logger, kind, generation.number, level=log.level, fmt=log.fmt)
     return Worker(
-        config, slot, generation.number, sockets, generation.pool, max(1, share), logger
+        config, slot, generation.number, sockets, generation.pool, max(1, share), logger, log_conn
     ).run
 
 

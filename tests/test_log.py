@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from lb.log import MAX_LINE, configure
+from lb.log import MAX_LINE, ConnLog, configure
 
 
 def read_lines(fd: int) -> list[str]:
@@ -46,5 +46,30 @@ def test_a_huge_line_is_shortened_to_stay_atomic_on_a_pipe() -> None:
     record = json.loads(line)
     assert record["truncated"] is True and record["outcome"] == "rejected"
     assert record["problems"].startswith('["backends[0]')
+    os.close(r)
+    os.close(w)
+
+
+def test_the_fast_conn_line_matches_the_structlog_line() -> None:
+    r, w = os.pipe()
+    fields = {
+        "client": "127.0.0.1:5",
+        "listener": "public",
+        "backend": "app",
+        "server": "a1",
+        "websocket": True,
+        "status": None,
+        "bytes_in": 100,
+        "bytes_out": 200,
+        "duration_ms": 1.5,
+        "reason": "client closed",
+    }
+    configure("worker", 2, fd=w).info("conn", **fields)
+    ConnLog("worker", 2, w)(**fields)  # type: ignore[arg-type]
+    slow, fast = (json.loads(line) for line in read_lines(r))
+    assert list(slow) == list(fast)
+    assert {k: v for k, v in slow.items() if k != "timestamp"} == {
+        k: v for k, v in fast.items() if k != "timestamp"
+    }
     os.close(r)
     os.close(w)

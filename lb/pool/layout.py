@@ -26,7 +26,6 @@ and ``cast("d")`` views, so a single counter update is one index store.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Final
 
 MAGIC: Final = 0x3130424C43494C50  # b"PLICLB01" little-endian, a sanity check
@@ -80,42 +79,38 @@ HIST_WORDS: Final = len(LATENCY_BUCKETS) + 2
 _TEXT = struct.Struct(f"{TEXT_BYTES}s")
 
 
-@dataclass(frozen=True, slots=True)
 class Geometry:
-    """Where each part of a pool file lies, in 8-byte words from the start."""
+    """Where each part of a pool file lies, in 8-byte words from the start.
 
-    nservers: int
-    nslots: int
-    names_len: int
-    nlisteners: int = 0
+    Offsets are computed once: readers on the hot path index with them.
+    """
 
-    @property
-    def names_off(self) -> int:
-        return HEADER_WORDS
+    __slots__ = (
+        "admin_off",
+        "health_off",
+        "hist_off",
+        "names_len",
+        "names_off",
+        "nlisteners",
+        "nservers",
+        "nslots",
+        "slot_words",
+        "slots_off",
+        "total_words",
+    )
 
-    @property
-    def health_off(self) -> int:
-        return self.names_off + (self.names_len + 7) // 8
-
-    @property
-    def admin_off(self) -> int:
-        return self.health_off + self.nservers * RECORD_WORDS
-
-    @property
-    def hist_off(self) -> int:
-        return self.admin_off + self.nservers
-
-    @property
-    def slots_off(self) -> int:
-        return self.hist_off + self.nservers * HIST_WORDS
-
-    @property
-    def slot_words(self) -> int:
-        return SLOT_HEADER_WORDS + self.nservers * COUNTER_WORDS + self.nlisteners * LISTENER_WORDS
-
-    @property
-    def total_words(self) -> int:
-        return self.slots_off + self.nslots * self.slot_words
+    def __init__(self, nservers: int, nslots: int, names_len: int, nlisteners: int = 0) -> None:
+        self.nservers = nservers
+        self.nslots = nslots
+        self.names_len = names_len
+        self.nlisteners = nlisteners
+        self.names_off = HEADER_WORDS
+        self.health_off = self.names_off + (names_len + 7) // 8
+        self.admin_off = self.health_off + nservers * RECORD_WORDS
+        self.hist_off = self.admin_off + nservers
+        self.slots_off = self.hist_off + nservers * HIST_WORDS
+        self.slot_words = SLOT_HEADER_WORDS + nservers * COUNTER_WORDS + nlisteners * LISTENER_WORDS
+        self.total_words = self.slots_off + nslots * self.slot_words
 
     def record(self, server: int) -> int:
         return self.health_off + server * RECORD_WORDS
@@ -124,7 +119,7 @@ class Geometry:
         return self.slots_off + slot * self.slot_words
 
     def counter(self, slot: int, server: int) -> int:
-        return self.slot(slot) + SLOT_HEADER_WORDS + server * COUNTER_WORDS
+        return self.slots_off + slot * self.slot_words + SLOT_HEADER_WORDS + server * COUNTER_WORDS
 
     def listener_counter(self, slot: int, listener: int) -> int:
         return self.counter(slot, self.nservers) + listener * LISTENER_WORDS

@@ -24,10 +24,17 @@ from lb.pool.shm import Pool
 SUSPECT_HOLD_UNCHECKED = 5.0  # seconds a suspect mark holds where no prober checks
 
 
+Usable = Callable[[int], bool] | None  # None: every eligible server is usable
+
+
 class Balancer(Protocol):
     def rebuild(self, eligible: Sequence[int]) -> None: ...
 
-    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None: ...
+    def pick(self, client: str, usable: Usable) -> int | None: ...
+
+
+def _all(_server: int) -> bool:
+    return True
 
 
 def smooth_sequence(servers: Sequence[int], weights: dict[int, int]) -> list[int]:
@@ -55,9 +62,14 @@ class RoundRobin:
     def rebuild(self, eligible: Sequence[int]) -> None:
         self._order = smooth_sequence(eligible, self._weights)
 
-    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+    def pick(self, client: str, usable: Usable) -> int | None:
         order = self._order
         n = len(order)
+        if usable is None:  # the common case: no retry, no server with a cap
+            if not n:
+                return None
+            self._next += 1
+            return order[(self._next - 1) % n]
         for _ in range(n):
             server = order[self._next % n]
             self._next += 1
@@ -78,7 +90,8 @@ class LeastConn:
     def rebuild(self, eligible: Sequence[int]) -> None:
         self._eligible = list(eligible)
 
-    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+    def pick(self, client: str, usable: Usable) -> int | None:
+        usable = usable or _all
         candidates = [s for s in self._eligible if usable(s)]
         if not candidates:
             return None
@@ -106,7 +119,8 @@ class Random2:
             total += self._weights[s]
             self._cum.append(total)
 
-    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+    def pick(self, client: str, usable: Usable) -> int | None:
+        usable = usable or _all
         candidates = [s for s in self._eligible if usable(s)]
         if len(candidates) < 2:
             return candidates[0] if candidates else None
@@ -131,7 +145,8 @@ class Source:
     def rebuild(self, eligible: Sequence[int]) -> None:
         self._eligible = list(eligible)
 
-    def pick(self, client: str, usable: Callable[[int], bool]) -> int | None:
+    def pick(self, client: str, usable: Usable) -> int | None:
+        usable = usable or _all
         host = client.rpartition(":")[0].encode()
         best, best_score = None, -1
         for s in self._eligible:
@@ -150,8 +165,10 @@ class BackendPicker:
         "_balancer",
         "_key",
         "_pool",
+        "_q",
         "_servers",
         "_suspect_hold",
+        "_suspect_words",
         "_valid_until",
         "maxconn",
     )
@@ -171,10 +188,13 @@ class BackendPicker:
         self._suspect_hold = suspect_hold
         self._key: tuple[int, int, int] = (-1, -1, -1)
         self._valid_until = 0.0
+        self._q = pool.q
+        geo = pool.geometry
+        self._suspect_words = [geo.slot(s) + L.S_SUSPECT_VERSION for s in range(geo.nslots)]
 
     def _versions(self) -> tuple[int, int, int]:
-        q, geo = self._pool.q, self._pool.geometry
-        suspects = sum(q[geo.slot(s) + L.S_SUSPECT_VERSION] for s in range(geo.nslots))
+        q = self._q
+        suspects = sum(map(q.__getitem__, self._suspect_words))
         return q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects
 
     def refresh(self, now: float) -> None:
@@ -202,6 +222,8 @@ class BackendPicker:
         """A server for a new connection, or None (the caller answers 503)."""
         self.refresh(time.monotonic())
         maxconn, pool = self.maxconn, self._pool
+        if not tried and not maxconn:
+            return self._balancer.pick(client, None)
 
         def usable(server: int) -> bool:
             if server in tried:

@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-Everything runs as callbacks on raw file descriptors (``add_reader`` /
-``add_writer`` / ``call_later``); there is no Task or coroutine per
-connection.  A connection goes through at most four steps:
+Everything runs as callbacks on raw file descriptors (the worker's
+:class:`~lb.worker.poller.Poller`, and ``call_later`` for the head and
+connect timeouts); there is no Task or coroutine per connection.  A
+connection goes through at most four steps:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim;
@@ -23,10 +24,11 @@ client reads the answer instead of a reset.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
-import time
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from lb.proto.http1 import Head, HeadSniffer, Reject
@@ -35,11 +37,13 @@ from lb.worker.splice import Tunnel, shutdown_write
 if TYPE_CHECKING:
     import asyncio
 
+    from lb.worker.poller import Poller
     from lb.worker.process import BackendRuntime, ListenerRuntime, Worker
 
 READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
 LINGER_BYTES = 256 * 1024  # ... or until it sent this much more
+SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 _PHRASES = {
     400: "Bad Request",
@@ -72,6 +76,7 @@ class Connection:
         "listener",
         "loop",
         "pending",
+        "poller",
         "reading",
         "server",
         "sniffer",
@@ -87,10 +92,11 @@ class Connection:
     def __init__(self, worker: Worker, listener: ListenerRuntime, fd: int, client: str) -> None:
         self.worker = worker
         self.loop: asyncio.AbstractEventLoop = worker.loop
+        self.poller: Poller = worker.poller
         self.listener = listener
         self.fd = fd
         self.client = client
-        self.started = time.monotonic()
+        self.started = monotonic()
         self.sniffer: HeadSniffer | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.reading = False
@@ -98,7 +104,7 @@ class Connection:
         self.backend: BackendRuntime | None = None
         self.server = -1
         self.tried: list[int] = []
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.tunnel: Tunnel | None = None
         self.bytes_in = 0
         self.pending = b""
@@ -118,7 +124,7 @@ class Connection:
             data = os.read(self.fd, READ_SIZE)
         except BlockingIOError:
             if not self.reading:
-                self.loop.add_reader(self.fd, self._read_head)
+                self.poller.add_reader(self.fd, self._read_head)
                 self.reading = True
             return
         except OSError as exc:
@@ -131,7 +137,7 @@ class Connection:
         event = self.sniffer.feed(data)
         if not isinstance(event, (Head, Reject)):  # NEED_DATA
             if not self.reading:
-                self.loop.add_reader(self.fd, self._read_head)
+                self.poller.add_reader(self.fd, self._read_head)
                 self.reading = True
             return
         self._stop_reading()
@@ -168,33 +174,32 @@ class Connection:
         self.server = server
         self.tried.append(server)
         family, sockaddr = backend.addresses[server]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = _socket.socket(family, SOCK_TYPE)  # non-blocking from birth: no extra call
         self.worker.sockopts(sock)
         self.sock = sock
         err = sock.connect_ex(sockaddr)
         if err == 0:
             self._connected()
         elif err == errno.EINPROGRESS:
-            self.loop.add_writer(sock.fileno(), self._connect_done)
+            self.poller.add_writer(sock.fileno(), self._connect_done)
             self.timer = self.loop.call_later(backend.connect_timeout, self._connect_timeout)
         else:
             self._connect_failed(os.strerror(err))
 
     def _connect_done(self) -> None:
         assert self.sock is not None
-        self.loop.remove_writer(self.sock.fileno())
         self._cancel_timer()
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self.poller.remove_writer(self.sock.fileno())
             self._connect_failed(os.strerror(err))
         else:
-            self._connected()
+            self._connected()  # still watched for write: the tunnel turns that into read
 
     def _connect_timeout(self) -> None:
         self.timer = None
         assert self.sock is not None and self.backend is not None
-        self.loop.remove_writer(self.sock.fileno())
+        self.poller.remove_writer(self.sock.fileno())
         self._connect_failed(f"connect timeout after {self.backend.connect_timeout:g} s")
 
     def _connect_failed(self, why: str) -> None:
@@ -231,14 +236,12 @@ class Connection:
         self.pending = self.pending[sent:]
         if self.pending:
             if self.timer is None:
-                self.loop.add_writer(sock.fileno(), self._send_pending)
+                self.poller.add_writer(sock.fileno(), self._send_pending)
                 self.timer = self.loop.call_later(
                     self.backend.connect_timeout, self._abort_connect, "server took no request"
                 )
             return
-        if self.timer is not None:
-            self._cancel_timer()
-            self.loop.remove_writer(sock.fileno())
+        self._cancel_timer()
         server_fd = sock.detach()
         self.sock = None
         self.tunnel = self.worker.open_tunnel(self, server_fd)
@@ -246,12 +249,13 @@ class Connection:
     def _abort_connect(self, reason: str) -> None:
         assert self.sock is not None
         self._cancel_timer()
-        self.loop.remove_writer(self.sock.fileno())
+        self.poller.remove_writer(self.sock.fileno())
         self.sock.close()
         self.sock = None
         self.answer(503, reason)
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
+        """The one call a tunnel makes, when it closes."""
         self.bytes_in += tunnel.up.nbytes
         self.worker.finish(self, None, reason, tunnel.down.nbytes)
 
@@ -267,7 +271,7 @@ class Connection:
             sent = os.write(self.fd, data)
         except OSError:
             sent = 0
-        Linger(self.loop, self.fd)
+        Linger(self.loop, self.poller, self.fd)
         self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
         self.worker.finish(self, status, reason, sent)
 
@@ -275,7 +279,7 @@ class Connection:
         self._stop_reading()
         self._cancel_timer()
         self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
-        os.close(self.fd)
+        self.poller.close(self.fd)
         self.worker.finish(self, status, reason, 0)
 
     def abort(self, reason: str) -> None:
@@ -284,14 +288,14 @@ class Connection:
             self.tunnel.close(reason)
             return
         if self.sock is not None:
-            self.loop.remove_writer(self.sock.fileno())
+            self.poller.remove_writer(self.sock.fileno())
             self.sock.close()
             self.sock = None
         self._drop(reason)
 
     def _stop_reading(self) -> None:
         if self.reading:
-            self.loop.remove_reader(self.fd)
+            self.poller.remove_reader(self.fd)
             self.reading = False
 
     def _cancel_timer(self) -> None:
@@ -309,14 +313,14 @@ class Linger:
     file, after ``LINGER_BYTES`` or after ``LINGER_TIMEOUT``.
     """
 
-    __slots__ = ("fd", "left", "loop", "timer")
+    __slots__ = ("fd", "left", "poller", "timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller, fd: int) -> None:
+        self.poller = poller
         self.fd = fd
         self.left = LINGER_BYTES
         shutdown_write(fd)
-        loop.add_reader(fd, self._drain)
+        poller.add_reader(fd, self._drain)
         self.timer = loop.call_later(LINGER_TIMEOUT, self._close)
 
     def _drain(self) -> None:
@@ -332,5 +336,4 @@ class Linger:
             self._close()
 
     def _close(self) -> None:
-        self.loop.remove_reader(self.fd)
-        os.close(self.fd)
+        self.poller.close(self.fd)

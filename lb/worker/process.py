@@ -11,8 +11,10 @@ beating.  SIGTERM: stop accepting and let connections finish for up to
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
+import functools
 import os
 import signal
 import socket
@@ -36,11 +38,13 @@ from lb.pool.select import (
 from lb.pool.shm import Pool
 from lb.route import Router
 from lb.worker.conn import Connection
+from lb.worker.poller import Poller
 from lb.worker.splice import PipePool, Tunnel
 
 ACCEPT_BATCH = 64  # connections accepted per readable event, for fairness between listeners
 ACCEPT_BACKOFF = 0.1  # seconds accepting pauses when out of file descriptors
 HEARTBEAT_INTERVAL = 1.0
+SWEEP_MAX = 1.0  # longest pause between two sweeps for idle tunnels
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 # Exit codes of a worker, read by the supervisor.
@@ -70,7 +74,7 @@ class BackendRuntime:
     names: dict[int, str]
 
 
-def set_keepalive(sock: socket.socket) -> None:
+def set_keepalive(sock: _socket.socket) -> None:
     """TCP keepalive and no Nagle; accepted sockets inherit both from the listener."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -107,6 +111,7 @@ class Worker:
         pool: Pool,
         maxconn: int,
         log: Any,
+        log_conn: Any = None,
     ) -> None:
         self.config = config
         self.slot = slot
@@ -115,9 +120,15 @@ class Worker:
         self.maxconn = maxconn
         self.log = log
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        self.poller = Poller(self.loop)
         self.pipes = PipePool()
         self.q = pool.q
-        self.slot_base = pool.geometry.slot(slot)
+        geo = pool.geometry
+        self.slot_base = geo.slot(slot)
+        # This slot's counter blocks, by server and by listener index (computed once).
+        self.server_counters = [geo.counter(slot, s) for s in range(geo.nservers)]
+        self.listener_counters = [geo.listener_counter(slot, i) for i in range(geo.nlisteners)]
+        self.log_conn = log_conn
         self.connections: set[Connection] = set()
         self.active = 0
         self.accepting = False
@@ -174,14 +185,15 @@ class Worker:
         q, base = self.q, self.slot_base
         q[base + L.S_PID], q[base + L.S_GENERATION] = os.getpid(), self.generation
         q[base + L.S_CONNECTIONS] = 0
-        geo = self.pool.geometry
-        for server in range(geo.nservers):  # a predecessor killed in this slot left its own
-            q[geo.counter(self.slot, server) + L.C_ACTIVE] = 0
-        for listener in range(geo.nlisteners):
-            q[geo.listener_counter(self.slot, listener) + L.C_ACTIVE] = 0
+        for counter in self.server_counters + self.listener_counters:
+            q[counter + L.C_ACTIVE] = 0  # a predecessor killed in this slot left its own
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         self._beat()
+        self._sweep_every = min(
+            SWEEP_MAX, min(lc.tunnel_timeout for lc in self.config.listeners) / 10
+        )
+        loop.call_later(self._sweep_every, self._sweep)
         self._resume()
         q[base + L.S_STATE] = L.SLOT_RUNNING  # the supervisor now counts us as accepting
         self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn)
@@ -190,6 +202,7 @@ class Worker:
         finally:
             self.pipes.close()
             q[base + L.S_STATE] = L.SLOT_EMPTY
+            self.poller.shutdown(loop)
             loop.close()
         self.log.info("worker_stopped", slot=self.slot)
         return WORKER_OK
@@ -197,6 +210,15 @@ class Worker:
     def _beat(self) -> None:
         self.pool.d[self.slot_base + L.S_BEAT] = time.monotonic()
         self.loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    def _sweep(self) -> None:
+        """Close tunnels idle for their listener's tunnel_timeout (a tunnel holds no timer)."""
+        now = time.monotonic()
+        for conn in [c for c in self.connections if c.tunnel is not None]:
+            tunnel = conn.tunnel
+            if tunnel is not None and now - tunnel.active_at >= conn.listener.tunnel_timeout:
+                tunnel.close("tunnel idle timeout")
+        self.loop.call_later(self._sweep_every, self._sweep)
 
     def drain(self) -> None:
         """Stop accepting; leave when the last connection ends or at drain_timeout."""
@@ -230,15 +252,16 @@ class Worker:
         for listener in self.listeners:
             for sock in listener.socks:
                 accept = sock._accept  # type: ignore[attr-defined]
-                self.loop.add_reader(sock.fileno(), self._accept, accept, listener)
+                callback = functools.partial(self._accept, accept, listener)
+                self.poller.add_reader(sock.fileno(), callback)
 
     def _pause(self) -> None:
         if not self.accepting:
             return
         self.accepting = False
         for listener in self.listeners:
-            for sock in listener.socks:
-                self.loop.remove_reader(sock.fileno())
+            for sock in listener.socks:  # shared with the supervisor: unregister, never close
+                self.poller.remove_reader(sock.fileno())
 
     def _accept(self, accept: Any, listener: ListenerRuntime) -> None:
         # socket._accept returns (fd, addr) without building a socket object.
@@ -262,7 +285,7 @@ class Worker:
             q, base = self.q, self.slot_base
             q[base + L.S_CONNECTIONS] = self.active
             q[base + L.S_ACCEPTED] += 1
-            lcounter = self.pool.geometry.listener_counter(self.slot, listener.index)
+            lcounter = self.listener_counters[listener.index]
             q[lcounter + L.C_ACTIVE] += 1
             q[lcounter + L.C_TOTAL] += 1
             conn = Connection(self, listener, fd, format_peer(addr))
@@ -271,35 +294,29 @@ class Worker:
 
     # -- called by connections -------------------------------------------------
 
-    def sockopts(self, sock: socket.socket) -> None:
+    def sockopts(self, sock: _socket.socket) -> None:
         set_keepalive(sock)
 
     def open_tunnel(self, conn: Connection, server_fd: int) -> Tunnel:
-        geo = self.pool.geometry
-        counter = geo.counter(self.slot, conn.server)
-        lcounter = geo.listener_counter(self.slot, conn.listener.index)
+        counter = self.server_counters[conn.server]
+        lcounter = self.listener_counters[conn.listener.index]
         q = self.q
         q[counter + L.C_ACTIVE] += 1
         q[counter + L.C_TOTAL] += 1
         q[counter + L.C_BYTES_IN] += conn.bytes_in  # the head, forwarded by send()
         q[lcounter + L.C_BYTES_IN] += conn.bytes_in
-        tunnel = Tunnel(
-            self.loop,
-            self.pipes,
-            q,
-            conn.fd,
+        tunnel = conn.tunnel = Tunnel(
+            conn,
             server_fd,
             (counter + L.C_BYTES_IN, lcounter + L.C_BYTES_IN),
             (counter + L.C_BYTES_OUT, lcounter + L.C_BYTES_OUT),
-            conn.listener.tunnel_timeout,
-            conn.tunnel_closed,
         )
-        tunnel.start()
+        tunnel.start(speculate=conn.listener.mode == "tcp")
         return tunnel
 
     def connect_failed(self, conn: Connection, why: str) -> None:
         """Passive health: mark the server suspect so every worker avoids it."""
-        counter = self.pool.geometry.counter(self.slot, conn.server)
+        counter = self.server_counters[conn.server]
         self.pool.d[counter + L.C_SUSPECT_AT] = time.monotonic()
         self.q[counter + L.C_FAILED] += 1
         self.q[self.slot_base + L.S_SUSPECT_VERSION] += 1
@@ -315,31 +332,32 @@ class Worker:
         """The one end of every connection: counters and its log line."""
         self.connections.discard(conn)
         self.active -= 1
-        q, base, geo = self.q, self.slot_base, self.pool.geometry
+        q, base = self.q, self.slot_base
         q[base + L.S_CONNECTIONS] = self.active
-        lcounter = geo.listener_counter(self.slot, conn.listener.index)
+        lcounter = self.listener_counters[conn.listener.index]
         q[lcounter + L.C_ACTIVE] -= 1
         if conn.tunnel is not None:
-            q[geo.counter(self.slot, conn.server) + L.C_ACTIVE] -= 1
+            q[self.server_counters[conn.server] + L.C_ACTIVE] -= 1
         else:  # answered or dropped: its few bytes were never spliced
             q[lcounter + L.C_BYTES_IN] += conn.bytes_in
             q[lcounter + L.C_BYTES_OUT] += bytes_out
         if status is not None:
             q[base + L.S_ANSWERS + _ANSWER_INDEX.get(status, 7)] += 1
         backend = conn.backend
-        self.log.info(
-            "conn",
-            client=conn.client,
-            listener=conn.listener.name,
-            backend=backend.name if backend else None,
-            server=backend.names[conn.server] if backend and conn.tunnel else None,
-            websocket=conn.websocket,
-            status=status,
-            bytes_in=conn.bytes_in,
-            bytes_out=bytes_out,
-            duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
-            reason=reason,
-        )
+        log_conn = self.log_conn
+        if log_conn is not None:  # None when info lines are filtered out: nothing is built
+            log_conn(
+                client=conn.client,
+                listener=conn.listener.name,
+                backend=backend.name if backend else None,
+                server=backend.names[conn.server] if backend and conn.tunnel else None,
+                websocket=conn.websocket,
+                status=status,
+                bytes_in=conn.bytes_in,
+                bytes_out=bytes_out,
+                duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
+                reason=reason,
+            )
         if self.draining:
             if self.active == 0:
                 self.loop.stop()

@@ -16,23 +16,24 @@ its pipe is empty; end of file on a source is seen only with an empty pipe,
 so it becomes ``shutdown(SHUT_WR)`` on the destination at once (half-close
 is honoured in each direction independently).  The tunnel closes when both
 flows have ended, on any error, or after ``tunnel_timeout`` without a byte
-either way.  Readers and writers are removed before a descriptor is closed
-(libuv's rule; uvloop otherwise fails on a reused fd number).
+either way (the worker sweeps its tunnels for that; a tunnel holds no timer).
+Its sockets are closed through the worker's :class:`~lb.worker.poller.Poller`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import socket
-import time
-from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import asyncio
+    from lb.worker.conn import Connection
+    from lb.worker.poller import Poller
 
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a 1 MiB pipe roughly doubles bulk throughput over 64 KiB
 F_SETPIPE_SZ = 1031
@@ -43,18 +44,19 @@ Pipe = tuple[int, int]
 
 
 class PipePool:
-    """Empty pipes for reuse; created and sized once, not per connection."""
+    """Empty pipes for reuse; created and sized once, not per connection.
 
-    __slots__ = ("_free", "keep", "size")
+    Flows use ``free`` directly (a list pop and append on the hot path).
+    """
+
+    __slots__ = ("free", "keep", "size")
 
     def __init__(self, size: int = PIPE_SIZE, keep: int = KEEP_PIPES) -> None:
-        self._free: list[Pipe] = []
+        self.free: list[Pipe] = []
         self.size = size
         self.keep = keep
 
-    def take(self) -> Pipe:
-        if self._free:
-            return self._free.pop()
+    def new(self) -> Pipe:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # EPERM past the per-user pipe budget: the default size still works.
         with contextlib.suppress(OSError):
@@ -63,15 +65,15 @@ class PipePool:
 
     def give(self, pipe: Pipe) -> None:
         """Return an empty pipe."""
-        if len(self._free) < self.keep:
-            self._free.append(pipe)
+        if len(self.free) < self.keep:
+            self.free.append(pipe)
         else:
             discard(pipe)
 
     def close(self) -> None:
-        for pipe in self._free:
+        for pipe in self.free:
             discard(pipe)
-        self._free.clear()
+        self.free.clear()
 
 
 def discard(pipe: Pipe) -> None:
@@ -79,15 +81,19 @@ def discard(pipe: Pipe) -> None:
     os.close(pipe[1])
 
 
+_libc_shutdown = ctypes.CDLL(None, use_errno=True).shutdown
+_libc_shutdown.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc_shutdown.restype = ctypes.c_int
+
+
 def shutdown_write(fd: int) -> None:
-    """``shutdown(fd, SHUT_WR)`` on a raw descriptor."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the peer is gone; the other flow will notice
-    finally:
-        sock.detach()
+    """``shutdown(fd, SHUT_WR)`` on a raw descriptor.
+
+    Called through libc: wrapping the descriptor in a socket object would cost
+    a ``getsockname`` on every tunnel's end.  A failure means the peer is gone
+    already; the other flow notices.
+    """
+    _libc_shutdown(fd, socket.SHUT_WR)
 
 
 class Flow:
@@ -128,25 +134,27 @@ class Flow:
 
     def on_readable(self) -> None:
         tunnel = self.tunnel
-        pipe = tunnel.pipes.take()  # we read only with an empty pipe: self.pipe is None
+        pipes = tunnel.pipes
+        free = pipes.free
+        pipe = free.pop() if free else pipes.new()  # we read only with an empty pipe
         try:
             n = os.splice(self.src, pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
         except BlockingIOError:
-            tunnel.pipes.give(pipe)
+            free.append(pipe)
             return
         except OSError as exc:
-            tunnel.pipes.give(pipe)
+            free.append(pipe)
             tunnel.close(_reason(exc, self.src_name))
             return
         if n == 0:
-            tunnel.pipes.give(pipe)
+            free.append(pipe)
             self._end()
             return
         self.nbytes += n
         counters = tunnel.counters
         counters[self.counter] += n
         counters[self.lcounter] += n
-        tunnel.active_at = time.monotonic()
+        tunnel.active_at = monotonic()
         try:
             m = os.splice(pipe[0], self.dst, n, flags=SPLICE_FLAGS)
         except BlockingIOError:
@@ -156,12 +164,16 @@ class Flow:
             tunnel.close(_reason(exc, self.dst_name))
             return
         if m == n:
-            tunnel.pipes.give(pipe)
+            if len(free) < pipes.keep:
+                free.append(pipe)
+            else:
+                discard(pipe)
             return
         self.pipe, self.queued = pipe, n - m
-        tunnel.loop.remove_reader(self.src)
+        poller = tunnel.poller
+        poller.remove_reader(self.src)
         self.reading = False
-        tunnel.loop.add_writer(self.dst, self.on_writable)
+        poller.add_writer(self.dst, self.on_writable)
         self.writing = True
 
     def on_writable(self) -> None:
@@ -176,35 +188,31 @@ class Flow:
             tunnel.close(_reason(exc, self.dst_name))
             return
         self.queued -= m
-        tunnel.active_at = time.monotonic()
+        tunnel.active_at = monotonic()
         if self.queued:
             return
-        tunnel.loop.remove_writer(self.dst)
+        poller = tunnel.poller
+        poller.remove_writer(self.dst)
         self.writing = False
         self.pipe = None
         tunnel.pipes.give(pipe)
-        tunnel.loop.add_reader(self.src, self.on_readable)
-        self.reading = True
-
-    def start(self) -> None:
-        self.tunnel.loop.add_reader(self.src, self.on_readable)
+        poller.add_reader(self.src, self.on_readable)
         self.reading = True
 
     def _end(self) -> None:
         """End of file on the source: pass it on as a half-close."""
-        self.tunnel.loop.remove_reader(self.src)
-        self.reading = False
         self.ended = True
+        tunnel = self.tunnel
+        other = tunnel.down if self is tunnel.up else tunnel.up
+        if other.ended:  # both ways done: the other side closed first
+            tunnel.close(f"{other.src_name} closed")
+            return
+        tunnel.poller.remove_reader(self.src)
+        self.reading = False
         shutdown_write(self.dst)
-        self.tunnel.flow_ended(self)
 
-    def stop(self, loop: asyncio.AbstractEventLoop, pipes: PipePool) -> None:
-        if self.reading:
-            loop.remove_reader(self.src)
-            self.reading = False
-        if self.writing:
-            loop.remove_writer(self.dst)
-            self.writing = False
+    def release(self, pipes: PipePool) -> None:
+        """The tunnel is closing: give back (or drop) the pipe."""
         if self.pipe is not None:
             if self.queued:
                 discard(self.pipe)
@@ -223,72 +231,49 @@ def _reason(exc: OSError, side: str) -> str:
 
 
 class Tunnel:
-    """A spliced client↔server connection; ``on_close(tunnel, reason)`` is called once."""
+    """A spliced client<->server connection; tells its connection once, when it closes."""
 
-    __slots__ = (
-        "active_at",
-        "client",
-        "closed",
-        "counters",
-        "down",
-        "loop",
-        "on_close",
-        "pipes",
-        "server",
-        "timeout",
-        "timer",
-        "up",
-    )
+    __slots__ = ("active_at", "closed", "conn", "counters", "down", "pipes", "poller", "up")
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
-        pipes: PipePool,
-        counters: memoryview,
-        client: int,
+        conn: Connection,
         server: int,
         up_counters: tuple[int, int],
         down_counters: tuple[int, int],
-        timeout: float,
-        on_close: Callable[[Tunnel, str], None],
     ) -> None:
-        self.loop = loop
-        self.pipes = pipes
-        self.counters = counters
-        self.client = client
-        self.server = server
-        self.up = Flow(self, client, server, up_counters, "client")
-        self.down = Flow(self, server, client, down_counters, "server")
-        self.timeout = timeout
-        self.on_close = on_close
+        worker = conn.worker
+        self.conn = conn
+        self.poller: Poller = worker.poller
+        self.pipes: PipePool = worker.pipes
+        self.counters: memoryview = worker.q
+        self.up = Flow(self, conn.fd, server, up_counters, "client")
+        self.down = Flow(self, server, conn.fd, down_counters, "server")
         self.closed = False
-        self.active_at = time.monotonic()
-        self.timer = loop.call_later(timeout, self._check_idle)
+        self.active_at = monotonic()
 
-    def start(self) -> None:
-        self.up.start()
-        self.down.start()
+    def start(self, speculate: bool) -> None:
+        """Watch both sockets; with ``speculate``, try the client's bytes at once.
 
-    def flow_ended(self, flow: Flow) -> None:
-        """Both flows ended: the side whose flow ended first closed the tunnel."""
-        other = self.down if flow is self.up else self.up
-        if other.ended:
-            self.close(f"{other.src_name} closed")
-
-    def _check_idle(self) -> None:
-        idle = time.monotonic() - self.active_at
-        if idle >= self.timeout:
-            self.close("tunnel idle timeout")
-        else:
-            self.timer = self.loop.call_later(self.timeout - idle, self._check_idle)
+        The server socket's interest turns from "connected" (write) to read in
+        one ``epoll_ctl``.  In ``mode = "tcp"`` the client has usually sent its
+        first bytes while we connected: reading them now saves a wakeup.
+        """
+        poller = self.poller
+        up, down = self.up, self.down
+        poller.add_reader(up.src, up.on_readable)
+        up.reading = True
+        poller.set(down.src, down.on_readable, None)
+        down.reading = True
+        if speculate:
+            up.on_readable()
 
     def close(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
-        self.timer.cancel()
-        self.up.stop(self.loop, self.pipes)
-        self.down.stop(self.loop, self.pipes)
-        os.close(self.client)
-        os.close(self.server)
-        self.on_close(self, reason)
+        self.up.release(self.pipes)
+        self.down.release(self.pipes)
+        self.poller.close(self.up.src)  # closing drops them from the epoll set
+        self.poller.close(self.down.src)
+        self.conn.tunnel_closed(self, reason)
