@@ -280,3 +280,23 @@ def test_a_child_that_keeps_failing_at_boot_halts_with_one_clear_line(
     assert len(halts) == 1 and "prober 0 failed to boot 5 times in a row" in halts[0]
     crashes = [line for line in lb.lines if '"event":"prober_crash"' in line]
     assert len(crashes) == 5 and all('"boot":true' in c for c in crashes)
+
+
+def test_a_second_sigterm_or_sigquit_closes_everything_at_once(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    for second in (signal.SIGTERM, signal.SIGQUIT):
+        port = free_port()
+        lb = start_lb(echo_config(port, echo_pair, drain=60))
+        tunnel = open_tunnel(port)
+        lb.signal(signal.SIGTERM)
+        wait_until(lambda lb=lb: len(lb.events("worker_drain")) == 2, 5, "draining")
+        assert ws_ping(tunnel)  # still served while draining
+        began = time.monotonic()
+        lb.signal(second)
+        assert lb.wait(15) == 0
+        assert time.monotonic() - began < 5  # not the 60 s drain_timeout
+        assert tunnel.recv(100) == b""
+        tunnel.close()
+        assert lb.events("stopping")[-1]["graceful"] is False
+        lb.kill()
