@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lb.config import Config
 from lb.pool import layout as L
@@ -52,6 +53,22 @@ class Generation:
             os.unlink(tmp)
         os.symlink(os.path.basename(self.pool.path), tmp)
         os.rename(tmp, link)
+
+    def set_admin(self, request: dict[str, Any]) -> dict[str, Any]:
+        """An operator's drain/maint/ready for one server (the supervisor writes admin states)."""
+        backend, server, state = request.get("backend"), request.get("server"), request.get("state")
+        if (
+            state not in L.ADMIN_NAMES
+            or not isinstance(backend, str)
+            or not isinstance(server, str)
+        ):
+            return {"ok": False, "errors": ["admin needs backend, server and state"]}
+        index = find_server(self.pool, backend, server)
+        if index is None:
+            return {"ok": False, "errors": [f"no server {backend}/{server}"]}
+        before = L.ADMIN_NAMES[self.pool.admin(index)]
+        self.pool.set_admin(index, L.ADMIN_NAMES.index(state))
+        return {"ok": True, "backend": backend, "server": server, "from": before, "to": state}
 
     def workers_running(self, pids: dict[int, int]) -> bool:
         """Every slot is run by the given child (slot -> pid) and accepting."""

@@ -22,6 +22,27 @@ from lb.pool.shm import Pool
 PID_FILE = "splicelb.pid"
 
 
+def write_pid_file(runtime_dir: str) -> None:
+    """Claim the runtime dir for this process; refuse if a live instance has it."""
+    path = os.path.join(runtime_dir, PID_FILE)
+    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
+        pid = int(f.read().strip())
+        if pid != os.getpid() and alive(pid):
+            raise LBError(f"global.runtime_dir: an instance is already running there (pid {pid})")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.rename(tmp, path)
+
+
+def remove_pid_file(runtime_dir: str) -> None:
+    """Remove the pid file if it is this process's."""
+    path = os.path.join(runtime_dir, PID_FILE)
+    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
+        if int(f.read().strip()) == os.getpid():
+            os.unlink(path)
+
+
 def supervisor_pid(runtime_dir: str) -> int:
     """The pid of the running instance, or NotRunningError."""
     path = os.path.join(runtime_dir, PID_FILE)

@@ -39,10 +39,10 @@ from lb.children import (
 )
 from lb.config import Config, load_config
 from lb.errors import ConfigError, LBError
-from lb.generation import POOL_LINK, Generation, find_server
+from lb.generation import POOL_LINK, Generation
 from lb.pool import layout as L
 from lb.sockets import SocketTable
-from lb.status import PID_FILE, alive
+from lb.status import remove_pid_file, write_pid_file
 from lb.systemd import Notifier
 
 BOOT_GRACE = 1.0  # a child that dies sooner than this after its start failed at boot
@@ -104,7 +104,7 @@ class Supervisor:
 
     def _start(self) -> None:
         os.makedirs(self.runtime_dir, mode=0o755, exist_ok=True)
-        self._write_pid_file()
+        write_pid_file(self.runtime_dir)
         self.sockets.prepare(self.config)
         generation = Generation.create(1, self.config, None)
         self.generations[1] = self.current = generation
@@ -115,20 +115,6 @@ class Supervisor:
         self.selector.register(self.control, selectors.EVENT_READ, "control")
         self.notifier.status(f"starting {self.config.global_.workers} workers")
         self._spawn_generation(generation)
-
-    def _write_pid_file(self) -> None:
-        path = os.path.join(self.runtime_dir, PID_FILE)
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            with open(path) as f:
-                pid = int(f.read().strip())
-            if pid != os.getpid() and alive(pid):
-                raise LBError(
-                    f"global.runtime_dir: an instance is already running there (pid {pid})"
-                )
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.rename(tmp, path)
 
     def _install_signals(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -399,22 +385,17 @@ class Supervisor:
             control.reply(conn, {"ok": False, "errors": [f"unknown command {command!r}"]})
 
     def _set_admin(self, request: dict[str, Any]) -> dict[str, Any]:
-        backend, server, state = request.get("backend"), request.get("server"), request.get("state")
-        if (
-            state not in L.ADMIN_NAMES
-            or not isinstance(backend, str)
-            or not isinstance(server, str)
-        ):
-            return {"ok": False, "errors": ["admin needs backend, server and state"]}
         assert self.current is not None
-        pool = self.current.pool
-        index = find_server(pool, backend, server)
-        if index is None:
-            return {"ok": False, "errors": [f"no server {backend}/{server}"]}
-        before = L.ADMIN_NAMES[pool.admin(index)]
-        pool.set_admin(index, L.ADMIN_NAMES.index(state))
-        self.log.info("admin_state", backend=backend, server=server, to=state, **{"from": before})
-        return {"ok": True, "backend": backend, "server": server, "from": before, "to": state}
+        answer = self.current.set_admin(request)
+        if answer["ok"]:
+            self.log.info(
+                "admin_state",
+                backend=answer["backend"],
+                server=answer["server"],
+                to=answer["to"],
+                **{"from": answer["from"]},
+            )
+        return answer
 
     # -- signals -----------------------------------------------------------------
 
@@ -469,8 +450,5 @@ class Supervisor:
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.runtime_dir, name))
-        pid_file = os.path.join(self.runtime_dir, PID_FILE)
-        with contextlib.suppress(FileNotFoundError, ValueError), open(pid_file) as f:
-            if int(f.read().strip()) == os.getpid():
-                os.unlink(pid_file)
+        remove_pid_file(self.runtime_dir)
         self.notifier.close()
