@@ -40,15 +40,23 @@ def _families() -> dict[str, Metric]:
         "l_total": c(
             "splicelb_listener_connections", "Accepted client connections", labels=["listener"]
         ),
-        "l_in": c("splicelb_listener_bytes_in", "Bytes received from clients", labels=["listener"]),
-        "l_out": c("splicelb_listener_bytes_out", "Bytes sent to clients", labels=["listener"]),
+        "l_bytes_in": c(
+            "splicelb_listener_bytes_in", "Bytes received from clients", labels=["listener"]
+        ),
+        "l_bytes_out": c(
+            "splicelb_listener_bytes_out", "Bytes sent to clients", labels=["listener"]
+        ),
         "s_active": g(
             "splicelb_server_connections_active", "Open tunnels to the server", labels=SERVER
         ),
         "s_total": c("splicelb_server_connections", "Tunnels opened to the server", labels=SERVER),
-        "s_in": c("splicelb_server_bytes_in", "Bytes from clients to the server", labels=SERVER),
-        "s_out": c("splicelb_server_bytes_out", "Bytes from the server to clients", labels=SERVER),
-        "s_failed": c(
+        "s_bytes_in": c(
+            "splicelb_server_bytes_in", "Bytes from clients to the server", labels=SERVER
+        ),
+        "s_bytes_out": c(
+            "splicelb_server_bytes_out", "Bytes from the server to clients", labels=SERVER
+        ),
+        "s_failed_connects": c(
             "splicelb_server_connect_failures",
             "Connects to the server refused or timed out",
             labels=SERVER,
@@ -132,25 +140,14 @@ def _add_counters(pool: Pool, add: Any) -> None:
                 add("answers", (str(status),), q[base + L.S_ANSWERS + i])
         for i, listener in enumerate(names["listeners"]):
             c = geo.listener_counter(slot, i)
-            for key, word in (
-                ("l_active", L.C_ACTIVE),
-                ("l_total", L.C_TOTAL),
-                ("l_in", L.C_BYTES_IN),
-                ("l_out", L.C_BYTES_OUT),
-            ):
-                add(key, (listener["name"],), q[c + word])
+            for name, word in L.LISTENER_COUNTERS:
+                add(f"l_{name}", (listener["name"],), q[c + word])
         for backend in names["backends"]:
             for server in backend["servers"]:
                 c = geo.counter(slot, server["index"])
                 labels = (backend["name"], server["name"])
-                for key, word in (
-                    ("s_active", L.C_ACTIVE),
-                    ("s_total", L.C_TOTAL),
-                    ("s_in", L.C_BYTES_IN),
-                    ("s_out", L.C_BYTES_OUT),
-                    ("s_failed", L.C_FAILED),
-                ):
-                    add(key, labels, q[c + word])
+                for name, word in L.SERVER_COUNTERS:
+                    add(f"s_{name}", labels, q[c + word])
 
 
 def _add_states(pool: Pool, f: dict[str, Metric]) -> None:

@@ -149,16 +149,7 @@ def _counters(pool: Pool, backend: str, server: dict[str, Any]) -> dict[str, int
 def _sums(pool: Pool, index: int) -> dict[str, int]:
     q, geo = pool.q, pool.geometry
     counters = [geo.counter(slot, index) for slot in range(geo.nslots)]
-    return {
-        key: sum(q[c + word] for c in counters)
-        for key, word in (
-            ("active", L.C_ACTIVE),
-            ("total", L.C_TOTAL),
-            ("bytes_in", L.C_BYTES_IN),
-            ("bytes_out", L.C_BYTES_OUT),
-            ("failed_connects", L.C_FAILED),
-        )
-    }
+    return {key: sum(q[c + word] for c in counters) for key, word in L.SERVER_COUNTERS}
 
 
 def _server(pool: Pool, server: dict[str, Any], checked: bool, now: float) -> dict[str, Any]:

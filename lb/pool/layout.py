@@ -70,6 +70,15 @@ SLOT_EMPTY, SLOT_RUNNING, SLOT_DRAINING = 0, 1, 2
 C_ACTIVE, C_TOTAL, C_BYTES_IN, C_BYTES_OUT, C_SUSPECT_AT, C_FAILED = 0, 1, 2, 3, 4, 5
 COUNTER_WORDS: Final = 6  # SUSPECT_AT is a double (monotonic seconds)
 LISTENER_WORDS: Final = 4  # C_ACTIVE, C_TOTAL, C_BYTES_IN, C_BYTES_OUT
+# The counters readers report, by name (a listener has the first four).
+SERVER_COUNTERS: Final = (
+    ("active", C_ACTIVE),
+    ("total", C_TOTAL),
+    ("bytes_in", C_BYTES_IN),
+    ("bytes_out", C_BYTES_OUT),
+    ("failed_connects", C_FAILED),
+)
+LISTENER_COUNTERS: Final = SERVER_COUNTERS[:LISTENER_WORDS]
 
 # Check latency histogram per server: a count per bucket (upper bounds in seconds,
 # the last one +Inf), then the sum of latencies (a double).
