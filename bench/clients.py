@@ -40,8 +40,12 @@ def open_tunnel(port: int, path: str = "/ws", timeout: float = TIMEOUT) -> socke
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16))
         sock.sendall(
-            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:" + str(port).encode()
-            + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key
+            b"GET "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: 127.0.0.1:"
+            + str(port).encode()
+            + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+            + key
             + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         head = b""
@@ -55,8 +59,11 @@ def open_tunnel(port: int, path: str = "/ws", timeout: float = TIMEOUT) -> socke
         if not lines[0].startswith(b"HTTP/1.1 101 "):
             raise TunnelError(f"upgrade refused: {lines[0]!r}")
         want = base64.b64encode(hashlib.sha1(key + GUID).digest())
-        accept = [v.strip() for n, _, v in (x.partition(b":") for x in lines[1:])
-                  if n.strip().lower() == b"sec-websocket-accept"]
+        accept = [
+            v.strip()
+            for n, _, v in (x.partition(b":") for x in lines[1:])
+            if n.strip().lower() == b"sec-websocket-accept"
+        ]
         if accept != [want] or rest:
             raise TunnelError(f"bad upgrade answer: {head!r} {rest!r}")
         return sock

@@ -40,22 +40,71 @@ class Figure:
 
 
 FIGURES = [
-    Figure("bulk_gbps", "Bulk throughput, 1 TCP stream (iperf3)", "bulk\n1 TCP stream",
-           "Gbit/s", True, 1.4),
-    Figure("rtt64_p50_us", "WebSocket round trip, 64 B, p50", "WS round trip\n64 B p50",
-           "µs", False, 0.9),
-    Figure("rtt64_p99_us", "WebSocket round trip, 64 B, p99", "WS round trip\n64 B p99",
-           "µs", False, 1.0),
-    Figure("rtt16k_p50_us", "WebSocket round trip, 16 KiB, p50", "WS round trip\n16 KiB p50",
-           "µs", False, 0.9),
-    Figure("rtt16k_p99_us", "WebSocket round trip, 16 KiB, p99", "WS round trip\n16 KiB p99",
-           "µs", False, 1.0),
-    Figure("http_keepalive_rps", "Small HTTP requests/s, keep-alive (wrk)",
-           "HTTP req/s\nkeep-alive", "req/s", True, 1.0),
-    Figure("http_close_cps", "New connections/s, Connection: close (wrk)",
-           "new conn/s\n(Connection: close)", "conn/s", True, 1.0),
-    Figure("idle_tunnel_bytes", "Resident memory per idle WebSocket tunnel",
-           "RSS per idle\nWS tunnel", "bytes", False, 1.0, direct=False),
+    Figure(
+        "bulk_gbps",
+        "Bulk throughput, 1 TCP stream (iperf3)",
+        "bulk\n1 TCP stream",
+        "Gbit/s",
+        True,
+        1.4,
+    ),
+    Figure(
+        "rtt64_p50_us",
+        "WebSocket round trip, 64 B, p50",
+        "WS round trip\n64 B p50",
+        "µs",
+        False,
+        0.9,
+    ),
+    Figure(
+        "rtt64_p99_us",
+        "WebSocket round trip, 64 B, p99",
+        "WS round trip\n64 B p99",
+        "µs",
+        False,
+        1.0,
+    ),
+    Figure(
+        "rtt16k_p50_us",
+        "WebSocket round trip, 16 KiB, p50",
+        "WS round trip\n16 KiB p50",
+        "µs",
+        False,
+        0.9,
+    ),
+    Figure(
+        "rtt16k_p99_us",
+        "WebSocket round trip, 16 KiB, p99",
+        "WS round trip\n16 KiB p99",
+        "µs",
+        False,
+        1.0,
+    ),
+    Figure(
+        "http_keepalive_rps",
+        "Small HTTP requests/s, keep-alive (wrk)",
+        "HTTP req/s\nkeep-alive",
+        "req/s",
+        True,
+        1.0,
+    ),
+    Figure(
+        "http_close_cps",
+        "New connections/s, Connection: close (wrk)",
+        "new conn/s\n(Connection: close)",
+        "conn/s",
+        True,
+        1.0,
+    ),
+    Figure(
+        "idle_tunnel_bytes",
+        "Resident memory per idle WebSocket tunnel",
+        "RSS per idle\nWS tunnel",
+        "bytes",
+        False,
+        1.0,
+        direct=False,
+    ),
 ]
 BY_KEY = {f.key: f for f in FIGURES}
 
@@ -73,8 +122,18 @@ Result = tuple[dict[str, float], dict[str, object]]
 
 
 def measure_bulk(target: Target, s: Settings, tools: dict[str, str]) -> Result:
-    argv = [tools["iperf3"], "-c", HOST, "-p", str(target.ports["bulk"]), "-t",
-            str(s.duration), "-J", "--connect-timeout", "5000"]
+    argv = [
+        tools["iperf3"],
+        "-c",
+        HOST,
+        "-p",
+        str(target.ports["bulk"]),
+        "-t",
+        str(s.duration),
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ]
     for attempt in range(3):
         try:
             out = run_tool(argv, s.duration + 30, "iperf3 -c")
@@ -87,17 +146,32 @@ def measure_bulk(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     report = json.loads(out)
     end = report["end"]
     gbps = end["sum_received"]["bits_per_second"] / 1e9
-    extra = {"sent_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
-             "retransmits": end["sum_sent"].get("retransmits")}
+    extra = {
+        "sent_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
+        "retransmits": end["sum_sent"].get("retransmits"),
+    }
     return {"bulk_gbps": gbps}, extra
 
 
 def measure_rtt(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     sizes = ",".join(f"{size}:{count}" for size, count in s.rtt_sizes)
     timeout = 60 + sum(count for _, count in s.rtt_sizes) / 200
-    out = run_tool([sys.executable, "-m", "bench.clients", "rtt", "--port",
-                    str(target.ports["ws"]), "--sizes", sizes, "--warmup", str(s.rtt_warmup)],
-                   timeout, "the round-trip client")
+    out = run_tool(
+        [
+            sys.executable,
+            "-m",
+            "bench.clients",
+            "rtt",
+            "--port",
+            str(target.ports["ws"]),
+            "--sizes",
+            sizes,
+            "--warmup",
+            str(s.rtt_warmup),
+        ],
+        timeout,
+        "the round-trip client",
+    )
     report = json.loads(out)
     names = {64: "rtt64", 16384: "rtt16k"}
     values: dict[str, float] = {}
@@ -129,8 +203,11 @@ def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dic
     return {
         "rate": float(rps.group(1)),
         "requests": int(total.group(1)) if total else None,
-        "socket_errors": dict(zip(("connect", "read", "write", "timeout"),
-                                  map(int, errors.groups()), strict=True)) if errors else {},
+        "socket_errors": dict(
+            zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True)
+        )
+        if errors
+        else {},
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "latency": [line.strip() for line in out.splitlines() if "%" in line][:4],
     }
@@ -153,10 +230,25 @@ def _open_idle(port: int, count: int, per_client: int) -> list[Proc]:
     try:
         for i in range(n_clients):
             share = count // n_clients + (1 if i < count % n_clients else 0)
-            argv = [sys.executable, "-m", "bench.clients", "idle", "--port", str(port),
-                    "--count", str(share)]
-            clients.append(Proc(f"idle-client-{i}", argv, Proc.default_logdir,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.clients",
+                "idle",
+                "--port",
+                str(port),
+                "--count",
+                str(share),
+            ]
+            clients.append(
+                Proc(
+                    f"idle-client-{i}",
+                    argv,
+                    Proc.default_logdir,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            )
         deadline = time.monotonic() + 60 + count / 100
         for proc in clients:
             assert proc.popen.stdout is not None
@@ -200,8 +292,11 @@ def measure_idle(target: Target, s: Settings, tools: dict[str, str]) -> Result:
         _close_idle(clients)
     per_tunnel = (after - before) / s.idle_tunnels
     return {"idle_tunnel_bytes": per_tunnel}, {
-        "rss_before": before, "rss_after": after, "tunnels": s.idle_tunnels,
-        "processes": processes, "client_processes": len(clients),
+        "rss_before": before,
+        "rss_after": after,
+        "tunnels": s.idle_tunnels,
+        "processes": processes,
+        "client_processes": len(clients),
     }
 
 

@@ -19,18 +19,27 @@ def summarize(runs: list[dict[str, Any]], workers: list[int]) -> dict[str, Any]:
     for w in workers:
         figures: dict[str, Any] = {}
         for fig in FIGURES:
-            values = {t: [r["values"][fig.key] for r in runs
-                          if r["workers"] == w and r["target"] == t and fig.key in r["values"]]
-                      for t in TARGETS}
+            values = {
+                t: [
+                    r["values"][fig.key]
+                    for r in runs
+                    if r["workers"] == w and r["target"] == t and fig.key in r["values"]
+                ]
+                for t in TARGETS
+            }
             medians = {t: (statistics.median(v) if v else None) for t, v in values.items()}
             s, h = medians["splicelb"], medians["haproxy"]
             ratio = s / h if s is not None and h else None
             figures[fig.key] = {
-                "label": fig.label, "unit": fig.unit,
+                "label": fig.label,
+                "unit": fig.unit,
                 "better": "higher" if fig.higher_is_better else "lower",
                 "direct_applicable": fig.direct,
-                "values": values, "medians": medians, "ratio": ratio,
-                "goal": fig.goal_text, "met": None if ratio is None else fig.met(ratio),
+                "values": values,
+                "medians": medians,
+                "ratio": ratio,
+                "goal": fig.goal_text,
+                "met": None if ratio is None else fig.met(ratio),
             }
         out[str(w)] = figures
     return out
@@ -55,19 +64,27 @@ def _cell(values: list[float], median: float | None, fig: Figure) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    lines = [f"# splicelb vs HAProxy {meta['versions']['haproxy']}"
-             f"{' (smoke run: not a measurement)' if meta['smoke'] else ''}", ""]
-    lines.append(f"{meta['started']}, {meta['machine']['nproc']} cores "
-                 f"({meta['machine']['cpu']}), kernel {meta['machine']['kernel']}, "
-                 f"Python {meta['machine']['python']}, splicelb {meta['splicelb_commit']}, "
-                 f"{meta['runs']} run(s) per balancer and figure (alternated), "
-                 f"median shown with (min to max).")
+    lines = [
+        f"# splicelb vs HAProxy {meta['versions']['haproxy']}"
+        f"{' (smoke run: not a measurement)' if meta['smoke'] else ''}",
+        "",
+    ]
+    lines.append(
+        f"{meta['started']}, {meta['machine']['nproc']} cores "
+        f"({meta['machine']['cpu']}), kernel {meta['machine']['kernel']}, "
+        f"Python {meta['machine']['python']}, splicelb {meta['splicelb_commit']}, "
+        f"{meta['runs']} run(s) per balancer and figure (alternated), "
+        f"median shown with (min to max)."
+    )
     lines.append("")
     for w, figures in result["summary"].items():
-        lines += [f"## {w} worker{'s' if w != '1' else ''} "
-                  f"(splicelb `workers = {w}`, HAProxy `nbthread {w}`)", "",
-                  "| figure | direct | HAProxy | splicelb | splicelb / HAProxy | goal | met |",
-                  "|---|---:|---:|---:|---:|---|---|"]
+        lines += [
+            f"## {w} worker{'s' if w != '1' else ''} "
+            f"(splicelb `workers = {w}`, HAProxy `nbthread {w}`)",
+            "",
+            "| figure | direct | HAProxy | splicelb | splicelb / HAProxy | goal | met |",
+            "|---|---:|---:|---:|---:|---|---|",
+        ]
         for fig in FIGURES:
             f = figures[fig.key]
             vals, med = f["values"], f["medians"]
@@ -78,7 +95,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_cell(vals['direct'], med['direct'], fig)} "
                 f"| {_cell(vals['haproxy'], med['haproxy'], fig)} "
                 f"| {_cell(vals['splicelb'], med['splicelb'], fig)} "
-                f"| {ratio} | {f['goal']} | {met} |")
+                f"| {ratio} | {f['goal']} | {met} |"
+            )
         lines.append("")
     lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
     return "\n".join(lines)
@@ -103,24 +121,48 @@ def chart(result: dict[str, Any], path: Path) -> None:
             if ratio:
                 xs.append(x - 0.4 + width * (i + 0.5))
                 ys.append(ratio)
-        bars = ax.bar(xs, ys, width * 0.9, color=colors[i % len(colors)],
-                      label=f"{w} worker{'s' if w != '1' else ''} / nbthread {w}")
+        bars = ax.bar(
+            xs,
+            ys,
+            width * 0.9,
+            color=colors[i % len(colors)],
+            label=f"{w} worker{'s' if w != '1' else ''} / nbthread {w}",
+        )
         for bar, y in zip(bars, ys, strict=True):
-            ax.annotate(f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y),
-                        ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                f"{y:.2f}",
+                (bar.get_x() + bar.get_width() / 2, y),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
     for x, f in enumerate(FIGURES):
-        ax.hlines(f.goal, x - 0.45, x + 0.45, colors="black", linestyles="dashed",
-                  label="goal" if x == 0 else "_nolegend_")
+        ax.hlines(
+            f.goal,
+            x - 0.45,
+            x + 0.45,
+            colors="black",
+            linestyles="dashed",
+            label="goal" if x == 0 else "_nolegend_",
+        )
     ax.axhline(1.0, color="grey", linewidth=0.6)
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.set_xticks(range(len(FIGURES)))
-    ax.set_xticklabels([f"{f.short}\n({'higher' if f.higher_is_better else 'lower'} is "
-                        f"better,\ngoal {f.goal_text})" for f in FIGURES], fontsize=8)
+    ax.set_xticklabels(
+        [
+            f"{f.short}\n({'higher' if f.higher_is_better else 'lower'} is "
+            f"better,\ngoal {f.goal_text})"
+            for f in FIGURES
+        ],
+        fontsize=8,
+    )
     ax.set_ylabel("splicelb / HAProxy (median ratio, log scale)")
     smoke = " — smoke run, not a measurement" if result["meta"]["smoke"] else ""
-    ax.set_title(f"splicelb vs HAProxy {result['meta']['versions']['haproxy']}, "
-                 f"{result['meta']['machine']['nproc']} cores{smoke}")
+    ax.set_title(
+        f"splicelb vs HAProxy {result['meta']['versions']['haproxy']}, "
+        f"{result['meta']['machine']['nproc']} cores{smoke}"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -39,30 +39,44 @@ from bench.servers import (
     start_target,
 )
 
-FULL = Settings(duration=10, rtt_sizes=((64, 20000), (16384, 5000)), rtt_warmup=500,
-                idle_tunnels=9000)
-SMOKE = Settings(duration=2, rtt_sizes=((64, 500), (16384, 500)), rtt_warmup=50,
-                 idle_tunnels=200)
+FULL = Settings(
+    duration=10, rtt_sizes=((64, 20000), (16384, 5000)), rtt_warmup=500, idle_tunnels=9000
+)
+SMOKE = Settings(duration=2, rtt_sizes=((64, 500), (16384, 500)), rtt_warmup=50, idle_tunnels=200)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark splicelb against HAProxy.")
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds-long CI version: 1 run, 2 s tools, few messages/tunnels")
-    parser.add_argument("--runs", type=int,
-                        help="runs per balancer and figure (default 5, smoke 1)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds-long CI version: 1 run, 2 s tools, few messages/tunnels",
+    )
+    parser.add_argument(
+        "--runs", type=int, help="runs per balancer and figure (default 5, smoke 1)"
+    )
     parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2 (default)")
     parser.add_argument("--duration", type=int, help="seconds per iperf3/wrk run (10, smoke 2)")
     parser.add_argument("--idle-tunnels", type=int, help="idle tunnels (9000, smoke 200)")
-    parser.add_argument("--only", default=",".join(KINDS),
-                        help=f"run kinds to measure (default all: {','.join(KINDS)})")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results",
-                        help="results directory (default bench/results)")
+    parser.add_argument(
+        "--only",
+        default=",".join(KINDS),
+        help=f"run kinds to measure (default all: {','.join(KINDS)})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results",
+        help="results directory (default bench/results)",
+    )
     args = parser.parse_args(argv)
     base = SMOKE if args.smoke else FULL
     args.settings = Settings(
-        duration=args.duration or base.duration, rtt_sizes=base.rtt_sizes,
-        rtt_warmup=base.rtt_warmup, idle_tunnels=args.idle_tunnels or base.idle_tunnels)
+        duration=args.duration or base.duration,
+        rtt_sizes=base.rtt_sizes,
+        rtt_warmup=base.rtt_warmup,
+        idle_tunnels=args.idle_tunnels or base.idle_tunnels,
+    )
     args.runs = args.runs or (1 if args.smoke else 5)
     args.workers = [int(w) for w in args.workers.split(",")]
     args.only = [k for k in args.only.split(",") if k]
@@ -82,18 +96,31 @@ def order(runs: int, with_direct: bool) -> list[str]:
     return seq
 
 
-def one_run(kind: str, target_name: str, workers: int, args: argparse.Namespace,
-            tools: dict[str, str], backends: Any, tmp: Path, run_id: str) -> dict[str, Any]:
+def one_run(
+    kind: str,
+    target_name: str,
+    workers: int,
+    args: argparse.Namespace,
+    tools: dict[str, str],
+    backends: Any,
+    tmp: Path,
+    run_id: str,
+) -> dict[str, Any]:
     measure = KINDS[kind][0]
-    record: dict[str, Any] = {"workers": workers, "kind": kind, "target": target_name,
-                              "run_id": run_id, "values": {}, "extra": {},
-                              "loadavg_before": os.getloadavg()[0]}
+    record: dict[str, Any] = {
+        "workers": workers,
+        "kind": kind,
+        "target": target_name,
+        "run_id": run_id,
+        "values": {},
+        "extra": {},
+        "loadavg_before": os.getloadavg()[0],
+    }
     started = time.monotonic()
     for attempt in range(2):
         target = None
         try:
-            target = start_target(target_name, tools, workers, backends, tmp,
-                                  f"{run_id}-{attempt}")
+            target = start_target(target_name, tools, workers, backends, tmp, f"{run_id}-{attempt}")
             values, extra = measure(target, args.settings, tools)
             if target.proc is not None:
                 target.proc.check_alive()  # it must have survived the run
@@ -128,9 +155,13 @@ def machine_info(tools: dict[str, str]) -> dict[str, Any]:
                 break
     haproxy = first_line([tools["haproxy"], "-v"])
     return {
-        "machine": {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
-                    "python": platform.python_version(),
-                    "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]},
+        "machine": {
+            "nproc": os.cpu_count(),
+            "cpu": cpu,
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        },
         "versions": {
             "haproxy": haproxy.split()[2] if haproxy.startswith("HAProxy") else haproxy,
             "haproxy_full": haproxy,
@@ -146,18 +177,19 @@ def notes(args: argparse.Namespace) -> list[str]:
     s = args.settings
     return [
         "Ratio = splicelb median / HAProxy median; for round trips and memory lower is better.",
-        "splicelb: `log_level = \"warning\"` (per-connection `conn` lines are info level, so "
-        "they were off), `admin_bind = \"\"`, no health checks; `mode = \"tcp\"` listeners for "
-        "iperf3 and wrk, `mode = \"http\"` for the WebSocket tunnel (it sniffs the upgrade).",
+        'splicelb: `log_level = "warning"` (per-connection `conn` lines are info level, so '
+        'they were off), `admin_bind = ""`, no health checks; `mode = "tcp"` listeners for '
+        'iperf3 and wrk, `mode = "http"` for the WebSocket tunnel (it sniffs the upgrade).',
         f"HAProxy: `mode tcp`, `option splice-auto`, `nbthread W`, no logging, "
         f"`maxconn {HAPROXY_MAXCONN}`, `maxpipes {HAPROXY_MAXPIPES}` (its default, maxconn/4, "
         "would need more descriptors than the 20,000 allowed per process).",
         f"Bulk: `iperf3 -c -t {s.duration} -J`, one TCP stream, received Gbit/s. "
         f"HTTP: `wrk -t2 -c32 -d{s.duration}s --latency` to nginx (1 worker, "
-        "`return 200 \"ok\\n\"`), new connections with `-H \"Connection: close\"`.",
+        '`return 200 "ok\\n"`), new connections with `-H "Connection: close"`.',
         "Round trips: one upgraded tunnel, blocking client, one masked binary frame at a time, "
-        "echoed byte for byte by a uvloop backend; " + ", ".join(
-            f"{n:,} x {size} B" for size, n in s.rtt_sizes) + f" after {s.rtt_warmup} untimed.",
+        "echoed byte for byte by a uvloop backend; "
+        + ", ".join(f"{n:,} x {size} B" for size, n in s.rtt_sizes)
+        + f" after {s.rtt_warmup} untimed.",
         f"Idle tunnels: {s.idle_tunnels:,} upgraded tunnels held by client processes of at "
         f"most 3,000 each; (RSS of the balancer's process tree after - before) / "
         f"{s.idle_tunnels:,}, measured 1 s after they are all open, after 20 warm-up tunnels. "
@@ -195,14 +227,31 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.only:
                 log(f"W={workers} {kind}")
                 for i, target in enumerate(order(args.runs, direct_applies(kind))):
-                    runs.append(one_run(kind, target, workers, args, tools, backends, tmp,
-                                        f"{workers}-{kind}-{i}"))
+                    runs.append(
+                        one_run(
+                            kind,
+                            target,
+                            workers,
+                            args,
+                            tools,
+                            backends,
+                            tmp,
+                            f"{workers}-{kind}-{i}",
+                        )
+                    )
                     time.sleep(0.5)
         backends.stop()
         result = {
-            "meta": {**meta, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     "smoke": args.smoke, "runs": args.runs, "workers": args.workers,
-                     "settings": dataclasses.asdict(args.settings), "notes": notes(args)},
+            "meta": {
+                **meta,
+                "started": started,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "smoke": args.smoke,
+                "runs": args.runs,
+                "workers": args.workers,
+                "settings": dataclasses.asdict(args.settings),
+                "notes": notes(args),
+            },
             "summary": report.summarize(runs, args.workers),
             "runs": runs,
         }

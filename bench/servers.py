@@ -86,16 +86,28 @@ def start_backends(tools: dict[str, str], tmp: Path, echo_procs: int) -> Backend
     backends = Backends(ports={})
     try:
         port = free_port()
-        iperf = Proc("iperf3-server", [tools["iperf3"], "-s", "-B", HOST, "-p", str(port),
-                                       "--forceflush"], tmp)
+        iperf = Proc(
+            "iperf3-server",
+            [tools["iperf3"], "-s", "-B", HOST, "-p", str(port), "--forceflush"],
+            tmp,
+        )
         backends.procs.append(iperf)
         wait_listening(iperf, [port], "iperf3 -s")
         backends.ports["bulk"] = port
 
         backends.ports["http"] = start_nginx(tools["nginx"], tmp, backends)
 
-        echo = Proc("echo-backend", [sys.executable, str(Path(__file__).with_name(
-            "echo_server.py")), "--procs", str(echo_procs)], tmp, stdout=subprocess.PIPE)
+        echo = Proc(
+            "echo-backend",
+            [
+                sys.executable,
+                str(Path(__file__).with_name("echo_server.py")),
+                "--procs",
+                str(echo_procs),
+            ],
+            tmp,
+            stdout=subprocess.PIPE,
+        )
         backends.procs.append(echo)
         assert echo.popen.stdout is not None
         line = echo.popen.stdout.readline().decode()  # "listening PORT", or EOF if it failed
@@ -120,7 +132,8 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     conf = prefix / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""\
+    conf.write_text(
+        textwrap.dedent(f"""\
         worker_processes 1;
         daemon off;
         master_process on;
@@ -138,9 +151,11 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
                 location / {{ return 200 "ok\\n"; }}
             }}
         }}
-        """))
-    proc = Proc("nginx", [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e",
-                          f"{prefix}/error.log"], tmp)
+        """)
+    )
+    proc = Proc(
+        "nginx", [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", f"{prefix}/error.log"], tmp
+    )
     backends.procs.append(proc)
     wait_listening(proc, [port], "nginx")
     return port
@@ -151,7 +166,8 @@ def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> 
     workdir.mkdir()
     runtime = workdir / "run"
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
-    parts = [textwrap.dedent(f"""\
+    parts = [
+        textwrap.dedent(f"""\
         [global]
         workers = {workers}
         runtime_dir = "{runtime}"
@@ -159,9 +175,11 @@ def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> 
         log_level = "warning"
         maxconn = 20000
         drain_timeout = 1
-        """)]
+        """)
+    ]
     for name, mode in (("bulk", "tcp"), ("http", "tcp"), ("ws", "http")):
-        parts.append(textwrap.dedent(f"""
+        parts.append(
+            textwrap.dedent(f"""
             [[listeners]]
             name = "{name}"
             bind = "{HOST}:{ports[name]}"
@@ -174,15 +192,19 @@ def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> 
               [[backends.servers]]
               name = "{name}1"
               address = "{HOST}:{backends.ports[name]}"
-            """))
+            """)
+        )
     config = workdir / "splicelb.toml"
     config.write_text("".join(parts))
     proc = Proc("splicelb", [sys.executable, "-m", "lb", "run", "-c", str(config)], workdir)
     target = Target("splicelb", ports, proc, workdir)
     try:
         wait_listening(proc, list(ports.values()), "splicelb's listeners")
-        wait_until(lambda: _workers_running(proc, runtime) == workers, START_TIMEOUT,
-                   f"splicelb status to show {workers} running workers")
+        wait_until(
+            lambda: _workers_running(proc, runtime) == workers,
+            START_TIMEOUT,
+            f"splicelb status to show {workers} running workers",
+        )
     except BaseException:
         target.stop()
         raise
@@ -193,7 +215,10 @@ def _workers_running(proc: Proc, runtime: Path) -> int:
     proc.check_alive()
     result = subprocess.run(
         [sys.executable, "-m", "lb", "status", "--runtime-dir", str(runtime), "--json"],
-        capture_output=True, text=True, timeout=20, check=False,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
     )
     if result.returncode != 0:
         return 0
@@ -201,8 +226,7 @@ def _workers_running(proc: Proc, runtime: Path) -> int:
     return sum(1 for w in status["workers"] if w.get("state") == "running")
 
 
-def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path,
-                  run_id: str) -> Target:
+def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
     workdir = tmp / f"haproxy-{run_id}"
     workdir.mkdir()
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
@@ -238,8 +262,9 @@ def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path,
     return target
 
 
-def start_target(name: str, tools: dict[str, str], workers: int, backends: Backends,
-                 tmp: Path, run_id: str) -> Target:
+def start_target(
+    name: str, tools: dict[str, str], workers: int, backends: Backends, tmp: Path, run_id: str
+) -> Target:
     if name == "direct":
         return Target("direct", dict(backends.ports))
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")

@@ -67,3 +67,35 @@ def test_bench_smoke(tmp_path: Path) -> None:
     table = next(p for p in written if p.suffix == ".md").read_text()
     assert "| figure | direct | HAProxy | splicelb |" in table
     assert table in done.stdout  # the table is printed at the end
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cpu_profile_smoke() -> None:
+    """bench/cpu.py (CPU and system calls per request) runs and counts what it claims."""
+    missing = [t for t in (*TOOLS, "strace") if shutil.which(t, path=SBIN) is None]
+    if missing and os.geteuid() != 0:
+        pytest.skip(f"{', '.join(missing)} missing and not root to install them")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", "--seconds", "1", "--strace"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads(done.stdout)
+    assert set(result) == {"splicelb", "haproxy"}
+    for name, loads in result.items():
+        assert set(loads) == {"keepalive", "close"}, name
+        for load, row in loads.items():
+            assert row["rate"] > 0, (name, load)
+            assert row["user_us"] + row["system_us"] > 0, (name, load)
+            # every request or connection goes through the balancer's busy process
+            assert row["syscalls_total"] >= 2, (name, load, row)
+    # a new connection is accepted once and spliced, never copied through Python
+    close = result["splicelb"]["close"]["syscalls"]
+    assert 0.9 <= close["accept4"] <= 1.1, close
+    assert close["splice"] >= 2, close
+    assert "recvfrom" not in close and "sendto" not in close, close

@@ -30,7 +30,7 @@ Usable = Callable[[int], bool] | None  # None: every eligible server is usable
 class Balancer(Protocol):
     def rebuild(self, eligible: Sequence[int]) -> None: ...
 
-    def pick(self, client: str, usable: Usable) -> int | None: ...
+    def pick(self, host: str, usable: Usable) -> int | None: ...
 
 
 def _all(_server: int) -> bool:
@@ -62,7 +62,7 @@ class RoundRobin:
     def rebuild(self, eligible: Sequence[int]) -> None:
         self._order = smooth_sequence(eligible, self._weights)
 
-    def pick(self, client: str, usable: Usable) -> int | None:
+    def pick(self, host: str, usable: Usable) -> int | None:
         order = self._order
         n = len(order)
         if usable is None:  # the common case: no retry, no server with a cap
@@ -90,7 +90,7 @@ class LeastConn:
     def rebuild(self, eligible: Sequence[int]) -> None:
         self._eligible = list(eligible)
 
-    def pick(self, client: str, usable: Usable) -> int | None:
+    def pick(self, host: str, usable: Usable) -> int | None:
         usable = usable or _all
         candidates = [s for s in self._eligible if usable(s)]
         if not candidates:
@@ -119,7 +119,7 @@ class Random2:
             total += self._weights[s]
             self._cum.append(total)
 
-    def pick(self, client: str, usable: Usable) -> int | None:
+    def pick(self, host: str, usable: Usable) -> int | None:
         usable = usable or _all
         candidates = [s for s in self._eligible if usable(s)]
         if len(candidates) < 2:
@@ -145,14 +145,14 @@ class Source:
     def rebuild(self, eligible: Sequence[int]) -> None:
         self._eligible = list(eligible)
 
-    def pick(self, client: str, usable: Usable) -> int | None:
+    def pick(self, host: str, usable: Usable) -> int | None:
         usable = usable or _all
-        host = client.rpartition(":")[0].encode()
+        key = host.encode()
         best, best_score = None, -1
         for s in self._eligible:
             if not usable(s):
                 continue
-            score = zlib.crc32(self._keys[s], zlib.crc32(host)) * self._weights[s]
+            score = zlib.crc32(self._keys[s], zlib.crc32(key)) * self._weights[s]
             if score > best_score:
                 best, best_score = s, score
         return best
@@ -218,12 +218,12 @@ class BackendPicker:
         self._balancer.rebuild(eligible)
         self._key, self._valid_until = key, valid_until
 
-    def pick(self, client: str, tried: Sequence[int] = ()) -> int | None:
+    def pick(self, host: str, tried: Sequence[int] = ()) -> int | None:
         """A server for a new connection, or None (the caller answers 503)."""
         self.refresh(time.monotonic())
         maxconn, pool = self.maxconn, self._pool
         if not tried and not maxconn:
-            return self._balancer.pick(client, None)
+            return self._balancer.pick(host, None)
 
         def usable(server: int) -> bool:
             if server in tried:
@@ -231,4 +231,4 @@ class BackendPicker:
             cap = maxconn.get(server)
             return cap is None or pool.server_active(server) < cap
 
-        return self._balancer.pick(client, usable)
+        return self._balancer.pick(host, usable)

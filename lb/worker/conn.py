@@ -29,9 +29,10 @@ import errno
 import os
 import socket
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lb.proto.http1 import Head, HeadSniffer, Reject
+from lb.worker.poller import FAILED
 from lb.worker.splice import Tunnel, shutdown_write
 
 if TYPE_CHECKING:
@@ -69,9 +70,9 @@ class Connection:
     """A client connection from accept to its log line."""
 
     __slots__ = (
+        "addr",
         "backend",
         "bytes_in",
-        "client",
         "fd",
         "listener",
         "loop",
@@ -89,13 +90,15 @@ class Connection:
         "worker",
     )
 
-    def __init__(self, worker: Worker, listener: ListenerRuntime, fd: int, client: str) -> None:
+    def __init__(
+        self, worker: Worker, listener: ListenerRuntime, fd: int, addr: tuple[Any, ...]
+    ) -> None:
         self.worker = worker
         self.loop: asyncio.AbstractEventLoop = worker.loop
         self.poller: Poller = worker.poller
         self.listener = listener
         self.fd = fd
-        self.client = client
+        self.addr = addr  # the client's (host, port, ...)
         self.started = monotonic()
         self.sniffer: HeadSniffer | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -167,7 +170,7 @@ class Connection:
         assert backend is not None
         server = None
         if len(self.tried) <= backend.retries:
-            server = backend.picker.pick(self.client, self.tried)
+            server = backend.picker.pick(self.addr[0], self.tried)
         if server is None:
             self.answer(503, "no server available")
             return
@@ -175,7 +178,7 @@ class Connection:
         self.tried.append(server)
         family, sockaddr = backend.addresses[server]
         sock = _socket.socket(family, SOCK_TYPE)  # non-blocking from birth: no extra call
-        self.worker.sockopts(sock)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)  # keepalive: the sweep's
         self.sock = sock
         err = sock.connect_ex(sockaddr)
         if err == 0:
@@ -189,7 +192,10 @@ class Connection:
     def _connect_done(self) -> None:
         assert self.sock is not None
         self._cancel_timer()
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable without error or hang-up: connected, no need to ask SO_ERROR.
+        err = 0
+        if self.poller.events & FAILED:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
         if err:
             self.poller.remove_writer(self.sock.fileno())
             self._connect_failed(os.strerror(err))

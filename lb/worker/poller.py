@@ -31,19 +31,21 @@ if TYPE_CHECKING:
 
 READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+FAILED = select.EPOLLHUP | select.EPOLLERR
 BATCH = 512
 
 Callback = Callable[[], None]
 
 
 class Poller:
-    __slots__ = ("_deferred", "_dispatching", "epoll", "masks", "readers", "writers")
+    __slots__ = ("_deferred", "_dispatching", "epoll", "events", "masks", "readers", "writers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.epoll = select.epoll()
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         self.masks: dict[int, int] = {}
+        self.events = 0  # the events of the writer being called (a connect: done or failed?)
         self._dispatching = False
         self._deferred: list[int] = []
         loop.add_reader(self.epoll.fileno(), self.dispatch)
@@ -117,6 +119,7 @@ class Poller:
                 if events & WRITE:
                     callback = writers.get(fd)
                     if callback is not None:
+                        self.events = events
                         callback()
         finally:
             self._dispatching = False

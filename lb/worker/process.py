@@ -77,9 +77,24 @@ class BackendRuntime:
 def set_keepalive(sock: _socket.socket) -> None:
     """TCP keepalive and no Nagle; accepted sockets inherit both from the listener."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_keepalive_only(sock)
+
+
+def set_keepalive_only(sock: _socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in KEEPALIVE:
         sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def set_keepalive_fd(fd: int) -> None:
+    """Keepalive on a server socket the sweep finds still open (see ``Worker._sweep``)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        set_keepalive_only(sock)
+    except OSError:
+        pass  # the connection is failing: its tunnel notices
+    finally:
+        sock.detach()
 
 
 def format_peer(addr: tuple[Any, ...]) -> str:
@@ -212,12 +227,23 @@ class Worker:
         self.loop.call_later(HEARTBEAT_INTERVAL, self._beat)
 
     def _sweep(self) -> None:
-        """Close tunnels idle for their listener's tunnel_timeout (a tunnel holds no timer)."""
+        """Close tunnels idle for their listener's tunnel_timeout (a tunnel holds no timer).
+
+        It also turns on TCP keepalive on the server sockets of tunnels that
+        have lasted until now: a connection that ends within a sweep never
+        needs it (the first probe waits 60 s), and leaving it out of the
+        connect path saves four ``setsockopt`` calls per connection.
+        """
         now = time.monotonic()
         for conn in [c for c in self.connections if c.tunnel is not None]:
             tunnel = conn.tunnel
-            if tunnel is not None and now - tunnel.active_at >= conn.listener.tunnel_timeout:
+            if tunnel is None:  # closed by an earlier one of this sweep
+                continue
+            if now - tunnel.active_at >= conn.listener.tunnel_timeout:
                 tunnel.close("tunnel idle timeout")
+            elif not tunnel.keepalive:
+                set_keepalive_fd(tunnel.down.src)
+                tunnel.keepalive = True
         self.loop.call_later(self._sweep_every, self._sweep)
 
     def drain(self) -> None:
@@ -288,14 +314,11 @@ class Worker:
             lcounter = self.listener_counters[listener.index]
             q[lcounter + L.C_ACTIVE] += 1
             q[lcounter + L.C_TOTAL] += 1
-            conn = Connection(self, listener, fd, format_peer(addr))
+            conn = Connection(self, listener, fd, addr)
             self.connections.add(conn)
             conn.start()
 
     # -- called by connections -------------------------------------------------
-
-    def sockopts(self, sock: _socket.socket) -> None:
-        set_keepalive(sock)
 
     def open_tunnel(self, conn: Connection, server_fd: int) -> Tunnel:
         counter = self.server_counters[conn.server]
@@ -347,7 +370,7 @@ class Worker:
         log_conn = self.log_conn
         if log_conn is not None:  # None when info lines are filtered out: nothing is built
             log_conn(
-                client=conn.client,
+                client=format_peer(conn.addr),
                 listener=conn.listener.name,
                 backend=backend.name if backend else None,
                 server=backend.names[conn.server] if backend and conn.tunnel else None,

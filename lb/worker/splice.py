@@ -233,7 +233,17 @@ def _reason(exc: OSError, side: str) -> str:
 class Tunnel:
     """A spliced client<->server connection; tells its connection once, when it closes."""
 
-    __slots__ = ("active_at", "closed", "conn", "counters", "down", "pipes", "poller", "up")
+    __slots__ = (
+        "active_at",
+        "closed",
+        "conn",
+        "counters",
+        "down",
+        "keepalive",
+        "pipes",
+        "poller",
+        "up",
+    )
 
     def __init__(
         self,
@@ -250,6 +260,7 @@ class Tunnel:
         self.up = Flow(self, conn.fd, server, up_counters, "client")
         self.down = Flow(self, server, conn.fd, down_counters, "server")
         self.closed = False
+        self.keepalive = False  # on the server socket; set by the worker's sweep
         self.active_at = monotonic()
 
     def start(self, speculate: bool) -> None:

@@ -171,8 +171,16 @@ def test_tcp_keepalive_is_on_for_both_sockets_of_a_tunnel(
         sock.sendall(clients.upgrade_request())
         assert sock.recv(200).startswith(b"HTTP/1.1 101")
         # The balancer's two sockets: local port = the listener's, remote port = the backend's.
-        client_side = ss_timers(f"sport = :{port}")
-        server_side = ss_timers(f"dport = :{a.port}")
+        # The server side gets it from the worker's sweep, within about a second.
+        deadline = time.monotonic() + 5
+        while True:
+            client_side = ss_timers(f"sport = :{port}")
+            server_side = ss_timers(f"dport = :{a.port}")
+            if server_side and all("keepalive" in t for t in server_side):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     assert client_side and all("keepalive" in t for t in client_side), client_side
     assert server_side and all("keepalive" in t for t in server_side), server_side
 
