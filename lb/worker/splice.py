@@ -288,3 +288,6 @@ class Tunnel:
         self.poller.close(self.up.src)  # closing drops them from the epoll set
         self.poller.close(self.down.src)
         self.conn.tunnel_closed(self, reason)
+        # Break the reference cycles (flow <-> tunnel <-> connection): reference
+        # counting frees all of them now, and the cyclic GC has nothing to find.
+        del self.up.tunnel, self.down.tunnel, self.conn
