@@ -1,7 +1,7 @@
 """Load and validate the splicelb config file (TOML).
 
 Theory of operation: the raw TOML dict is walked once, table by table, through
-``_Table``, which reads typed values, records which keys it used (the rest are
+``Table``, which reads typed values, records which keys it used (the rest are
 reported as unknown) and appends one line per problem, prefixed by the key
 path, to a list shared by the whole walk.  A value that is missing or invalid
 is replaced by a placeholder so the walk can go on and report every problem;
@@ -11,16 +11,14 @@ placeholder ever leaves this module.  Host names are resolved once, here.
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from lb.config_table import Address, Table, describe
 from lb.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/splicelb/splicelb.toml"
@@ -34,25 +32,10 @@ HEALTH_TYPES = ("http", "https", "tcp")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _HOST_RE = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
 _ORIGIN_RE = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 _STATUS_RE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A host:port, resolved once at load time, ready for connect/bind."""
-
-    host: str  # as written, without the brackets of an IPv6 literal
-    port: int
-    family: int  # socket.AF_INET or socket.AF_INET6
-    sockaddr: tuple[Any, ...]
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,162 +126,9 @@ class Config:
 
 _Named = TypeVar("_Named", Listener, Backend, Server)
 
-# Stands in for an address that failed to parse; never leaves this module.
-_NO_ADDRESS = Address("", 0, socket.AF_INET, ())
 
-
-def parse_address(text: str, path: str, *, allow_port_zero: bool = False) -> Address:
-    """Parse ``host:port`` or ``[v6]:port`` and resolve the host once.
-
-    Raises ConfigError with one line, prefixed by ``path``.
-    """
-    host, sep, port_text = text.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    if bracketed:
-        host = host[1:-1]
-    if not sep or not host or not port_text:
-        raise ConfigError([f"{path}: expected host:port or [v6]:port, got '{text}'"])
-    if ":" in host and not bracketed:
-        raise ConfigError(
-            [f"{path}: an IPv6 address needs brackets, e.g. '[::1]:8080'; got '{text}'"]
-        )
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ConfigError([f"{path}: port '{port_text}' is not a number"])
-    port, lowest = int(port_text), 0 if allow_port_zero else 1
-    if not lowest <= port <= 65535:
-        raise ConfigError([f"{path}: port {port} is out of range ({lowest}-65535)"])
-    family, flags = (socket.AF_INET6, socket.AI_NUMERICHOST) if bracketed else (0, 0)
-    try:
-        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, flags)
-    except (OSError, UnicodeError) as exc:
-        if bracketed:
-            raise ConfigError([f"{path}: '{host}' is not an IPv6 address"]) from None
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError([f"{path}: cannot resolve host '{host}': {reason}"]) from None
-    resolved_family, _, _, _, sockaddr = infos[0]
-    return Address(host, port, int(resolved_family), tuple(sockaddr))
-
-
-def _describe(value: Any) -> str:
-    """How a TOML value reads in a problem line: its type, and itself if short."""
-    if isinstance(value, list | dict):
-        return "an array" if isinstance(value, list) else "a table"
-    if isinstance(value, bool | str):
-        return "boolean " + str(value).lower() if isinstance(value, bool) else f"string '{value}'"
-    kind = {int: "integer", float: "float"}.get(type(value), type(value).__name__)
-    return f"{kind} {value}"  # numbers, TOML dates and times
-
-
-class _Table:
-    """One TOML table being read: typed getters, used-key tracking, problems."""
-
-    __slots__ = ("_used", "data", "path", "problems")
-
-    def __init__(self, data: dict[str, Any], path: str, problems: list[str]) -> None:
-        self.data = data
-        self.path = path
-        self.problems = problems
-        self._used: set[str] = set()
-
-    def key_path(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.key_path(key)}: {message}")
-
-    def get(self, key: str, kinds: tuple[type, ...], expected: str, required: bool) -> Any:
-        """The value at ``key`` if it has one of ``kinds``, else None (and a problem)."""
-        self._used.add(key)
-        if key not in self.data:
-            if required:
-                self.problem(key, "required key is missing")
-            return None
-        value = self.data[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            self.problem(key, f"expected {expected}, got {_describe(value)}")
-            return None
-        return value
-
-    def string(self, key: str, default: str | None = None) -> str:
-        """A string; ``default`` None makes the key required."""
-        value = self.get(key, (str,), "a string", default is None)
-        return (default or "") if value is None else str(value)
-
-    def integer(self, key: str, default: int, lo: int, hi: int | None = None) -> int:
-        value = self.get(key, (int,), "an integer", False)
-        if value is None:
-            return default
-        if value < lo or (hi is not None and value > hi):
-            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-            self.problem(key, f"must be {bounds}, got {value}")
-        return int(value)
-
-    def seconds(self, key: str, default: float, *, allow_zero: bool = False) -> float:
-        """A duration in seconds: > 0, or >= 0 with ``allow_zero``."""
-        value = self.get(key, (int, float), "a number of seconds", False)
-        if value is None:
-            return default
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            self.problem(key, f"must be a number of seconds {bound}, got {value}")
-        return float(value)
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.string(key, default)
-        if value not in allowed:
-            self.problem(key, f"expected one of {', '.join(allowed)}; got '{value}'")
-        return value
-
-    def name(self, key: str = "name") -> str:
-        """A required name, as used in CLI arguments and metrics labels."""
-        value = self.string(key)
-        if isinstance(self.data.get(key), str) and not _NAME_RE.fullmatch(value):
-            why = f"'{value}' is not a valid name (use letters, digits, '_', '.', '-')"
-            self.problem(key, why if value else "must not be empty")
-        return value
-
-    def address(self, key: str, text: str | None = None) -> Address:
-        """Parse ``text``, or else the required string at ``key``, into an Address."""
-        if text is None:
-            text = self.get(key, (str,), "a string", True)
-            if text is None:
-                return _NO_ADDRESS
-        try:
-            return parse_address(text, self.key_path(key))
-        except ConfigError as exc:
-            self.problems.extend(exc.problems)
-            return _NO_ADDRESS
-
-    def items(self, key: str, expected: str) -> list[tuple[str, Any]]:
-        """The (path, element) pairs of an array; [] if absent or not an array."""
-        value = self.get(key, (list,), expected, False)
-        return [(f"{self.key_path(key)}[{i}]", v) for i, v in enumerate(value or ())]
-
-    def tables(self, key: str) -> list[_Table]:
-        """The tables of an array of tables (``[[key]]``)."""
-        found = []
-        for path, value in self.items(key, f"an array of tables ([[{key}]])"):
-            if isinstance(value, dict):
-                found.append(_Table(value, path, self.problems))
-            else:
-                self.problems.append(f"{path}: expected a table, got {_describe(value)}")
-        return found
-
-    def table(self, key: str) -> _Table | None:
-        value = self.get(key, (dict,), f"a table ([{key}])", False)
-        return None if value is None else _Table(value, self.key_path(key), self.problems)
-
-    def finish(self) -> None:
-        """Report every key that no getter asked for."""
-        for key in self.data:
-            if key not in self._used:
-                close = difflib.get_close_matches(key, self._used, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                self.problem(key, f"unknown key{hint}")
-
-
-def _parse_global(table: _Table | None, problems: list[str]) -> GlobalConfig:
-    t = table or _Table({}, "global", problems)
+def _parse_global(table: Table | None, problems: list[str]) -> GlobalConfig:
+    t = table or Table({}, "global", problems)
     admin_text = t.string("admin_bind", "127.0.0.1:9900")
     config = GlobalConfig(
         workers=t.integer("workers", min(os.cpu_count() or 1, MAX_WORKERS), 1, MAX_WORKERS),
@@ -316,14 +146,14 @@ def _parse_global(table: _Table | None, problems: list[str]) -> GlobalConfig:
     return config
 
 
-def _backend_ref(t: _Table, key: str, backends: set[Any]) -> str:
+def _backend_ref(t: Table, key: str, backends: set[Any]) -> str:
     name = t.string(key)
     if isinstance(t.data.get(key), str) and name not in backends:
         t.problem(key, f"unknown backend '{name}'")
     return name
 
 
-def _parse_route(t: _Table, backends: set[Any]) -> Route:
+def _parse_route(t: Table, backends: set[Any]) -> Route:
     websocket = t.get("websocket", (bool,), "a boolean", False)
     host = t.get("host", (str,), "a string", False)
     prefix = t.get("path_prefix", (str,), "a string", False)
@@ -338,11 +168,11 @@ def _parse_route(t: _Table, backends: set[Any]) -> Route:
     return route
 
 
-def _parse_origins(t: _Table) -> tuple[str, ...]:
+def _parse_origins(t: Table) -> tuple[str, ...]:
     origins = []
     for path, value in t.items("allowed_origins", "an array of strings"):
         if not isinstance(value, str):
-            t.problems.append(f"{path}: expected a string, got {_describe(value)}")
+            t.problems.append(f"{path}: expected a string, got {describe(value)}")
             continue
         origin = value.lower().rstrip("/")
         if origin != "null" and not _ORIGIN_RE.fullmatch(origin):
@@ -351,7 +181,7 @@ def _parse_origins(t: _Table) -> tuple[str, ...]:
     return tuple(origins)
 
 
-def _parse_listener(t: _Table, backends: set[Any]) -> Listener:
+def _parse_listener(t: Table, backends: set[Any]) -> Listener:
     listener = Listener(
         name=t.name(),
         bind=t.address("bind"),
@@ -380,7 +210,7 @@ def _parse_status(value: Any) -> tuple[int, int] | str:
         low = int(match[1])
         high = int(match[2]) if match[2] else low
     else:
-        return f'expected a status like 204, "204" or "200-399", got {_describe(value)}'
+        return f'expected a status like 204, "204" or "200-399", got {describe(value)}'
     for status in (low, high):
         if not 100 <= status <= 599:
             return f"status {status} is out of range (100-599)"
@@ -389,7 +219,7 @@ def _parse_status(value: Any) -> tuple[int, int] | str:
     return low, high
 
 
-def _parse_expect_status(t: _Table) -> tuple[tuple[int, int], ...]:
+def _parse_expect_status(t: Table) -> tuple[tuple[int, int], ...]:
     if "expect_status" not in t.data:
         return ((200, 399),)
     if t.data["expect_status"] == []:
@@ -404,7 +234,7 @@ def _parse_expect_status(t: _Table) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _parse_health(t: _Table, base_dir: str) -> HealthCheck:
+def _parse_health(t: Table, base_dir: str) -> HealthCheck:
     method = t.string("method", "GET").upper()
     if not _TOKEN_RE.fullmatch(method):
         t.problem("method", f"'{method}' is not an HTTP method")
@@ -434,7 +264,7 @@ def _parse_health(t: _Table, base_dir: str) -> HealthCheck:
     return health
 
 
-def _parse_server(t: _Table) -> Server:
+def _parse_server(t: Table) -> Server:
     server = Server(
         name=t.name(),
         address=t.address("address"),
@@ -455,8 +285,8 @@ def _check_unique(items: Iterable[tuple[str, Any, str]], what: str, problems: li
 
 
 def _parse_all(
-    t: _Table, key: str, what: str, parse: Callable[[_Table], _Named]
-) -> list[tuple[_Table, _Named]]:
+    t: Table, key: str, what: str, parse: Callable[[Table], _Named]
+) -> list[tuple[Table, _Named]]:
     """Parse each table of the required array ``[[key]]``; their names must be unique."""
     tables = t.tables(key)
     if t.data.get(key, []) == []:
@@ -468,7 +298,7 @@ def _parse_all(
     return parsed
 
 
-def _parse_backend(t: _Table, base_dir: str) -> Backend:
+def _parse_backend(t: Table, base_dir: str) -> Backend:
     name = t.name()
     servers = [server for _, server in _parse_all(t, "servers", "server", _parse_server)]
     health = t.table("health")
@@ -487,7 +317,7 @@ def _parse_backend(t: _Table, base_dir: str) -> Backend:
 def parse_config(data: dict[str, Any], path: str = "<memory>") -> Config:
     """Validate an already-parsed TOML document; ConfigError lists every problem."""
     problems: list[str] = []
-    root = _Table(data, "", problems)
+    root = Table(data, "", problems)
     global_ = _parse_global(root.table("global"), problems)
     raw_backends = data["backends"] if isinstance(data.get("backends"), list) else []
     backend_names = {b.get("name") for b in raw_backends if isinstance(b, dict)}

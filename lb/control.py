@@ -76,6 +76,26 @@ def read_request(conn: socket.socket, timeout: float = 2.0) -> dict[str, Any]:
     return request
 
 
+def accept_request(listener: socket.socket) -> tuple[socket.socket, dict[str, Any]] | None:
+    """The next client and its request; None if there is none or it was answered already.
+
+    A client that is not allowed, or whose request is not a JSON object, gets
+    its error answer here.
+    """
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return None
+    try:
+        if not peer_allowed(conn):
+            reply(conn, {"ok": False, "errors": ["permission denied"]})
+            return None
+        return conn, read_request(conn)
+    except (LBError, OSError) as exc:
+        reply(conn, {"ok": False, "errors": [str(exc)]})
+        return None
+
+
 def reply(conn: socket.socket, answer: dict[str, Any]) -> None:
     with contextlib.suppress(OSError), conn:  # the client may have given up
         conn.settimeout(2.0)

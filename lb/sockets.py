@@ -17,7 +17,8 @@ import math
 import socket
 from typing import Any
 
-from lb.config import Address, Config, Listener
+from lb.config import Config, Listener
+from lb.config_table import Address
 from lb.errors import LBError
 from lb.worker.process import set_keepalive
 

@@ -361,18 +361,10 @@ class Supervisor:
 
     def _on_control(self) -> None:
         assert self.control is not None
-        try:
-            conn, _ = self.control.accept()
-        except BlockingIOError:
+        got = control.accept_request(self.control)
+        if got is None:
             return
-        try:
-            if not control.peer_allowed(conn):
-                control.reply(conn, {"ok": False, "errors": ["permission denied"]})
-                return
-            request = control.read_request(conn)
-        except (LBError, OSError) as exc:
-            control.reply(conn, {"ok": False, "errors": [str(exc)]})
-            return
+        conn, request = got
         command = request.get("cmd")
         if command == "reload":
             self.reload([conn])

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from lb.config import Address, HealthCheck
+from lb.config import HealthCheck
+from lb.config_table import Address
 
 MAX_BODY = 64 * 1024  # bytes of a response body read for expect_body
 

@@ -36,7 +36,8 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from lb.config import Address, Config
+from lb.config import Config
+from lb.config_table import Address
 from lb.pool import layout as L
 from lb.pool.shm import HealthRecord, Pool
 from probes.checks import Checker, CheckResult

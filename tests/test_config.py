@@ -11,16 +11,15 @@ import pytest
 
 from lb.config import (
     DEFAULT_CONFIG_PATH,
-    Address,
     Backend,
     Config,
     HealthCheck,
     Route,
     Server,
     load_config,
-    parse_address,
     parse_config,
 )
+from lb.config_table import Address, parse_address
 from lb.errors import ConfigError, LBError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "splicelb.toml"

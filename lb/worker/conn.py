@@ -218,8 +218,13 @@ class Connection:
     # -- 4. forward and tunnel ---------------------------------------------------
 
     def _connected(self) -> None:
-        assert self.sock is not None
-        head = self.sniffer.buffer if self.sniffer is not None else b""
+        sock = self.sock
+        assert sock is not None
+        if self.sniffer is None:  # mode = "tcp": nothing read yet, nothing to forward
+            self.sock = None
+            self.tunnel = self.worker.open_tunnel(self, sock.detach())
+            return
+        head = self.sniffer.buffer
         self.bytes_in = len(head)
         self.sniffer = None  # release the head: an idle tunnel keeps no buffers
         self.pending = head

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import asyncio
 
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
 READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 FAILED = select.EPOLLHUP | select.EPOLLERR
-BATCH = 512
+BATCH = 32
 
 Callback = Callable[[], None]
 
@@ -51,9 +52,7 @@ class Poller:
         loop.add_reader(self.epoll.fileno(), self.dispatch)
 
     def _update(self, fd: int) -> None:
-        mask = (select.EPOLLIN if fd in self.readers else 0) | (
-            select.EPOLLOUT if fd in self.writers else 0
-        )
+        mask = (IN if fd in self.readers else 0) | (OUT if fd in self.writers else 0)
         old = self.masks.get(fd, 0)
         if mask == old:
             return

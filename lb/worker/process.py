@@ -227,7 +227,7 @@ class Worker:
         self.loop.call_later(HEARTBEAT_INTERVAL, self._beat)
 
     def _sweep(self) -> None:
-        """Close tunnels idle for their listener's tunnel_timeout (a tunnel holds no timer).
+        """Publish byte counters; close tunnels idle for tunnel_timeout (a tunnel holds no timer).
 
         It also turns on TCP keepalive on the server sockets of tunnels that
         have lasted until now: a connection that ends within a sweep never
@@ -237,9 +237,11 @@ class Worker:
         now = time.monotonic()
         for conn in [c for c in self.connections if c.tunnel is not None]:
             tunnel = conn.tunnel
-            if tunnel is None:  # closed by an earlier one of this sweep
+            if tunnel is None or tunnel.closed:
                 continue
-            if now - tunnel.active_at >= conn.listener.tunnel_timeout:
+            if tunnel.flush():  # bytes moved since the last sweep: active, and counted
+                tunnel.active_at = now
+            elif now - tunnel.active_at >= conn.listener.tunnel_timeout:
                 tunnel.close("tunnel idle timeout")
             elif not tunnel.keepalive:
                 set_keepalive_fd(tunnel.down.src)
@@ -291,6 +293,9 @@ class Worker:
 
     def _accept(self, accept: Any, listener: ListenerRuntime) -> None:
         # socket._accept returns (fd, addr) without building a socket object.
+        q, base = self.q, self.slot_base
+        lcounter = self.listener_counters[listener.index]
+        connections, set_blocking = self.connections, os.set_blocking
         for _ in range(ACCEPT_BATCH):
             if self.active >= self.maxconn:
                 self._pause()  # the listen backlog holds the rest until we are below the cap
@@ -306,16 +311,14 @@ class Worker:
                     self.loop.call_later(ACCEPT_BACKOFF, self._resume)
                     return
                 continue  # ECONNABORTED and the like: that client is gone already
-            os.set_blocking(fd, False)
+            set_blocking(fd, False)
             self.active += 1
-            q, base = self.q, self.slot_base
             q[base + L.S_CONNECTIONS] = self.active
             q[base + L.S_ACCEPTED] += 1
-            lcounter = self.listener_counters[listener.index]
             q[lcounter + L.C_ACTIVE] += 1
             q[lcounter + L.C_TOTAL] += 1
             conn = Connection(self, listener, fd, addr)
-            self.connections.add(conn)
+            connections.add(conn)
             conn.start()
 
     # -- called by connections -------------------------------------------------

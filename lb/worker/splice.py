@@ -18,6 +18,12 @@ is honoured in each direction independently).  The tunnel closes when both
 flows have ended, on any error, or after ``tunnel_timeout`` without a byte
 either way (the worker sweeps its tunnels for that; a tunnel holds no timer).
 Its sockets are closed through the worker's :class:`~lb.worker.poller.Poller`.
+
+The read path does as little as it can per event: the two splices, a byte
+count in the flow, the pipe back to the pool.  The shared-memory byte
+counters (status, metrics) and the tunnel's last-activity time are brought
+up to date by the worker's sweep (:meth:`Tunnel.flush`, at least once a
+second) and when the tunnel closes, not on every read.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a 1 MiB pipe roughly doubles bulk throughpu
 F_SETPIPE_SZ = 1031
 KEEP_PIPES = 64  # idle pipes a worker keeps for reuse
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+splice = os.splice  # called with positional arguments only: keyword parsing costs per call
 
 Pipe = tuple[int, int]
 
@@ -81,9 +88,9 @@ def discard(pipe: Pipe) -> None:
     os.close(pipe[1])
 
 
-_libc_shutdown = ctypes.CDLL(None, use_errno=True).shutdown
-_libc_shutdown.argtypes = (ctypes.c_int, ctypes.c_int)
-_libc_shutdown.restype = ctypes.c_int
+# No argtypes and no errno: Python ints pass as C ints, the result is ignored, and
+# the call costs about 0.7 µs instead of 1.1 µs.
+_libc_shutdown = ctypes.CDLL(None).shutdown
 
 
 def shutdown_write(fd: int) -> None:
@@ -100,11 +107,9 @@ class Flow:
     """One direction of a tunnel."""
 
     __slots__ = (
-        "counter",
         "dst",
         "dst_name",
         "ended",
-        "lcounter",
         "nbytes",
         "pipe",
         "queued",
@@ -115,30 +120,25 @@ class Flow:
         "writing",
     )
 
-    def __init__(
-        self, tunnel: Tunnel, src: int, dst: int, counters: tuple[int, int], src_name: str
-    ) -> None:
+    def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
         self.tunnel = tunnel
         self.src = src
         self.dst = dst
         self.src_name = src_name  # "client" or "server", for the close reason
         self.dst_name = "server" if src_name == "client" else "client"
-        # Indexes of this flow's byte counters (server's, listener's) in the pool's word view.
-        self.counter, self.lcounter = counters
         self.pipe: Pipe | None = None
         self.queued = 0  # bytes in the pipe, not yet in dst
-        self.nbytes = 0
+        self.nbytes = 0  # moved so far; the tunnel publishes it (see Tunnel.flush)
         self.reading = False
         self.writing = False
         self.ended = False
 
     def on_readable(self) -> None:
         tunnel = self.tunnel
-        pipes = tunnel.pipes
-        free = pipes.free
-        pipe = free.pop() if free else pipes.new()  # we read only with an empty pipe
+        free = tunnel.free
+        pipe = free.pop() if free else tunnel.pipes.new()  # we read only with an empty pipe
         try:
-            n = os.splice(self.src, pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+            n = splice(self.src, pipe[1], PIPE_SIZE, None, None, SPLICE_FLAGS)
         except BlockingIOError:
             free.append(pipe)
             return
@@ -151,12 +151,8 @@ class Flow:
             self._end()
             return
         self.nbytes += n
-        counters = tunnel.counters
-        counters[self.counter] += n
-        counters[self.lcounter] += n
-        tunnel.active_at = monotonic()
         try:
-            m = os.splice(pipe[0], self.dst, n, flags=SPLICE_FLAGS)
+            m = splice(pipe[0], self.dst, n, None, None, SPLICE_FLAGS)
         except BlockingIOError:
             m = 0
         except OSError as exc:
@@ -164,10 +160,7 @@ class Flow:
             tunnel.close(_reason(exc, self.dst_name))
             return
         if m == n:
-            if len(free) < pipes.keep:
-                free.append(pipe)
-            else:
-                discard(pipe)
+            free.append(pipe)  # the pool is no fuller than before the pop: no size check
             return
         self.pipe, self.queued = pipe, n - m
         poller = tunnel.poller
@@ -181,7 +174,7 @@ class Flow:
         pipe = self.pipe
         assert pipe is not None
         try:
-            m = os.splice(pipe[0], self.dst, self.queued, flags=SPLICE_FLAGS)
+            m = splice(pipe[0], self.dst, self.queued, None, None, SPLICE_FLAGS)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -239,10 +232,14 @@ class Tunnel:
         "conn",
         "counters",
         "down",
+        "down_words",
+        "flushed",
+        "free",
         "keepalive",
         "pipes",
         "poller",
         "up",
+        "up_words",
     )
 
     def __init__(
@@ -256,9 +253,13 @@ class Tunnel:
         self.conn = conn
         self.poller: Poller = worker.poller
         self.pipes: PipePool = worker.pipes
+        self.free = worker.pipes.free
         self.counters: memoryview = worker.q
-        self.up = Flow(self, conn.fd, server, up_counters, "client")
-        self.down = Flow(self, server, conn.fd, down_counters, "server")
+        # Indexes of the byte counters (server's, listener's) in the pool's word view.
+        self.up_words, self.down_words = up_counters, down_counters
+        self.flushed = (0, 0)  # (up, down) bytes already added to them
+        self.up = Flow(self, conn.fd, server, "client")
+        self.down = Flow(self, server, conn.fd, "server")
         self.closed = False
         self.keepalive = False  # on the server socket; set by the worker's sweep
         self.active_at = monotonic()
@@ -279,10 +280,28 @@ class Tunnel:
         if speculate:
             up.on_readable()
 
+    def flush(self) -> bool:
+        """Add the bytes moved since the last flush to the shared counters; any?"""
+        up, down = self.up.nbytes, self.down.nbytes
+        done_up, done_down = self.flushed
+        if up == done_up and down == done_down:
+            return False
+        q = self.counters
+        for (server_word, listener_word), n in (
+            (self.up_words, up - done_up),
+            (self.down_words, down - done_down),
+        ):
+            if n:
+                q[server_word] += n
+                q[listener_word] += n
+        self.flushed = (up, down)
+        return True
+
     def close(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
+        self.flush()
         self.up.release(self.pipes)
         self.down.release(self.pipes)
         self.poller.close(self.up.src)  # closing drops them from the epoll set
