@@ -59,13 +59,7 @@ def ensure_tools() -> dict[str, str]:
     """Install the Debian packages whose binary is missing, and matplotlib; return the paths."""
     missing = [pkg for binary, pkg in DEBIAN_TOOLS.items() if which(binary) is None]
     if missing:
-        log(f"installing Debian packages: {' '.join(missing)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
-        if subprocess.run(install, env=env, timeout=900, check=False).returncode != 0:
-            log("apt-get install failed; running apt-get update and trying again")
-            subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=900, check=False)
-            subprocess.run(install, env=env, timeout=900, check=True)
+        install_debian(missing)
     if importlib.util.find_spec("matplotlib") is None:
         log("installing matplotlib with pip")
         subprocess.run(
@@ -79,6 +73,17 @@ def ensure_tools() -> dict[str, str]:
             raise BenchError(f"{binary} is still missing after installing it")
         paths[binary] = found
     return paths
+
+
+def install_debian(packages: list[str]) -> None:
+    """apt-get install, with one apt-get update and retry if the package lists are stale."""
+    log(f"installing Debian packages: {' '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, timeout=900, check=False).returncode != 0:
+        log("apt-get install failed; running apt-get update and trying again")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=900, check=False)
+        subprocess.run(install, env=env, timeout=900, check=True)
 
 
 def free_port() -> int:

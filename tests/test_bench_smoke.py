@@ -99,3 +99,27 @@ def test_cpu_profile_smoke() -> None:
     assert 0.9 <= close["accept4"] <= 1.1, close
     assert close["splice"] >= 2, close
     assert "recvfrom" not in close and "sendto" not in close, close
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_instruction_count_smoke() -> None:
+    """bench/instructions.py counts the worker's instructions for what it claims to count."""
+    if shutil.which("valgrind") is None and os.geteuid() != 0:
+        pytest.skip("valgrind missing and not root to install it (Debian package valgrind)")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "-n", "100", "--top", "5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=380,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads(done.stdout)
+    assert result["count"] == 100
+    # A new connection (accept, connect, two tunnels' worth of events, close) costs
+    # the worker more than forwarding one small message each way.
+    assert result["per_connection"] > result["per_round_trip"] > 0
+    assert len(result["top_per_connection"]) == 5
+    assert all(n > 0 for _, n in result["top_per_round_trip"])

@@ -3,8 +3,11 @@
 Theory of operation
 -------------------
 Everything runs as callbacks on raw file descriptors (the worker's
-:class:`~lb.worker.poller.Poller`, and ``call_later`` for the head and
-connect timeouts); there is no Task or coroutine per connection.  A
+:class:`~lb.worker.poller.Poller`); there is no Task or coroutine per
+connection.  The head and connect timeouts are not loop timers either (one
+costs a connection more than the rest of its connect step): the connection
+puts its deadline in the worker's ``deadlines`` and the worker calls
+:meth:`Connection.expire` from a tick every ``DEADLINE_TICK`` seconds.  A
 connection goes through at most four steps:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
@@ -28,6 +31,7 @@ import _socket
 import errno
 import os
 import socket
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +77,8 @@ class Connection:
         "addr",
         "backend",
         "bytes_in",
+        "bytes_out",
+        "expires",
         "fd",
         "listener",
         "loop",
@@ -83,7 +89,6 @@ class Connection:
         "sniffer",
         "sock",
         "started",
-        "timer",
         "tried",
         "tunnel",
         "websocket",
@@ -101,7 +106,7 @@ class Connection:
         self.addr = addr  # the client's (host, port, ...)
         self.started = monotonic()
         self.sniffer: HeadSniffer | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.expires: Callable[[], None] | None = None  # what to do at the deadline
         self.reading = False
         self.websocket = False
         self.backend: BackendRuntime | None = None
@@ -109,7 +114,8 @@ class Connection:
         self.tried: list[int] = []
         self.sock: _socket.socket | None = None
         self.tunnel: Tunnel | None = None
-        self.bytes_in = 0
+        self.bytes_in = 0  # from the client: the head, then what the tunnel moved up
+        self.bytes_out = 0  # to the client, through the tunnel
         self.pending = b""
 
     def start(self) -> None:
@@ -117,7 +123,7 @@ class Connection:
             self._route(self.listener.default_backend)
             return
         self.sniffer = HeadSniffer()
-        self.timer = self.loop.call_later(self.listener.head_timeout, self._head_timeout)
+        self._arm(self.listener.head_timeout, self._head_timeout)
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
 
     # -- 1. head ---------------------------------------------------------------
@@ -144,7 +150,7 @@ class Connection:
                 self.reading = True
             return
         self._stop_reading()
-        self._cancel_timer()
+        self._disarm()
         if isinstance(event, Reject):
             self.answer(event.status, event.reason)
             return
@@ -155,7 +161,6 @@ class Connection:
         self._route(self.listener.router.backend_for(event))
 
     def _head_timeout(self) -> None:
-        self.timer = None
         self._stop_reading()
         self.answer(408, f"request head not complete within {self.listener.head_timeout:g} s")
 
@@ -185,13 +190,13 @@ class Connection:
             self._connected()
         elif err == errno.EINPROGRESS:
             self.poller.add_writer(sock.fileno(), self._connect_done)
-            self.timer = self.loop.call_later(backend.connect_timeout, self._connect_timeout)
+            self._arm(backend.connect_timeout, self._connect_timeout)
         else:
             self._connect_failed(os.strerror(err))
 
     def _connect_done(self) -> None:
         assert self.sock is not None
-        self._cancel_timer()
+        self._disarm()
         # Writable without error or hang-up: connected, no need to ask SO_ERROR.
         err = 0
         if self.poller.events & FAILED:
@@ -203,7 +208,6 @@ class Connection:
             self._connected()  # still watched for write: the tunnel turns that into read
 
     def _connect_timeout(self) -> None:
-        self.timer = None
         assert self.sock is not None and self.backend is not None
         self.poller.remove_writer(self.sock.fileno())
         self._connect_failed(f"connect timeout after {self.backend.connect_timeout:g} s")
@@ -246,20 +250,21 @@ class Connection:
             return
         self.pending = self.pending[sent:]
         if self.pending:
-            if self.timer is None:
+            if self.expires is None:
                 self.poller.add_writer(sock.fileno(), self._send_pending)
-                self.timer = self.loop.call_later(
-                    self.backend.connect_timeout, self._abort_connect, "server took no request"
-                )
+                self._arm(self.backend.connect_timeout, self._request_timeout)
             return
-        self._cancel_timer()
+        self._disarm()
         server_fd = sock.detach()
         self.sock = None
         self.tunnel = self.worker.open_tunnel(self, server_fd)
 
+    def _request_timeout(self) -> None:
+        self._abort_connect("server took no request")
+
     def _abort_connect(self, reason: str) -> None:
         assert self.sock is not None
-        self._cancel_timer()
+        self._disarm()
         self.poller.remove_writer(self.sock.fileno())
         self.sock.close()
         self.sock = None
@@ -267,8 +272,7 @@ class Connection:
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
         """The one call a tunnel makes, when it closes."""
-        self.bytes_in += tunnel.up.nbytes
-        self.worker.finish(self, None, reason, tunnel.down.nbytes)
+        self.worker.finish(self, None, reason, self.bytes_out)  # the tunnel flushed its counts
 
     # -- answers and endings -----------------------------------------------------
 
@@ -288,7 +292,7 @@ class Connection:
 
     def _drop(self, reason: str, status: int | None = None) -> None:
         self._stop_reading()
-        self._cancel_timer()
+        self._disarm()
         self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
         self.poller.close(self.fd)
         self.worker.finish(self, status, reason, 0)
@@ -309,10 +313,21 @@ class Connection:
             self.poller.remove_reader(self.fd)
             self.reading = False
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _arm(self, seconds: float, then: Callable[[], None]) -> None:
+        self.expires = then
+        self.worker.deadlines[self] = monotonic() + seconds
+
+    def _disarm(self) -> None:
+        if self.expires is not None:
+            self.expires = None
+            del self.worker.deadlines[self]
+
+    def expire(self) -> None:
+        """The deadline set by ``_arm`` has passed (called by the worker's tick)."""
+        then = self.expires
+        self._disarm()
+        if then is not None:
+            then()
 
 
 class Linger:

@@ -45,6 +45,7 @@ ACCEPT_BATCH = 64  # connections accepted per readable event, for fairness betwe
 ACCEPT_BACKOFF = 0.1  # seconds accepting pauses when out of file descriptors
 HEARTBEAT_INTERVAL = 1.0
 SWEEP_MAX = 1.0  # longest pause between two sweeps for idle tunnels
+DEADLINE_TICK = 0.05  # how often head and connect timeouts are checked (so: how late they fire)
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 # Exit codes of a worker, read by the supervisor.
@@ -145,6 +146,7 @@ class Worker:
         self.listener_counters = [geo.listener_counter(slot, i) for i in range(geo.nlisteners)]
         self.log_conn = log_conn
         self.connections: set[Connection] = set()
+        self.deadlines: dict[Connection, float] = {}  # connections waiting with a time limit
         self.active = 0
         self.accepting = False
         self.draining = False
@@ -209,6 +211,7 @@ class Worker:
             SWEEP_MAX, min(lc.tunnel_timeout for lc in self.config.listeners) / 10
         )
         loop.call_later(self._sweep_every, self._sweep)
+        loop.call_later(DEADLINE_TICK, self._expire)
         self._resume()
         q[base + L.S_STATE] = L.SLOT_RUNNING  # the supervisor now counts us as accepting
         self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn)
@@ -247,6 +250,14 @@ class Worker:
                 set_keepalive_fd(tunnel.down.src)
                 tunnel.keepalive = True
         self.loop.call_later(self._sweep_every, self._sweep)
+
+    def _expire(self) -> None:
+        """Time out the connections whose head or connect step is past its deadline."""
+        if self.deadlines:
+            now = time.monotonic()
+            for conn in [c for c, deadline in self.deadlines.items() if deadline <= now]:
+                conn.expire()
+        self.loop.call_later(DEADLINE_TICK, self._expire)
 
     def drain(self) -> None:
         """Stop accepting; leave when the last connection ends or at drain_timeout."""
@@ -331,14 +342,21 @@ class Worker:
         q[counter + L.C_TOTAL] += 1
         q[counter + L.C_BYTES_IN] += conn.bytes_in  # the head, forwarded by send()
         q[lcounter + L.C_BYTES_IN] += conn.bytes_in
-        tunnel = conn.tunnel = Tunnel(
-            conn,
-            server_fd,
-            (counter + L.C_BYTES_IN, lcounter + L.C_BYTES_IN),
-            (counter + L.C_BYTES_OUT, lcounter + L.C_BYTES_OUT),
-        )
+        tunnel = conn.tunnel = Tunnel(conn, server_fd)
         tunnel.start(speculate=conn.listener.mode == "tcp")
         return tunnel
+
+    def count_bytes(self, conn: Connection, up: int, down: int) -> None:
+        """Bytes a tunnel moved (see ``Tunnel.flush``): to its server's and listener's counters."""
+        q = self.q
+        counter = self.server_counters[conn.server]
+        lcounter = self.listener_counters[conn.listener.index]
+        if up:
+            q[counter + L.C_BYTES_IN] += up
+            q[lcounter + L.C_BYTES_IN] += up
+        if down:
+            q[counter + L.C_BYTES_OUT] += down
+            q[lcounter + L.C_BYTES_OUT] += down
 
     def connect_failed(self, conn: Connection, why: str) -> None:
         """Passive health: mark the server suspect so every worker avoids it."""

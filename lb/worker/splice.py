@@ -128,7 +128,7 @@ class Flow:
         self.dst_name = "server" if src_name == "client" else "client"
         self.pipe: Pipe | None = None
         self.queued = 0  # bytes in the pipe, not yet in dst
-        self.nbytes = 0  # moved so far; the tunnel publishes it (see Tunnel.flush)
+        self.nbytes = 0  # moved since the tunnel's last flush (see Tunnel.flush)
         self.reading = False
         self.writing = False
         self.ended = False
@@ -230,34 +230,20 @@ class Tunnel:
         "active_at",
         "closed",
         "conn",
-        "counters",
         "down",
-        "down_words",
-        "flushed",
         "free",
         "keepalive",
         "pipes",
         "poller",
         "up",
-        "up_words",
     )
 
-    def __init__(
-        self,
-        conn: Connection,
-        server: int,
-        up_counters: tuple[int, int],
-        down_counters: tuple[int, int],
-    ) -> None:
+    def __init__(self, conn: Connection, server: int) -> None:
         worker = conn.worker
         self.conn = conn
         self.poller: Poller = worker.poller
         self.pipes: PipePool = worker.pipes
         self.free = worker.pipes.free
-        self.counters: memoryview = worker.q
-        # Indexes of the byte counters (server's, listener's) in the pool's word view.
-        self.up_words, self.down_words = up_counters, down_counters
-        self.flushed = (0, 0)  # (up, down) bytes already added to them
         self.up = Flow(self, conn.fd, server, "client")
         self.down = Flow(self, server, conn.fd, "server")
         self.closed = False
@@ -281,20 +267,15 @@ class Tunnel:
             up.on_readable()
 
     def flush(self) -> bool:
-        """Add the bytes moved since the last flush to the shared counters; any?"""
+        """Count the bytes moved since the last flush (connection, shared counters); any?"""
         up, down = self.up.nbytes, self.down.nbytes
-        done_up, done_down = self.flushed
-        if up == done_up and down == done_down:
+        if not (up or down):
             return False
-        q = self.counters
-        for (server_word, listener_word), n in (
-            (self.up_words, up - done_up),
-            (self.down_words, down - done_down),
-        ):
-            if n:
-                q[server_word] += n
-                q[listener_word] += n
-        self.flushed = (up, down)
+        self.up.nbytes = self.down.nbytes = 0
+        conn = self.conn
+        conn.bytes_in += up
+        conn.bytes_out += down
+        conn.worker.count_bytes(conn, up, down)
         return True
 
     def close(self, reason: str) -> None:

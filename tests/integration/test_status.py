@@ -11,7 +11,9 @@ from pathlib import Path
 from tests.integration import clients
 from tests.integration.harness import (
     EchoBackend,
+    Proc,
     SpliceLB,
+    ToolServer,
     backend,
     cli,
     config,
@@ -82,3 +84,43 @@ def test_status_without_an_instance_says_so_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert result.stdout == ""
     assert result.stderr.strip() == f"splicelb: no instance is running in {tmp_path}"
+
+
+def test_byte_counters_move_while_a_tunnel_stays_open(
+    procs: list[Proc], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """Counters of an open tunnel are published within about a second, not only at its end."""
+    far = ToolServer("sha", "--send", str(300_000))
+    procs.append(far)
+    port = free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{port}", "bulk", mode="tcp"),
+            backend("bulk", [("far", far.address)]),
+            workers=1,
+        ),
+        workers=1,
+    )
+
+    def server_counters() -> dict[str, int]:
+        result = status("-c", str(lb.config_path), "--json")
+        assert result.returncode == 0, result.stderr
+        [server] = json.loads(result.stdout)["backends"][0]["servers"]
+        return {"in": server["bytes_in"], "out": server["bytes_out"], "active": server["active"]}
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"x" * 500_000)
+        got = 0
+        while got < 300_000:
+            chunk = sock.recv(65536)
+            assert chunk, "the server's bytes stopped short"
+            got += len(chunk)
+        counters = wait_until(
+            lambda: (c := server_counters())["in"] == 500_000 and c["out"] == 300_000 and c,
+            5,
+            "the open tunnel's bytes in the status",
+        )
+        assert counters["active"] == 1  # still open
+    [line] = lb.wait_conns(1)
+    assert (line["bytes_in"], line["bytes_out"]) == (500_000, 300_000)
+    assert server_counters() == {"in": 500_000, "out": 300_000, "active": 0}

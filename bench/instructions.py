@@ -1,0 +1,245 @@
+"""User-space instructions a worker spends per connection and per round trip (callgrind).
+
+``python -m bench.instructions`` runs ``splicelb run`` (1 worker, one ``mode =
+"tcp"`` listener) under valgrind's callgrind with instrumentation off, and
+turns it on in the worker only while a client makes N sequential connections
+(each a ``Connection: close`` request answered by a one-line backend) and then
+N 64-byte round trips over one kept-alive connection to an echo backend.  It
+prints the instructions per connection and per round trip, and the C
+functions that take most of them.
+
+Instruction counts, unlike times, do not depend on what else the machine is
+doing: the same code gives the same count, so a change to the hot path can be
+judged to a percent in a minute.  They count Python's share only (the
+interpreter, uvloop, libc); the kernel's share is in ``bench/cpu.py``.  One
+client at a time means one event per loop turn, the worst case for the loop's
+own overhead; under load, turns carry several events each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.procs import HOST, BenchError, Proc, free_port, install_debian, kill_all, log, wait_until
+from bench.servers import listening_ports
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+MESSAGE = b"x" * 64
+BOOT_TIMEOUT = 180.0  # the interpreter's start-up under valgrind is slow
+ANNOTATED = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$")
+
+
+def serve(listener: socket.socket, echo: bool) -> None:
+    """A blocking one-connection-at-a-time backend: echo, or answer once and close."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # closed: the run is over
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not echo:
+                conn.recv(65536)
+                conn.sendall(RESPONSE)
+                continue
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+
+def backend(echo: bool) -> tuple[socket.socket, int]:
+    listener = socket.create_server((HOST, 0))
+    threading.Thread(target=serve, args=(listener, echo), daemon=True).start()
+    return listener, int(listener.getsockname()[1])
+
+
+def connections(port: int, count: int) -> None:
+    for _ in range(count):
+        with socket.create_connection((HOST, port), timeout=30) as sock:
+            sock.sendall(REQUEST)
+            while sock.recv(65536):
+                pass
+
+
+def round_trips(sock: socket.socket, count: int) -> None:
+    for _ in range(count):
+        sock.sendall(MESSAGE)
+        got = 0
+        while got < len(MESSAGE):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError("the echo tunnel closed")
+            got += len(chunk)
+
+
+def worker_pid(runtime: Path) -> int | None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lb", "status", "--runtime-dir", str(runtime), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        return None
+    workers = json.loads(result.stdout)["workers"]
+    return int(workers[0]["pid"]) if workers else None
+
+
+def callgrind_control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], capture_output=True, timeout=60, check=True)
+
+
+def part(path: Path, top: int) -> dict[str, Any]:
+    """Total instructions of one callgrind dump, and its costliest functions (self cost)."""
+    totals = re.search(r"^totals:\s+(\d+)", path.read_text(errors="replace"), re.M)
+    if totals is None:
+        raise BenchError(f"{path}: no totals line")
+    out = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+    functions = []
+    for line in out.split("file:function", 1)[-1].splitlines():
+        m = ANNOTATED.match(line)
+        if m:
+            name = re.sub(r"\s*\[.*\]$", "", m.group(2)).rsplit("/", 1)[-1]
+            functions.append((name, int(m.group(1).replace(",", ""))))
+        if len(functions) == top:
+            break
+    return {"total": int(totals.group(1)), "top": functions}
+
+
+def measure(count: int, top: int, tmp: Path) -> dict[str, Any]:
+    closer, close_port = backend(echo=False)
+    echoer, echo_port = backend(echo=True)
+    port, echo_front, runtime = free_port(), free_port(), tmp / "run"
+    config = tmp / "splicelb.toml"
+    config.write_text(
+        textwrap.dedent(f"""\
+        [global]
+        workers = 1
+        runtime_dir = "{runtime}"
+        admin_bind = ""
+        log_level = "warning"
+
+        [[listeners]]
+        name = "close"
+        bind = "{HOST}:{port}"
+        mode = "tcp"
+        default_backend = "close"
+
+        [[listeners]]
+        name = "echo"
+        bind = "{HOST}:{echo_front}"
+        mode = "tcp"
+        default_backend = "echo"
+
+        [[backends]]
+        name = "close"
+          [[backends.servers]]
+          name = "close1"
+          address = "{HOST}:{close_port}"
+
+        [[backends]]
+        name = "echo"
+          [[backends.servers]]
+          name = "echo1"
+          address = "{HOST}:{echo_port}"
+        """)
+    )
+    out = tmp / "callgrind"
+    out.mkdir()
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--trace-children=yes",
+        f"--callgrind-out-file={out}/cg.%p",
+    ]
+    lb = Proc(
+        "splicelb-callgrind", [*valgrind, sys.executable, "-m", "lb", "run", "-c", str(config)], tmp
+    )
+    try:
+
+        def up() -> int | None:
+            lb.check_alive()
+            if not {port, echo_front} <= listening_ports():
+                return None
+            return worker_pid(runtime)
+
+        pid = wait_until(up, BOOT_TIMEOUT, "splicelb to start under valgrind")
+        connections(port, 20)  # warm up: imports, caches, the pipe pool
+        with socket.create_connection((HOST, echo_front), timeout=30) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            round_trips(sock, 50)
+            log(f"worker {pid}: {count} connections, then {count} round trips")
+            callgrind_control("--instr=on", str(pid))
+            started = time.monotonic()
+            connections(port, count)
+            callgrind_control("--dump=connections", str(pid))
+            round_trips(sock, count)
+            callgrind_control("--dump=round trips", str(pid))
+            callgrind_control("--instr=off", str(pid))
+            log(f"measured in {time.monotonic() - started:.1f} s")
+    finally:
+        lb.kill()
+        closer.close()
+        echoer.close()
+    dumps = sorted(out.glob(f"cg.{pid}.*"), key=lambda p: int(p.suffix[1:]))
+    if len(dumps) < 2:
+        raise BenchError(f"expected two callgrind dumps of worker {pid}, found {dumps}")
+    conns, trips = part(dumps[0], top), part(dumps[1], top)
+    return {
+        "count": count,
+        "per_connection": round(conns["total"] / count),
+        "per_round_trip": round(trips["total"] / count),
+        "top_per_connection": [(f, round(n / count)) for f, n in conns["top"]],
+        "top_per_round_trip": [(f, round(n / count)) for f, n in trips["top"]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "-n",
+        "--count",
+        type=int,
+        default=2000,
+        help="connections, and round trips, to count (2000)",
+    )
+    parser.add_argument("--top", type=int, default=15, help="costliest C functions to list (15)")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="splicelb-instr-"))
+    Proc.default_logdir = tmp
+    try:
+        if shutil.which("valgrind") is None:
+            install_debian(["valgrind"])
+        result = measure(args.count, args.top, tmp)
+        print(json.dumps(result, indent=2))
+        return 0
+    except BenchError as exc:
+        log(f"failed: {exc}")
+        return 2
+    finally:
+        kill_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
