@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Everything runs as callbacks on raw file descriptors (the worker's
-:class:`~lb.worker.poller.Poller`); there is no Task or coroutine per
+:class:`~lb.worker.loop.Loop`); there is no Task or coroutine per
 connection.  The head and connect timeouts are not loop timers either (one
 costs a connection more than the rest of its connect step): the connection
 puts its deadline in the worker's ``deadlines`` and the worker calls
@@ -36,13 +36,11 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from lb.proto.http1 import Head, HeadSniffer, Reject
-from lb.worker.poller import FAILED
+from lb.worker.loop import FAILED
 from lb.worker.splice import Tunnel, shutdown_write
 
 if TYPE_CHECKING:
-    import asyncio
-
-    from lb.worker.poller import Poller
+    from lb.worker.loop import Loop
     from lb.worker.process import BackendRuntime, ListenerRuntime, Worker
 
 READ_SIZE = 16 * 1024 + 1
@@ -83,7 +81,6 @@ class Connection:
         "listener",
         "loop",
         "pending",
-        "poller",
         "reading",
         "server",
         "sniffer",
@@ -99,8 +96,7 @@ class Connection:
         self, worker: Worker, listener: ListenerRuntime, fd: int, addr: tuple[Any, ...]
     ) -> None:
         self.worker = worker
-        self.loop: asyncio.AbstractEventLoop = worker.loop
-        self.poller: Poller = worker.poller
+        self.loop: Loop = worker.loop
         self.listener = listener
         self.fd = fd
         self.addr = addr  # the client's (host, port, ...)
@@ -133,7 +129,7 @@ class Connection:
             data = os.read(self.fd, READ_SIZE)
         except BlockingIOError:
             if not self.reading:
-                self.poller.add_reader(self.fd, self._read_head)
+                self.loop.add_reader(self.fd, self._read_head)
                 self.reading = True
             return
         except OSError as exc:
@@ -146,7 +142,7 @@ class Connection:
         event = self.sniffer.feed(data)
         if not isinstance(event, (Head, Reject)):  # NEED_DATA
             if not self.reading:
-                self.poller.add_reader(self.fd, self._read_head)
+                self.loop.add_reader(self.fd, self._read_head)
                 self.reading = True
             return
         self._stop_reading()
@@ -189,7 +185,7 @@ class Connection:
         if err == 0:
             self._connected()
         elif err == errno.EINPROGRESS:
-            self.poller.add_writer(sock.fileno(), self._connect_done)
+            self.loop.add_writer(sock.fileno(), self._connect_done)
             self._arm(backend.connect_timeout, self._connect_timeout)
         else:
             self._connect_failed(os.strerror(err))
@@ -199,17 +195,17 @@ class Connection:
         self._disarm()
         # Writable without error or hang-up: connected, no need to ask SO_ERROR.
         err = 0
-        if self.poller.events & FAILED:
+        if self.loop.events & FAILED:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
         if err:
-            self.poller.remove_writer(self.sock.fileno())
+            self.loop.remove_writer(self.sock.fileno())
             self._connect_failed(os.strerror(err))
         else:
             self._connected()  # still watched for write: the tunnel turns that into read
 
     def _connect_timeout(self) -> None:
         assert self.sock is not None and self.backend is not None
-        self.poller.remove_writer(self.sock.fileno())
+        self.loop.remove_writer(self.sock.fileno())
         self._connect_failed(f"connect timeout after {self.backend.connect_timeout:g} s")
 
     def _connect_failed(self, why: str) -> None:
@@ -251,7 +247,7 @@ class Connection:
         self.pending = self.pending[sent:]
         if self.pending:
             if self.expires is None:
-                self.poller.add_writer(sock.fileno(), self._send_pending)
+                self.loop.add_writer(sock.fileno(), self._send_pending)
                 self._arm(self.backend.connect_timeout, self._request_timeout)
             return
         self._disarm()
@@ -265,7 +261,7 @@ class Connection:
     def _abort_connect(self, reason: str) -> None:
         assert self.sock is not None
         self._disarm()
-        self.poller.remove_writer(self.sock.fileno())
+        self.loop.remove_writer(self.sock.fileno())
         self.sock.close()
         self.sock = None
         self.answer(503, reason)
@@ -286,7 +282,7 @@ class Connection:
             sent = os.write(self.fd, data)
         except OSError:
             sent = 0
-        Linger(self.loop, self.poller, self.fd)
+        Linger(self.loop, self.fd)
         self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
         self.worker.finish(self, status, reason, sent)
 
@@ -294,7 +290,7 @@ class Connection:
         self._stop_reading()
         self._disarm()
         self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
-        self.poller.close(self.fd)
+        self.loop.close(self.fd)
         self.worker.finish(self, status, reason, 0)
 
     def abort(self, reason: str) -> None:
@@ -303,14 +299,14 @@ class Connection:
             self.tunnel.close(reason)
             return
         if self.sock is not None:
-            self.poller.remove_writer(self.sock.fileno())
+            self.loop.remove_writer(self.sock.fileno())
             self.sock.close()
             self.sock = None
         self._drop(reason)
 
     def _stop_reading(self) -> None:
         if self.reading:
-            self.poller.remove_reader(self.fd)
+            self.loop.remove_reader(self.fd)
             self.reading = False
 
     def _arm(self, seconds: float, then: Callable[[], None]) -> None:
@@ -339,14 +335,14 @@ class Linger:
     file, after ``LINGER_BYTES`` or after ``LINGER_TIMEOUT``.
     """
 
-    __slots__ = ("fd", "left", "poller", "timer")
+    __slots__ = ("fd", "left", "loop", "timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller, fd: int) -> None:
-        self.poller = poller
+    def __init__(self, loop: Loop, fd: int) -> None:
+        self.loop = loop
         self.fd = fd
         self.left = LINGER_BYTES
         shutdown_write(fd)
-        poller.add_reader(fd, self._drain)
+        loop.add_reader(fd, self._drain)
         self.timer = loop.call_later(LINGER_TIMEOUT, self._close)
 
     def _drain(self) -> None:
@@ -362,4 +358,4 @@ class Linger:
             self._close()
 
     def _close(self) -> None:
-        self.poller.close(self.fd)
+        self.loop.close(self.fd)

@@ -1,4 +1,4 @@
-"""A worker process: one uvloop event loop accepting on its own listening sockets.
+"""A worker process: one event loop accepting on its own listening sockets.
 
 The supervisor forks a worker with the sockets of its slot (one
 ``SO_REUSEPORT`` socket per listener) and the path of the live pool.  The
@@ -12,17 +12,15 @@ beating.  SIGTERM: stop accepting and let connections finish for up to
 from __future__ import annotations
 
 import _socket
-import asyncio
 import errno
 import functools
 import os
 import signal
 import socket
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
-
-import uvloop
 
 from lb.config import Config
 from lb.pool import layout as L
@@ -38,7 +36,7 @@ from lb.pool.select import (
 from lb.pool.shm import Pool
 from lb.route import Router
 from lb.worker.conn import Connection
-from lb.worker.poller import Poller
+from lb.worker.loop import Loop
 from lb.worker.splice import PipePool, Tunnel
 
 ACCEPT_BATCH = 64  # connections accepted per readable event, for fairness between listeners
@@ -135,8 +133,7 @@ class Worker:
         self.pool = pool
         self.maxconn = maxconn
         self.log = log
-        self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        self.poller = Poller(self.loop)
+        self.loop = Loop(on_error=self._error)
         self.pipes = PipePool()
         self.q = pool.q
         geo = pool.geometry
@@ -198,7 +195,6 @@ class Worker:
 
     def run(self) -> int:
         loop = self.loop
-        asyncio.set_event_loop(loop)
         q, base = self.q, self.slot_base
         q[base + L.S_PID], q[base + L.S_GENERATION] = os.getpid(), self.generation
         q[base + L.S_CONNECTIONS] = 0
@@ -216,14 +212,21 @@ class Worker:
         q[base + L.S_STATE] = L.SLOT_RUNNING  # the supervisor now counts us as accepting
         self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn)
         try:
-            loop.run_forever()
+            loop.run()
         finally:
             self.pipes.close()
             q[base + L.S_STATE] = L.SLOT_EMPTY
-            self.poller.shutdown(loop)
-            loop.close()
+            loop.shutdown()
         self.log.info("worker_stopped", slot=self.slot)
         return WORKER_OK
+
+    def _error(self, exc: BaseException) -> None:
+        """A callback failed: say so and go on (the other connections are fine)."""
+        self.log.error(
+            "worker_error",
+            error=repr(exc),
+            traceback="".join(traceback.format_exception(exc))[-2000:],
+        )
 
     def _beat(self) -> None:
         self.pool.d[self.slot_base + L.S_BEAT] = time.monotonic()
@@ -292,7 +295,7 @@ class Worker:
             for sock in listener.socks:
                 accept = sock._accept  # type: ignore[attr-defined]
                 callback = functools.partial(self._accept, accept, listener)
-                self.poller.add_reader(sock.fileno(), callback)
+                self.loop.add_reader(sock.fileno(), callback)
 
     def _pause(self) -> None:
         if not self.accepting:
@@ -300,7 +303,7 @@ class Worker:
         self.accepting = False
         for listener in self.listeners:
             for sock in listener.socks:  # shared with the supervisor: unregister, never close
-                self.poller.remove_reader(sock.fileno())
+                self.loop.remove_reader(sock.fileno())
 
     def _accept(self, accept: Any, listener: ListenerRuntime) -> None:
         # socket._accept returns (fd, addr) without building a socket object.

@@ -17,7 +17,15 @@ so it becomes ``shutdown(SHUT_WR)`` on the destination at once (half-close
 is honoured in each direction independently).  The tunnel closes when both
 flows have ended, on any error, or after ``tunnel_timeout`` without a byte
 either way (the worker sweeps its tunnels for that; a tunnel holds no timer).
-Its sockets are closed through the worker's :class:`~lb.worker.poller.Poller`.
+Its sockets are closed through the worker's :class:`~lb.worker.loop.Loop`.
+
+End of file without a read: when the event that woke a flow says the peer
+has sent its FIN (``EPOLLRDHUP``), every byte before the FIN was already in
+the socket's receive queue (TCP processes a FIN only in sequence).  A splice
+into an empty pipe stops early only when the pipe runs out of slots; so if it
+moved fewer bytes than the pipe has slots (each slot holds at least one
+byte), it drained the queue, and the flow ends at once: a connection whose
+server answers and closes saves a ``splice`` that would return 0.
 
 The read path does as little as it can per event: the two splices, a byte
 count in the flow, the pipe back to the pool.  The shared-memory byte
@@ -28,7 +36,6 @@ second) and when the tunnel closes, not on every read.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -37,17 +44,21 @@ import socket
 from time import monotonic
 from typing import TYPE_CHECKING
 
+from lb.worker.loop import RDHUP
+
 if TYPE_CHECKING:
     from lb.worker.conn import Connection
-    from lb.worker.poller import Poller
+    from lb.worker.loop import Loop
 
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a 1 MiB pipe roughly doubles bulk throughput over 64 KiB
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+PAGE = os.sysconf("SC_PAGE_SIZE")  # a pipe slot holds at most a page
 KEEP_PIPES = 64  # idle pipes a worker keeps for reuse
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 splice = os.splice  # called with positional arguments only: keyword parsing costs per call
 
-Pipe = tuple[int, int]
+Pipe = tuple[int, int, int]  # read end, write end, slots
 
 
 class PipePool:
@@ -65,10 +76,11 @@ class PipePool:
 
     def new(self) -> Pipe:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # EPERM past the per-user pipe budget: the default size still works.
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
-        return r, w
+        try:
+            size = fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:  # EPERM past the per-user pipe budget: a smaller pipe still works
+            size = fcntl.fcntl(w, F_GETPIPE_SZ)
+        return r, w, size // PAGE
 
     def give(self, pipe: Pipe) -> None:
         """Return an empty pipe."""
@@ -136,18 +148,20 @@ class Flow:
     def on_readable(self) -> None:
         tunnel = self.tunnel
         free = tunnel.free
-        pipe = free.pop() if free else tunnel.pipes.new()  # we read only with an empty pipe
+        # Borrow the pool's top pipe (we read only with an empty pipe) and take it
+        # out only if bytes stay in it: a pop and an append per read would make
+        # the list shrink and grow again.
+        if not free:
+            free.append(tunnel.pipes.new())
+        pipe = free[-1]
         try:
             n = splice(self.src, pipe[1], PIPE_SIZE, None, None, SPLICE_FLAGS)
         except BlockingIOError:
-            free.append(pipe)
             return
         except OSError as exc:
-            free.append(pipe)
             tunnel.close(_reason(exc, self.src_name))
             return
         if n == 0:
-            free.append(pipe)
             self._end()
             return
         self.nbytes += n
@@ -156,17 +170,18 @@ class Flow:
         except BlockingIOError:
             m = 0
         except OSError as exc:
-            self.pipe, self.queued = pipe, n
+            self.pipe, self.queued = free.pop(), n
             tunnel.close(_reason(exc, self.dst_name))
             return
-        if m == n:
-            free.append(pipe)  # the pool is no fuller than before the pop: no size check
+        if m == n:  # the pipe is empty again, and still in the pool
+            if n < pipe[2] and tunnel.loop.events & RDHUP:
+                self._end()  # drained, and the FIN is in: see "End of file without a read"
             return
-        self.pipe, self.queued = pipe, n - m
-        poller = tunnel.poller
-        poller.remove_reader(self.src)
+        self.pipe, self.queued = free.pop(), n - m
+        loop = tunnel.loop
+        loop.remove_reader(self.src)
         self.reading = False
-        poller.add_writer(self.dst, self.on_writable)
+        loop.add_writer(self.dst, self.on_writable)
         self.writing = True
 
     def on_writable(self) -> None:
@@ -184,12 +199,12 @@ class Flow:
         tunnel.active_at = monotonic()
         if self.queued:
             return
-        poller = tunnel.poller
-        poller.remove_writer(self.dst)
+        loop = tunnel.loop
+        loop.remove_writer(self.dst)
         self.writing = False
         self.pipe = None
         tunnel.pipes.give(pipe)
-        poller.add_reader(self.src, self.on_readable)
+        loop.add_reader(self.src, self.on_readable)
         self.reading = True
 
     def _end(self) -> None:
@@ -200,7 +215,7 @@ class Flow:
         if other.ended:  # both ways done: the other side closed first
             tunnel.close(f"{other.src_name} closed")
             return
-        tunnel.poller.remove_reader(self.src)
+        tunnel.loop.remove_reader(self.src)
         self.reading = False
         shutdown_write(self.dst)
 
@@ -233,15 +248,15 @@ class Tunnel:
         "down",
         "free",
         "keepalive",
+        "loop",
         "pipes",
-        "poller",
         "up",
     )
 
     def __init__(self, conn: Connection, server: int) -> None:
         worker = conn.worker
         self.conn = conn
-        self.poller: Poller = worker.poller
+        self.loop: Loop = worker.loop
         self.pipes: PipePool = worker.pipes
         self.free = worker.pipes.free
         self.up = Flow(self, conn.fd, server, "client")
@@ -257,13 +272,14 @@ class Tunnel:
         one ``epoll_ctl``.  In ``mode = "tcp"`` the client has usually sent its
         first bytes while we connected: reading them now saves a wakeup.
         """
-        poller = self.poller
+        loop = self.loop
         up, down = self.up, self.down
-        poller.add_reader(up.src, up.on_readable)
+        loop.add_reader(up.src, up.on_readable)
         up.reading = True
-        poller.set(down.src, down.on_readable, None)
+        loop.set(down.src, down.on_readable, None)
         down.reading = True
         if speculate:
+            loop.events = 0  # not woken by this socket: no end of file known
             up.on_readable()
 
     def flush(self) -> bool:
@@ -285,8 +301,8 @@ class Tunnel:
         self.flush()
         self.up.release(self.pipes)
         self.down.release(self.pipes)
-        self.poller.close(self.up.src)  # closing drops them from the epoll set
-        self.poller.close(self.down.src)
+        self.loop.close(self.up.src)  # closing drops them from the epoll set
+        self.loop.close(self.down.src)
         self.conn.tunnel_closed(self, reason)
         # Break the reference cycles (flow <-> tunnel <-> connection): reference
         # counting frees all of them now, and the cyclic GC has nothing to find.

@@ -1,0 +1,156 @@
+"""The worker's event loop: readiness, timers, signals and errors, on real descriptors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lb.worker.loop import RDHUP, Loop
+
+
+@pytest.fixture
+def errors() -> list[BaseException]:
+    return []
+
+
+@pytest.fixture
+def loop(errors: list[BaseException]) -> Iterator[Loop]:
+    loop = Loop(on_error=errors.append)
+    watchdog = loop.call_later(5, loop.stop)  # a broken test ends instead of hanging
+    yield loop
+    watchdog.cancel()
+    loop.shutdown()
+
+
+def test_timers_fire_in_order_and_a_cancelled_one_never(loop: Loop) -> None:
+    fired: list[str] = []
+    loop.call_later(0.06, lambda: fired.append("late"))
+    loop.call_later(0.02, lambda: fired.append("early"))
+    loop.call_later(0.04, lambda: fired.append("cancelled")).cancel()
+    loop.call_later(0.08, loop.stop)
+    started = time.monotonic()
+    loop.run()
+    assert fired == ["early", "late"]
+    assert 0.07 <= time.monotonic() - started < 1.0
+
+
+def test_a_timer_set_from_a_timer_fires(loop: Loop) -> None:
+    fired: list[float] = []
+
+    def again() -> None:
+        fired.append(time.monotonic())
+        if len(fired) < 3:
+            loop.call_later(0.01, again)
+        else:
+            loop.stop()
+
+    loop.call_later(0.01, again)
+    loop.run()
+    assert len(fired) == 3
+    assert fired == sorted(fired)
+
+
+def test_reader_hears_data_then_the_peers_end_of_file(loop: Loop) -> None:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    heard: list[tuple[bytes, bool]] = []
+
+    def readable() -> None:
+        data = b.recv(100)
+        heard.append((data, bool(loop.events & RDHUP)))
+        if not data:
+            loop.remove_reader(b.fileno())
+            loop.stop()
+
+    loop.add_reader(b.fileno(), readable)
+    a.sendall(b"hello")
+    loop.call_later(0.05, a.close)
+    loop.run()
+    assert heard[0] == (b"hello", False)
+    assert heard[-1] == (b"", True)
+    b.close()
+
+
+def test_writer_then_reader_on_one_descriptor(loop: Loop) -> None:
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    steps: list[str] = []
+
+    def writable() -> None:
+        steps.append("writable")
+        b.send(b"ping")
+        loop.set(b.fileno(), readable, None)  # from write interest to read interest
+
+    def readable() -> None:
+        steps.append(b.recv(10).decode())
+        loop.stop()
+
+    loop.add_writer(b.fileno(), writable)
+    loop.call_later(0.05, lambda: a.send(a.recv(10)))  # echo what b sent
+    loop.run()
+    assert steps == ["writable", "ping"]
+    a.close()
+    b.close()
+
+
+def test_close_during_a_batch_is_deferred_until_the_batch_ends(loop: Loop) -> None:
+    """A descriptor closed by an earlier callback of the same batch keeps its number
+    until the batch is done, so a stale event cannot reach whoever reuses it."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    seen_open: list[bool] = []
+    first, second = pairs[0][1], pairs[1][1]
+    fds = {first.fileno(), second.fileno()}
+
+    def close_both() -> None:
+        for fd in fds:
+            loop.close(fd)
+        seen_open.append(all(_is_open(fd) for fd in fds))
+        loop.stop()
+
+    for sock in (first, second):
+        loop.add_reader(sock.detach(), close_both)
+    for a, _ in pairs:
+        a.send(b"x")
+    loop.run()
+    assert seen_open == [True]  # still open inside the batch
+    assert not any(_is_open(fd) for fd in fds)  # closed once it ended
+    for a, _ in pairs:
+        a.close()
+
+
+def test_signal_runs_its_callback_in_the_loop(loop: Loop) -> None:
+    got: list[str] = []
+
+    def on_usr1() -> None:
+        got.append("usr1")
+        loop.stop()
+
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    loop.call_later(0.02, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    loop.run()
+    assert got == ["usr1"]
+
+
+def test_a_failing_callback_is_reported_and_the_loop_goes_on(
+    loop: Loop, errors: list[BaseException]
+) -> None:
+    def boom() -> None:
+        raise RuntimeError("bug in a callback")
+
+    loop.call_later(0.01, boom)
+    loop.call_later(0.03, loop.stop)
+    loop.run()
+    assert [str(e) for e in errors] == ["bug in a callback"]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
