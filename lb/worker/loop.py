@@ -146,45 +146,55 @@ class Loop:
 
     # -- descriptors -------------------------------------------------------------
 
-    def _update(self, fd: int) -> None:
-        mask = (IN if fd in self.readers else 0) | (OUT if fd in self.writers else 0)
-        old = self.masks.get(fd, 0)
+    def _interest(self, fd: int, add: int, drop: int) -> None:
+        """Turn ``add`` on and ``drop`` off in ``fd``'s interest: at most one ``epoll_ctl``."""
+        masks = self.masks
+        old = masks.get(fd, 0)
+        mask = (old | add) & ~drop
         if mask == old:
             return
         if not mask:
-            del self.masks[fd]
+            del masks[fd]
             self.epoll.unregister(fd)
         elif not old:
-            self.masks[fd] = mask
+            masks[fd] = mask
             self.epoll.register(fd, mask)
         else:
-            self.masks[fd] = mask
+            masks[fd] = mask
             self.epoll.modify(fd, mask)
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         self.readers[fd] = callback
-        self._update(fd)
+        self._interest(fd, IN, 0)
 
     def remove_reader(self, fd: int) -> None:
         if self.readers.pop(fd, None) is not None:
-            self._update(fd)
+            self._interest(fd, 0, IN)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
         self.writers[fd] = callback
-        self._update(fd)
+        self._interest(fd, OUT, 0)
 
     def remove_writer(self, fd: int) -> None:
         if self.writers.pop(fd, None) is not None:
-            self._update(fd)
+            self._interest(fd, 0, OUT)
 
     def set(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
         """Both interests of ``fd`` at once: one ``epoll_ctl`` (e.g. connected: write -> read)."""
-        for table, callback in ((self.readers, reader), (self.writers, writer)):
-            if callback is None:
-                table.pop(fd, None)
-            else:
-                table[fd] = callback
-        self._update(fd)
+        add = drop = 0
+        if reader is None:
+            self.readers.pop(fd, None)
+            drop = IN
+        else:
+            self.readers[fd] = reader
+            add = IN
+        if writer is None:
+            self.writers.pop(fd, None)
+            drop |= OUT
+        else:
+            self.writers[fd] = writer
+            add |= OUT
+        self._interest(fd, add, drop)
 
     def close(self, fd: int) -> None:
         """Forget ``fd`` and close it (after the current batch).

@@ -343,8 +343,9 @@ class Worker:
         q = self.q
         q[counter + L.C_ACTIVE] += 1
         q[counter + L.C_TOTAL] += 1
-        q[counter + L.C_BYTES_IN] += conn.bytes_in  # the head, forwarded by send()
-        q[lcounter + L.C_BYTES_IN] += conn.bytes_in
+        if conn.bytes_in:  # the head, forwarded by send() (mode = "http")
+            q[counter + L.C_BYTES_IN] += conn.bytes_in
+            q[lcounter + L.C_BYTES_IN] += conn.bytes_in
         tunnel = conn.tunnel = Tunnel(conn, server_fd)
         tunnel.start(speculate=conn.listener.mode == "tcp")
         return tunnel

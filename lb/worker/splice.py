@@ -118,32 +118,21 @@ def shutdown_write(fd: int) -> None:
 class Flow:
     """One direction of a tunnel."""
 
-    __slots__ = (
-        "dst",
-        "dst_name",
-        "ended",
-        "nbytes",
-        "pipe",
-        "queued",
-        "reading",
-        "src",
-        "src_name",
-        "tunnel",
-        "writing",
-    )
+    __slots__ = ("dst", "ended", "nbytes", "pipe", "queued", "src", "src_name", "tunnel")
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
         self.tunnel = tunnel
         self.src = src
         self.dst = dst
         self.src_name = src_name  # "client" or "server", for the close reason
-        self.dst_name = "server" if src_name == "client" else "client"
         self.pipe: Pipe | None = None
         self.queued = 0  # bytes in the pipe, not yet in dst
         self.nbytes = 0  # moved since the tunnel's last flush (see Tunnel.flush)
-        self.reading = False
-        self.writing = False
         self.ended = False
+
+    @property
+    def dst_name(self) -> str:
+        return "server" if self.src_name == "client" else "client"
 
     def on_readable(self) -> None:
         tunnel = self.tunnel
@@ -180,9 +169,7 @@ class Flow:
         self.pipe, self.queued = free.pop(), n - m
         loop = tunnel.loop
         loop.remove_reader(self.src)
-        self.reading = False
         loop.add_writer(self.dst, self.on_writable)
-        self.writing = True
 
     def on_writable(self) -> None:
         tunnel = self.tunnel
@@ -201,11 +188,9 @@ class Flow:
             return
         loop = tunnel.loop
         loop.remove_writer(self.dst)
-        self.writing = False
         self.pipe = None
         tunnel.pipes.give(pipe)
         loop.add_reader(self.src, self.on_readable)
-        self.reading = True
 
     def _end(self) -> None:
         """End of file on the source: pass it on as a half-close."""
@@ -216,7 +201,6 @@ class Flow:
             tunnel.close(f"{other.src_name} closed")
             return
         tunnel.loop.remove_reader(self.src)
-        self.reading = False
         shutdown_write(self.dst)
 
     def release(self, pipes: PipePool) -> None:
@@ -275,9 +259,7 @@ class Tunnel:
         loop = self.loop
         up, down = self.up, self.down
         loop.add_reader(up.src, up.on_readable)
-        up.reading = True
         loop.set(down.src, down.on_readable, None)
-        down.reading = True
         if speculate:
             loop.events = 0  # not woken by this socket: no end of file known
             up.on_readable()
