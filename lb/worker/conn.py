@@ -7,8 +7,9 @@ Everything runs as callbacks on raw file descriptors (the worker's
 connection.  The head and connect timeouts are not loop timers either (one
 costs a connection more than the rest of its connect step): the connection
 puts its deadline in the worker's ``deadlines`` and the worker calls
-:meth:`Connection.expire` from a tick every ``DEADLINE_TICK`` seconds.  A
-connection goes through at most four steps:
+:meth:`Connection.expire` from a tick every ``DEADLINE_TICK`` seconds, which
+runs only while some connection has a deadline.  A connection goes through
+at most four steps:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim;
@@ -311,7 +312,10 @@ class Connection:
 
     def _arm(self, seconds: float, then: Callable[[], None]) -> None:
         self.expires = then
-        self.worker.deadlines[self] = monotonic() + seconds
+        worker = self.worker
+        worker.deadlines[self] = monotonic() + seconds
+        if not worker.ticking:
+            worker.tick()
 
     def _disarm(self) -> None:
         if self.expires is not None:

@@ -144,6 +144,7 @@ class Worker:
         self.log_conn = log_conn
         self.connections: set[Connection] = set()
         self.deadlines: dict[Connection, float] = {}  # connections waiting with a time limit
+        self.ticking = False  # the deadline tick runs only while there are deadlines
         self.active = 0
         self.accepting = False
         self.draining = False
@@ -207,7 +208,6 @@ class Worker:
             SWEEP_MAX, min(lc.tunnel_timeout for lc in self.config.listeners) / 10
         )
         loop.call_later(self._sweep_every, self._sweep)
-        loop.call_later(DEADLINE_TICK, self._expire)
         self._resume()
         q[base + L.S_STATE] = L.SLOT_RUNNING  # the supervisor now counts us as accepting
         self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn)
@@ -254,13 +254,24 @@ class Worker:
                 tunnel.keepalive = True
         self.loop.call_later(self._sweep_every, self._sweep)
 
-    def _expire(self) -> None:
-        """Time out the connections whose head or connect step is past its deadline."""
-        if self.deadlines:
-            now = time.monotonic()
-            for conn in [c for c, deadline in self.deadlines.items() if deadline <= now]:
-                conn.expire()
+    def tick(self) -> None:
+        """Start the deadline tick (a connection just set the first deadline)."""
+        self.ticking = True
         self.loop.call_later(DEADLINE_TICK, self._expire)
+
+    def _expire(self) -> None:
+        """Time out the connections whose head or connect step is past its deadline.
+
+        The tick stops when no deadline is left: an idle worker wakes only for
+        its heartbeat and its sweep.
+        """
+        now = time.monotonic()
+        for conn in [c for c, deadline in self.deadlines.items() if deadline <= now]:
+            conn.expire()
+        if self.deadlines:
+            self.loop.call_later(DEADLINE_TICK, self._expire)
+        else:
+            self.ticking = False
 
     def drain(self) -> None:
         """Stop accepting; leave when the last connection ends or at drain_timeout."""

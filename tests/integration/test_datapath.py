@@ -195,3 +195,20 @@ def ss_timers(selector: str) -> list[str]:
         check=True,
     ).stdout
     return [line[line.index("timer:") :] if "timer:" in line else line for line in out.splitlines()]
+
+
+def test_an_idle_worker_sleeps(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """After its last connection a worker wakes only for its heartbeat and its sweep
+    (about twice a second), not for timers of connections long gone."""
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair))
+    for _ in range(4):  # connections that set head and connect deadlines, then end
+        assert clients.run(clients.ws_echo(f"ws://127.0.0.1:{port}/ws", [b"hi"])) == [b"hi"]
+    time.sleep(1.0)
+    workers = [psutil.Process(pid) for pid in lb.worker_pids()]
+    before = [w.num_ctx_switches().voluntary for w in workers]
+    time.sleep(3.0)
+    woken = [w.num_ctx_switches().voluntary - b for w, b in zip(workers, before, strict=True)]
+    assert all(n <= 12 for n in woken), f"wake-ups in 3 s per worker: {woken}"
