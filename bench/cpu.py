@@ -32,20 +32,6 @@ from bench.servers import Target, start_backends, start_target
 STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
-def cpu_seconds(target: Target) -> tuple[float, float]:
-    """User and system CPU seconds of the balancer's process tree so far."""
-    assert target.proc is not None
-    user = system = 0.0
-    for p in target.proc.tree():
-        try:
-            t = p.cpu_times()
-        except Exception:  # a child that just ended
-            continue
-        user += t.user
-        system += t.system
-    return user, system
-
-
 def busiest_pid(target: Target) -> int:
     """The process of the tree with the most CPU time: the worker (or HAProxy itself)."""
     assert target.proc is not None
@@ -113,9 +99,9 @@ def measure(
         for label in loads:
             close = label == "close"
             wrk(tools, port, 1, close)  # warm up
-            u0, s0 = cpu_seconds(target)
+            u0, s0 = target.cpu_seconds()
             requests = wrk(tools, port, seconds, close)
-            u1, s1 = cpu_seconds(target)
+            u1, s1 = target.cpu_seconds()
             row: dict[str, Any] = {
                 "rate": round(requests / seconds),
                 "user_us": round((u1 - u0) / requests * 1e6, 1),

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from bench.procs import HOST, BenchError, Proc, log, run_tool
 from bench.servers import Target
@@ -28,14 +29,18 @@ class Figure:
     short: str  # for the chart
     unit: str
     higher_is_better: bool
-    goal: float  # the splicelb/haproxy ratio to reach: >= goal, or <= goal if lower is better
+    goal: float | None  # the splicelb/haproxy ratio to reach (None: a figure that explains)
     direct: bool = True  # False: no direct (balancer-less) figure makes sense
 
-    def met(self, ratio: float) -> bool:
+    def met(self, ratio: float) -> bool | None:
+        if self.goal is None:
+            return None
         return ratio >= self.goal if self.higher_is_better else ratio <= self.goal
 
     @property
     def goal_text(self) -> str:
+        if self.goal is None:
+            return "—"
         return f"{'≥' if self.higher_is_better else '≤'} {self.goal:g}"
 
 
@@ -97,6 +102,50 @@ FIGURES = [
         1.0,
     ),
     Figure(
+        "rtt64_1cpu_p50_us",
+        "WebSocket round trip, 64 B, p50, client, balancer and backend on one CPU",
+        "WS round trip\n64 B p50\none CPU",
+        "µs",
+        False,
+        None,
+    ),
+    Figure(
+        "http_keepalive_cpu_user_us",
+        "Balancer CPU per kept-alive request, user space (Python; HAProxy's C)",
+        "CPU per\nkept-alive request\nuser",
+        "µs",
+        False,
+        None,
+        direct=False,
+    ),
+    Figure(
+        "http_keepalive_cpu_system_us",
+        "Balancer CPU per kept-alive request, kernel",
+        "CPU per\nkept-alive request\nsystem",
+        "µs",
+        False,
+        None,
+        direct=False,
+    ),
+    Figure(
+        "http_close_cpu_user_us",
+        "Balancer CPU per new connection, user space (Python; HAProxy's C)",
+        "CPU per\nnew connection\nuser",
+        "µs",
+        False,
+        None,
+        direct=False,
+    ),
+    Figure(
+        "http_close_cpu_system_us",
+        "Balancer CPU per new connection, kernel",
+        "CPU per\nnew connection\nsystem",
+        "µs",
+        False,
+        None,
+        direct=False,
+    ),
+    Figure(
         "idle_tunnel_bytes",
         "Resident memory per idle WebSocket tunnel",
         "RSS per idle\nWS tunnel",
@@ -153,33 +202,29 @@ def measure_bulk(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     return {"bulk_gbps": gbps}, extra
 
 
+def _rtt_client(target: Target, sizes: str, warmup: int, timeout: float, prefix: list[str]) -> Any:
+    argv = [sys.executable, "-m", "bench.clients", "rtt", "--port", str(target.ports["ws"])]
+    argv += ["--sizes", sizes, "--warmup", str(warmup)]
+    return json.loads(run_tool([*prefix, *argv], timeout, "the round-trip client"))
+
+
 def measure_rtt(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     sizes = ",".join(f"{size}:{count}" for size, count in s.rtt_sizes)
     timeout = 60 + sum(count for _, count in s.rtt_sizes) / 200
-    out = run_tool(
-        [
-            sys.executable,
-            "-m",
-            "bench.clients",
-            "rtt",
-            "--port",
-            str(target.ports["ws"]),
-            "--sizes",
-            sizes,
-            "--warmup",
-            str(s.rtt_warmup),
-        ],
-        timeout,
-        "the round-trip client",
-    )
-    report = json.loads(out)
+    report = _rtt_client(target, sizes, s.rtt_warmup, timeout, [])
     names = {64: "rtt64", 16384: "rtt16k"}
     values: dict[str, float] = {}
     for size, _count in s.rtt_sizes:
         prefix = names[size]
         values[f"{prefix}_p50_us"] = report[str(size)]["p50_us"]
         values[f"{prefix}_p99_us"] = report[str(size)]["p99_us"]
-    return values, {"rtt": report}
+    # Again with every process on CPU 0: no wake-up crosses CPUs, so what is left is
+    # the work each hop does (the unpinned figure is mostly cross-CPU wake-ups).
+    count = dict(s.rtt_sizes)[64]
+    with target.pinned(0, backend="echo-backend"):
+        one_cpu = _rtt_client(target, f"64:{count}", s.rtt_warmup, timeout, ["taskset", "-c", "0"])
+    values["rtt64_1cpu_p50_us"] = one_cpu["64"]["p50_us"]
+    return values, {"rtt": report, "rtt_one_cpu": one_cpu}
 
 
 WRK_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
@@ -188,21 +233,26 @@ WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 WRK_TOTAL = re.compile(r"(\d+) requests in")
 
 
-def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dict[str, object]:
+def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dict[str, Any]:
     argv = [tools["wrk"], "-t2", "-c32", "-d", f"{s.duration}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{HOST}:{target.ports['http']}/")
+    user, system = target.cpu_seconds()
     out = run_tool(argv, s.duration + 60, "wrk")
+    user, system = (a - b for a, b in zip(target.cpu_seconds(), (user, system), strict=True))
     rps = WRK_RPS.search(out)
     if rps is None:
         raise BenchError(f"wrk printed no Requests/sec: {out}")
     errors = WRK_ERRORS.search(out)
     non2xx = WRK_NON2XX.search(out)
     total = WRK_TOTAL.search(out)
+    requests = int(total.group(1)) if total else 0
     return {
         "rate": float(rps.group(1)),
-        "requests": int(total.group(1)) if total else None,
+        "requests": requests,
+        "cpu_user_us": user / requests * 1e6 if requests else None,
+        "cpu_system_us": system / requests * 1e6 if requests else None,
         "socket_errors": dict(
             zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True)
         )
@@ -213,14 +263,22 @@ def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dic
     }
 
 
+def _wrk_result(target: Target, extra: dict[str, Any], rate: str, cpu: str) -> Result:
+    values = {rate: float(extra.pop("rate"))}
+    if target.proc is not None and extra["requests"]:  # a balancer: its CPU per request
+        values[f"{cpu}_user_us"] = extra.pop("cpu_user_us")
+        values[f"{cpu}_system_us"] = extra.pop("cpu_system_us")
+    return values, extra
+
+
 def measure_keepalive(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     extra = _wrk(target, s, tools, close=False)
-    return {"http_keepalive_rps": float(extra.pop("rate"))}, extra  # type: ignore[arg-type]
+    return _wrk_result(target, extra, "http_keepalive_rps", "http_keepalive_cpu")
 
 
 def measure_close(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     extra = _wrk(target, s, tools, close=True)
-    return {"http_close_cps": float(extra.pop("rate"))}, extra  # type: ignore[arg-type]
+    return _wrk_result(target, extra, "http_close_cps", "http_close_cpu")
 
 
 def _open_idle(port: int, count: int, per_client: int) -> list[Proc]:
@@ -304,12 +362,21 @@ Measure = Callable[[Target, Settings, dict[str, str]], Result]
 # run kind -> (measure function, figures it yields)
 KINDS: dict[str, tuple[Measure, list[str]]] = {
     "bulk": (measure_bulk, ["bulk_gbps"]),
-    "rtt": (measure_rtt, ["rtt64_p50_us", "rtt64_p99_us", "rtt16k_p50_us", "rtt16k_p99_us"]),
-    "keepalive": (measure_keepalive, ["http_keepalive_rps"]),
-    "close": (measure_close, ["http_close_cps"]),
+    "rtt": (
+        measure_rtt,
+        ["rtt64_p50_us", "rtt64_p99_us", "rtt16k_p50_us", "rtt16k_p99_us", "rtt64_1cpu_p50_us"],
+    ),
+    "keepalive": (
+        measure_keepalive,
+        ["http_keepalive_rps", "http_keepalive_cpu_user_us", "http_keepalive_cpu_system_us"],
+    ),
+    "close": (
+        measure_close,
+        ["http_close_cps", "http_close_cpu_user_us", "http_close_cpu_system_us"],
+    ),
     "idle": (measure_idle, ["idle_tunnel_bytes"]),
 }
 
 
 def direct_applies(kind: str) -> bool:
-    return all(BY_KEY[key].direct for key in KINDS[kind][1])
+    return any(BY_KEY[key].direct for key in KINDS[kind][1])

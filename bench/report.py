@@ -90,6 +90,8 @@ def markdown(result: dict[str, Any]) -> str:
             vals, med = f["values"], f["medians"]
             ratio = "n/a" if f["ratio"] is None else f"{f['ratio']:.2f}"
             met = {None: "n/a", True: "yes", False: "**no**"}[f["met"]]
+            if fig.goal is None:
+                met = "—"
             lines.append(
                 f"| {fig.label} ({fig.unit}, {f['better']} is better) "
                 f"| {_cell(vals['direct'], med['direct'], fig)} "
@@ -112,15 +114,16 @@ def chart(result: dict[str, Any], path: Path) -> None:
     summary = result["summary"]
     worker_counts = list(summary)
     width = 0.8 / max(1, len(worker_counts))
-    fig, ax = plt.subplots(figsize=(13, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(16, 6), dpi=110)
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     for i, w in enumerate(worker_counts):
-        xs, ys = [], []
+        xs, ys, explains = [], [], []
         for x, f in enumerate(FIGURES):
             ratio = summary[w][f.key]["ratio"]
             if ratio:
                 xs.append(x - 0.4 + width * (i + 0.5))
                 ys.append(ratio)
+                explains.append(f.goal is None)
         bars = ax.bar(
             xs,
             ys,
@@ -128,7 +131,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
             color=colors[i % len(colors)],
             label=f"{w} worker{'s' if w != '1' else ''} / nbthread {w}",
         )
-        for bar, y in zip(bars, ys, strict=True):
+        for bar, y, explain in zip(bars, ys, explains, strict=True):
+            if explain:  # a figure without a goal: hatched, it explains the others
+                bar.set_hatch("//")
+                bar.set_alpha(0.55)
             ax.annotate(
                 f"{y:.2f}",
                 (bar.get_x() + bar.get_width() / 2, y),
@@ -137,14 +143,15 @@ def chart(result: dict[str, Any], path: Path) -> None:
                 fontsize=8,
             )
     for x, f in enumerate(FIGURES):
-        ax.hlines(
-            f.goal,
-            x - 0.45,
-            x + 0.45,
-            colors="black",
-            linestyles="dashed",
-            label="goal" if x == 0 else "_nolegend_",
-        )
+        if f.goal is not None:
+            ax.hlines(
+                f.goal,
+                x - 0.45,
+                x + 0.45,
+                colors="black",
+                linestyles="dashed",
+                label="goal" if x == 0 else "_nolegend_",
+            )
     ax.axhline(1.0, color="grey", linewidth=0.6)
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
@@ -152,7 +159,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax.set_xticklabels(
         [
             f"{f.short}\n({'higher' if f.higher_is_better else 'lower'} is "
-            f"better,\ngoal {f.goal_text})"
+            f"better,\n{'goal ' + f.goal_text if f.goal is not None else 'no goal'})"
             for f in FIGURES
         ],
         fontsize=8,

@@ -189,7 +189,13 @@ def notes(args: argparse.Namespace) -> list[str]:
         "Round trips: one upgraded tunnel, blocking client, one masked binary frame at a time, "
         "echoed byte for byte by a uvloop backend; "
         + ", ".join(f"{n:,} x {size} B" for size, n in s.rtt_sizes)
-        + f" after {s.rtt_warmup} untimed.",
+        + f" after {s.rtt_warmup} untimed. The one-CPU round trip repeats the 64 B run with "
+        "the client, the balancer's processes and the echo backend all on CPU 0 (`taskset`, "
+        "`sched_setaffinity`): no wake-up crosses CPUs, so what remains is each hop's own work; "
+        "unpinned, the figure is mostly the cost of waking a process on the other CPU.",
+        "CPU per request or connection: the balancer's whole process tree, user and system "
+        "time (psutil) over the wrk run divided by the requests it served. Figures without a "
+        "goal explain the others.",
         f"Idle tunnels: {s.idle_tunnels:,} upgraded tunnels held by client processes of at "
         f"most 3,000 each; (RSS of the balancer's process tree after - before) / "
         f"{s.idle_tunnels:,}, measured 1 s after they are all open, after 20 warm-up tunnels. "

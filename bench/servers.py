@@ -7,12 +7,17 @@ all three listeners; "direct" is the backends' own ports (the physical limit).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.procs import HOST, BenchError, Proc, free_port, log, wait_until
 
@@ -51,6 +56,7 @@ class Target:
     ports: dict[str, int]
     proc: Proc | None = None
     workdir: Path | None = None
+    backends: Backends | None = None
 
     def rss(self) -> int:
         """Resident memory of the balancer's whole process tree, in bytes."""
@@ -66,6 +72,37 @@ class Target:
 
     def pids(self) -> int:
         return 0 if self.proc is None else len(self.proc.tree())
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU seconds of the balancer's process tree so far."""
+        user = system = 0.0
+        for p in [] if self.proc is None else self.proc.tree():
+            try:
+                t = p.cpu_times()
+            except psutil.Error:  # a child that just ended
+                continue
+            user += t.user
+            system += t.system
+        return user, system
+
+    @contextlib.contextmanager
+    def pinned(self, cpu: int, backend: str) -> Iterator[None]:
+        """The balancer's processes and the ``backend`` server's on one CPU, for a while."""
+        procs = [] if self.proc is None else self.proc.tree()
+        if self.backends is not None:
+            procs += [p for b in self.backends.procs if b.name == backend for p in b.tree()]
+        saved: dict[int, set[int]] = {}
+        try:
+            for p in procs:
+                with contextlib.suppress(psutil.Error, OSError):
+                    for thread in p.threads():  # every thread: HAProxy's nbthread, say
+                        saved.setdefault(thread.id, os.sched_getaffinity(thread.id))
+                        os.sched_setaffinity(thread.id, {cpu})
+            yield
+        finally:
+            for tid, cpus in saved.items():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, cpus)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -197,7 +234,7 @@ def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> 
     config = workdir / "splicelb.toml"
     config.write_text("".join(parts))
     proc = Proc("splicelb", [sys.executable, "-m", "lb", "run", "-c", str(config)], workdir)
-    target = Target("splicelb", ports, proc, workdir)
+    target = Target("splicelb", ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "splicelb's listeners")
         wait_until(
@@ -253,7 +290,7 @@ def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path, run
     path = workdir / "haproxy.cfg"
     path.write_text(cfg)
     proc = Proc("haproxy", [haproxy, "-db", "-f", str(path)], workdir)
-    target = Target("haproxy", ports, proc, workdir)
+    target = Target("haproxy", ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "haproxy's listeners")
     except BaseException:
@@ -266,7 +303,7 @@ def start_target(
     name: str, tools: dict[str, str], workers: int, backends: Backends, tmp: Path, run_id: str
 ) -> Target:
     if name == "direct":
-        return Target("direct", dict(backends.ports))
+        return Target("direct", dict(backends.ports), backends=backends)
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
     if name == "splicelb":
         return start_splicelb(workers, backends, tmp, run_id)
