@@ -22,7 +22,8 @@ descriptor number cannot be reused (by an accept in the same batch) while a
 stale event for it is still to be dispatched.  Signal handlers only enqueue
 (the wake-up pipe carries the signal numbers); their callbacks run in the
 loop.  An exception in a callback is reported to ``on_error`` and the loop
-goes on: level-triggered readiness reports the rest of the batch again.
+goes on: the failing descriptor is no longer watched (or the bug would spin),
+and level-triggered readiness reports the rest of the batch again.
 """
 
 from __future__ import annotations
@@ -284,11 +285,22 @@ class Loop:
                             self.events = mask
                             callback()
             except Exception as exc:
+                self._quarantine(fd)  # the descriptor whose callback failed
                 self.on_error(exc)
             finally:
                 self._dispatching = False
                 while deferred:
                     os.close(deferred.pop())
+
+    def _quarantine(self, fd: int) -> None:
+        """Stop watching a descriptor whose callback raised: readiness would report it
+        again on every turn, and the same bug would spin.  It stays open (its owner
+        is in an unknown state): a leak until the worker restarts, not a busy loop."""
+        self.readers.pop(fd, None)
+        self.writers.pop(fd, None)
+        if self.masks.pop(fd, None):
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(fd)
 
     def stop(self) -> None:
         self._running = False

@@ -154,3 +154,24 @@ def _is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_descriptor_whose_callback_fails_is_not_called_again(
+    loop: Loop, errors: list[BaseException]
+) -> None:
+    """Level-triggered readiness would report it on every turn: the bug must not spin."""
+    a, b = socket.socketpair()
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise ValueError("bug in a reader")
+
+    loop.add_reader(b.fileno(), broken)
+    a.send(b"never read")  # stays readable
+    loop.call_later(0.1, loop.stop)
+    loop.run()
+    assert calls == [1]
+    assert [str(e) for e in errors] == ["bug in a reader"]
+    a.close()
+    b.close()
