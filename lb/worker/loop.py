@@ -204,9 +204,7 @@ class Loop:
         this worker accepted or connected): closing their last reference is
         what takes them out of the epoll set.
         """
-        self.readers.pop(fd, None)
-        self.writers.pop(fd, None)
-        self.masks.pop(fd, None)
+        self._forget(fd)
         if self._dispatching:
             self._deferred.append(fd)
         else:
@@ -256,7 +254,10 @@ class Loop:
         for signum in data:  # the wake-up fd carries each signal's number
             callback = self._signals.get(signum)
             if callback is not None:
-                callback()
+                try:
+                    callback()
+                except Exception as exc:  # not the pipe's fault: keep hearing signals
+                    self.on_error(exc)
 
     # -- running -----------------------------------------------------------------
 
@@ -292,13 +293,17 @@ class Loop:
                 while deferred:
                     os.close(deferred.pop())
 
+    def _forget(self, fd: int) -> int:
+        """Drop ``fd``'s callbacks; its interest mask (0: it was not registered)."""
+        self.readers.pop(fd, None)
+        self.writers.pop(fd, None)
+        return self.masks.pop(fd, 0)
+
     def _quarantine(self, fd: int) -> None:
         """Stop watching a descriptor whose callback raised: readiness would report it
         again on every turn, and the same bug would spin.  It stays open (its owner
         is in an unknown state): a leak until the worker restarts, not a busy loop."""
-        self.readers.pop(fd, None)
-        self.writers.pop(fd, None)
-        if self.masks.pop(fd, None):
+        if self._forget(fd):
             with contextlib.suppress(OSError):
                 self.epoll.unregister(fd)
 

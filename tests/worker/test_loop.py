@@ -175,3 +175,23 @@ def test_a_descriptor_whose_callback_fails_is_not_called_again(
     assert [str(e) for e in errors] == ["bug in a reader"]
     a.close()
     b.close()
+
+
+def test_a_failing_signal_callback_does_not_deafen_the_loop_to_signals(
+    loop: Loop, errors: list[BaseException]
+) -> None:
+    got: list[int] = []
+
+    def on_usr1() -> None:
+        got.append(len(got))
+        if len(got) == 1:
+            raise RuntimeError("bug in a signal callback")
+        loop.stop()
+
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    loop.call_later(0.02, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    loop.call_later(0.08, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    loop.call_later(2.0, loop.stop)  # deaf: the second signal never arrives
+    loop.run()
+    assert got == [0, 1]
+    assert [str(e) for e in errors] == ["bug in a signal callback"]
