@@ -6,11 +6,13 @@ balancer (1 worker, ``nbthread 1``) runs ``wrk`` kept-alive and with
 from psutil, over its whole process tree) before and after.  It prints the
 microseconds of CPU per request and, with ``--strace``, the system calls per
 request of the balancer's busy process (``strace -c -f``, a separate run: strace
-slows it down).  The rate figures of ``bench/run.py`` divide the same cores
-between the client, the backends and the balancer, so a balancer that spends
-less CPU per request serves more requests; this tells which part of the CPU,
-user (Python) or system (the kernel), makes the difference.
-"""
+slows it down); with ``--perf``, the profile of that process (``perf record -e
+cpu-clock``, another run): the share of its CPU in the kernel and in each
+user-space binary (libpython, libc, haproxy), and its hottest symbols.  The
+rate figures of ``bench/run.py`` divide the same cores between the client,
+the backends and the balancer, so a balancer that spends less CPU per request
+serves more requests; this tells which part of the CPU, user (Python) or
+system (the kernel), makes the difference."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,10 +29,23 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import WRK_TOTAL
-from bench.procs import HOST, BenchError, Proc, ensure_tools, kill_all, log, run_tool
+from bench.procs import (
+    HOST,
+    BenchError,
+    Proc,
+    ensure_tools,
+    install_debian,
+    kill_all,
+    log,
+    run_tool,
+)
 from bench.servers import Target, start_backends, start_target
 
 STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
+# A line of `perf report --sort dso,sym`: "  10.21%  [kernel.kallsyms]  [k] tcp_ack".
+PERF_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*?)\s*$")
+TRACER_PACKAGES = {"strace": "strace", "perf": "linux-perf"}  # Debian packages
+PERF_TOP = 8  # hottest symbols listed, kernel and user space each
 
 
 def busiest_pid(target: Target) -> int:
@@ -57,6 +73,21 @@ def wrk(tools: dict[str, str], port: int, seconds: int, close: bool) -> int:
     return int(total.group(1))
 
 
+def traced_wrk(argv: list[str], tools: dict[str, str], port: int, seconds: int, close: bool) -> int:
+    """Run ``wrk`` while the tracer ``argv`` (attached to the busy process) records it."""
+    tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        return wrk(tools, port, seconds, close)
+    finally:
+        tracer.send_signal(signal.SIGINT)  # strace and perf both write their output on it
+        try:
+            tracer.wait(30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            raise BenchError(f"{argv[0]} did not stop") from None
+
+
 def syscalls(
     pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
 ) -> dict[str, float]:
@@ -65,15 +96,8 @@ def syscalls(
     if strace is None:
         raise BenchError("strace is not installed (Debian package strace)")
     out_file = Path(tempfile.mkstemp(prefix="strace-")[1])
-    tracer = subprocess.Popen(
-        [strace, "-c", "-f", "-o", str(out_file), "-p", str(pid)], stderr=subprocess.DEVNULL
-    )
-    try:
-        time.sleep(0.5)
-        requests = wrk(tools, port, seconds, close)
-    finally:
-        tracer.terminate()
-        tracer.wait(10)
+    argv = [strace, "-c", "-f", "-o", str(out_file), "-p", str(pid)]
+    requests = traced_wrk(argv, tools, port, seconds, close)
     counts: dict[str, float] = {}
     for line in out_file.read_text().splitlines():
         m = STRACE_LINE.match(line)
@@ -83,14 +107,73 @@ def syscalls(
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def profile(
+    pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
+) -> dict[str, Any]:
+    """Where ``pid``'s CPU goes under ``wrk``: perf's cpu-clock samples by binary and symbol."""
+    perf = shutil.which("perf")
+    if perf is None:
+        raise BenchError("perf is not installed (Debian package linux-perf)")
+    data = Path(tempfile.mkstemp(prefix="perf-", suffix=".data")[1])
+    argv = [perf, "record", "-q", "-e", "cpu-clock", "-F", "2000", "-p", str(pid), "-o", str(data)]
+    traced_wrk(argv, tools, port, seconds, close)
+    report = subprocess.run(
+        [perf, "report", "-i", str(data), "--stdio", "-q", "--sort", "dso,sym"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    data.unlink()
+    if report.returncode != 0:
+        raise BenchError(f"perf report failed: {report.stderr[-2000:]}")
+    return parse_perf_report(report.stdout)
+
+
+def parse_perf_report(text: str) -> dict[str, Any]:
+    """Percent of samples in the kernel and per user-space binary, and the top symbols.
+
+    A Python extension module (``_socket.cpython-311-...so``) counts as
+    ``python modules``; every binary of the interpreter's own counts as itself.
+    """
+    binaries: dict[str, float] = {}
+    kernel_symbols: list[tuple[str, float]] = []
+    user_symbols: list[tuple[str, float]] = []
+    for line in text.splitlines():
+        m = PERF_LINE.match(line)
+        if m is None:
+            continue
+        share, dso, level, symbol = float(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if level == "k":
+            dso = "kernel"
+            kernel_symbols.append((symbol, share))
+        else:
+            if ".cpython-" in dso:
+                dso = "python modules"
+            user_symbols.append((f"{symbol} ({dso})", share))
+        binaries[dso] = binaries.get(dso, 0.0) + share
+    if not binaries:
+        raise BenchError(f"perf recorded no samples: {text[-2000:]}")
+
+    def top(symbols: list[tuple[str, float]]) -> list[list[Any]]:
+        ranked = sorted(symbols, key=lambda kv: -kv[1])[:PERF_TOP]
+        return [[name, round(share, 2)] for name, share in ranked]
+
+    return {
+        "percent": {k: round(v, 2) for k, v in sorted(binaries.items(), key=lambda kv: -kv[1])},
+        "top_kernel": top(kernel_symbols),
+        "top_user": top(user_symbols),
+    }
+
+
 def measure(
     name: str,
     tools: dict[str, str],
     backends: Any,
     tmp: Path,
     seconds: int,
-    trace: bool,
     loads: list[str],
+    tracers: list[str],
 ) -> dict[str, Any]:
     target = start_target(name, tools, 1, backends, tmp, f"cpu-{name}")
     result: dict[str, Any] = {}
@@ -107,9 +190,11 @@ def measure(
                 "user_us": round((u1 - u0) / requests * 1e6, 1),
                 "system_us": round((s1 - s0) / requests * 1e6, 1),
             }
-            if trace:
+            if "strace" in tracers:
                 row["syscalls"] = syscalls(busiest_pid(target), tools, port, seconds, close)
                 row["syscalls_total"] = round(sum(row["syscalls"].values()), 1)
+            if "perf" in tracers:
+                row["profile"] = profile(busiest_pid(target), tools, port, seconds, close)
             result[label] = row
             log(f"  {name:8} {label:9} {json.dumps(row)}")
     finally:
@@ -121,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (5)")
     parser.add_argument("--strace", action="store_true", help="also count system calls")
+    parser.add_argument("--perf", action="store_true", help="also profile with perf")
     parser.add_argument(
         "--balancers", default="splicelb,haproxy", help="balancers to measure (splicelb,haproxy)"
     )
@@ -132,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     Proc.default_logdir = tmp
     try:
         tools = ensure_tools()
+        tracers = [t for t in ("strace", "perf") if getattr(args, t)]
+        missing = [TRACER_PACKAGES[t] for t in tracers if shutil.which(t) is None]
+        if missing:
+            install_debian(missing)
         backends = start_backends(tools, tmp, 2)
         loads = args.loads.split(",")
         result = {
-            name: measure(name, tools, backends, tmp, args.seconds, args.strace, loads)
+            name: measure(name, tools, backends, tmp, args.seconds, loads, tracers)
             for name in args.balancers.split(",")
         }
         print(json.dumps(result, indent=2))

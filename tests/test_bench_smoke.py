@@ -79,12 +79,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cpu_profile_smoke() -> None:
-    """bench/cpu.py (CPU and system calls per request) runs and counts what it claims."""
-    missing = [t for t in (*TOOLS, "strace") if shutil.which(t, path=SBIN) is None]
+    """bench/cpu.py (CPU, system calls and profile per request) runs and counts what it claims."""
+    missing = [t for t in (*TOOLS, "strace", "perf") if shutil.which(t, path=SBIN) is None]
     if missing and os.geteuid() != 0:
         pytest.skip(f"{', '.join(missing)} missing and not root to install them")
     done = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", "--seconds", "1", "--strace"],
+        [sys.executable, "-m", "bench.cpu", "--seconds", "1", "--strace", "--perf"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -101,6 +101,13 @@ def test_cpu_profile_smoke() -> None:
             assert row["user_us"] + row["system_us"] > 0, (name, load)
             # every request or connection goes through the balancer's busy process
             assert row["syscalls_total"] >= 2, (name, load, row)
+            percent = row["profile"]["percent"]
+            assert 99 <= sum(percent.values()) <= 101, (name, load, percent)
+            assert percent.get("kernel", 0) > 10, (name, load, percent)  # it makes system calls
+            assert row["profile"]["top_kernel"] and row["profile"]["top_user"], (name, load)
+    # the profile tells the interpreter's user-space share from HAProxy's own
+    assert any(b.startswith("libpython") for b in result["splicelb"]["close"]["profile"]["percent"])
+    assert "haproxy" in result["haproxy"]["close"]["profile"]["percent"]
     # a new connection is accepted once and spliced, never copied through Python
     close = result["splicelb"]["close"]["syscalls"]
     assert 0.9 <= close["accept4"] <= 1.1, close
