@@ -6,6 +6,8 @@ import socket
 import time
 from collections.abc import Callable
 
+import pytest
+
 from tests.integration import clients
 from tests.integration.harness import (
     EchoBackend,
@@ -22,11 +24,12 @@ def start(
     servers: list[tuple[str, str]],
     listener_extra: str = "",
     backend_extra: str = "",
+    mode: str = "http",
 ) -> tuple[SpliceLB, int]:
     port = free_port()
     lb = start_lb(
         config(
-            listener(f"127.0.0.1:{port}", "app", extra=listener_extra),
+            listener(f"127.0.0.1:{port}", "app", mode=mode, extra=listener_extra),
             backend("app", servers, extra=backend_extra),
             workers=1,
         ),
@@ -106,11 +109,12 @@ def test_no_server_reachable_gets_503(start_lb: Callable[..., SpliceLB]) -> None
     assert all("refused" in line["reason"] for line in failed)
 
 
+@pytest.mark.parametrize("mode", ["http", "tcp"])
 def test_refused_server_is_retried_on_another(
-    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], mode: str
 ) -> None:
     servers = [("dead", f"127.0.0.1:{free_port()}"), ("echo1", echo_pair[0].address)]
-    lb, port = start(start_lb, servers, backend_extra="retries = 1")
+    lb, port = start(start_lb, servers, backend_extra="retries = 1", mode=mode)
     for _ in range(6):
         request = b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         reply = clients.exchange(port, request)

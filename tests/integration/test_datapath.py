@@ -145,6 +145,60 @@ def test_half_close_in_each_mode(procs: list[Proc], start_lb: Callable[..., Spli
     assert clients.exchange(tcp_port, body, half_close=True) == body
 
 
+def test_a_connect_still_in_progress_is_waited_for_in_each_mode(
+    start_lb: Callable[..., SpliceLB],
+) -> None:
+    """A server whose handshake is not done when ``connect`` returns, as a remote one.
+
+    Here a full accept queue (backlog 0, one connection waiting) drops the
+    balancer's SYN and the kernel sends it again a second later: the worker
+    must wait for the connect instead of taking it as done or failed.
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    server.settimeout(10)
+    server_port = server.getsockname()[1]
+    http_port, tcp_port = free_port(), free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{http_port}", "slow")
+            + listener(f"127.0.0.1:{tcp_port}", "slow", mode="tcp", name="raw"),
+            backend("slow", [("slow", f"127.0.0.1:{server_port}")]),
+            workers=1,
+        ),
+        workers=1,
+    )
+
+    def syn_sent() -> bool:
+        return any(
+            c.status == psutil.CONN_SYN_SENT and c.raddr and c.raddr.port == server_port
+            for c in psutil.net_connections("tcp4")
+        )
+
+    try:
+        for port, first in ((http_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), (tcp_port, b"hi")):
+            filler = socket.create_connection(("127.0.0.1", server_port), timeout=10)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(first)
+                wait_until(syn_sent, 10, "the balancer's connect to be in progress")
+                server.accept()[0].close()  # the filler: the SYN sent again gets in
+                filler.close()
+                conn, _ = server.accept()
+                with conn:
+                    assert conn.recv(100) == first
+                    conn.sendall(b"answer")
+                assert clients.read_all(client) == b"answer"
+    finally:
+        server.close()
+    lines = lb.wait_conns(2)
+    assert [(line["listener"], line["server"]) for line in lines] == [
+        ("public", "slow"),
+        ("raw", "slow"),
+    ]
+    assert lb.events("connect_failed") == []
+
+
 def test_idle_tunnel_is_closed_after_tunnel_timeout(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
 ) -> None:
