@@ -76,7 +76,9 @@ def _has_peer(sock: _socket.socket) -> bool:
     To a server on the same host (loopback, a veth), the kernel runs the whole
     handshake inside ``connect`` and still answers ``EINPROGRESS``; asking
     costs one ``getpeername`` and saves an ``epoll_ctl``, a loop turn and the
-    connect deadline.  To a remote server the answer is no, and we wait.
+    connect deadline.  To a remote server the answer is no (a system call
+    spent for nothing, under a microsecond against the network's round trip)
+    and we wait.
     """
     try:
         sock.getpeername()
