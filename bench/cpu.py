@@ -73,31 +73,39 @@ def wrk(tools: dict[str, str], port: int, seconds: int, close: bool) -> int:
     return int(total.group(1))
 
 
-def traced_wrk(argv: list[str], tools: dict[str, str], port: int, seconds: int, close: bool) -> int:
-    """Run ``wrk`` while the tracer ``argv`` (attached to the busy process) records it."""
+def traced_wrk(
+    tool: str,
+    options: list[str],
+    pid: int,
+    tools: dict[str, str],
+    port: int,
+    seconds: int,
+    close: bool,
+) -> tuple[int, Path]:
+    """Run ``wrk`` while ``tool`` (strace or perf) records ``pid``: (requests, its output file)."""
+    binary = shutil.which(tool)
+    if binary is None:
+        raise BenchError(f"{tool} is not installed (Debian package {TRACER_PACKAGES[tool]})")
+    out_file = Path(tempfile.mkstemp(prefix=f"{tool}-")[1])
+    argv = [binary, *options, "-o", str(out_file), "-p", str(pid)]
     tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        return wrk(tools, port, seconds, close)
+        return wrk(tools, port, seconds, close), out_file
     finally:
         tracer.send_signal(signal.SIGINT)  # strace and perf both write their output on it
         try:
             tracer.wait(30)
         except subprocess.TimeoutExpired:
             tracer.kill()
-            raise BenchError(f"{argv[0]} did not stop") from None
+            raise BenchError(f"{tool} did not stop") from None
 
 
 def syscalls(
     pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
 ) -> dict[str, float]:
     """System calls per request of ``pid`` under ``wrk`` (strace -c)."""
-    strace = shutil.which("strace")
-    if strace is None:
-        raise BenchError("strace is not installed (Debian package strace)")
-    out_file = Path(tempfile.mkstemp(prefix="strace-")[1])
-    argv = [strace, "-c", "-f", "-o", str(out_file), "-p", str(pid)]
-    requests = traced_wrk(argv, tools, port, seconds, close)
+    requests, out_file = traced_wrk("strace", ["-c", "-f"], pid, tools, port, seconds, close)
     counts: dict[str, float] = {}
     for line in out_file.read_text().splitlines():
         m = STRACE_LINE.match(line)
@@ -111,12 +119,9 @@ def profile(
     pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
 ) -> dict[str, Any]:
     """Where ``pid``'s CPU goes under ``wrk``: perf's cpu-clock samples by binary and symbol."""
-    perf = shutil.which("perf")
-    if perf is None:
-        raise BenchError("perf is not installed (Debian package linux-perf)")
-    data = Path(tempfile.mkstemp(prefix="perf-", suffix=".data")[1])
-    argv = [perf, "record", "-q", "-e", "cpu-clock", "-F", "2000", "-p", str(pid), "-o", str(data)]
-    traced_wrk(argv, tools, port, seconds, close)
+    options = ["record", "-q", "-e", "cpu-clock", "-F", "2000"]
+    _, data = traced_wrk("perf", options, pid, tools, port, seconds, close)
+    perf = shutil.which("perf") or "perf"
     report = subprocess.run(
         [perf, "report", "-i", str(data), "--stdio", "-q", "--sort", "dso,sym"],
         capture_output=True,
