@@ -164,7 +164,8 @@ def test_a_connect_still_in_progress_is_waited_for_in_each_mode(
         config(
             listener(f"127.0.0.1:{http_port}", "slow")
             + listener(f"127.0.0.1:{tcp_port}", "slow", mode="tcp", name="raw"),
-            backend("slow", [("slow", f"127.0.0.1:{server_port}")]),
+            # the SYN is sent again after 1 s, 3 s, 7 s...: room for a slow test machine
+            backend("slow", [("slow", f"127.0.0.1:{server_port}")], extra="connect_timeout = 10"),
             workers=1,
         ),
         workers=1,
