@@ -73,8 +73,16 @@ def wrk(tools: dict[str, str], port: int, seconds: int, close: bool) -> int:
     return int(total.group(1))
 
 
+def tracer(tool: str) -> str:
+    """The path of ``tool`` (strace or perf); ``main`` installs them when asked for."""
+    binary = shutil.which(tool)
+    if binary is None:
+        raise BenchError(f"{tool} is not installed (Debian package {TRACER_PACKAGES[tool]})")
+    return binary
+
+
 def traced_wrk(
-    tool: str,
+    binary: str,
     options: list[str],
     pid: int,
     tools: dict[str, str],
@@ -82,22 +90,20 @@ def traced_wrk(
     seconds: int,
     close: bool,
 ) -> tuple[int, Path]:
-    """Run ``wrk`` while ``tool`` (strace or perf) records ``pid``: (requests, its output file)."""
-    binary = shutil.which(tool)
-    if binary is None:
-        raise BenchError(f"{tool} is not installed (Debian package {TRACER_PACKAGES[tool]})")
+    """Run ``wrk`` while the tracer ``binary`` records ``pid``: (requests, its output file)."""
+    tool = Path(binary).name
     out_file = Path(tempfile.mkstemp(prefix=f"{tool}-")[1])
     argv = [binary, *options, "-o", str(out_file), "-p", str(pid)]
-    tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
         return wrk(tools, port, seconds, close), out_file
     finally:
-        tracer.send_signal(signal.SIGINT)  # strace and perf both write their output on it
+        proc.send_signal(signal.SIGINT)  # strace and perf both write their output on it
         try:
-            tracer.wait(30)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
-            tracer.kill()
+            proc.kill()
             raise BenchError(f"{tool} did not stop") from None
 
 
@@ -105,7 +111,8 @@ def syscalls(
     pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
 ) -> dict[str, float]:
     """System calls per request of ``pid`` under ``wrk`` (strace -c)."""
-    requests, out_file = traced_wrk("strace", ["-c", "-f"], pid, tools, port, seconds, close)
+    strace = tracer("strace")
+    requests, out_file = traced_wrk(strace, ["-c", "-f"], pid, tools, port, seconds, close)
     counts: dict[str, float] = {}
     for line in out_file.read_text().splitlines():
         m = STRACE_LINE.match(line)
@@ -120,8 +127,8 @@ def profile(
 ) -> dict[str, Any]:
     """Where ``pid``'s CPU goes under ``wrk``: perf's cpu-clock samples by binary and symbol."""
     options = ["record", "-q", "-e", "cpu-clock", "-F", "2000"]
-    _, data = traced_wrk("perf", options, pid, tools, port, seconds, close)
-    perf = shutil.which("perf") or "perf"
+    perf = tracer("perf")
+    _, data = traced_wrk(perf, options, pid, tools, port, seconds, close)
     report = subprocess.run(
         [perf, "report", "-i", str(data), "--stdio", "-q", "--sort", "dso,sym"],
         capture_output=True,
