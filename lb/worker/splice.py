@@ -252,9 +252,11 @@ class Tunnel:
     def start(self, speculate: bool) -> None:
         """Watch both sockets; with ``speculate``, try the client's bytes at once.
 
-        The server socket's interest turns from "connected" (write) to read in
-        one ``epoll_ctl``.  In ``mode = "tcp"`` the client has usually sent its
-        first bytes while we connected: reading them now saves a wakeup.
+        The server socket's interest becomes read in one ``epoll_ctl``: it
+        turns from "connected" (write) to read if the connect was waited for,
+        or is added if it was done at once.  In ``mode = "tcp"`` the client has
+        usually sent its first bytes while we connected: reading them now saves
+        a wakeup.
         """
         loop = self.loop
         up, down = self.up, self.down
