@@ -1,7 +1,7 @@
 """CPU cost per request and per connection: where the request-rate gap lies.
 
 ``python -m bench.cpu`` starts the benchmark's backends, then for each
-balancer (1 worker, ``nbthread 1``) runs ``wrk`` kept-alive and with
+balancer (1 worker against ``nbthread 1``; ``--workers N``) runs ``wrk`` kept-alive and with
 ``Connection: close`` and reads the balancer's CPU time (user and system,
 from psutil, over its whole process tree) before and after.  It prints the
 microseconds of CPU per request and, with ``--strace``, the system calls per
@@ -12,7 +12,13 @@ user-space binary (libpython, libc, haproxy), and its hottest symbols.  The
 rate figures of ``bench/run.py`` divide the same cores between the client,
 the backends and the balancer, so a balancer that spends less CPU per request
 serves more requests; this tells which part of the CPU, user (Python) or
-system (the kernel), makes the difference."""
+system (the kernel), makes the difference.
+
+``--balancers`` may name ``floor`` too: ``bench/floor.py``, a bare splice
+forwarder with the same system calls as splicelb's worker and the least
+Python around them (no routing, counters, timeouts or logs), the floor of
+what Python costs per request before any feature.  ``--rounds N`` measures
+the balancers N times, alternating their order, and reports the medians."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import json
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -186,8 +193,10 @@ def measure(
     seconds: int,
     loads: list[str],
     tracers: list[str],
+    workers: int = 1,
+    run_id: str = "",
 ) -> dict[str, Any]:
-    target = start_target(name, tools, 1, backends, tmp, f"cpu-{name}")
+    target = start_target(name, tools, workers, backends, tmp, f"cpu-{name}{run_id}")
     result: dict[str, Any] = {}
     try:
         port = target.ports["http"]
@@ -214,13 +223,29 @@ def measure(
     return result
 
 
+def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds' rows: the median rate and CPU, the first trace."""
+    merged = dict(rows[0])
+    for key in ("rate", "user_us", "system_us"):
+        merged[key] = statistics.median(row[key] for row in rows)
+    if len(rows) > 1:
+        merged["rounds"] = len(rows)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (5)")
     parser.add_argument("--strace", action="store_true", help="also count system calls")
     parser.add_argument("--perf", action="store_true", help="also profile with perf")
+    parser.add_argument("--workers", type=int, default=1, help="workers; HAProxy's nbthread (1)")
     parser.add_argument(
-        "--balancers", default="splicelb,haproxy", help="balancers to measure (splicelb,haproxy)"
+        "--rounds", type=int, default=1, help="rounds in alternating order, medians reported (1)"
+    )
+    parser.add_argument(
+        "--balancers",
+        default="splicelb,haproxy",
+        help="balancers to measure: splicelb, haproxy, floor (default: splicelb,haproxy)",
     )
     parser.add_argument(
         "--loads", default="keepalive,close", help="wrk loads: keepalive, close or both (default)"
@@ -236,9 +261,19 @@ def main(argv: list[str] | None = None) -> int:
             install_debian(missing)
         backends = start_backends(tools, tmp, 2)
         loads = args.loads.split(",")
+        names = args.balancers.split(",")
+        rows: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in names}
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                traced = tracers if r == 0 else []  # traces in the first round only
+                got = measure(
+                    name, tools, backends, tmp, args.seconds, loads, traced, args.workers, f"-{r}"
+                )
+                for load, row in got.items():
+                    rows[name].setdefault(load, []).append(row)
         result = {
-            name: measure(name, tools, backends, tmp, args.seconds, loads, tracers)
-            for name in args.balancers.split(",")
+            name: {load: medians(runs) for load, runs in by_load.items()}
+            for name, by_load in rows.items()
         }
         print(json.dumps(result, indent=2))
         return 0

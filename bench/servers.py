@@ -52,7 +52,7 @@ def wait_listening(proc: Proc, ports: list[int], what: str) -> None:
 class Target:
     """What a client talks to: a balancer's front ports, or the backends directly."""
 
-    name: str  # "direct", "splicelb", "haproxy"
+    name: str  # "direct", "splicelb", "haproxy", "floor"
     ports: dict[str, int]
     proc: Proc | None = None
     workdir: Path | None = None
@@ -299,6 +299,22 @@ def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path, run
     return target
 
 
+def start_floor(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
+    """``bench/floor.py`` in front of nginx: the ``http`` port only (what ``bench/cpu.py`` uses)."""
+    workdir = tmp / f"floor-{run_id}"
+    workdir.mkdir()
+    port = free_port()
+    argv = ["-m", "bench.floor", str(port), str(backends.ports["http"]), str(workers)]
+    proc = Proc("floor", [sys.executable, *argv], workdir)
+    target = Target("floor", {"http": port}, proc, workdir, backends)
+    try:
+        wait_listening(proc, [port], "bench/floor.py")
+    except BaseException:
+        target.stop()
+        raise
+    return target
+
+
 def start_target(
     name: str, tools: dict[str, str], workers: int, backends: Backends, tmp: Path, run_id: str
 ) -> Target:
@@ -307,4 +323,6 @@ def start_target(
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
     if name == "splicelb":
         return start_splicelb(workers, backends, tmp, run_id)
+    if name == "floor":
+        return start_floor(workers, backends, tmp, run_id)
     return start_haproxy(tools["haproxy"], workers, backends, tmp, run_id)

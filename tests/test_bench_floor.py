@@ -1,0 +1,129 @@
+"""bench/floor.py, the bare splice forwarder bench/cpu.py measures as Python's floor.
+
+Its figures mean something only if it forwards like a balancer: every byte,
+each end of file, and a loud stop (not a silent loss) when it cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+TIMEOUT = 10.0
+
+
+def echo_until_eof(conn: socket.socket) -> None:
+    """Echo everything back, then close once the client has half-closed."""
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+@contextmanager
+def echo_backend() -> Iterator[int]:
+    listener = socket.create_server((HOST, 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            threading.Thread(target=echo_until_eof, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def floor(backend_port: int, workers: int = 2) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor", str(port), str(backend_port), str(workers)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None, "bench/floor.py exited at start"
+                assert time.monotonic() < deadline, "bench/floor.py never listened"
+                time.sleep(0.05)
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_floor_forwards_every_byte_and_each_end_of_file() -> None:
+    with echo_backend() as backend, floor(backend) as (port, proc):
+        for size in (1, 64, 16 * 1024):  # what fits the socket buffers: see the short-write rule
+            payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+            with socket.create_connection((HOST, port), timeout=TIMEOUT) as sock:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)  # passed on: the backend ends its echo and closes
+                got = b""
+                while chunk := sock.recv(65536):
+                    got += chunk
+            assert got == payload, size
+        assert proc.poll() is None
+
+
+def test_floor_stops_loudly_when_it_cannot_forward() -> None:
+    with echo_backend() as backend:
+        pass  # closed at once: connections to it are refused
+    with floor(backend, workers=1) as (port, proc):
+        with socket.create_connection((HOST, port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"lost?")
+            assert proc.wait(TIMEOUT) == 1
+        assert proc.stderr is not None
+        assert b"ConnectionRefusedError" in proc.stderr.read()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cpu_rounds_with_the_floor_and_two_workers() -> None:
+    """bench/cpu.py measures the floor next to splicelb, in alternating rounds."""
+    options = ["--workers", "2", "--rounds", "2", "--loads", "close", "--seconds", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cpu", "--balancers", "floor,splicelb", *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads(done.stdout)
+    assert set(result) == {"floor", "splicelb"}
+    for name, loads in result.items():
+        row = loads["close"]
+        assert row["rounds"] == 2, name
+        assert row["rate"] > 0 and row["user_us"] + row["system_us"] > 0, (name, row)
+    assert "starting floor (2 workers)" in done.stderr
