@@ -6,7 +6,6 @@ each end of file, and a loud stop (not a silent loss) when it cannot.
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -15,8 +14,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -46,6 +43,7 @@ def echo_backend() -> Iterator[int]:
     try:
         yield listener.getsockname()[1]
     finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept, which then ends
         listener.close()
 
 
@@ -96,34 +94,9 @@ def test_floor_forwards_every_byte_and_each_end_of_file() -> None:
 
 
 def test_floor_stops_loudly_when_it_cannot_forward() -> None:
-    with echo_backend() as backend:
-        pass  # closed at once: connections to it are refused
-    with floor(backend, workers=1) as (port, proc):
+    with floor(free_port(), workers=1) as (port, proc):  # no server there: refused
         with socket.create_connection((HOST, port), timeout=TIMEOUT) as sock:
             sock.sendall(b"lost?")
             assert proc.wait(TIMEOUT) == 1
         assert proc.stderr is not None
         assert b"ConnectionRefusedError" in proc.stderr.read()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_cpu_rounds_with_the_floor_and_two_workers() -> None:
-    """bench/cpu.py measures the floor next to splicelb, in alternating rounds."""
-    options = ["--workers", "2", "--rounds", "2", "--loads", "close", "--seconds", "1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", "--balancers", "floor,splicelb", *options],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=200,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    result = json.loads(done.stdout)
-    assert set(result) == {"floor", "splicelb"}
-    for name, loads in result.items():
-        row = loads["close"]
-        assert row["rounds"] == 2, name
-        assert row["rate"] > 0 and row["user_us"] + row["system_us"] > 0, (name, row)
-    assert "starting floor (2 workers)" in done.stderr
