@@ -27,19 +27,8 @@ SBIN = os.pathsep.join(("/usr/sbin", "/sbin", os.environ.get("PATH", "")))
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_bench_smoke(tmp_path: Path) -> None:
-    missing = [t for t in TOOLS if shutil.which(t, path=SBIN) is None]
-    if missing and os.geteuid() != 0:
-        pytest.skip(f"{', '.join(missing)} missing and not root to install them")
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "bench/run.py", "--smoke", "--workers", "1", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=360,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    done = run_bench(["bench/run.py", "--smoke", "--workers", "1", "--out", str(out)], 360)
 
     written = sorted(out.iterdir())
     names = {p.suffix for p in written}
@@ -145,16 +134,24 @@ def test_cpu_rounds_with_the_floor_and_two_workers() -> None:
 
 def run_cpu(options: list[str], tracers: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
     """``python -m bench.cpu`` with ``options``: its JSON result and its log (stderr)."""
+    done = run_bench(["-m", "bench.cpu", *options], 240, tracers)
+    return json.loads(done.stdout), done.stderr
+
+
+def run_bench(
+    argv: list[str], timeout: float, tracers: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark tool with Python to success (skipped without its tools and root)."""
     missing = [t for t in (*TOOLS, *tracers) if shutil.which(t, path=SBIN) is None]
     if missing and os.geteuid() != 0:
         pytest.skip(f"{', '.join(missing)} missing and not root to install them")
     done = subprocess.run(
-        [sys.executable, "-m", "bench.cpu", *options],
+        [sys.executable, *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return json.loads(done.stdout), done.stderr
+    return done
