@@ -19,9 +19,7 @@ from a run that lost bytes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import os
 import select
 import signal
@@ -29,13 +27,11 @@ import socket
 import sys
 import traceback
 
+# splicelb's own pipes, flags and calls: the same system calls, by construction.
+from lb.worker.loop import BATCH, IN, RDHUP
+from lb.worker.splice import PIPE_SIZE, SPLICE_FLAGS, PipePool, shutdown_write
+
 HOST = "127.0.0.1"
-PIPE_SIZE = 1 << 20
-SLOTS = PIPE_SIZE // os.sysconf("SC_PAGE_SIZE")
-F_SETPIPE_SZ = 1031
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-IN = select.EPOLLIN | select.EPOLLRDHUP
-_shutdown = ctypes.CDLL(None).shutdown  # on a raw descriptor, as splicelb does
 
 
 def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
@@ -46,11 +42,10 @@ def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
     accept = listener._accept  # type: ignore[attr-defined]
     peer: dict[int, int] = {}  # fd -> the other socket of its connection
     ended: set[int] = set()  # sockets whose end of file was passed on
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+    r, w, slots = PipePool().new()
     splice, closing = os.splice, []
     while True:
-        for fd, mask in epoll.poll(-1, 512):
+        for fd, mask in epoll.poll(-1, BATCH):
             if fd == lfd:
                 while True:
                     try:
@@ -87,7 +82,7 @@ def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
                 ended.add(dst)
             if m != n:
                 sys.exit(f"floor: short write to {dst} ({m} of {n} bytes)")
-            if n and not (mask & select.EPOLLRDHUP and n < SLOTS):
+            if n and not (mask & RDHUP and n < slots):
                 continue  # more may follow: see "End of file without a read", lb/worker/splice.py
             if dst in ended:  # both ways done
                 for s in (fd, dst):
@@ -97,7 +92,7 @@ def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
             else:
                 ended.add(fd)
                 epoll.unregister(fd)
-                _shutdown(dst, socket.SHUT_WR)
+                shutdown_write(dst)
         while closing:
             os.close(closing.pop())
 

@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.procs import HOST, free_port, wait_until
+from bench.servers import listening_ports
+
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
 TIMEOUT = 10.0
 
 
@@ -47,12 +48,6 @@ def echo_backend() -> Iterator[int]:
         listener.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def floor(backend_port: int, workers: int = 2) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
@@ -62,15 +57,12 @@ def floor(backend_port: int, workers: int = 2) -> Iterator[tuple[int, subprocess
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                socket.create_connection((HOST, port), timeout=1).close()
-                break
-            except ConnectionRefusedError:
-                assert proc.poll() is None, "bench/floor.py exited at start"
-                assert time.monotonic() < deadline, "bench/floor.py never listened"
-                time.sleep(0.05)
+
+        def listening() -> bool:  # without connecting: a connection would be forwarded
+            assert proc.poll() is None, "bench/floor.py exited at start"
+            return port in listening_ports()
+
+        wait_until(listening, TIMEOUT, "bench/floor.py to listen")
         yield port, proc
     finally:
         proc.kill()
