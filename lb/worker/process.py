@@ -7,6 +7,15 @@ worker accepts in batches until ``EAGAIN``, hands every connection to a
 slot and beats its heartbeat from inside the loop, so a stuck loop stops
 beating.  SIGTERM: stop accepting and let connections finish for up to
 ``drain_timeout``; SIGQUIT: close everything at once.
+
+Counters: each server's active connections are kept in shared memory as
+they change (other workers' ``leastconn`` and ``maxconn`` read them).  The
+rest (totals, bytes, answers, the worker's and listeners' active counts) are
+added up in :attr:`Worker.tally`, a list of Python ints laid out like the
+slot, and copied to the slot once per loop batch that changed them (an
+addition to a list is half the cost of one to shared memory, and a batch
+under load carries a dozen connections): the slot is never behind the
+worker by more than the batch being dispatched.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import signal
 import socket
 import time
 import traceback
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +71,7 @@ class ListenerRuntime:
     head_timeout: float
     tunnel_timeout: float
     socks: list[socket.socket]
+    tally_at: int  # where its counters start in the worker's tally (see Worker.tally)
 
 
 @dataclass(slots=True)
@@ -141,6 +152,14 @@ class Worker:
         # This slot's counter blocks, by server and by listener index (computed once).
         self.server_counters = [geo.counter(slot, s) for s in range(geo.nservers)]
         self.listener_counters = [geo.listener_counter(slot, i) for i in range(geo.nlisteners)]
+        # The slot's words as Python ints, by their index in the slot (see the module's
+        # docstring): what a predecessor in this slot counted goes on from where it was.
+        self.tally = list(pool.q[self.slot_base : self.slot_base + geo.slot_words])
+        self.server_tally_at = [c - self.slot_base for c in self.server_counters]
+        self._published = _published_runs(
+            self.server_tally_at, geo.slot_words - geo.nlisteners * L.LISTENER_WORDS, geo.slot_words
+        )
+        self._publish_cb = self._publish
         self.log_conn = log_conn
         self.connections: set[Connection] = set()
         self.deadlines: dict[Connection, float] = {}  # connections waiting with a time limit
@@ -159,6 +178,7 @@ class Worker:
                 head_timeout=lc.head_timeout,
                 tunnel_timeout=lc.tunnel_timeout,
                 socks=sockets[lc.name],
+                tally_at=self.listener_counters[i] - self.slot_base,
             )
             for i, lc in enumerate(config.listeners)
         ]
@@ -198,9 +218,11 @@ class Worker:
         loop = self.loop
         q, base = self.q, self.slot_base
         q[base + L.S_PID], q[base + L.S_GENERATION] = os.getpid(), self.generation
-        q[base + L.S_CONNECTIONS] = 0
-        for counter in self.server_counters + self.listener_counters:
+        for counter in self.server_counters:
             q[counter + L.C_ACTIVE] = 0  # a predecessor killed in this slot left its own
+        for listener in self.listeners:
+            self.tally[listener.tally_at + L.C_ACTIVE] = 0
+        self._publish()
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         self._beat()
@@ -214,6 +236,7 @@ class Worker:
         try:
             loop.run()
         finally:
+            self._publish()
             self.pipes.close()
             q[base + L.S_STATE] = L.SLOT_EMPTY
             loop.shutdown()
@@ -318,9 +341,9 @@ class Worker:
 
     def _accept(self, accept: Any, listener: ListenerRuntime) -> None:
         # socket._accept returns (fd, addr) without building a socket object.
-        q, base = self.q, self.slot_base
-        lcounter = self.listener_counters[listener.index]
+        tally, at = self.tally, listener.tally_at
         connections, set_blocking = self.connections, os.set_blocking
+        self.loop.after_batch = self._publish_cb
         for _ in range(ACCEPT_BATCH):
             if self.active >= self.maxconn:
                 self._pause()  # the listen backlog holds the rest until we are below the cap
@@ -338,10 +361,8 @@ class Worker:
                 continue  # ECONNABORTED and the like: that client is gone already
             set_blocking(fd, False)
             self.active += 1
-            q[base + L.S_CONNECTIONS] = self.active
-            q[base + L.S_ACCEPTED] += 1
-            q[lcounter + L.C_ACTIVE] += 1
-            q[lcounter + L.C_TOTAL] += 1
+            tally[at + L.C_ACTIVE] += 1
+            tally[at + L.C_TOTAL] += 1
             conn = Connection(self, listener, fd, addr)
             connections.add(conn)
             conn.start()
@@ -349,29 +370,35 @@ class Worker:
     # -- called by connections -------------------------------------------------
 
     def open_tunnel(self, conn: Connection, server_fd: int) -> Tunnel:
-        counter = self.server_counters[conn.server]
-        lcounter = self.listener_counters[conn.listener.index]
-        q = self.q
-        q[counter + L.C_ACTIVE] += 1
-        q[counter + L.C_TOTAL] += 1
+        self.q[self.server_counters[conn.server] + L.C_ACTIVE] += 1  # live: see the docstring
+        tally, at = self.tally, self.server_tally_at[conn.server]
+        tally[at + L.C_TOTAL] += 1
         if conn.bytes_in:  # the head, forwarded by send() (mode = "http")
-            q[counter + L.C_BYTES_IN] += conn.bytes_in
-            q[lcounter + L.C_BYTES_IN] += conn.bytes_in
+            tally[at + L.C_BYTES_IN] += conn.bytes_in
+            tally[conn.listener.tally_at + L.C_BYTES_IN] += conn.bytes_in
+        self.loop.after_batch = self._publish_cb
         tunnel = conn.tunnel = Tunnel(conn, server_fd)
         tunnel.start(speculate=conn.listener.mode == "tcp")
         return tunnel
 
     def count_bytes(self, conn: Connection, up: int, down: int) -> None:
         """Bytes a tunnel moved (see ``Tunnel.flush``): to its server's and listener's counters."""
-        q = self.q
-        counter = self.server_counters[conn.server]
-        lcounter = self.listener_counters[conn.listener.index]
-        if up:
-            q[counter + L.C_BYTES_IN] += up
-            q[lcounter + L.C_BYTES_IN] += up
-        if down:
-            q[counter + L.C_BYTES_OUT] += down
-            q[lcounter + L.C_BYTES_OUT] += down
+        tally, at, lat = self.tally, self.server_tally_at[conn.server], conn.listener.tally_at
+        tally[at + L.C_BYTES_IN] += up
+        tally[lat + L.C_BYTES_IN] += up
+        tally[at + L.C_BYTES_OUT] += down
+        tally[lat + L.C_BYTES_OUT] += down
+        self.loop.after_batch = self._publish_cb
+
+    def _publish(self) -> None:
+        """Copy the tally's counters to this worker's slot (see the module's docstring)."""
+        tally = self.tally
+        tally[L.S_CONNECTIONS] = self.active
+        tally[L.S_ACCEPTED] = sum(tally[lt.tally_at + L.C_TOTAL] for lt in self.listeners)
+        words = array("Q", tally)
+        q, base = self.q, self.slot_base
+        for start, end in self._published:
+            q[base + start : base + end] = words[start:end]
 
     def connect_failed(self, conn: Connection, why: str) -> None:
         """Passive health: mark the server suspect so every worker avoids it."""
@@ -391,17 +418,16 @@ class Worker:
         """The one end of every connection: counters and its log line."""
         self.connections.discard(conn)
         self.active -= 1
-        q, base = self.q, self.slot_base
-        q[base + L.S_CONNECTIONS] = self.active
-        lcounter = self.listener_counters[conn.listener.index]
-        q[lcounter + L.C_ACTIVE] -= 1
+        tally, at = self.tally, conn.listener.tally_at
+        tally[at + L.C_ACTIVE] -= 1
         if conn.tunnel is not None:
-            q[self.server_counters[conn.server] + L.C_ACTIVE] -= 1
+            self.q[self.server_counters[conn.server] + L.C_ACTIVE] -= 1
         else:  # answered or dropped: its few bytes were never spliced
-            q[lcounter + L.C_BYTES_IN] += conn.bytes_in
-            q[lcounter + L.C_BYTES_OUT] += bytes_out
+            tally[at + L.C_BYTES_IN] += conn.bytes_in
+            tally[at + L.C_BYTES_OUT] += bytes_out
         if status is not None:
-            q[base + L.S_ANSWERS + _ANSWER_INDEX.get(status, 7)] += 1
+            tally[L.S_ANSWERS + _ANSWER_INDEX.get(status, 7)] += 1
+        self.loop.after_batch = self._publish_cb
         backend = conn.backend
         log_conn = self.log_conn
         if log_conn is not None:  # None when info lines are filtered out: nothing is built
@@ -422,6 +448,17 @@ class Worker:
                 self.loop.stop()
         elif not self.accepting and self.active < self.maxconn:
             self._resume()
+
+
+def _published_runs(servers: list[int], listeners: int, end: int) -> list[tuple[int, int]]:
+    """The runs of slot words ``_publish`` copies: all but the live and the double ones."""
+    runs = [
+        (L.S_CONNECTIONS, L.S_ACCEPTED + 1),
+        (L.S_ANSWERS, L.S_ANSWERS + len(L.ANSWER_STATUSES)),
+    ]
+    runs += [(at + L.C_TOTAL, at + L.C_BYTES_OUT + 1) for at in servers]
+    runs.append((listeners, end))  # every listener's four words
+    return runs
 
 
 _ANSWER_INDEX = {status: i for i, status in enumerate(L.ANSWER_STATUSES)}
