@@ -170,6 +170,12 @@ class Loop:
         self.readers[fd] = callback
         self._interest(fd, IN, 0)
 
+    def watch(self, fd: int, callback: Callback) -> None:
+        """``add_reader`` for a descriptor not in the set yet (one ``epoll_ctl``, no lookups)."""
+        self.readers[fd] = callback
+        self.masks[fd] = IN
+        self.epoll.register(fd, IN)
+
     def remove_reader(self, fd: int) -> None:
         if self.readers.pop(fd, None) is not None:
             self._interest(fd, 0, IN)
@@ -206,7 +212,9 @@ class Loop:
         this worker accepted or connected): closing their last reference is
         what takes them out of the epoll set.
         """
-        self._forget(fd)
+        self.readers.pop(fd, None)  # what _forget does, inline: two per connection
+        self.writers.pop(fd, None)
+        self.masks.pop(fd, None)
         if self._dispatching:
             self._deferred.append(fd)
         else:

@@ -204,13 +204,13 @@ class Flow:
         shutdown_write(self.dst)
 
     def release(self, pipes: PipePool) -> None:
-        """The tunnel is closing: give back (or drop) the pipe."""
-        if self.pipe is not None:
-            if self.queued:
-                discard(self.pipe)
-            else:
-                pipes.give(self.pipe)
-            self.pipe = None
+        """The tunnel is closing and this flow holds a pipe: give it back (or drop it)."""
+        assert self.pipe is not None
+        if self.queued:
+            discard(self.pipe)
+        else:
+            pipes.give(self.pipe)
+        self.pipe = None
 
 
 def _reason(exc: OSError, side: str) -> str:
@@ -260,7 +260,7 @@ class Tunnel:
         """
         loop = self.loop
         up, down = self.up, self.down
-        loop.add_reader(up.src, up.on_readable)
+        loop.watch(up.src, up.on_readable)  # the client's socket is not in the set yet
         loop.set(down.src, down.on_readable, None)
         if speculate:
             loop.events = 0  # not woken by this socket: no end of file known
@@ -283,10 +283,13 @@ class Tunnel:
             return
         self.closed = True
         self.flush()
-        self.up.release(self.pipes)
-        self.down.release(self.pipes)
-        self.loop.close(self.up.src)  # closing drops them from the epoll set
-        self.loop.close(self.down.src)
+        up, down, loop = self.up, self.down, self.loop
+        if up.pipe is not None:
+            up.release(self.pipes)
+        if down.pipe is not None:
+            down.release(self.pipes)
+        loop.close(up.src)  # closing drops them from the epoll set
+        loop.close(down.src)
         self.conn.tunnel_closed(self, reason)
         # Break the reference cycles (flow <-> tunnel <-> connection): reference
         # counting frees all of them now, and the cyclic GC has nothing to find.
