@@ -13,7 +13,12 @@ doing: the same code gives the same count, so a change to the hot path can be
 judged to a percent in a minute.  They count Python's share only (the
 interpreter, uvloop, libc); the kernel's share is in ``bench/cpu.py``.  One
 client at a time means one event per loop turn, the worst case for the loop's
-own overhead; under load, turns carry several events each.
+own overhead; under load, turns carry several events each: ``--concurrency
+K`` has K clients connect at once, each making its share of the N
+connections, so that turns carry several connections' events as under
+``wrk`` (the worker under valgrind is the slowest party, so its batches
+fill).  Work done once per loop turn (the wait, the counters' publication)
+then counts for a fraction of a connection, as it does under load.
 """
 
 from __future__ import annotations
@@ -43,20 +48,24 @@ ANNOTATED = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$")
 
 
 def serve(listener: socket.socket, echo: bool) -> None:
-    """A blocking one-connection-at-a-time backend: echo, or answer once and close."""
+    """A blocking backend: echo, or answer once and close (a thread per connection)."""
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             return  # closed: the run is over
-        with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not echo:
-                conn.recv(65536)
-                conn.sendall(RESPONSE)
-                continue
-            while data := conn.recv(65536):
-                conn.sendall(data)
+        threading.Thread(target=answer, args=(conn, echo), daemon=True).start()
+
+
+def answer(conn: socket.socket, echo: bool) -> None:
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not echo:
+            conn.recv(65536)
+            conn.sendall(RESPONSE)
+            return
+        while data := conn.recv(65536):
+            conn.sendall(data)
 
 
 def backend(echo: bool) -> tuple[socket.socket, int]:
@@ -65,7 +74,26 @@ def backend(echo: bool) -> tuple[socket.socket, int]:
     return listener, int(listener.getsockname()[1])
 
 
-def connections(port: int, count: int) -> None:
+def connections(port: int, count: int, concurrency: int = 1) -> None:
+    """``count`` connections, each a request read to its end, ``concurrency`` at a time."""
+    if concurrency > 1:
+        shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+        errors: list[BaseException] = []
+
+        def client(share: int) -> None:
+            try:
+                connections(port, share)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise BenchError(f"a client failed: {errors[0]!r}")
+        return
     for _ in range(count):
         with socket.create_connection((HOST, port), timeout=30) as sock:
             sock.sendall(REQUEST)
@@ -125,7 +153,7 @@ def part(path: Path, top: int) -> dict[str, Any]:
     return {"total": int(totals.group(1)), "top": functions}
 
 
-def measure(count: int, top: int, tmp: Path) -> dict[str, Any]:
+def measure(count: int, top: int, tmp: Path, concurrency: int = 1) -> dict[str, Any]:
     closer, close_port = backend(echo=False)
     echoer, echo_port = backend(echo=True)
     port, echo_front, runtime = free_port(), free_port(), tmp / "run"
@@ -188,10 +216,10 @@ def measure(count: int, top: int, tmp: Path) -> dict[str, Any]:
         with socket.create_connection((HOST, echo_front), timeout=30) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             round_trips(sock, 50)
-            log(f"worker {pid}: {count} connections, then {count} round trips")
+            log(f"worker {pid}: {count} connections, {concurrency} at a time, then round trips")
             callgrind_control("--instr=on", str(pid))
             started = time.monotonic()
-            connections(port, count)
+            connections(port, count, concurrency)
             callgrind_control("--dump=connections", str(pid))
             round_trips(sock, count)
             callgrind_control("--dump=round trips", str(pid))
@@ -207,6 +235,7 @@ def measure(count: int, top: int, tmp: Path) -> dict[str, Any]:
     conns, trips = part(dumps[0], top), part(dumps[1], top)
     return {
         "count": count,
+        "concurrency": concurrency,
         "per_connection": round(conns["total"] / count),
         "per_round_trip": round(trips["total"] / count),
         "top_per_connection": [(f, round(n / count)) for f, n in conns["top"]],
@@ -223,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         default=2000,
         help="connections, and round trips, to count (2000)",
     )
+    parser.add_argument(
+        "-c",
+        "--concurrency",
+        type=int,
+        default=1,
+        help="clients connecting at once, as under load (1: one connection at a time)",
+    )
     parser.add_argument("--top", type=int, default=15, help="costliest C functions to list (15)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="splicelb-instr-"))
@@ -230,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if shutil.which("valgrind") is None:
             install_debian(["valgrind"])
-        result = measure(args.count, args.top, tmp)
+        if args.concurrency < 1:
+            parser.error("--concurrency must be at least 1")
+        result = measure(args.count, args.top, tmp, args.concurrency)
         print(json.dumps(result, indent=2))
         return 0
     except BenchError as exc:

@@ -101,7 +101,7 @@ def test_instruction_count_smoke() -> None:
     if shutil.which("valgrind") is None and os.geteuid() != 0:
         pytest.skip("valgrind missing and not root to install it (Debian package valgrind)")
     done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "-n", "100", "--top", "5"],
+        [sys.executable, "-m", "bench.instructions", "-n", "100", "-c", "4", "--top", "5"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -110,7 +110,7 @@ def test_instruction_count_smoke() -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads(done.stdout)
-    assert result["count"] == 100
+    assert (result["count"], result["concurrency"]) == (100, 4)
     # A new connection (accept, connect, two tunnels' worth of events, close) costs
     # the worker more than forwarding one small message each way.
     assert result["per_connection"] > result["per_round_trip"] > 0

@@ -120,7 +120,6 @@ class Loop:
         "_timerfd",
         "_timers",
         "_wakeup",
-        "after_batch",
         "epoll",
         "events",
         "masks",
@@ -135,7 +134,6 @@ class Loop:
         self.writers: dict[int, Callback] = {}
         self.masks: dict[int, int] = {}
         self.events = 0  # the events of the callback being called
-        self.after_batch: Callback | None = None  # run once when the current batch is done
         self.on_error = on_error
         self._dispatching = False
         self._deferred: list[int] = []
@@ -302,13 +300,6 @@ class Loop:
                 self._dispatching = False
                 while deferred:
                     os.close(deferred.pop())
-            after = self.after_batch
-            if after is not None:
-                self.after_batch = None
-                try:
-                    after()
-                except Exception as exc:
-                    self.on_error(exc)
 
     def _forget(self, fd: int) -> int:
         """Drop ``fd``'s callbacks; its interest mask (0: it was not registered)."""

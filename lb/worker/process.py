@@ -12,10 +12,10 @@ Counters: each server's active connections are kept in shared memory as
 they change (other workers' ``leastconn`` and ``maxconn`` read them).  The
 rest (totals, bytes, answers, the worker's and listeners' active counts) are
 added up in :attr:`Worker.tally`, a list of Python ints laid out like the
-slot, and copied to the slot once per loop batch that changed them (an
-addition to a list is half the cost of one to shared memory, and a batch
-under load carries a dozen connections): the slot is never behind the
-worker by more than the batch being dispatched.
+slot, and copied to the slot ``PUBLISH_DELAY`` after the first change since
+the last copy: adding to a list costs a fraction of adding to shared memory
+(through a ``memoryview``), and one copy serves every connection of those
+10 ms, however many.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ ACCEPT_BATCH = 64  # connections accepted per readable event, for fairness betwe
 ACCEPT_BACKOFF = 0.1  # seconds accepting pauses when out of file descriptors
 HEARTBEAT_INTERVAL = 1.0
 SWEEP_MAX = 1.0  # longest pause between two sweeps for idle tunnels
+PUBLISH_DELAY = 0.01  # longest the slot's counters lag behind the worker's tally
 DEADLINE_TICK = 0.05  # how often head and connect timeouts are checked (so: how late they fire)
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
@@ -159,7 +160,7 @@ class Worker:
         self._published = _published_runs(
             self.server_tally_at, geo.slot_words - geo.nlisteners * L.LISTENER_WORDS, geo.slot_words
         )
-        self._publish_cb = self._publish
+        self.publishing = False  # a copy of the tally to the slot is due
         self.log_conn = log_conn
         self.connections: set[Connection] = set()
         self.deadlines: dict[Connection, float] = {}  # connections waiting with a time limit
@@ -343,7 +344,8 @@ class Worker:
         # socket._accept returns (fd, addr) without building a socket object.
         tally, at = self.tally, listener.tally_at
         connections, set_blocking = self.connections, os.set_blocking
-        self.loop.after_batch = self._publish_cb
+        if not self.publishing:
+            self._publish_soon()
         for _ in range(ACCEPT_BATCH):
             if self.active >= self.maxconn:
                 self._pause()  # the listen backlog holds the rest until we are below the cap
@@ -376,7 +378,8 @@ class Worker:
         if conn.bytes_in:  # the head, forwarded by send() (mode = "http")
             tally[at + L.C_BYTES_IN] += conn.bytes_in
             tally[conn.listener.tally_at + L.C_BYTES_IN] += conn.bytes_in
-        self.loop.after_batch = self._publish_cb
+        if not self.publishing:
+            self._publish_soon()
         tunnel = conn.tunnel = Tunnel(conn, server_fd)
         tunnel.start(speculate=conn.listener.mode == "tcp")
         return tunnel
@@ -388,10 +391,17 @@ class Worker:
         tally[lat + L.C_BYTES_IN] += up
         tally[at + L.C_BYTES_OUT] += down
         tally[lat + L.C_BYTES_OUT] += down
-        self.loop.after_batch = self._publish_cb
+        if not self.publishing:
+            self._publish_soon()
+
+    def _publish_soon(self) -> None:
+        """The tally changed: copy it to the slot in ``PUBLISH_DELAY``."""
+        self.publishing = True
+        self.loop.call_later(PUBLISH_DELAY, self._publish)
 
     def _publish(self) -> None:
         """Copy the tally's counters to this worker's slot (see the module's docstring)."""
+        self.publishing = False
         tally = self.tally
         tally[L.S_CONNECTIONS] = self.active
         tally[L.S_ACCEPTED] = sum(tally[lt.tally_at + L.C_TOTAL] for lt in self.listeners)
@@ -427,7 +437,8 @@ class Worker:
             tally[at + L.C_BYTES_OUT] += bytes_out
         if status is not None:
             tally[L.S_ANSWERS + _ANSWER_INDEX.get(status, 7)] += 1
-        self.loop.after_batch = self._publish_cb
+        if not self.publishing:
+            self._publish_soon()
         backend = conn.backend
         log_conn = self.log_conn
         if log_conn is not None:  # None when info lines are filtered out: nothing is built
