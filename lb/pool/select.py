@@ -21,6 +21,7 @@ from typing import Protocol
 from lb.pool import layout as L
 from lb.pool.shm import Pool
 
+INF = float("inf")
 SUSPECT_HOLD_UNCHECKED = 5.0  # seconds a suspect mark holds where no prober checks
 
 
@@ -197,14 +198,22 @@ class BackendPicker:
         suspects = sum(map(q.__getitem__, self._suspect_words))
         return q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects
 
-    def refresh(self, now: float) -> None:
-        """Recompute the eligible servers if anything they depend on changed."""
+    def _stale(self) -> bool:
+        """Whether the eligible servers may have changed since ``_rebuild``."""
+        q = self._q  # what _versions reads, inline: this runs for every connection
+        suspects = sum(map(q.__getitem__, self._suspect_words))
+        if (q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects) != self._key:
+            return True
+        # A suspect mark's hold runs out without any version changing: only then
+        # does the cache expire (and only then is the clock read).
+        return self._valid_until != INF and time.monotonic() >= self._valid_until
+
+    def _rebuild(self, now: float) -> None:
+        """Recompute the eligible servers."""
         key = self._versions()
-        if key == self._key and now < self._valid_until:
-            return
         pool = self._pool
         eligible: list[int] = []
-        valid_until = float("inf")
+        valid_until = INF
         for s in self._servers:
             if pool.health(s) == L.DOWN or pool.admin(s) != L.READY:
                 continue
@@ -220,7 +229,8 @@ class BackendPicker:
 
     def pick(self, host: str, tried: Sequence[int] = ()) -> int | None:
         """A server for a new connection, or None (the caller answers 503)."""
-        self.refresh(time.monotonic())
+        if self._stale():
+            self._rebuild(time.monotonic())
         maxconn, pool = self.maxconn, self._pool
         if not tried and not maxconn:
             return self._balancer.pick(host, None)
