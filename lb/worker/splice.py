@@ -254,15 +254,18 @@ class Tunnel:
         """Watch both sockets; with ``speculate``, try the client's bytes at once.
 
         The server socket's interest becomes read in one ``epoll_ctl``: it
-        turns from "connected" (write) to read if the connect was waited for,
-        or is added if it was done at once.  In ``mode = "tcp"`` the client has
-        usually sent its first bytes while we connected: reading them now saves
-        a wakeup.
+        turns from "connected" (write) to read if the connect (or the head's
+        ``send``) was waited for, or is added if it was done at once.  In
+        ``mode = "tcp"`` the client has usually sent its first bytes while we
+        connected: reading them now saves a wakeup.
         """
         loop = self.loop
         up, down = self.up, self.down
         loop.watch(up.src, up.on_readable)  # the client's socket is not in the set yet
-        loop.set(down.src, down.on_readable, None)
+        if down.src in loop.masks:  # watched for the connect or the head: write becomes read
+            loop.set(down.src, down.on_readable, None)
+        else:
+            loop.watch(down.src, down.on_readable)
         if speculate:
             loop.events = 0  # not woken by this socket: no end of file known
             up.on_readable()
