@@ -199,9 +199,13 @@ class Flow:
         tunnel = self.tunnel
         other = tunnel.down if self is tunnel.up else tunnel.up
         if other.ended:  # both ways done: the other side closed first
-            tunnel.close(f"{other.src_name} closed")
+            tunnel.close(_CLOSED[other.src_name])
             return
-        tunnel.loop.remove_reader(self.src)
+        loop = tunnel.loop
+        if self.src in loop.writers:  # the other flow waits to write to it: that stays
+            loop.remove_reader(self.src)
+        else:
+            loop.unwatch(self.src)
         shutdown_write(self.dst)
 
     def release(self, pipes: PipePool) -> None:
@@ -212,6 +216,9 @@ class Flow:
         else:
             pipes.give(self.pipe)
         self.pipe = None
+
+
+_CLOSED = {side: f"{side} closed" for side in ("client", "server")}  # built once, not per tunnel
 
 
 def _reason(exc: OSError, side: str) -> str:
