@@ -177,9 +177,9 @@ class Loop:
     def unwatch(self, fd: int) -> None:
         """``remove_reader`` for a descriptor with no writer: it leaves the set (one
         ``epoll_ctl``, no mask arithmetic)."""
-        del self.readers[fd]
-        del self.masks[fd]
-        self.epoll.unregister(fd)
+        if self.readers.pop(fd, None) is not None:
+            del self.masks[fd]
+            self.epoll.unregister(fd)
 
     def remove_reader(self, fd: int) -> None:
         if self.readers.pop(fd, None) is not None:
