@@ -166,24 +166,19 @@ class Loop:
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         self.readers[fd] = callback
-        self._interest(fd, IN, 0)
-
-    def watch(self, fd: int, callback: Callback) -> None:
-        """``add_reader`` for a descriptor not in the set yet (one ``epoll_ctl``, no lookups)."""
-        self.readers[fd] = callback
-        self.masks[fd] = IN
-        self.epoll.register(fd, IN)
-
-    def unwatch(self, fd: int) -> None:
-        """``remove_reader`` for a descriptor with no writer: it leaves the set (one
-        ``epoll_ctl``, no mask arithmetic)."""
-        if self.readers.pop(fd, None) is not None:
-            del self.masks[fd]
-            self.epoll.unregister(fd)
+        if fd not in self.masks:  # not in the set yet (a new socket): one register
+            self.masks[fd] = IN
+            self.epoll.register(fd, IN)
+        else:
+            self._interest(fd, IN, 0)
 
     def remove_reader(self, fd: int) -> None:
         if self.readers.pop(fd, None) is not None:
-            self._interest(fd, 0, IN)
+            if fd in self.writers:
+                self._interest(fd, 0, IN)
+            else:  # reading was its only interest: it leaves the set
+                del self.masks[fd]
+                self.epoll.unregister(fd)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
         self.writers[fd] = callback

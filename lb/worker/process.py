@@ -150,9 +150,8 @@ class Worker:
         self.q = pool.q
         geo = pool.geometry
         self.slot_base = geo.slot(slot)
-        # This slot's counter blocks, by server and by listener index (computed once).
+        # This slot's counter blocks, by server index (computed once).
         self.server_counters = [geo.counter(slot, s) for s in range(geo.nservers)]
-        self.listener_counters = [geo.listener_counter(slot, i) for i in range(geo.nlisteners)]
         # The slot's words as Python ints, by their index in the slot (see the module's
         # docstring): what a predecessor in this slot counted goes on from where it was.
         self.tally = list(pool.q[self.slot_base : self.slot_base + geo.slot_words])
@@ -179,7 +178,7 @@ class Worker:
                 head_timeout=lc.head_timeout,
                 tunnel_timeout=lc.tunnel_timeout,
                 socks=sockets[lc.name],
-                tally_at=self.listener_counters[i] - self.slot_base,
+                tally_at=geo.listener_counter(slot, i) - self.slot_base,
             )
             for i, lc in enumerate(config.listeners)
         ]

@@ -201,11 +201,7 @@ class Flow:
         if other.ended:  # both ways done: the other side closed first
             tunnel.close(_CLOSED[other.src_name])
             return
-        loop = tunnel.loop
-        if self.src in loop.writers:  # the other flow waits to write to it: that stays
-            loop.remove_reader(self.src)
-        else:
-            loop.unwatch(self.src)
+        tunnel.loop.remove_reader(self.src)
         shutdown_write(self.dst)
 
     def release(self, pipes: PipePool) -> None:
@@ -268,11 +264,11 @@ class Tunnel:
         """
         loop = self.loop
         up, down = self.up, self.down
-        loop.watch(up.src, up.on_readable)  # the client's socket is not in the set yet
-        if down.src in loop.masks:  # watched for the connect or the head: write becomes read
+        loop.add_reader(up.src, up.on_readable)
+        if down.src in loop.writers:  # watched for the connect or the head: write becomes read
             loop.set(down.src, down.on_readable, None)
         else:
-            loop.watch(down.src, down.on_readable)
+            loop.add_reader(down.src, down.on_readable)
         if speculate:
             loop.events = 0  # not woken by this socket: no end of file known
             up.on_readable()
