@@ -38,6 +38,7 @@ from bench.servers import (
     start_backends,
     start_target,
 )
+from lb.config import DEFAULT_BUSY_POLL_US
 
 FULL = Settings(
     duration=10, rtt_sizes=((64, 20000), (16384, 5000)), rtt_warmup=500, idle_tunnels=9000
@@ -62,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         default=",".join(KINDS),
         help=f"run kinds to measure (default all: {','.join(KINDS)})",
+    )
+    parser.add_argument(
+        "--haproxy-busy-polling",
+        action="store_true",
+        help="give HAProxy its global busy-polling (never sleeps), to compare with "
+        "splicelb's busy_poll_us; off by default, as the issue sets HAProxy up",
     )
     parser.add_argument(
         "--out",
@@ -120,7 +127,15 @@ def one_run(
     for attempt in range(2):
         target = None
         try:
-            target = start_target(target_name, tools, workers, backends, tmp, f"{run_id}-{attempt}")
+            target = start_target(
+                target_name,
+                tools,
+                workers,
+                backends,
+                tmp,
+                f"{run_id}-{attempt}",
+                args.haproxy_busy_polling,
+            )
             values, extra = measure(target, args.settings, tools)
             if target.proc is not None:
                 target.proc.check_alive()  # it must have survived the run
@@ -179,8 +194,13 @@ def notes(args: argparse.Namespace) -> list[str]:
         "Ratio = splicelb median / HAProxy median; for round trips and memory lower is better.",
         'splicelb: `log_level = "warning"` (per-connection `conn` lines are info level, so '
         'they were off), `admin_bind = ""`, no health checks; `mode = "tcp"` listeners for '
-        'iperf3 and wrk, `mode = "http"` for the WebSocket tunnel (it sniffs the upgrade).',
-        f"HAProxy: `mode tcp`, `option splice-auto`, `nbthread W`, no logging, "
+        'iperf3 and wrk, `mode = "http"` for the WebSocket tunnel (it sniffs the upgrade); '
+        f"`busy_poll_us` at its default ({DEFAULT_BUSY_POLL_US}): after work, a worker polls "
+        f"on for {DEFAULT_BUSY_POLL_US} µs, "
+        "yielding the CPU between polls, before it sleeps.",
+        "HAProxy: `mode tcp`, `option splice-auto`, `nbthread W`, "
+        + ("`busy-polling` (its threads never sleep), " if args.haproxy_busy_polling else "")
+        + "no logging, "
         f"`maxconn {HAPROXY_MAXCONN}`, `maxpipes {HAPROXY_MAXPIPES}` (its default, maxconn/4, "
         "would need more descriptors than the 20,000 allowed per process).",
         f"Bulk: `iperf3 -c -t {s.duration} -J`, one TCP stream, received Gbit/s. "
@@ -221,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     Proc.default_logdir = tmp
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")
+    stamp += "-haproxy-busy-polling" if args.haproxy_busy_polling else ""
     ok = False
     try:
         tools = ensure_tools()
@@ -261,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             "summary": report.summarize(runs, args.workers),
             "runs": runs,
         }
-        paths = report.write(result, args.out, stamp, latest=not args.smoke)
+        latest = not (args.smoke or args.haproxy_busy_polling)  # latest: the issue's setup
+        paths = report.write(result, args.out, stamp, latest=latest)
         print(report.markdown(result))
         log(f"wrote {', '.join(str(p) for p in paths.values())}")
         ok = all(r.get("error") is None for r in runs)

@@ -263,7 +263,16 @@ def _workers_running(proc: Proc, runtime: Path) -> int:
     return sum(1 for w in status["workers"] if w.get("state") == "running")
 
 
-def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
+def start_haproxy(
+    haproxy: str,
+    workers: int,
+    backends: Backends,
+    tmp: Path,
+    run_id: str,
+    busy_polling: bool = False,
+) -> Target:
+    """HAProxy as the issue sets it up; ``busy_polling`` adds its global ``busy-polling``
+    (its threads never sleep), to compare with splicelb's ``busy_poll_us``."""
     workdir = tmp / f"haproxy-{run_id}"
     workdir.mkdir()
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
@@ -272,7 +281,10 @@ def start_haproxy(haproxy: str, workers: int, backends: Backends, tmp: Path, run
             nbthread {workers}
             maxconn {HAPROXY_MAXCONN}
             maxpipes {HAPROXY_MAXPIPES}
-
+        """)
+    if busy_polling:
+        cfg += "    busy-polling\n"
+    cfg += textwrap.dedent(f"""
         defaults
             mode tcp
             option splice-auto
@@ -316,7 +328,13 @@ def start_floor(workers: int, backends: Backends, tmp: Path, run_id: str) -> Tar
 
 
 def start_target(
-    name: str, tools: dict[str, str], workers: int, backends: Backends, tmp: Path, run_id: str
+    name: str,
+    tools: dict[str, str],
+    workers: int,
+    backends: Backends,
+    tmp: Path,
+    run_id: str,
+    haproxy_busy_polling: bool = False,
 ) -> Target:
     if name == "direct":
         return Target("direct", dict(backends.ports), backends=backends)
@@ -325,4 +343,4 @@ def start_target(
         return start_splicelb(workers, backends, tmp, run_id)
     if name == "floor":
         return start_floor(workers, backends, tmp, run_id)
-    return start_haproxy(tools["haproxy"], workers, backends, tmp, run_id)
+    return start_haproxy(tools["haproxy"], workers, backends, tmp, run_id, haproxy_busy_polling)

@@ -25,6 +25,10 @@ DEFAULT_CONFIG_PATH = "/etc/splicelb/splicelb.toml"
 DEFAULT_RUNTIME_DIR = "/run/splicelb"
 
 MAX_WORKERS = 256
+# After a turn that found work, a worker polls on (yielding the CPU between polls)
+# this long before it sleeps: the next event is then met without a wake-up.
+DEFAULT_BUSY_POLL_US = 50
+MAX_BUSY_POLL_US = 10_000
 MAX_WEIGHT = 256
 LISTENER_MODES = ("http", "tcp")
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random2", "source")
@@ -50,6 +54,7 @@ class GlobalConfig:
     log_level: str
     log_format: str
     worker_timeout: float  # heartbeat staleness before a worker is replaced
+    busy_poll_us: int  # a worker's poll without sleeping after work, µs; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,7 @@ def _parse_global(table: Table | None, problems: list[str]) -> GlobalConfig:
         log_level=t.choice("log_level", "info", LOG_LEVELS),
         log_format=t.choice("log_format", "json", LOG_FORMATS),
         worker_timeout=t.seconds("worker_timeout", 30),
+        busy_poll_us=t.integer("busy_poll_us", DEFAULT_BUSY_POLL_US, 0, MAX_BUSY_POLL_US),
     )
     if not config.runtime_dir:
         t.problem("runtime_dir", "must not be empty")

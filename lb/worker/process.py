@@ -145,7 +145,7 @@ class Worker:
         self.pool = pool
         self.maxconn = maxconn
         self.log = log
-        self.loop = Loop(on_error=self._error)
+        self.loop = Loop(on_error=self._error, busy_poll=config.global_.busy_poll_us / 1e6)
         self.pipes = PipePool()
         self.q = pool.q
         geo = pool.geometry

@@ -18,9 +18,10 @@ def errors() -> list[BaseException]:
     return []
 
 
-@pytest.fixture
-def loop(errors: list[BaseException]) -> Iterator[Loop]:
-    loop = Loop(on_error=errors.append)
+@pytest.fixture(params=[0.0, 50e-6], ids=["sleeps", "busy-polls"])
+def loop(request: pytest.FixtureRequest, errors: list[BaseException]) -> Iterator[Loop]:
+    """Each test runs twice: sleeping as soon as nothing is ready, and busy polling."""
+    loop = Loop(on_error=errors.append, busy_poll=request.param)
     watchdog = loop.call_later(5, loop.stop)  # a broken test ends instead of hanging
     yield loop
     watchdog.cancel()
@@ -195,3 +196,32 @@ def test_a_failing_signal_callback_does_not_deafen_the_loop_to_signals(
     loop.run()
     assert got == [0, 1]
     assert [str(e) for e in errors] == ["bug in a signal callback"]
+
+
+@pytest.mark.parametrize("busy_poll", [0.0, 0.1])
+def test_busy_polling_lasts_its_time_after_work_then_the_loop_sleeps(busy_poll: float) -> None:
+    """What an operator sees in the worker's CPU time: after each piece of work the
+    loop polls on for ``busy_poll`` (here 100 ms, to be measurable), then sleeps."""
+    loop = Loop(on_error=lambda exc: None, busy_poll=busy_poll)
+    a, b = socket.socketpair()
+    heard: list[bytes] = []
+
+    def readable() -> None:
+        heard.append(b.recv(100))
+
+    loop.add_reader(b.fileno(), readable)
+    a.sendall(b"work")
+    loop.call_later(0.5, loop.stop)  # idle for the rest of the half second
+    cpu = time.thread_time()
+    loop.run()
+    cpu = time.thread_time() - cpu
+    loop.shutdown()
+    a.close()
+    b.close()
+    assert heard == [b"work"]
+    # Polling shows as CPU time: ~0.1 s of it (less if other processes took turns,
+    # since each poll yields first), and never the whole idle half second.
+    if busy_poll:
+        assert 0.01 < cpu < 0.35
+    else:
+        assert cpu < 0.05
