@@ -18,16 +18,14 @@ import argparse
 import socket
 import statistics
 import sys
-import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.instructions import backend, round_trips, worker_pid
-from bench.procs import HOST, BenchError, Proc, free_port, kill_all, log, wait_until
-from bench.servers import listening_ports
+from bench.procs import HOST, Proc, free_port, scratch_main, wait_until
+from bench.servers import listening_ports, splicelb_toml
 
 INTERVALS = (None, 0.01, 0.001, 0.0001)  # None: idle; else the pause between messages
 
@@ -36,28 +34,8 @@ def start(busy_poll_us: int, echo_port: int, tmp: Path) -> tuple[Proc, int, int]
     """A 1-worker splicelb in front of ``echo_port``: its Proc, port and worker pid."""
     port, runtime = free_port(), tmp / f"run-{busy_poll_us}"
     config = tmp / f"splicelb-{busy_poll_us}.toml"
-    config.write_text(
-        textwrap.dedent(f"""\
-        [global]
-        workers = 1
-        runtime_dir = "{runtime}"
-        admin_bind = ""
-        log_level = "warning"
-        busy_poll_us = {busy_poll_us}
-
-        [[listeners]]
-        name = "echo"
-        bind = "{HOST}:{port}"
-        mode = "tcp"
-        default_backend = "echo"
-
-        [[backends]]
-        name = "echo"
-          [[backends.servers]]
-          name = "echo1"
-          address = "{HOST}:{echo_port}"
-        """)
-    )
+    listeners = [("echo", port, "tcp", echo_port)]
+    config.write_text(splicelb_toml(runtime, 1, listeners, busy_poll_us=busy_poll_us))
     argv = [sys.executable, "-m", "lb", "run", "-c", str(config)]
     proc = Proc(f"splicelb-busy{busy_poll_us}", argv, tmp)
 
@@ -127,17 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--values", default="0,50", help="busy_poll_us values to run (0,50)")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per rate (4)")
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="splicelb-busypoll-"))
-    Proc.default_logdir = tmp
-    try:
-        rows = measure([int(v) for v in args.values.split(",")], args.seconds, tmp)
-        print(table(rows))
-        return 0
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 2
-    finally:
-        kill_all()
+    values = [int(v) for v in args.values.split(",")]
+    return scratch_main("splicelb-busypoll-", lambda tmp: table(measure(values, args.seconds, tmp)))
 
 
 if __name__ == "__main__":

@@ -39,12 +39,11 @@ from bench.figures import WRK_TOTAL
 from bench.procs import (
     HOST,
     BenchError,
-    Proc,
     ensure_tools,
     install_debian,
-    kill_all,
     log,
     run_tool,
+    scratch_main,
 )
 from bench.servers import Target, start_backends, start_target
 
@@ -251,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "--loads", default="keepalive,close", help="wrk loads: keepalive, close or both (default)"
     )
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="splicelb-cpu-"))
-    Proc.default_logdir = tmp
-    try:
+
+    def body(tmp: Path) -> str:
         tools = ensure_tools()
         tracers = [t for t in ("strace", "perf") if getattr(args, t)]
         missing = [TRACER_PACKAGES[t] for t in tracers if shutil.which(t) is None]
@@ -275,14 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             name: {load: medians(runs) for load, runs in by_load.items()}
             for name, by_load in rows.items()
         }
-        print(json.dumps(result, indent=2))
-        return 0
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 2
-    finally:
-        kill_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        return json.dumps(result, indent=2)
+
+    return scratch_main("splicelb-cpu-", body)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,22 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import HOST, BenchError, Proc, free_port, install_debian, kill_all, log, wait_until
-from bench.servers import listening_ports
+from bench.procs import (
+    HOST,
+    BenchError,
+    Proc,
+    free_port,
+    install_debian,
+    log,
+    scratch_main,
+    wait_until,
+)
+from bench.servers import listening_ports, splicelb_toml
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
@@ -158,40 +165,9 @@ def measure(count: int, top: int, tmp: Path, concurrency: int = 1) -> dict[str, 
     echoer, echo_port = backend(echo=True)
     port, echo_front, runtime = free_port(), free_port(), tmp / "run"
     config = tmp / "splicelb.toml"
-    config.write_text(
-        textwrap.dedent(f"""\
-        [global]
-        workers = 1
-        runtime_dir = "{runtime}"
-        admin_bind = ""
-        log_level = "warning"
-        busy_poll_us = 0  # count each connection's work, not the polls between clients
-
-        [[listeners]]
-        name = "close"
-        bind = "{HOST}:{port}"
-        mode = "tcp"
-        default_backend = "close"
-
-        [[listeners]]
-        name = "echo"
-        bind = "{HOST}:{echo_front}"
-        mode = "tcp"
-        default_backend = "echo"
-
-        [[backends]]
-        name = "close"
-          [[backends.servers]]
-          name = "close1"
-          address = "{HOST}:{close_port}"
-
-        [[backends]]
-        name = "echo"
-          [[backends.servers]]
-          name = "echo1"
-          address = "{HOST}:{echo_port}"
-        """)
-    )
+    listeners = [("close", port, "tcp", close_port), ("echo", echo_front, "tcp", echo_port)]
+    # busy_poll_us = 0: count each connection's work, not the polls between clients
+    config.write_text(splicelb_toml(runtime, 1, listeners, busy_poll_us=0))
     out = tmp / "callgrind"
     out.mkdir()
     valgrind = [
@@ -262,22 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top", type=int, default=15, help="costliest C functions to list (15)")
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="splicelb-instr-"))
-    Proc.default_logdir = tmp
-    try:
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+
+    def body(tmp: Path) -> str:
         if shutil.which("valgrind") is None:
             install_debian(["valgrind"])
-        if args.concurrency < 1:
-            parser.error("--concurrency must be at least 1")
-        result = measure(args.count, args.top, tmp, args.concurrency)
-        print(json.dumps(result, indent=2))
-        return 0
-    except BenchError as exc:
-        log(f"failed: {exc}")
-        return 2
-    finally:
-        kill_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        return json.dumps(measure(args.count, args.top, tmp, args.concurrency), indent=2)
+
+    return scratch_main("splicelb-instr-", body)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,23 @@ def kill_all() -> None:
         proc.kill()
 
 
+def scratch_main(prefix: str, body: Callable[[Path], str]) -> int:
+    """A measuring tool's ``main``: ``body`` runs with a scratch directory for its
+    processes' logs, and what it returns is printed; every process is killed and the
+    directory removed after.  Exit status 0, or 2 when a step failed (BenchError)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    Proc.default_logdir = tmp
+    try:
+        print(body(tmp))
+        return 0
+    except BenchError as exc:
+        log(f"failed: {exc}")
+        return 2
+    finally:
+        kill_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_tool(argv: Sequence[str], timeout: float, what: str) -> str:
     """Run a client tool to completion (own process group, killed on timeout); its stdout."""
     popen = subprocess.Popen(

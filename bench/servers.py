@@ -198,11 +198,12 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
     return port
 
 
-def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
-    workdir = tmp / f"splicelb-{run_id}"
-    workdir.mkdir()
-    runtime = workdir / "run"
-    ports = {name: free_port() for name in ("bulk", "http", "ws")}
+def splicelb_toml(
+    runtime: Path, workers: int, listeners: list[tuple[str, int, str, int]], **global_: int
+) -> str:
+    """A splicelb config for measuring: ``[global]`` (no admin endpoint, no per-connection
+    log lines, and the keys of ``global_``), then for each (name, port, mode, server port)
+    a listener on 127.0.0.1 and a backend of that one server, both called name."""
     parts = [
         textwrap.dedent(f"""\
         [global]
@@ -210,16 +211,15 @@ def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> 
         runtime_dir = "{runtime}"
         admin_bind = ""
         log_level = "warning"
-        maxconn = 20000
-        drain_timeout = 1
         """)
     ]
-    for name, mode in (("bulk", "tcp"), ("http", "tcp"), ("ws", "http")):
+    parts += [f"{key} = {value}\n" for key, value in global_.items()]
+    for name, port, mode, server_port in listeners:
         parts.append(
             textwrap.dedent(f"""
             [[listeners]]
             name = "{name}"
-            bind = "{HOST}:{ports[name]}"
+            bind = "{HOST}:{port}"
             mode = "{mode}"
             default_backend = "{name}"
 
@@ -228,11 +228,21 @@ def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> 
 
               [[backends.servers]]
               name = "{name}1"
-              address = "{HOST}:{backends.ports[name]}"
+              address = "{HOST}:{server_port}"
             """)
         )
+    return "".join(parts)
+
+
+def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
+    workdir = tmp / f"splicelb-{run_id}"
+    workdir.mkdir()
+    runtime = workdir / "run"
+    ports = {name: free_port() for name in ("bulk", "http", "ws")}
+    modes = {"bulk": "tcp", "http": "tcp", "ws": "http"}
+    listeners = [(name, ports[name], modes[name], backends.ports[name]) for name in ports]
     config = workdir / "splicelb.toml"
-    config.write_text("".join(parts))
+    config.write_text(splicelb_toml(runtime, workers, listeners, maxconn=20000, drain_timeout=1))
     proc = Proc("splicelb", [sys.executable, "-m", "lb", "run", "-c", str(config)], workdir)
     target = Target("splicelb", ports, proc, workdir, backends)
     try:
