@@ -1,15 +1,17 @@
 """What busy polling buys and costs: a worker's CPU and the round trip, message rate by rate.
 
-``python -m bench.busypoll`` runs ``splicelb run`` (1 worker, one ``mode =
-"tcp"`` listener in front of an echo backend) once for each ``busy_poll_us``
-value (``--values 0,50``: off, and the default) and, over one connection,
-sends 64-byte messages at a few paced rates (idle, then about 100, 1,000 and
-5,000 a second; each waits for its echo).  For each rate it prints the
-worker's CPU share (user + system, from ``/proc``) and the median round trip
-as the client sees it.  Busy polling spends CPU when messages come a little
-apart, and none when the worker is idle or saturated; this shows how much,
-next to the round trip it saves.  Rates are paced with ``time.sleep``, so
-the achieved rate is printed rather than assumed.
+``python -m bench.busypoll`` runs ``splicelb run`` (1 worker, ``mode =
+"tcp"`` listeners in front of an echo backend and a push backend) once for
+each ``busy_poll_us`` value (``--values 0,50``: off, and the default).  Over
+one connection it then sends 64-byte messages at a few paced rates (idle,
+then about 100, 1,000 and 5,000 a second), each waiting for its echo; and
+over another the push backend sends 64-byte messages one way, about 1,000
+and 4,000 a second, with nothing answered.  For each it prints the worker's
+CPU share (user + system, from ``/proc``) and, for round trips, the median
+as the client sees it.  Busy polling pays where an answer comes soon after
+what the worker passed on; it must not spend CPU where messages only come
+apart, as pushes do.  Rates are paced with ``time.sleep``, so the achieved
+rate is printed rather than assumed.
 """
 
 from __future__ import annotations
@@ -18,32 +20,64 @@ import argparse
 import socket
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
-from bench.instructions import backend, round_trips, worker_pid
-from bench.procs import HOST, Proc, free_port, scratch_main, wait_until
+from bench.instructions import MESSAGE, backend, round_trips, worker_pid
+from bench.procs import HOST, BenchError, Proc, free_port, scratch_main, wait_until
 from bench.servers import listening_ports, splicelb_toml
 
 INTERVALS = (None, 0.01, 0.001, 0.0001)  # None: idle; else the pause between messages
+PUSH_INTERVALS = (0.001, 0.0002)
+END = b"!"  # the push backend's last byte: its messages are all b"x"
 
 
-def start(busy_poll_us: int, echo_port: int, tmp: Path) -> tuple[Proc, int, int]:
-    """A 1-worker splicelb in front of ``echo_port``: its Proc, port and worker pid."""
-    port, runtime = free_port(), tmp / f"run-{busy_poll_us}"
+def push_backend() -> tuple[socket.socket, int]:
+    """Per connection: read "INTERVAL SECONDS", push MESSAGE every INTERVAL for SECONDS, END."""
+    listener = socket.create_server((HOST, 0))
+
+    def push(conn: socket.socket) -> None:
+        with conn:
+            interval, seconds = map(float, conn.recv(100).split())
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                conn.sendall(MESSAGE)
+                time.sleep(interval)
+            conn.sendall(END)
+            conn.recv(1)  # until the client closes
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the run is over
+            threading.Thread(target=push, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, int(listener.getsockname()[1])
+
+
+def start(
+    busy_poll_us: int, echo_port: int, push_port: int, tmp: Path
+) -> tuple[Proc, int, int, int]:
+    """A 1-worker splicelb in front of the echo and push backends: its Proc, its two
+    ports and its worker's pid."""
+    port, push, runtime = free_port(), free_port(), tmp / f"run-{busy_poll_us}"
     config = tmp / f"splicelb-{busy_poll_us}.toml"
-    listeners = [("echo", port, "tcp", echo_port)]
+    listeners = [("echo", port, "tcp", echo_port), ("push", push, "tcp", push_port)]
     config.write_text(splicelb_toml(runtime, 1, listeners, busy_poll_us=busy_poll_us))
     argv = [sys.executable, "-m", "lb", "run", "-c", str(config)]
     proc = Proc(f"splicelb-busy{busy_poll_us}", argv, tmp)
 
     def up() -> int | None:
         proc.check_alive()
-        return worker_pid(runtime) if port in listening_ports() else None
+        return worker_pid(runtime) if {port, push} <= listening_ports() else None
 
-    return proc, port, wait_until(up, 30, "splicelb to start")
+    return proc, port, push, wait_until(up, 30, "splicelb to start")
 
 
 def paced(
@@ -64,39 +98,79 @@ def paced(
     return rate, statistics.median(times) * 1e6 if times else None
 
 
+def pushed(port: int, interval: float, seconds: float) -> float:
+    """Messages pushed every ``interval`` s for ``seconds``, read to the end: per second."""
+    with socket.create_connection((HOST, port), timeout=30) as sock:
+        sock.sendall(f"{interval} {seconds}".encode())
+        received, last = 0, b""
+        while last != END:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError("the push tunnel closed before its end")
+            received, last = received + len(chunk), chunk[-1:]
+    return (received - len(END)) / len(MESSAGE) / seconds
+
+
+def cpu_clock(worker: psutil.Process) -> tuple[float, float]:
+    """The worker's CPU seconds (user + system) and the clock, to measure a share from."""
+    return float(sum(worker.cpu_times()[:2])), time.monotonic()
+
+
+def cpu_share(worker: psutil.Process, since: tuple[float, float]) -> float:
+    """The worker's CPU use since ``since`` (from :func:`cpu_clock`), in percent of a CPU."""
+    cpu, clock = cpu_clock(worker)
+    return 100 * (cpu - since[0]) / (clock - since[1])
+
+
 def measure(values: list[int], seconds: float, tmp: Path) -> list[dict[str, object]]:
     echoer, echo_port = backend(echo=True)
+    pusher, push_port = push_backend()
     rows: list[dict[str, object]] = []
+
+    def row(busy: int, pattern: str, rate: float, cpu: float, p50: float | None) -> None:
+        rows.append(
+            {
+                "busy_poll_us": busy,
+                "pattern": pattern,
+                "rate": round(rate),
+                "cpu_percent": round(cpu, 1),
+                "p50_us": None if p50 is None else round(p50, 1),
+            }
+        )
+
     try:
         for busy in values:
-            proc, port, pid = start(busy, echo_port, tmp)
+            proc, port, push, pid = start(busy, echo_port, push_port, tmp)
             worker = psutil.Process(pid)
             with socket.create_connection((HOST, port), timeout=30) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 round_trips(sock, 200)  # warm up
                 for interval in INTERVALS:
-                    before, clock = sum(worker.cpu_times()[:2]), time.monotonic()
+                    before = cpu_clock(worker)
                     rate, p50 = paced(sock, interval, seconds)
-                    cpu = sum(worker.cpu_times()[:2]) - before
-                    rows.append(
-                        {
-                            "busy_poll_us": busy,
-                            "rate": round(rate),
-                            "cpu_percent": round(100 * cpu / (time.monotonic() - clock), 1),
-                            "p50_us": None if p50 is None else round(p50, 1),
-                        }
-                    )
+                    row(busy, "round trips", rate, cpu_share(worker, before), p50)
+            for interval in PUSH_INTERVALS:
+                before = cpu_clock(worker)
+                rate = pushed(push, interval, seconds)
+                row(busy, "pushes", rate, cpu_share(worker, before), None)
             proc.kill()
     finally:
         echoer.close()
+        pusher.close()
     return rows
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    lines = ["| busy_poll_us | messages/s | worker CPU | round trip p50 |", "|---:|---:|---:|---:|"]
+    lines = [
+        "| busy_poll_us | messages | per second | worker CPU | round trip p50 |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
         p50 = "—" if r["p50_us"] is None else f"{r['p50_us']} µs"
-        lines.append(f"| {r['busy_poll_us']} | {r['rate']:,} | {r['cpu_percent']}% | {p50} |")
+        lines.append(
+            f"| {r['busy_poll_us']} | {r['pattern']} | {r['rate']:,} | {r['cpu_percent']}% "
+            f"| {p50} |"
+        )
     return "\n".join(lines)
 
 
