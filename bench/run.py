@@ -196,7 +196,7 @@ def notes(args: argparse.Namespace) -> list[str]:
         'they were off), `admin_bind = ""`, no health checks; `mode = "tcp"` listeners for '
         'iperf3 and wrk, `mode = "http"` for the WebSocket tunnel (it sniffs the upgrade); '
         f"`busy_poll_us` at its default ({DEFAULT_BUSY_POLL_US}): after work, a worker polls "
-        f"on for up to {DEFAULT_BUSY_POLL_US} µs (a window that adapts to its idle times), "
+        f"on for {DEFAULT_BUSY_POLL_US} µs, "
         "yielding the CPU between polls, before it sleeps.",
         "HAProxy: `mode tcp`, `option splice-auto`, `nbthread W`, "
         + ("`busy-polling` (its threads never sleep), " if args.haproxy_busy_polling else "")

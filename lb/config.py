@@ -26,8 +26,7 @@ DEFAULT_RUNTIME_DIR = "/run/splicelb"
 
 MAX_WORKERS = 256
 # After a turn that found work, a worker polls on (yielding the CPU between polls)
-# for up to this long before it sleeps: the next event is then met without a
-# wake-up.  The window adapts below it (lb.worker.loop.Loop._spin).
+# this long before it sleeps: the next event is then met without a wake-up.
 DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 10_000
 MAX_WEIGHT = 256

@@ -18,14 +18,12 @@ earliest timer and the signals' wake-up pipe are descriptors of the same set,
 so a turn reads no clock.  Busy polling (``busy_poll`` seconds, the
 config's ``busy_poll_us``): a turn that finds nothing ready polls again,
 calling ``sched_yield`` between polls so that any other runnable process on
-the CPU goes first, for a window of up to ``busy_poll`` after the last work;
-only then does it sleep.  A message answered within that time is met without
+the CPU goes first, until ``busy_poll`` has passed since the last work; only
+then does it sleep.  A message answered within that time is met without
 waking the worker: on a VM, waking a process on an idle vCPU costs tens of µs
 (the 64-byte round trip through the balancer went from about 71 to 41 µs).
 Under load the first poll finds work and nothing spins; idle, the worker
-sleeps after ``busy_poll`` at most; and the window shrinks to nothing while
-the loop's idle times are longer than ``busy_poll`` (see :meth:`Loop._spin`),
-so messages that come apart cost no polling.  A callback may close other descriptors of the
+sleeps after ``busy_poll`` at most.  A callback may close other descriptors of the
 same batch: closing goes through :meth:`Loop.close`, which forgets the
 descriptor at once and defers the ``close(2)`` until the batch is done, so a
 descriptor number cannot be reused (by an accept in the same batch) while a
@@ -131,7 +129,6 @@ class Loop:
         "_timerfd",
         "_timers",
         "_wakeup",
-        "_window",
         "epoll",
         "events",
         "masks",
@@ -143,7 +140,6 @@ class Loop:
     def __init__(self, on_error: Callable[[BaseException], None], busy_poll: float = 0.0) -> None:
         self.epoll = select.epoll()
         self._busy_poll = busy_poll  # seconds; 0: sleep as soon as nothing is ready
-        self._window = busy_poll  # how long the next idle turn polls (adapts, up to busy_poll)
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         self.masks: dict[int, int] = {}
@@ -320,31 +316,15 @@ class Loop:
                     os.close(deferred.pop())
 
     def _spin(self) -> list[tuple[int, int]]:
-        """Nothing is ready: poll on for the window, letting any other runnable process
-        have the CPU between polls; then sleep until something is ready.
-
-        The window adapts to how long the loop stays idle.  If the idle time was
-        short enough for ``busy_poll`` to catch, and the window missed it, the window
-        doubles (from a quarter of ``busy_poll``, up to all of it).  If it was longer,
-        the window halves, and drops to none below an eighth.  Messages that come
-        apart (pushes every few hundred µs, say) then cost no polling until
-        answers come quickly again.  KVM's halt polling adapts its window the same way."""
-        poll, full = self.epoll.poll, self._busy_poll
-        window = self._window
-        start = monotonic()
-        if window:
-            until = start + window
-            while monotonic() < until:
-                os.sched_yield()
-                events = poll(0, BATCH)
-                if events:
-                    return events
-        events = poll(-1, BATCH)
-        if monotonic() - start <= full:  # polling longer would have caught it
-            self._window = min(full, max(2 * window, full / 4))
-        elif window:
-            self._window = window / 2 if window / 2 >= full / 8 else 0.0
-        return events
+        """Nothing is ready: poll on for ``busy_poll`` seconds, letting any other
+        runnable process have the CPU between polls; then sleep until something is."""
+        poll, until = self.epoll.poll, monotonic() + self._busy_poll
+        while monotonic() < until:
+            os.sched_yield()
+            events = poll(0, BATCH)
+            if events:
+                return events
+        return poll(-1, BATCH)
 
     def _forget(self, fd: int) -> int:
         """Drop ``fd``'s callbacks; its interest mask (0: it was not registered)."""
