@@ -9,9 +9,10 @@ over another the push backend sends 64-byte messages one way, about 1,000
 and 4,000 a second, with nothing answered.  For each it prints the worker's
 CPU share (user + system, from ``/proc``) and, for round trips, the median
 as the client sees it.  Busy polling pays where an answer comes soon after
-what the worker passed on; it must not spend CPU where messages only come
-apart, as pushes do.  Rates are paced with ``time.sleep``, so the achieved
-rate is printed rather than assumed.
+what the worker passed on, and costs most where nothing answers soon, as
+with pushes: each message is followed by a whole window of polls.  Rates
+are paced with ``time.sleep``, so the achieved rate is printed rather than
+assumed.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ then does it sleep.  A message answered within that time is met without
 waking the worker: on a VM, waking a process on an idle vCPU costs tens of µs
 (the 64-byte round trip through the balancer went from about 71 to 41 µs).
 Under load the first poll finds work and nothing spins; idle, the worker
-sleeps after ``busy_poll`` at most.  A callback may close other descriptors of the
-same batch: closing goes through :meth:`Loop.close`, which forgets the
+sleeps after ``busy_poll`` at most.  A callback may close other descriptors
+of the same batch: closing goes through :meth:`Loop.close`, which forgets the
 descriptor at once and defers the ``close(2)`` until the batch is done, so a
 descriptor number cannot be reused (by an accept in the same batch) while a
 stale event for it is still to be dispatched.  Signal handlers only enqueue
