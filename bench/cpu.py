@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--balancers",
         default="splicelb,haproxy",
-        help="balancers to measure: splicelb, haproxy, floor (default: splicelb,haproxy)",
+        help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy"
+        " (default: splicelb,haproxy)",
     )
     parser.add_argument(
         "--loads", default="keepalive,close", help="wrk loads: keepalive, close or both (default)"

@@ -1,6 +1,6 @@
 """The floor of Python work per connection: a bare splice forwarder, for measuring only.
 
-``python -m bench.floor PORT BACKEND_PORT WORKERS`` forks ``WORKERS``
+``python -m bench.floor PORT BACKEND_PORT WORKERS [copy]`` forks ``WORKERS``
 processes, each accepting on its own ``SO_REUSEPORT`` socket on
 ``127.0.0.1:PORT`` and forwarding every connection to ``BACKEND_PORT`` the
 way any Python balancer that splices must: accept, connect, splice each way
@@ -34,8 +34,12 @@ from lb.worker.splice import PIPE_SIZE, SPLICE_FLAGS, PipePool, shutdown_write
 HOST = "127.0.0.1"
 
 
-def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
-    """One worker's loop; returns never (an error ends the process)."""
+COPY_SIZE = 65536  # bytes per read in copy mode
+
+
+def serve(listener: socket.socket, backend: tuple[str, int], copy: bool = False) -> None:
+    """One worker's loop; returns never (an error ends the process).  ``copy``: move the
+    bytes with ``read`` and ``write`` through this process instead of ``splice``."""
     epoll = select.epoll()
     lfd = listener.fileno()
     epoll.register(lfd, select.EPOLLIN)
@@ -43,7 +47,9 @@ def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
     peer: dict[int, int] = {}  # fd -> the other socket of its connection
     ended: set[int] = set()  # sockets whose end of file was passed on
     r, w, slots = PipePool().new()
-    splice, closing = os.splice, []
+    splice, read, write, closing = os.splice, os.read, os.write, []
+    if copy:
+        slots = COPY_SIZE
     while True:
         for fd, mask in epoll.poll(-1, BATCH):
             if fd == lfd:
@@ -66,15 +72,23 @@ def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
             dst = peer.get(fd, -1)
             if dst < 0 or fd in ended:
                 continue  # closed earlier in this batch
+            data = b""
             try:
-                n = splice(fd, w, PIPE_SIZE, None, None, SPLICE_FLAGS)
+                if copy:
+                    data = read(fd, COPY_SIZE)
+                    n = len(data)
+                else:
+                    n = splice(fd, w, PIPE_SIZE, None, None, SPLICE_FLAGS)
             except BlockingIOError:
                 continue
             except ConnectionResetError:
                 n = 0
                 ended.add(dst)  # close both now
             try:
-                m = splice(r, dst, n, None, None, SPLICE_FLAGS) if n else 0
+                if copy:
+                    m = write(dst, data) if n else 0
+                else:
+                    m = splice(r, dst, n, None, None, SPLICE_FLAGS) if n else 0
             except BlockingIOError:
                 m = 0
             except (ConnectionResetError, BrokenPipeError):
@@ -98,7 +112,8 @@ def serve(listener: socket.socket, backend: tuple[str, int]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    port, backend_port, workers = (int(a) for a in argv)
+    copy = argv[3:] == ["copy"]
+    port, backend_port, workers = (int(a) for a in argv[:3])
     listeners = []
     for _ in range(workers):
         sock = socket.socket()
@@ -113,7 +128,7 @@ def main(argv: list[str]) -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                serve(sock, (HOST, backend_port))
+                serve(sock, (HOST, backend_port), copy)
             except BaseException:
                 traceback.print_exc()
             finally:

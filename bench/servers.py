@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -280,15 +281,18 @@ def start_haproxy(
     tmp: Path,
     run_id: str,
     busy_polling: bool = False,
+    processes: bool = False,
 ) -> Target:
     """HAProxy as the issue sets it up; ``busy_polling`` adds its global ``busy-polling``
-    (its threads never sleep), to compare with splicelb's ``busy_poll_us``."""
+    (its threads never sleep), to compare with splicelb's ``busy_poll_us``; ``processes``
+    runs ``workers`` HAProxy processes of one thread each on the same ports (HAProxy binds
+    with ``SO_REUSEPORT``), laid out as splicelb's workers are."""
     workdir = tmp / f"haproxy-{run_id}"
     workdir.mkdir()
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
     cfg = textwrap.dedent(f"""\
         global
-            nbthread {workers}
+            nbthread {1 if processes else workers}
             maxconn {HAPROXY_MAXCONN}
             maxpipes {HAPROXY_MAXPIPES}
         """)
@@ -311,22 +315,36 @@ def start_haproxy(
             """)
     path = workdir / "haproxy.cfg"
     path.write_text(cfg)
-    proc = Proc("haproxy", [haproxy, "-db", "-f", str(path)], workdir)
+    argv = [haproxy, "-db", "-f", str(path)]
+    if processes:  # a shell parent, so that the processes make one tree to count and kill
+        one = " ".join(shlex.quote(a) for a in argv)
+        argv = ["sh", "-c", f"for i in $(seq {workers}); do {one} & done; wait"]
+    proc = Proc("haproxy", argv, workdir)
     target = Target("haproxy", ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "haproxy's listeners")
+        if processes:
+            wait_until(
+                lambda: sum(p.name() == "haproxy" for p in proc.tree()) == workers,
+                START_TIMEOUT,
+                f"{workers} haproxy processes",
+            )
     except BaseException:
         target.stop()
         raise
     return target
 
 
-def start_floor(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
-    """``bench/floor.py`` in front of nginx: the ``http`` port only (what ``bench/cpu.py`` uses)."""
+def start_floor(
+    workers: int, backends: Backends, tmp: Path, run_id: str, copy: bool = False
+) -> Target:
+    """``bench/floor.py`` in front of nginx: the ``http`` port only (what ``bench/cpu.py`` uses);
+    ``copy``: its read-and-write mode."""
     workdir = tmp / f"floor-{run_id}"
     workdir.mkdir()
     port = free_port()
     argv = ["-m", "bench.floor", str(port), str(backends.ports["http"]), str(workers)]
+    argv += ["copy"] if copy else []
     proc = Proc("floor", [sys.executable, *argv], workdir)
     target = Target("floor", {"http": port}, proc, workdir, backends)
     try:
@@ -351,6 +369,9 @@ def start_target(
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
     if name == "splicelb":
         return start_splicelb(workers, backends, tmp, run_id)
-    if name == "floor":
-        return start_floor(workers, backends, tmp, run_id)
-    return start_haproxy(tools["haproxy"], workers, backends, tmp, run_id, haproxy_busy_polling)
+    if name in ("floor", "floor-copy"):
+        return start_floor(workers, backends, tmp, run_id, copy=name == "floor-copy")
+    processes = name == "haproxy-procs"
+    return start_haproxy(
+        tools["haproxy"], workers, backends, tmp, run_id, haproxy_busy_polling, processes
+    )

@@ -1,7 +1,8 @@
 """bench/floor.py, the bare splice forwarder bench/cpu.py measures as Python's floor.
 
 Its figures mean something only if it forwards like a balancer: every byte,
-each end of file, and a loud stop (not a silent loss) when it cannot.
+each end of file, and a loud stop (not a silent loss) when it cannot; in
+either mode, ``splice`` or ``copy`` (read and write through the process).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from bench.procs import HOST, free_port, wait_until
 from bench.servers import listening_ports
@@ -49,10 +52,13 @@ def echo_backend() -> Iterator[int]:
 
 
 @contextmanager
-def floor(backend_port: int, workers: int = 2) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def floor(
+    backend_port: int, workers: int = 2, mode: str = "splice"
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
+    argv = [sys.executable, "-m", "bench.floor", str(port), str(backend_port), str(workers)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.floor", str(port), str(backend_port), str(workers)],
+        argv + (["copy"] if mode == "copy" else []),
         cwd=REPO,
         stderr=subprocess.PIPE,
     )
@@ -71,8 +77,12 @@ def floor(backend_port: int, workers: int = 2) -> Iterator[tuple[int, subprocess
         proc.stderr.close()
 
 
-def test_floor_forwards_every_byte_and_each_end_of_file() -> None:
-    with echo_backend() as backend, floor(backend) as (port, proc):
+MODES = pytest.mark.parametrize("mode", ["splice", "copy"])
+
+
+@MODES
+def test_floor_forwards_every_byte_and_each_end_of_file(mode: str) -> None:
+    with echo_backend() as backend, floor(backend, mode=mode) as (port, proc):
         for size in (1, 64, 16 * 1024):  # what fits the socket buffers: see the short-write rule
             payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
             with socket.create_connection((HOST, port), timeout=TIMEOUT) as sock:
@@ -85,8 +95,9 @@ def test_floor_forwards_every_byte_and_each_end_of_file() -> None:
         assert proc.poll() is None
 
 
-def test_floor_stops_loudly_when_it_cannot_forward() -> None:
-    with floor(free_port(), workers=1) as (port, proc):  # no server there: refused
+@MODES
+def test_floor_stops_loudly_when_it_cannot_forward(mode: str) -> None:
+    with floor(free_port(), workers=1, mode=mode) as (port, proc):  # no server there: refused
         with socket.create_connection((HOST, port), timeout=TIMEOUT) as sock:
             sock.sendall(b"lost?")
             assert proc.wait(TIMEOUT) == 1

@@ -141,16 +141,19 @@ def test_busy_poll_table_smoke() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_cpu_rounds_with_the_floor_and_two_workers() -> None:
-    """bench/cpu.py measures Python's floor (bench/floor.py) next to splicelb, in rounds."""
-    options = ["--balancers", "floor,splicelb", "--workers", "2", "--rounds", "2"]
+def test_cpu_rounds_with_the_floors_and_two_workers() -> None:
+    """bench/cpu.py measures Python's floor (bench/floor.py, splicing and copying) next to
+    splicelb and HAProxy run as two processes, in rounds."""
+    names = ["floor", "floor-copy", "splicelb", "haproxy-procs"]
+    options = ["--balancers", ",".join(names), "--workers", "2", "--rounds", "2"]
     result, log = run_cpu([*options, "--loads", "close", "--seconds", "1"])
-    assert set(result) == {"floor", "splicelb"}
+    assert set(result) == set(names)
     for name, loads in result.items():
         row = loads["close"]
         assert row["rounds"] == 2, name
         assert row["rate"] > 0 and row["user_us"] + row["system_us"] > 0, (name, row)
-    assert log.count("starting floor (2 workers)") == 2
+    for name in names:
+        assert log.count(f"starting {name} (2 workers)") == 2, name
 
 
 def run_cpu(options: list[str], tracers: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
