@@ -29,6 +29,10 @@ Usable = Callable[[int], bool] | None  # None: every eligible server is usable
 
 
 class Balancer(Protocol):
+    # Whether it reads every worker's active connections per server as they change
+    # (the worker then keeps its own in shared memory as they change, not 10 ms late).
+    reads_active: bool
+
     def rebuild(self, eligible: Sequence[int]) -> None: ...
 
     def pick(self, host: str, usable: Usable) -> int | None: ...
@@ -54,6 +58,8 @@ def smooth_sequence(servers: Sequence[int], weights: dict[int, int]) -> list[int
 
 class RoundRobin:
     """Weighted round-robin; skips servers ``usable`` refuses."""
+
+    reads_active = False
 
     def __init__(self, weights: dict[int, int]) -> None:
         self._weights = weights
@@ -82,6 +88,8 @@ class RoundRobin:
 class LeastConn:
     """Fewest active connections (all workers) per unit of weight; ties rotate."""
 
+    reads_active = True
+
     def __init__(self, weights: dict[int, int], pool: Pool) -> None:
         self._weights = weights
         self._pool = pool
@@ -105,6 +113,8 @@ class LeastConn:
 
 class Random2:
     """Power of two random choices, weighted, the less loaded one wins."""
+
+    reads_active = True
 
     def __init__(self, weights: dict[int, int], pool: Pool) -> None:
         self._weights = weights
@@ -137,6 +147,8 @@ class Source:
     A client keeps its server while that server is eligible; when one server
     leaves, only its own clients move.
     """
+
+    reads_active = False
 
     def __init__(self, weights: dict[int, int], names: dict[int, str]) -> None:
         self._weights = weights

@@ -8,14 +8,16 @@ slot and beats its heartbeat from inside the loop, so a stuck loop stops
 beating.  SIGTERM: stop accepting and let connections finish for up to
 ``drain_timeout``; SIGQUIT: close everything at once.
 
-Counters: each server's active connections are kept in shared memory as
-they change (other workers' ``leastconn`` and ``maxconn`` read them).  The
-rest (totals, bytes, answers, the worker's and listeners' active counts) are
-added up in :attr:`Worker.tally`, a list of Python ints laid out like the
-slot, and copied to the slot ``PUBLISH_DELAY`` after the first change since
-the last copy: adding to a list costs a fraction of adding to shared memory
-(through a ``memoryview``), and one copy serves every connection of those
-10 ms, however many.
+Counters are added up in :attr:`Worker.tally`, a list of Python ints laid
+out like the slot, and copied to the slot ``PUBLISH_DELAY`` after the first
+change since the last copy: adding to a list costs a fraction of adding to
+shared memory (through a ``memoryview``), and one copy serves every
+connection of those 10 ms, however many.  One exception: a server's active
+connections are also stored in the slot as they change where other workers
+read them to pick (``leastconn``, ``random2``, a server's ``maxconn``: see
+:attr:`Worker.live_active`).  Only there: a store through the ``memoryview``
+costs several list additions (``bench.instructions``: a few hundred instructions
+per connection saved where nothing reads the count as it changes).
 """
 
 from __future__ import annotations
@@ -156,6 +158,9 @@ class Worker:
         # docstring): what a predecessor in this slot counted goes on from where it was.
         self.tally = list(pool.q[self.slot_base : self.slot_base + geo.slot_words])
         self.server_tally_at = [c - self.slot_base for c in self.server_counters]
+        # By server index: where its active count goes in the slot as it changes, for a
+        # server whose count other workers read to pick; 0 for the rest (published late).
+        self.live_active = [0] * geo.nservers
         self._published = _published_runs(
             self.server_tally_at, geo.slot_words - geo.nlisteners * L.LISTENER_WORDS, geo.slot_words
         )
@@ -196,10 +201,14 @@ class Worker:
                 if bc.health is not None
                 else SUSPECT_HOLD_UNCHECKED
             )
+            balancer = make_balancer(bc.balance, weights, names, pool)
+            for i, s in zip(ids, bc.servers, strict=True):
+                if balancer.reads_active or s.maxconn:
+                    self.live_active[i] = self.server_counters[i] + L.C_ACTIVE
             picker = BackendPicker(
                 pool,
                 ids,
-                make_balancer(bc.balance, weights, names, pool),
+                balancer,
                 {i: s.maxconn for i, s in zip(ids, bc.servers, strict=True) if s.maxconn},
                 hold,
             )
@@ -218,8 +227,9 @@ class Worker:
         loop = self.loop
         q, base = self.q, self.slot_base
         q[base + L.S_PID], q[base + L.S_GENERATION] = os.getpid(), self.generation
-        for counter in self.server_counters:
+        for counter, at in zip(self.server_counters, self.server_tally_at, strict=True):
             q[counter + L.C_ACTIVE] = 0  # a predecessor killed in this slot left its own
+            self.tally[at + L.C_ACTIVE] = 0
         for listener in self.listeners:
             self.tally[listener.tally_at + L.C_ACTIVE] = 0
         self._publish()
@@ -371,9 +381,12 @@ class Worker:
     # -- called by connections -------------------------------------------------
 
     def open_tunnel(self, conn: Connection, server_fd: int) -> Tunnel:
-        self.q[self.server_counters[conn.server] + L.C_ACTIVE] += 1  # live: see the docstring
         tally, at = self.tally, self.server_tally_at[conn.server]
+        tally[at + L.C_ACTIVE] += 1
         tally[at + L.C_TOTAL] += 1
+        live = self.live_active[conn.server]
+        if live:  # other workers pick by it: see the module's docstring
+            self.q[live] = tally[at + L.C_ACTIVE]
         if conn.bytes_in:  # the head, forwarded by send() (mode = "http")
             tally[at + L.C_BYTES_IN] += conn.bytes_in
             tally[conn.listener.tally_at + L.C_BYTES_IN] += conn.bytes_in
@@ -430,7 +443,11 @@ class Worker:
         tally, at = self.tally, conn.listener.tally_at
         tally[at + L.C_ACTIVE] -= 1
         if conn.tunnel is not None:
-            self.q[self.server_counters[conn.server] + L.C_ACTIVE] -= 1
+            sat = self.server_tally_at[conn.server]
+            tally[sat + L.C_ACTIVE] -= 1
+            live = self.live_active[conn.server]
+            if live:
+                self.q[live] = tally[sat + L.C_ACTIVE]
         else:  # answered or dropped: its few bytes were never spliced
             tally[at + L.C_BYTES_IN] += conn.bytes_in
             tally[at + L.C_BYTES_OUT] += bytes_out
@@ -461,12 +478,14 @@ class Worker:
 
 
 def _published_runs(servers: list[int], listeners: int, end: int) -> list[tuple[int, int]]:
-    """The runs of slot words ``_publish`` copies: all but the live and the double ones."""
+    """The runs of slot words ``_publish`` copies: all but those stored as they change
+    (the header's, ``C_FAILED``) and the doubles (``C_SUSPECT_AT``).  A server's active
+    count is copied even where it is also stored as it changes: the same value."""
     runs = [
         (L.S_CONNECTIONS, L.S_ACCEPTED + 1),
         (L.S_ANSWERS, L.S_ANSWERS + len(L.ANSWER_STATUSES)),
     ]
-    runs += [(at + L.C_TOTAL, at + L.C_BYTES_OUT + 1) for at in servers]
+    runs += [(at + L.C_ACTIVE, at + L.C_BYTES_OUT + 1) for at in servers]
     runs.append((listeners, end))  # every listener's four words
     return runs
 

@@ -154,6 +154,40 @@ def test_server_maxconn_moves_to_another_server_then_503(
     assert {line["server"] for line in lines if line["status"] is None} == {"echo1", "echo2"}
 
 
+def test_server_maxconn_holds_across_workers_at_once(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """A server's cap counts every worker's tunnels as they open and close, not as the
+    counters are published (10 ms later): a connection right after a tunnel opened gets
+    503 from whichever worker accepts it, and the next tunnel is let in once it closed."""
+    port = free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{port}", "app"),
+            f'[[backends]]\nname = "app"\n'
+            f'[[backends.servers]]\nname = "echo1"\naddress = "{echo_pair[0].address}"\n'
+            "maxconn = 1\n",
+            workers=2,
+        ),
+        workers=2,
+    )
+    rounds = 12  # each round's two connections reach different workers half the time
+    for done in range(rounds):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as tunnel:
+            tunnel.sendall(clients.upgrade_request())
+            assert tunnel.recv(200).startswith(b"HTTP/1.1 101"), done
+            reply = clients.exchange(port, clients.upgrade_request())
+            assert clients.status_of(reply) == 503, done
+        lb.wait_conns(2 * (done + 1))  # the tunnel's end is counted before the next round
+    lines = lb.conns()
+    tunnels = [line for line in lines if line["status"] is None]
+    refused = [line for line in lines if line["status"] == 503]
+    assert len(tunnels) == len(refused) == rounds
+    # Each list is in round order: each round's two lines are in before the next.
+    crossed = sum(a["pid"] != b["pid"] for a, b in zip(refused, tunnels, strict=True))
+    assert crossed > 0, "every 503 came from the tunnel's own worker: not tested across"
+
+
 def test_instance_maxconn_holds_new_connections_in_the_backlog(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
 ) -> None:

@@ -76,6 +76,29 @@ def test_hundred_concurrent_clients_spread_over_workers_and_backends(
     assert all(line["websocket"] for line in lines)
 
 
+def test_leastconn_counts_the_other_workers_tunnels_as_they_open(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """With a tunnel open to one server, the next goes to the other, whichever worker
+    accepts it: ``leastconn`` reads every worker's tunnels as they open and close."""
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair, backend='balance = "leastconn"'))
+    rounds = 12  # each round's two connections reach different workers half the time
+    for done in range(rounds):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
+            first.sendall(clients.upgrade_request())
+            assert first.recv(200).startswith(b"HTTP/1.1 101"), done
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+                second.sendall(clients.upgrade_request())
+                assert second.recv(200).startswith(b"HTTP/1.1 101"), done
+        lb.wait_conns(2 * (done + 1))  # both ends counted before the next round
+    lines = lb.conns()
+    pairs = [lines[i : i + 2] for i in range(0, 2 * rounds, 2)]
+    assert all({line["server"] for line in pair} == {"echo1", "echo2"} for pair in pairs)
+    crossed = sum(a["pid"] != b["pid"] for a, b in pairs)
+    assert crossed > 0, "every round stayed in one worker: not tested across"
+
+
 def test_sigterm_stops_cleanly_with_no_process_left(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
 ) -> None:
