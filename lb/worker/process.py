@@ -202,16 +202,11 @@ class Worker:
                 else SUSPECT_HOLD_UNCHECKED
             )
             balancer = make_balancer(bc.balance, weights, names, pool)
-            for i, s in zip(ids, bc.servers, strict=True):
-                if balancer.reads_active or s.maxconn:
+            caps = {i: s.maxconn for i, s in zip(ids, bc.servers, strict=True) if s.maxconn}
+            for i in ids:
+                if balancer.reads_active or i in caps:
                     self.live_active[i] = self.server_counters[i] + L.C_ACTIVE
-            picker = BackendPicker(
-                pool,
-                ids,
-                balancer,
-                {i: s.maxconn for i, s in zip(ids, bc.servers, strict=True) if s.maxconn},
-                hold,
-            )
+            picker = BackendPicker(pool, ids, balancer, caps, hold)
             addresses = {
                 i: (s.address.family, s.address.sockaddr)
                 for i, s in zip(ids, bc.servers, strict=True)
