@@ -27,6 +27,15 @@ moved fewer bytes than the pipe has slots (each slot holds at least one
 byte), it drained the queue, and the flow ends at once: a connection whose
 server answers and closes saves a ``splice`` that would return 0.
 
+Last bytes and FIN: that same read's bytes are spliced on with
+``SPLICE_F_MORE``, which holds them in the destination's send queue for the
+``shutdown`` (or ``close``) that follows at once: the kernel puts the FIN on
+the segment that carries them.  A server that answers and closes costs the
+client one segment for its answer and end of file, not two and the ACK in
+between: 18 segments per connection instead of 20 on loopback, counting all
+four sockets, what HAProxy sends.  Should the destination not take them all,
+the flow waits for it as for any other bytes, and its ACKs push them out.
+
 The read path does as little as it can per event: the two splices, a byte
 count in the flow, the pipe back to the pool.  The shared-memory byte
 counters (status, metrics) and the tunnel's last-activity time are brought
@@ -56,6 +65,7 @@ F_GETPIPE_SZ = 1032
 PAGE = os.sysconf("SC_PAGE_SIZE")  # a pipe slot holds at most a page
 KEEP_PIPES = 64  # idle pipes a worker keeps for reuse
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+SPLICE_LAST = SPLICE_FLAGS | os.SPLICE_F_MORE  # last bytes before a FIN: see "Last bytes and FIN"
 splice = os.splice  # called with positional arguments only: keyword parsing costs per call
 
 Pipe = tuple[int, int, int]  # read end, write end, slots
@@ -155,8 +165,11 @@ class Flow:
             self._end()
             return
         self.nbytes += n
+        # Drained, and the FIN is in (see "End of file without a read"): these are the
+        # last bytes, and they go out with the end of file in one segment.
+        last = n < pipe[2] and tunnel.loop.events & RDHUP
         try:
-            m = splice(pipe[0], self.dst, n, None, None, SPLICE_FLAGS)
+            m = splice(pipe[0], self.dst, n, None, None, SPLICE_LAST if last else SPLICE_FLAGS)
         except BlockingIOError:
             m = 0
         except OSError as exc:
@@ -164,8 +177,8 @@ class Flow:
             tunnel.close(_reason(exc, self.dst_name))
             return
         if m == n:  # the pipe is empty again, and still in the pool
-            if n < pipe[2] and tunnel.loop.events & RDHUP:
-                self._end()  # drained, and the FIN is in: see "End of file without a read"
+            if last:
+                self._end()
             return
         self.pipe, self.queued = free.pop(), n - m
         loop = tunnel.loop

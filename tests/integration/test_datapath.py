@@ -168,6 +168,70 @@ def test_half_close_in_each_mode(procs: list[Proc], start_lb: Callable[..., Spli
     assert clients.exchange(tcp_port, body, half_close=True) == body
 
 
+TCPI_SEGS_IN = 140  # offset of tcpi_segs_in in struct tcp_info (linux/tcp.h)
+
+
+def answer_and_close(server: socket.socket, answer: bytes, count: int) -> None:
+    """Answer ``count`` connections, the answer's last bytes and the FIN in one segment."""
+    for _ in range(count):
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.send(answer, socket.MSG_MORE)  # held until the FIN joins it
+            conn.shutdown(socket.SHUT_WR)
+            clients.read_all(conn)
+
+
+def segments_received(port: int, request: bytes) -> tuple[bytes, int]:
+    """What a client reads to the end of file, and how many segments carried it to it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = clients.read_all(sock)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SEGS_IN + 4)
+        return reply, int.from_bytes(info[TCPI_SEGS_IN:], "little")
+
+
+def test_a_servers_last_bytes_and_fin_reach_the_client_in_one_segment(
+    start_lb: Callable[..., SpliceLB],
+) -> None:
+    """A server that answers and closes: the client gets as many segments through the
+    balancer as from the server directly (handshake, the request's ACK, answer and FIN
+    in one), in each mode.  Passed on apart, the FIN would cost a segment more, and the
+    client's ACK of the answer another (the shorter conversation the benchmark counts)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(10)
+    server_port = server.getsockname()[1]
+    http_port, tcp_port = free_port(), free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{http_port}", "far")
+            + listener(f"127.0.0.1:{tcp_port}", "far", mode="tcp", name="raw"),
+            backend("far", [("far", f"127.0.0.1:{server_port}")]),
+        )
+    )
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+    rounds = 3
+    thread = threading.Thread(target=answer_and_close, args=(server, answer, 3 * rounds))
+    thread.start()
+    try:
+        got = {
+            (name, i): segments_received(port, request)
+            for i in range(rounds)
+            for name, port in (("direct", server_port), ("http", http_port), ("tcp", tcp_port))
+        }
+    finally:
+        thread.join(15)
+        server.close()
+    assert {reply for reply, _ in got.values()} == {answer}
+    direct = {segments for (name, _), (_, segments) in got.items() if name == "direct"}
+    assert len(direct) == 1, f"the server's own segments vary: {got}"
+    assert {segments for _, segments in got.values()} == direct, got
+    lb.wait_conns(2 * rounds)
+
+
 def test_a_connect_still_in_progress_is_waited_for_in_each_mode(
     start_lb: Callable[..., SpliceLB],
 ) -> None:
