@@ -4,7 +4,9 @@
 balancer (1 worker against ``nbthread 1``; ``--workers N``) runs ``wrk`` kept-alive and with
 ``Connection: close`` and reads the balancer's CPU time (user and system,
 from psutil, over its whole process tree) before and after.  It prints the
-microseconds of CPU per request and, with ``--strace``, the system calls per
+microseconds of CPU per request, the TCP segments sent per request by every
+socket on the machine (a balancer that sends fewer leaves the kernel less to
+do on both ends of each), and, with ``--strace``, the system calls per
 request of the balancer's busy process (``strace -c -f``, a separate run: strace
 slows it down); with ``--perf``, the profile of that process (``perf record -e
 cpu-clock``, another run): the share of its CPU in the kernel and in each
@@ -44,6 +46,7 @@ from bench.procs import (
     log,
     run_tool,
     scratch_main,
+    tcp_segments_sent,
 )
 from bench.servers import Target, start_backends, start_target
 
@@ -202,13 +205,14 @@ def measure(
         for label in loads:
             close = label == "close"
             wrk(tools, port, 1, close)  # warm up
-            u0, s0 = target.cpu_seconds()
+            u0, s0, g0 = *target.cpu_seconds(), tcp_segments_sent()
             requests = wrk(tools, port, seconds, close)
-            u1, s1 = target.cpu_seconds()
+            u1, s1, g1 = *target.cpu_seconds(), tcp_segments_sent()
             row: dict[str, Any] = {
                 "rate": round(requests / seconds),
                 "user_us": round((u1 - u0) / requests * 1e6, 1),
                 "system_us": round((s1 - s0) / requests * 1e6, 1),
+                "segments": round((g1 - g0) / requests, 2),
             }
             if "strace" in tracers:
                 row["syscalls"] = syscalls(busiest_pid(target), tools, port, seconds, close)
@@ -225,7 +229,7 @@ def measure(
 def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from several rounds' rows: the median rate and CPU, the first trace."""
     merged = dict(rows[0])
-    for key in ("rate", "user_us", "system_us"):
+    for key in ("rate", "user_us", "system_us", "segments"):
         merged[key] = statistics.median(row[key] for row in rows)
     if len(rows) > 1:
         merged["rounds"] = len(rows)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.procs import HOST, BenchError, Proc, log, run_tool
+from bench.procs import HOST, BenchError, Proc, log, run_tool, tcp_segments_sent
 from bench.servers import Target
 
 
@@ -146,6 +146,14 @@ FIGURES = [
         direct=False,
     ),
     Figure(
+        "http_close_segments",
+        "TCP segments per new connection, all sockets (client, balancer, backend)",
+        "TCP segments\nper new\nconnection",
+        "segments",
+        False,
+        None,
+    ),
+    Figure(
         "idle_tunnel_bytes",
         "Resident memory per idle WebSocket tunnel",
         "RSS per idle\nWS tunnel",
@@ -239,7 +247,9 @@ def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dic
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{HOST}:{target.ports['http']}/")
     user, system = target.cpu_seconds()
+    segments = tcp_segments_sent()
     out = run_tool(argv, s.duration + 60, "wrk")
+    segments = tcp_segments_sent() - segments
     user, system = (a - b for a, b in zip(target.cpu_seconds(), (user, system), strict=True))
     rps = WRK_RPS.search(out)
     if rps is None:
@@ -253,6 +263,7 @@ def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dic
         "requests": requests,
         "cpu_user_us": user / requests * 1e6 if requests else None,
         "cpu_system_us": system / requests * 1e6 if requests else None,
+        "segments": segments / requests if requests else None,
         "socket_errors": dict(
             zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True)
         )
@@ -278,7 +289,11 @@ def measure_keepalive(target: Target, s: Settings, tools: dict[str, str]) -> Res
 
 def measure_close(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     extra = _wrk(target, s, tools, close=True)
-    return _wrk_result(target, extra, "http_close_cps", "http_close_cpu")
+    segments = extra.pop("segments")
+    values, rest = _wrk_result(target, extra, "http_close_cps", "http_close_cpu")
+    if segments is not None:
+        values["http_close_segments"] = segments
+    return values, rest
 
 
 def _open_idle(port: int, count: int, per_client: int) -> list[Proc]:
@@ -372,7 +387,12 @@ KINDS: dict[str, tuple[Measure, list[str]]] = {
     ),
     "close": (
         measure_close,
-        ["http_close_cps", "http_close_cpu_user_us", "http_close_cpu_system_us"],
+        [
+            "http_close_cps",
+            "http_close_cpu_user_us",
+            "http_close_cpu_system_us",
+            "http_close_segments",
+        ],
     ),
     "idle": (measure_idle, ["idle_tunnel_bytes"]),
 }

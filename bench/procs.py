@@ -201,6 +201,17 @@ def scratch_main(prefix: str, body: Callable[[Path], str]) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def tcp_segments_sent() -> int:
+    """TCP segments this network namespace has sent (``Tcp: OutSegs``, /proc/net/snmp).
+
+    On loopback every segment is sent once and received once, so the count
+    over a run is the whole conversation: client, balancer and backend.
+    """
+    with open("/proc/net/snmp") as f:
+        tcp = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(tcp[1][tcp[0].index("OutSegs")])
+
+
 def run_tool(argv: Sequence[str], timeout: float, what: str) -> str:
     """Run a client tool to completion (own process group, killed on timeout); its stdout."""
     popen = subprocess.Popen(

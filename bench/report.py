@@ -50,7 +50,7 @@ def _fmt(value: float | None, fig: Figure) -> str:
         return "n/a"
     if fig.unit == "Gbit/s":
         return f"{value:.2f}"
-    if fig.unit == "µs":
+    if fig.unit in ("µs", "segments"):
         return f"{value:.1f}"
     return f"{value:,.0f}"
 

@@ -41,7 +41,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert meta["machine"]["nproc"] >= 1
     assert meta["versions"]["haproxy"].startswith("2.")
     figures = result["summary"]["1"]
-    assert len(figures) == 13
+    assert len(figures) == 14
     for key, fig in figures.items():
         targets = ["splicelb", "haproxy"] + (["direct"] if fig["direct_applicable"] else [])
         for target in targets:
@@ -60,6 +60,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
         for part in ("user", "system"):
             cpu = figures[f"http_{kind}_cpu_{part}_us"]["medians"]
             assert cpu["splicelb"] > 0 and cpu["haproxy"] > 0, (kind, part, cpu)
+    # a connection takes at least 6 segments (handshake, request, answer, the ends of
+    # file), and a balancer's client makes two connections of each
+    segments = figures["http_close_segments"]["medians"]
+    assert segments["direct"] >= 6, segments
+    assert segments["splicelb"] >= 1.5 * segments["direct"], segments
+    assert segments["haproxy"] >= 1.5 * segments["direct"], segments
 
     table = next(p for p in written if p.suffix == ".md").read_text()
     assert "| figure | direct | HAProxy | splicelb |" in table
@@ -77,6 +83,8 @@ def test_cpu_profile_smoke() -> None:
         for load, row in loads.items():
             assert row["rate"] > 0, (name, load)
             assert row["user_us"] + row["system_us"] > 0, (name, load)
+            # through a balancer, a request and its answer cross two connections
+            assert row["segments"] >= (3 if load == "keepalive" else 12), (name, load, row)
             # every request or connection goes through the balancer's busy process
             assert row["syscalls_total"] >= 2, (name, load, row)
             percent = row["profile"]["percent"]
