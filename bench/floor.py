@@ -29,7 +29,7 @@ import traceback
 
 # splicelb's own pipes, flags and calls: the same system calls, by construction.
 from lb.worker.loop import BATCH, IN, RDHUP
-from lb.worker.splice import PIPE_SIZE, SPLICE_FLAGS, PipePool, shutdown_write
+from lb.worker.splice import PIPE_SIZE, SPLICE_FLAGS, SPLICE_LAST, PipePool, shutdown_write
 
 HOST = "127.0.0.1"
 
@@ -39,15 +39,16 @@ COPY_SIZE = 65536  # bytes per read in copy mode
 
 def serve(listener: socket.socket, backend: tuple[str, int], copy: bool = False) -> None:
     """One worker's loop; returns never (an error ends the process).  ``copy``: move the
-    bytes with ``read`` and ``write`` through this process instead of ``splice``."""
+    bytes with ``read`` and ``send`` through this process instead of ``splice``."""
     epoll = select.epoll()
     lfd = listener.fileno()
     epoll.register(lfd, select.EPOLLIN)
     accept = listener._accept  # type: ignore[attr-defined]
     peer: dict[int, int] = {}  # fd -> the other socket of its connection
+    sockets: dict[int, socket.socket] = {}  # copy mode: fd -> a socket object, for send()
     ended: set[int] = set()  # sockets whose end of file was passed on
     r, w, slots = PipePool().new()
-    splice, read, write, closing = os.splice, os.read, os.write, []
+    splice, read, closing = os.splice, os.read, []
     if copy:
         slots = COPY_SIZE
     while True:
@@ -66,6 +67,9 @@ def serve(listener: socket.socket, backend: tuple[str, int], copy: bool = False)
                         raise OSError(err, os.strerror(err))
                     server = sock.detach()
                     peer[client], peer[server] = server, client
+                    if copy:  # family and type given: wrapping makes no system call
+                        for s in (client, server):
+                            sockets[s] = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, s)
                     epoll.register(client, IN)
                     epoll.register(server, IN)  # a connect still in progress reads nothing
                 continue
@@ -84,11 +88,14 @@ def serve(listener: socket.socket, backend: tuple[str, int], copy: bool = False)
             except ConnectionResetError:
                 n = 0
                 ended.add(dst)  # close both now
+            # the last bytes before the end of file carry the FIN: see "Last bytes and FIN"
+            last = mask & RDHUP and n < slots
             try:
                 if copy:
-                    m = write(dst, data) if n else 0
+                    m = sockets[dst].send(data, socket.MSG_MORE if last else 0) if n else 0
                 else:
-                    m = splice(r, dst, n, None, None, SPLICE_FLAGS) if n else 0
+                    flags = SPLICE_LAST if last else SPLICE_FLAGS
+                    m = splice(r, dst, n, None, None, flags) if n else 0
             except BlockingIOError:
                 m = 0
             except (ConnectionResetError, BrokenPipeError):
@@ -96,12 +103,14 @@ def serve(listener: socket.socket, backend: tuple[str, int], copy: bool = False)
                 ended.add(dst)
             if m != n:
                 sys.exit(f"floor: short write to {dst} ({m} of {n} bytes)")
-            if n and not (mask & RDHUP and n < slots):
+            if n and not last:
                 continue  # more may follow: see "End of file without a read", lb/worker/splice.py
             if dst in ended:  # both ways done
                 for s in (fd, dst):
                     del peer[s]
                     ended.discard(s)
+                    if copy:
+                        sockets.pop(s).detach()
                     closing.append(s)
             else:
                 ended.add(fd)

@@ -19,6 +19,7 @@ import pytest
 
 from bench.procs import HOST, free_port, wait_until
 from bench.servers import listening_ports
+from tests.integration.clients import answer_and_close, segments_received
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 10.0
@@ -103,3 +104,23 @@ def test_floor_stops_loudly_when_it_cannot_forward(mode: str) -> None:
             assert proc.wait(TIMEOUT) == 1
         assert proc.stderr is not None
         assert b"ConnectionRefusedError" in proc.stderr.read()
+
+
+@MODES
+def test_floor_sends_a_servers_last_bytes_with_its_fin_as_the_worker_does(mode: str) -> None:
+    """The floor is compared with the worker: it must not send more segments per
+    connection than the worker does (see "Last bytes and FIN", lb/worker/splice.py)."""
+    server = socket.create_server((HOST, 0))
+    server.settimeout(TIMEOUT)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+    thread = threading.Thread(target=answer_and_close, args=(server, answer, 2))
+    thread.start()
+    try:
+        with floor(server.getsockname()[1], workers=1, mode=mode) as (port, _):
+            direct = segments_received(server.getsockname()[1], b"GET / HTTP/1.1\r\n\r\n")
+            through = segments_received(port, b"GET / HTTP/1.1\r\n\r\n")
+    finally:
+        thread.join(TIMEOUT)
+        server.close()
+    assert direct[0] == through[0] == answer
+    assert through[1] == direct[1]

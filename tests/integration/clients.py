@@ -1,4 +1,5 @@
-"""Clients for integration tests: raw sockets and the websockets library."""
+"""Clients for integration tests (raw sockets and the websockets library), and a server
+that answers and closes."""
 
 from __future__ import annotations
 
@@ -29,6 +30,29 @@ def read_all(sock: socket.socket) -> bytes:
             break
         out += chunk
     return bytes(out)
+
+
+TCPI_SEGS_IN = 140  # offset of tcpi_segs_in in struct tcp_info (linux/tcp.h)
+
+
+def answer_and_close(server: socket.socket, answer: bytes, count: int) -> None:
+    """Answer ``count`` connections, the answer's last bytes and the FIN in one segment."""
+    for _ in range(count):
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.send(answer, socket.MSG_MORE)  # held until the FIN joins it
+            conn.shutdown(socket.SHUT_WR)
+            read_all(conn)
+
+
+def segments_received(port: int, request: bytes) -> tuple[bytes, int]:
+    """What a client reads to the end of file, and how many segments carried it to it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = read_all(sock)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SEGS_IN + 4)
+        return reply, int.from_bytes(info[TCPI_SEGS_IN:], "little")
 
 
 def status_of(reply: bytes) -> int:

@@ -168,29 +168,6 @@ def test_half_close_in_each_mode(procs: list[Proc], start_lb: Callable[..., Spli
     assert clients.exchange(tcp_port, body, half_close=True) == body
 
 
-TCPI_SEGS_IN = 140  # offset of tcpi_segs_in in struct tcp_info (linux/tcp.h)
-
-
-def answer_and_close(server: socket.socket, answer: bytes, count: int) -> None:
-    """Answer ``count`` connections, the answer's last bytes and the FIN in one segment."""
-    for _ in range(count):
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.send(answer, socket.MSG_MORE)  # held until the FIN joins it
-            conn.shutdown(socket.SHUT_WR)
-            clients.read_all(conn)
-
-
-def segments_received(port: int, request: bytes) -> tuple[bytes, int]:
-    """What a client reads to the end of file, and how many segments carried it to it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        reply = clients.read_all(sock)
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SEGS_IN + 4)
-        return reply, int.from_bytes(info[TCPI_SEGS_IN:], "little")
-
-
 def test_a_servers_last_bytes_and_fin_reach_the_client_in_one_segment(
     start_lb: Callable[..., SpliceLB],
 ) -> None:
@@ -214,11 +191,11 @@ def test_a_servers_last_bytes_and_fin_reach_the_client_in_one_segment(
     request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
     rounds = 3
-    thread = threading.Thread(target=answer_and_close, args=(server, answer, 3 * rounds))
+    thread = threading.Thread(target=clients.answer_and_close, args=(server, answer, 3 * rounds))
     thread.start()
     try:
         got = {
-            (name, i): segments_received(port, request)
+            (name, i): clients.segments_received(port, request)
             for i in range(rounds)
             for name, port in (("direct", server_port), ("http", http_port), ("tcp", tcp_port))
         }
