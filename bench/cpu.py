@@ -20,7 +20,10 @@ system (the kernel), makes the difference.
 forwarder with the same system calls as splicelb's worker and the least
 Python around them (no routing, counters, timeouts or logs), the floor of
 what Python costs per request before any feature.  ``--rounds N`` measures
-the balancers N times, alternating their order, and reports the medians."""
+the balancers N times, alternating their order, and reports the medians, and
+with HAProxy among them each balancer's ``vs_haproxy``: the median of its
+rate's ratio to HAProxy's in the same round (the machine's speed drifts by
+several percent between rounds, which a ratio of medians would take in)."""
 
 from __future__ import annotations
 
@@ -278,6 +281,16 @@ def main(argv: list[str] | None = None) -> int:
             name: {load: medians(runs) for load, runs in by_load.items()}
             for name, by_load in rows.items()
         }
+        if "haproxy" in rows:  # the machine's speed drifts between rounds: compare within each
+            for name, by_load in rows.items():
+                for load, runs in by_load.items():
+                    result[name][load]["vs_haproxy"] = round(
+                        statistics.median(
+                            row["rate"] / h["rate"]
+                            for row, h in zip(runs, rows["haproxy"][load], strict=True)
+                        ),
+                        3,
+                    )
         return json.dumps(result, indent=2)
 
     return scratch_main("splicelb-cpu-", body)

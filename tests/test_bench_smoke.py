@@ -92,6 +92,10 @@ def test_cpu_profile_smoke() -> None:
             assert 98 <= sum(percent.values()) <= 102, (name, load, percent)
             assert percent.get("kernel", 0) > 10, (name, load, percent)  # it makes system calls
             assert row["profile"]["top_kernel"] and row["profile"]["top_user"], (name, load)
+    for load in ("keepalive", "close"):  # one round: the ratio of the two rates
+        splicelb, haproxy = result["splicelb"][load], result["haproxy"][load]
+        assert haproxy["vs_haproxy"] == 1.0
+        assert splicelb["vs_haproxy"] == round(splicelb["rate"] / haproxy["rate"], 3)
     # the profile tells the interpreter's user-space share from HAProxy's own
     assert any(b.startswith("libpython") for b in result["splicelb"]["close"]["profile"]["percent"])
     assert "haproxy" in result["haproxy"]["close"]["profile"]["percent"]
