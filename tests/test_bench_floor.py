@@ -113,13 +113,14 @@ def test_floor_sends_a_servers_last_bytes_with_its_fin_as_the_worker_does(mode: 
     server = socket.create_server((HOST, 0))
     server.settimeout(TIMEOUT)
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
-    thread = threading.Thread(target=answer_and_close, args=(server, answer, 2))
+    thread = threading.Thread(target=answer_and_close, args=(server, answer, 2), daemon=True)
     thread.start()
     try:
         with floor(server.getsockname()[1], workers=1, mode=mode) as (port, _):
             direct = segments_received(server.getsockname()[1], b"GET / HTTP/1.1\r\n\r\n")
             through = segments_received(port, b"GET / HTTP/1.1\r\n\r\n")
     finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes an accept still waiting (a failed test)
         thread.join(TIMEOUT)
         server.close()
     assert direct[0] == through[0] == answer

@@ -191,7 +191,9 @@ def test_a_servers_last_bytes_and_fin_reach_the_client_in_one_segment(
     request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
     rounds = 3
-    thread = threading.Thread(target=clients.answer_and_close, args=(server, answer, 3 * rounds))
+    thread = threading.Thread(
+        target=clients.answer_and_close, args=(server, answer, 3 * rounds), daemon=True
+    )
     thread.start()
     try:
         got = {
@@ -200,6 +202,7 @@ def test_a_servers_last_bytes_and_fin_reach_the_client_in_one_segment(
             for name, port in (("direct", server_port), ("http", http_port), ("tcp", tcp_port))
         }
     finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes an accept still waiting (a failed test)
         thread.join(15)
         server.close()
     assert {reply for reply, _ in got.values()} == {answer}
