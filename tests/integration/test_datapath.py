@@ -168,6 +168,37 @@ def test_half_close_in_each_mode(procs: list[Proc], start_lb: Callable[..., Spli
     assert clients.exchange(tcp_port, body, half_close=True) == body
 
 
+def listening_socket(backlog: int) -> socket.socket:
+    """A listening socket on 127.0.0.1 that the test accepts on itself."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(backlog)
+    server.settimeout(10)
+    return server
+
+
+def in_each_mode(
+    start_lb: Callable[..., SpliceLB],
+    name: str,
+    server_port: int,
+    extra: str = "",
+    workers: int = 2,
+) -> tuple[SpliceLB, int, int]:
+    """A balancer in front of one server, through an http and a tcp listener: the
+    balancer and the two listeners' ports."""
+    http_port, tcp_port = free_port(), free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{http_port}", name)
+            + listener(f"127.0.0.1:{tcp_port}", name, mode="tcp", name="raw"),
+            backend(name, [(name, f"127.0.0.1:{server_port}")], extra=extra),
+            workers=workers,
+        ),
+        workers=workers,
+    )
+    return lb, http_port, tcp_port
+
+
 def test_a_servers_last_bytes_and_fin_reach_the_client_in_one_segment(
     start_lb: Callable[..., SpliceLB],
 ) -> None:
@@ -175,19 +206,9 @@ def test_a_servers_last_bytes_and_fin_reach_the_client_in_one_segment(
     balancer as from the server directly (handshake, the request's ACK, answer and FIN
     in one), in each mode.  Passed on apart, the FIN would cost a segment more, and the
     client's ACK of the answer another (the shorter conversation the benchmark counts)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.settimeout(10)
+    server = listening_socket(backlog=8)
     server_port = server.getsockname()[1]
-    http_port, tcp_port = free_port(), free_port()
-    lb = start_lb(
-        config(
-            listener(f"127.0.0.1:{http_port}", "far")
-            + listener(f"127.0.0.1:{tcp_port}", "far", mode="tcp", name="raw"),
-            backend("far", [("far", f"127.0.0.1:{server_port}")]),
-        )
-    )
+    lb, http_port, tcp_port = in_each_mode(start_lb, "far", server_port)
     request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
     rounds = 3
@@ -221,21 +242,11 @@ def test_a_connect_still_in_progress_is_waited_for_in_each_mode(
     balancer's SYN and the kernel sends it again a second later: the worker
     must wait for the connect instead of taking it as done or failed.
     """
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    server.settimeout(10)
+    server = listening_socket(backlog=0)
     server_port = server.getsockname()[1]
-    http_port, tcp_port = free_port(), free_port()
-    lb = start_lb(
-        config(
-            listener(f"127.0.0.1:{http_port}", "slow")
-            + listener(f"127.0.0.1:{tcp_port}", "slow", mode="tcp", name="raw"),
-            # the SYN is sent again after 1 s, 3 s, 7 s...: room for a slow test machine
-            backend("slow", [("slow", f"127.0.0.1:{server_port}")], extra="connect_timeout = 10"),
-            workers=1,
-        ),
-        workers=1,
+    # the SYN is sent again after 1 s, 3 s, 7 s...: room for a slow test machine
+    lb, http_port, tcp_port = in_each_mode(
+        start_lb, "slow", server_port, extra="connect_timeout = 10", workers=1
     )
 
     def syn_sent() -> bool:
