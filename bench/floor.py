@@ -27,6 +27,8 @@ import socket
 import sys
 import traceback
 
+from bench.procs import die_with_parent
+
 # splicelb's own pipes, flags and calls: the same system calls, by construction.
 from lb.worker.loop import BATCH, IN, RDHUP
 from lb.worker.splice import PIPE_SIZE, SPLICE_FLAGS, SPLICE_LAST, PipePool, shutdown_write
@@ -132,11 +134,14 @@ def main(argv: list[str]) -> None:
         sock.listen(4096)
         sock.setblocking(False)
         listeners.append(sock)
-    children = []
+    children, parent = [], os.getpid()
     for sock in listeners:
         pid = os.fork()
         if pid == 0:
             try:
+                die_with_parent()  # a parent killed outright takes its workers along
+                if os.getppid() != parent:
+                    return  # it died before that: the finally below exits
                 serve(sock, (HOST, backend_port), copy)
             except BaseException:
                 traceback.print_exc()

@@ -39,8 +39,9 @@ class BenchError(RuntimeError):
     """A step of the benchmark failed (a tool missing, a server that did not start)."""
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if the benchmark itself dies (even by SIGKILL)."""
+def die_with_parent() -> None:
+    """In a child (before exec, or after fork): SIGKILL it when its parent dies, even by
+    SIGKILL."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -134,7 +135,7 @@ class Proc:
             stdout=self._log if stdout is None else stdout,
             stderr=self._log,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509  (no threads here)
+            preexec_fn=die_with_parent,  # noqa: PLW1509  (no threads here)
             cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
         )
@@ -220,7 +221,7 @@ def run_tool(argv: Sequence[str], timeout: float, what: str) -> str:
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509
+        preexec_fn=die_with_parent,  # noqa: PLW1509
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )

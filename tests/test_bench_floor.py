@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from bench.procs import HOST, free_port, wait_until
@@ -70,12 +71,25 @@ def floor(
             return port in listening_ports()
 
         wait_until(listening, TIMEOUT, "bench/floor.py to listen")
+        workers_started = psutil.Process(proc.pid).children()
+        assert len(workers_started) == workers
         yield port, proc
     finally:
-        proc.kill()
+        proc.kill()  # the parent only, outright: its workers must not outlive it
         proc.wait(TIMEOUT)
         assert proc.stderr is not None
         proc.stderr.close()
+    wait_until(
+        lambda: all(map(ended, workers_started)), TIMEOUT, "bench/floor.py's workers to end with it"
+    )
+
+
+def ended(process: psutil.Process) -> bool:
+    """Gone, or dead and waiting to be reaped by whoever adopted it."""
+    try:
+        return bool(process.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
 
 
 MODES = pytest.mark.parametrize("mode", ["splice", "copy"])
