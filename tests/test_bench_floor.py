@@ -70,9 +70,12 @@ def floor(
             assert proc.poll() is None, "bench/floor.py exited at start"
             return port in listening_ports()
 
+        def forked() -> list[psutil.Process] | None:  # it listens first, then forks
+            children = psutil.Process(proc.pid).children()
+            return children if len(children) == workers else None
+
         wait_until(listening, TIMEOUT, "bench/floor.py to listen")
-        workers_started = psutil.Process(proc.pid).children()
-        assert len(workers_started) == workers
+        workers_started = wait_until(forked, TIMEOUT, f"bench/floor.py's {workers} workers")
         yield port, proc
     finally:
         proc.kill()  # the parent only, outright: its workers must not outlive it
