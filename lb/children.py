@@ -2,10 +2,11 @@
 
 A child resets the supervisor's signal handling, asks the kernel for SIGTERM
 when the supervisor dies, closes every descriptor that is not its own (the
-listening sockets of other slots and generations, the control socket), then
-boots its role.  A failure while booting exits with ``EXIT_BOOT_ERROR`` (the
-supervisor then backs off, or halts if it keeps happening); a failure after
-that exits with ``EXIT_CHILD_CRASHED``.
+listening sockets of other generations, the control socket; a worker keeps
+every slot's sockets of its listeners), then boots its role.  A failure
+while booting exits with ``EXIT_BOOT_ERROR`` (the supervisor then backs off,
+or halts if it keeps happening); a failure after that exits with
+``EXIT_CHILD_CRASHED``.
 """
 
 from __future__ import annotations

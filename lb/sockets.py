@@ -7,8 +7,11 @@ has at least one socket per worker slot; on reload a listener whose address
 did not change keeps its sockets (and their queues), a new address gets new
 ones, and only the sockets of removed listeners are closed.  When the number
 of workers shrinks, the extra sockets stay open and are shared out among the
-remaining workers (socket k goes to worker k mod workers), so nothing queued
-on them is lost either.
+remaining workers (socket k belongs to worker slot k mod workers), so nothing
+queued on them is lost either.  Every worker gets all of a listener's
+sockets: it accepts on its own slot's, and takes from the others' queues
+when their worker is behind (see "Taking from the other slots" in
+:mod:`lb.worker.process`).
 """
 
 from __future__ import annotations
@@ -105,14 +108,9 @@ class SocketTable:
         admin = config.global_.admin_bind
         return self.admin.get((admin.family, admin.sockaddr)) if admin else None
 
-    def for_worker(self, config: Config, slot: int) -> dict[str, list[socket.socket]]:
-        workers = config.global_.workers
-        return {
-            listener.name: [
-                s for i, s in enumerate(self.sockets[key(listener)]) if i % workers == slot
-            ]
-            for listener in config.listeners
-        }
+    def for_workers(self, config: Config) -> dict[str, list[socket.socket]]:
+        """Every listener's sockets, in order: socket k belongs to slot k mod workers."""
+        return {listener.name: list(self.sockets[key(listener)]) for listener in config.listeners}
 
     def keep_only(self, config: Config) -> list[Key]:
         """Close the sockets of listeners that ``config`` no longer has."""

@@ -263,7 +263,7 @@ class Supervisor:
     def _spawn(self, kind: str, slot: int, generation: Generation) -> None:
         own: dict[str, list[socket.socket]] = {}
         if kind == "worker":
-            own = self.sockets.for_worker(generation.config, slot)
+            own = self.sockets.for_workers(generation.config)
         elif kind == "admin":
             admin = self.sockets.admin_socket(generation.config)
             own = {"admin": [admin]} if admin is not None else {}

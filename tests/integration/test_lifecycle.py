@@ -120,6 +120,49 @@ def test_stuck_worker_is_replaced_after_worker_timeout(
         assert reply.startswith(b"HTTP/1.1 200")
 
 
+def test_connections_queued_for_a_stuck_worker_are_taken_by_another(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """A stuck worker (stopped here) leaves what the kernel queues on its socket to the
+    other worker within seconds, long before worker_timeout would replace it."""
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair, extra_global="worker_timeout = 120"))
+    victim, survivor = lb.worker_pids()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        for i in range(20):  # about half of them hash to the stopped worker's socket
+            reply = clients.exchange(
+                port, b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=10
+            )
+            assert reply.startswith(b"HTTP/1.1 200"), i
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert {line["pid"] for line in lb.wait_conns(20)} == {survivor}
+    assert psutil.pid_exists(victim) and not lb.events("worker_timeout")
+
+
+def test_long_lived_tunnels_stay_spread_over_the_workers(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """A worker takes from the other's queue only when that one is behind: tunnels
+    opened one at a time are shared out, not held by whichever worker wakes first."""
+    port = free_port()
+    lb = start_lb(echo_config(port, echo_pair))
+    tunnels = [open_tunnel(port) for _ in range(40)]
+    try:
+
+        def held() -> list[int] | None:  # once the workers have published all 40
+            status = cli("status", "--runtime-dir", str(lb.runtime_dir), "--json")
+            counts = [w["connections"] for w in json.loads(status.stdout)["workers"]]
+            return counts if sum(counts) == 40 else None
+
+        counts = wait_until(held, 10, "40 tunnels counted")
+        assert len(counts) == 2 and min(counts) >= 10, counts  # taken by the first awake: 40/0
+    finally:
+        for sock in tunnels:
+            sock.close()
+
+
 def test_reload_under_load_loses_nothing_and_keeps_every_tunnel(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], procs: list[Proc]
 ) -> None:

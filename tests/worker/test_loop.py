@@ -225,3 +225,37 @@ def test_busy_polling_lasts_its_time_after_work_then_the_loop_sleeps(busy_poll: 
         assert 0.01 < cpu < 0.35
     else:
         assert cpu < 0.05
+
+
+@pytest.mark.parametrize("busy_poll", [0.0, 0.1])
+def test_on_idle_runs_between_busy_polls_and_never_wakes_the_loop(busy_poll: float) -> None:
+    """A worker takes another's queued connections from ``on_idle``: while it polls
+    after work, it finds them; asleep, it is not woken for them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    taken: list[socket.socket] = []
+
+    def take() -> bool:  # like Worker._take, on a socket the loop does not watch
+        try:
+            taken.append(listener.accept()[0])
+        except BlockingIOError:
+            return False
+        return True
+
+    loop = Loop(on_error=lambda exc: None, busy_poll=busy_poll, on_idle=take)
+    a, b = socket.socketpair()
+    clients: list[socket.socket] = []
+
+    def readable() -> None:  # the work: it has a client connect to that listener
+        b.recv(100)
+        clients.append(socket.create_connection(listener.getsockname()))
+
+    loop.add_reader(b.fileno(), readable)
+    a.sendall(b"work")
+    loop.call_later(0.3, loop.stop)
+    loop.run()
+    loop.shutdown()
+    for sock in (a, b, listener, *clients, *taken):
+        sock.close()
+    assert len(clients) == 1
+    assert len(taken) == (1 if busy_poll else 0)
