@@ -6,8 +6,8 @@ pool.  The worker accepts on its slot's sockets in batches until ``EAGAIN``
 (and on the other slots' when their worker is behind: below), hands every
 connection to a :class:`~lb.worker.conn.Connection`, publishes its counters
 in its own pool slot and beats its heartbeat from inside the loop, so a
-stuck loop stops beating.  SIGTERM: stop accepting and let connections finish for up to
-``drain_timeout``; SIGQUIT: close everything at once.
+stuck loop stops beating.  SIGTERM: stop accepting and let connections
+finish for up to ``drain_timeout``; SIGQUIT: close everything at once.
 
 Counters are added up in :attr:`Worker.tally`, a list of Python ints laid
 out like the slot, and copied to the slot ``PUBLISH_DELAY`` after the first
@@ -221,7 +221,7 @@ class Worker:
         self.accepting = False
         self.draining = False
         self.backends = self._backends(config, pool)
-        self.listeners: list[ListenerRuntime] = [
+        self.listeners = [
             ListenerRuntime(
                 index=i,
                 name=lc.name,
