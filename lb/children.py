@@ -1,6 +1,9 @@
 """Forking the supervisor's children and what a child does first.
 
-A child resets the supervisor's signal handling, asks the kernel for SIGTERM
+A child resets the supervisor's signal handling (the supervisor blocks its
+signals around ``fork``, so none reaches the child before that: caught by
+the supervisor's handler in the child, a SIGTERM sent in that window was
+lost, and the child ran on until killed), asks the kernel for SIGTERM
 when the supervisor dies, closes every descriptor that is not its own (the
 listening sockets of other generations, the control socket; a worker keeps
 every slot's sockets of its listeners), then boots its role.  A failure
@@ -34,6 +37,8 @@ EXIT_CHILD_CRASHED = 2  # a child's exit code after an unexpected exception
 EXIT_BOOT_ERROR = 3  # a child could not start; the supervisor halts if this repeats
 
 PR_SET_PDEATHSIG = 1
+# The supervisor's signals: blocked around fork, default (or ignored) in a child.
+SUPERVISOR_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGINT}
 
 
 @dataclass(slots=True)
@@ -60,9 +65,13 @@ def spawn(
     log: LogSettings,
 ) -> Child:
     """Fork a child; in the child this never returns."""
-    pid = os.fork()
-    if pid == 0:
-        _child_main(kind, slot, generation, sockets, close, log)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child_main(kind, slot, generation, sockets, close, log, mask)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the parent's (a child never returns)
     return Child(pid, kind, slot, generation, time.monotonic())
 
 
@@ -73,14 +82,17 @@ def _child_main(
     sockets: dict[str, list[socket.socket]],
     close: Iterable[int | socket.socket],
     log: LogSettings,
+    mask: Iterable[int],
 ) -> NoReturn:
     code = EXIT_BOOT_ERROR
     try:
         parent = os.getppid()
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+        for sig in SUPERVISOR_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the supervisor's
+        # Anything sent since the fork is delivered now: a SIGTERM ends the child at once.
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         set_pdeathsig(signal.SIGTERM)
         if os.getppid() != parent:
             os._exit(EXIT_OK)  # the supervisor died while we were forking

@@ -47,6 +47,9 @@ SUSPECT_POLL = 0.1  # seconds between looks at the workers' suspect marks
 JITTER = 0.1  # ±10% of the interval
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT)
+
+
 @dataclass(slots=True)
 class Probe:
     index: int  # the server's index in the pool
@@ -84,7 +87,10 @@ class Prober:
     def run(self) -> int:
         asyncio.set_event_loop(self.loop)
         self.pool.q[L.H_PROBER_PID] = os.getpid()
-        for sig in (signal.SIGTERM, signal.SIGQUIT):
+        # Held until the loop runs (_main): a SIGTERM that uvloop takes before then is
+        # lost, and the prober would run on until the supervisor kills it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        for sig in STOP_SIGNALS:
             self.loop.add_signal_handler(sig, self.stop.set)
         try:
             self.loop.run_until_complete(self._main())
@@ -93,6 +99,7 @@ class Prober:
         return 0
 
     async def _main(self) -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # see run
         connector = aiohttp.TCPConnector(force_close=True, limit=0, use_dns_cache=False)
         async with aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False

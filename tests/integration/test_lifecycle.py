@@ -163,6 +163,28 @@ def test_long_lived_tunnels_stay_spread_over_the_workers(
             sock.close()
 
 
+def test_a_stop_while_the_children_start_ends_at_once(
+    echo_pair: tuple[EchoBackend, EchoBackend], tmp_path: Path, procs: list[Proc]
+) -> None:
+    """SIGTERM just after start (systemctl stop, a quick Ctrl-C) reaches children that are
+    still booting: each ends at once, none is left to be killed after drain_timeout."""
+    for attempt in range(5):
+        port = free_port()
+        path = tmp_path / f"splicelb{attempt}.toml"
+        runtime = tmp_path / f"run{attempt}"
+        path.write_text(echo_config(port, echo_pair, drain=30).replace("@RUNTIME@", str(runtime)))
+        lb = Proc([sys.executable, "-m", "lb", "run", "-c", str(path)])
+        procs.append(lb)
+        children = Path(f"/proc/{lb.pid}/task/{lb.pid}/children")
+        deadline = time.monotonic() + 20
+        while not children.read_text() and time.monotonic() < deadline:
+            pass  # no sleep: the signal must come while the children boot
+        lb.signal(signal.SIGTERM)
+        assert lb.wait(10) == 0, attempt  # not after drain_timeout (30 s) and a SIGKILL
+        time.sleep(0.1)
+        assert not any("SIGKILL" in line for line in lb.lines), (attempt, lb.lines)
+
+
 def test_reload_under_load_loses_nothing_and_keeps_every_tunnel(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], procs: list[Proc]
 ) -> None:
