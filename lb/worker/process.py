@@ -59,7 +59,7 @@ import socket
 import time
 import traceback
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lb.config import Config
@@ -116,19 +116,14 @@ class BackendRuntime:
     names: dict[int, str]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Listening:
     """One listening socket as a worker watches it."""
 
-    sock: socket.socket
+    fd: int
+    accept: Any  # the socket's _accept: (fd, addr), without a socket object
     listener: ListenerRuntime
     owner: int  # the offset in the pool of the slot it belongs to (see Worker._take)
-    fd: int = field(init=False)
-    accept: Any = field(init=False)  # sock._accept: (fd, addr), without a socket object
-
-    def __post_init__(self) -> None:
-        self.fd = self.sock.fileno()
-        self.accept = self.sock._accept  # type: ignore[attr-defined]
 
 
 def set_keepalive(sock: _socket.socket) -> None:
@@ -237,7 +232,7 @@ class Worker:
         ]
         workers = config.global_.workers
         listening = [
-            Listening(sock, listener, geo.slot(k % workers))
+            Listening(sock.fileno(), sock._accept, listener, geo.slot(k % workers))  # type: ignore[attr-defined]
             for listener in self.listeners
             for k, sock in enumerate(listener.socks)
         ]
