@@ -9,7 +9,6 @@ Everything binds 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -25,6 +24,8 @@ from typing import IO, ClassVar, TypeVar
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
+from lb.parent import set_pdeathsig
+
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 T = TypeVar("T")
@@ -32,7 +33,6 @@ T = TypeVar("T")
 # binary -> Debian package that ships it
 DEBIAN_TOOLS = {"haproxy": "haproxy", "iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx"}
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
-PR_SET_PDEATHSIG = 1
 
 
 class BenchError(RuntimeError):
@@ -42,8 +42,7 @@ class BenchError(RuntimeError):
 def die_with_parent() -> None:
     """In a child (before exec, or after fork): SIGKILL it when its parent dies, even by
     SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_pdeathsig(signal.SIGKILL)
 
 
 def log(message: str) -> None:

@@ -15,7 +15,6 @@ or halts if it keeps happening); a failure after that exits with
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -28,6 +27,7 @@ from typing import NoReturn
 from lb import log as lblog
 from lb.admin import Admin
 from lb.generation import Generation
+from lb.parent import set_pdeathsig
 from lb.worker.process import Worker
 from probes.process import Prober
 
@@ -36,7 +36,6 @@ EXIT_START_FAILED = 1
 EXIT_CHILD_CRASHED = 2  # a child's exit code after an unexpected exception
 EXIT_BOOT_ERROR = 3  # a child could not start; the supervisor halts if this repeats
 
-PR_SET_PDEATHSIG = 1
 # The supervisor's signals: blocked around fork, default (or ignored) in a child.
 SUPERVISOR_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGINT}
 
@@ -135,10 +134,3 @@ def _boot(
     return Worker(
         config, slot, generation.number, sockets, generation.pool, max(1, share), logger, log_conn
     ).run
-
-
-def set_pdeathsig(sig: int) -> None:
-    """Have the kernel signal this process when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))

@@ -326,10 +326,7 @@ class Worker:
         connect path saves four ``setsockopt`` calls per connection.
         """
         now = time.monotonic()
-        if self.accepting:  # a stuck slot's queue, when this worker is not polling
-            for ls in self.others.values():
-                if self._not_accepting(ls.owner):
-                    self._accept(ls.accept, ls.listener)
+        self._take()  # also when this worker does not busy-poll, or is never idle
         for conn in [c for c in self.connections if c.tunnel is not None]:
             tunnel = conn.tunnel
             if tunnel is None or tunnel.closed:
@@ -407,12 +404,14 @@ class Worker:
         (see "Taking from the other slots"); whether there was any."""
         if not self.accepting:
             return False
-        took, q = False, self.q
+        took, q, tally = False, self.q, self.tally
         for fd, _ in self.queued.poll(0):
             ls = self.others[fd]
             if self.active < q[ls.owner + L.S_CONNECTIONS] or self._not_accepting(ls.owner):
+                accepted = ls.listener.tally_at + L.C_TOTAL
+                before = tally[accepted]
                 self._accept(ls.accept, ls.listener)
-                took = True
+                took = took or tally[accepted] != before  # its owner may have emptied it since
         return took
 
     def _not_accepting(self, owner: int) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.integration import clients
 from tests.integration.harness import (
@@ -120,13 +121,15 @@ def test_stuck_worker_is_replaced_after_worker_timeout(
         assert reply.startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.parametrize("busy_poll", ["", "busy_poll_us = 0"], ids=["polling", "no-polling"])
 def test_connections_queued_for_a_stuck_worker_are_taken_by_another(
-    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], busy_poll: str
 ) -> None:
     """A stuck worker (stopped here) leaves what the kernel queues on its socket to the
-    other worker within seconds, long before worker_timeout would replace it."""
+    other worker within seconds, long before worker_timeout would replace it; with busy
+    polling off too (the other worker then takes at its sweep)."""
     port = free_port()
-    lb = start_lb(echo_config(port, echo_pair, extra_global="worker_timeout = 120"))
+    lb = start_lb(echo_config(port, echo_pair, extra_global=f"worker_timeout = 120\n{busy_poll}"))
     victim, survivor = lb.worker_pids()
     os.kill(victim, signal.SIGSTOP)
     try:
