@@ -170,9 +170,7 @@ def test_half_close_in_each_mode(procs: list[Proc], start_lb: Callable[..., Spli
 
 def listening_socket(backlog: int) -> socket.socket:
     """A listening socket on 127.0.0.1 that the test accepts on itself."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(backlog)
+    server = socket.create_server(("127.0.0.1", 0), backlog=backlog)
     server.settimeout(10)
     return server
 
