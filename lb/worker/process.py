@@ -186,11 +186,6 @@ class Worker:
         self.pool = pool
         self.maxconn = maxconn
         self.log = log
-        self.loop = Loop(
-            on_error=self._error,
-            busy_poll=config.global_.busy_poll_us / 1e6,
-            on_idle=self._take,
-        )
         self.pipes = PipePool()
         self.q = pool.q
         geo = pool.geometry
@@ -243,6 +238,12 @@ class Worker:
         self.queued = select.epoll()
         for fd in self.others:
             self.queued.register(fd, select.EPOLLIN)
+        self.loop = Loop(
+            on_error=self._error,
+            busy_poll=config.global_.busy_poll_us / 1e6,
+            # With 1 worker there is nothing to take: no second poll between busy polls.
+            on_idle=self._take if self.others else None,
+        )
 
     def _backends(self, config: Config, pool: Pool) -> dict[str, BackendRuntime]:
         backends: dict[str, BackendRuntime] = {}
