@@ -49,10 +49,9 @@ def serve(listener: socket.socket, backend: tuple[str, int], copy: bool = False)
     peer: dict[int, int] = {}  # fd -> the other socket of its connection
     sockets: dict[int, socket.socket] = {}  # copy mode: fd -> a socket object, for send()
     ended: set[int] = set()  # sockets whose end of file was passed on
-    r, w, slots = PipePool().new()
+    # copy mode moves no byte through a pipe: a read of fewer than COPY_SIZE drained the queue
+    r, w, slots = (-1, -1, COPY_SIZE) if copy else PipePool().new()
     splice, read, closing = os.splice, os.read, []
-    if copy:
-        slots = COPY_SIZE
     while True:
         for fd, mask in epoll.poll(-1, BATCH):
             if fd == lfd:

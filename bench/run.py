@@ -191,7 +191,9 @@ def machine_info(tools: dict[str, str]) -> dict[str, Any]:
 def notes(args: argparse.Namespace) -> list[str]:
     s = args.settings
     return [
-        "Ratio = splicelb median / HAProxy median; for round trips and memory lower is better.",
+        "Ratio = the median over the rounds of splicelb / HAProxy, each round a splicelb "
+        "run and a HAProxy run back to back (the JSON also has the ratio of the medians); "
+        "for round trips and memory lower is better.",
         'splicelb: `log_level = "warning"` (per-connection `conn` lines are info level, so '
         'they were off), `admin_bind = ""`, no health checks; `mode = "tcp"` listeners for '
         'iperf3 and wrk, `mode = "http"` for the WebSocket tunnel (it sniffs the upgrade); '
