@@ -147,7 +147,8 @@ def test_busy_poll_table_smoke() -> None:
         else:
             assert float(p50.split()[0]) > 0, rows
         assert messages > 0 or pattern == "round trips", rows  # only the idle row has none
-        assert float(cpu.rstrip("%")) >= 0, rows
+        # A share of one CPU (the worker has one thread), read in 10 ms clock ticks.
+        assert 0 <= float(cpu.rstrip("%")) <= 110, rows
     assert sum(int(r[2].replace(",", "")) == 0 for r in rows) == 2, rows  # one idle row each
 
 
