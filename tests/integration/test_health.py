@@ -55,6 +55,7 @@ class Traffic:
         self.answers: list[str] = []
         self.errors: list[str] = []
         self.failed: list[tuple[float, float]] = []  # (start, end) of each failed request
+        self.durations: list[tuple[float, float]] = []  # (start, seconds) of every request
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -67,6 +68,7 @@ class Traffic:
             except Exception as exc:  # every failure counts, whatever its kind
                 self.errors.append(repr(exc))
                 self.failed.append((start, time.monotonic()))
+            self.durations.append((start, time.monotonic() - start))
             time.sleep(self.pause)
 
     def since(self, mark: int) -> set[str]:
@@ -139,8 +141,10 @@ def break_and_fix(
     assert down["from"] == "up"
     time.sleep(0.3)
     seen = len(traffic.answers)
-    time.sleep(1.0)
-    assert traffic.since(seen) == {"B"}  # no new connection reaches a down server
+    # Twenty requests after that (about 0.7 s): no new connection reaches a down server.
+    wait_until(lambda: len(traffic.answers) >= seen + 20, 10, "20 answers with A down")
+    slowest = sorted(traffic.durations, key=lambda d: d[1])[-3:]
+    assert traffic.since(seen) == {"B"}, (traffic.errors[-5:], slowest)
     mark = len(lb.events("server_state"))
     fixes()
     wait_state(lb, "A", "up", mark, UP_BOUND)
