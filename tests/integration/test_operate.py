@@ -289,19 +289,22 @@ def test_console_logs_on_a_terminal_and_with_the_flag(
     pid, fd = pty.fork()
     if pid == 0:
         os.execv(sys.executable, [sys.executable, "-m", "lb", "run", "-c", str(path)])
-    out = b""
+    out, text = b"", ""
     try:
         deadline = time.monotonic() + 20
-        while b"worker_start" not in out and time.monotonic() < deadline:
+        # The supervisor's "ready" and a worker's "worker_start" come from different
+        # processes, in either order: read until both are in.
+        while not ("worker_start" in text and " ready " in text) and time.monotonic() < deadline:
             if select.select([fd], [], [], 0.5)[0]:
                 out += os.read(fd, 65536)
+                text = re.sub(r"\x1b\[[0-9;]*m", "", out.decode(errors="replace"))  # colours
     finally:
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         os.close(fd)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", out.decode())  # colours, on a terminal
     lines = text.splitlines()  # from several processes: in no set order
-    ready = next(line for line in lines if " ready " in line)
+    ready = next((line for line in lines if " ready " in line), None)
+    assert ready is not None, text
     assert "worker_start" in text and not any(line.startswith("{") for line in lines)
     assert "[info" in ready
     # Piped, with --log-format console and --log-level warning: console lines, info dropped.
