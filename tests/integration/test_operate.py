@@ -323,7 +323,7 @@ def test_console_logs_on_a_terminal_and_with_the_flag(
         ]
     )
     procs.append(lb)
-    time.sleep(2)
+    wait_until(lambda: clients.accepts(port), 20, "the balancer to listen")  # no info lines
     clients.exchange(port, b"\x16\x03garbage\r\n\r\n")  # a 400: logged at info, so not shown
     lb.signal(signal.SIGTERM)
     assert lb.wait(20) == 0
