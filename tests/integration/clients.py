@@ -10,15 +10,6 @@ import time
 from websockets.asyncio.client import connect
 
 
-def accepts(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port`` now."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def exchange(port: int, data: bytes, *, half_close: bool = False, timeout: float = 10) -> bytes:
     """Send ``data``, optionally shut down writing, read until the balancer closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
