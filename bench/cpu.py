@@ -1,20 +1,23 @@
 """CPU cost per request and per connection: where the request-rate gap lies.
 
 ``python -m bench.cpu`` starts the benchmark's backends, then for each
-balancer (1 worker against ``nbthread 1``; ``--workers N``) runs ``wrk`` kept-alive and with
-``Connection: close`` and reads the balancer's CPU time (user and system,
-from psutil, over its whole process tree) before and after.  It prints the
-microseconds of CPU per request, the TCP segments sent per request by every
-socket on the machine (a balancer that sends fewer leaves the kernel less to
-do on both ends of each), and, with ``--strace``, the system calls per
-request of the balancer's busy process (``strace -c -f``, a separate run: strace
-slows it down); with ``--perf``, the profile of that process (``perf record -e
-cpu-clock``, another run): the share of its CPU in the kernel and in each
-user-space binary (libpython, libc, haproxy), and its hottest symbols.  The
-rate figures of ``bench/run.py`` divide the same cores between the client,
-the backends and the balancer, so a balancer that spends less CPU per request
-serves more requests; this tells which part of the CPU, user (Python) or
-system (the kernel), makes the difference.
+balancer (1 worker against ``nbthread 1``; ``--workers N``) runs ``wrk``
+kept-alive and with ``Connection: close`` and reads the balancer's CPU time
+(user and system, from psutil, over its whole process tree) before and
+after.  It prints the microseconds of CPU per request, the TCP segments sent
+per request by every socket on the machine (a balancer that sends fewer
+leaves the kernel less to do on both ends of each), the whole machine's CPU
+per request, user space and kernel (client, backends, balancer and the
+kernel's own threads), and the share of the time the CPUs were idle.  With
+``--strace``, the system calls per request of the balancer's busy process
+(``strace -c -f``, a separate run: strace slows it down); with ``--perf``,
+the profile of that process (``perf record -e cpu-clock``, another run): the
+share of its CPU in the kernel and in each user-space binary (libpython,
+libc, haproxy), and its hottest symbols.  The rate figures of
+``bench/run.py`` divide the same cores between the client, the backends and
+the balancer, so while nothing idles the rate follows the machine's CPU per
+request, and a balancer that spends less serves more; this tells which part
+of the CPU, user (Python) or system (the kernel), makes the difference.
 
 ``--balancers`` may name ``floor`` too: ``bench/floor.py``, a bare splice
 forwarder with the same system calls as splicelb's worker and the least
@@ -40,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped,unused-ignore]
+
 from bench.figures import WRK_TOTAL
 from bench.procs import (
     HOST,
@@ -58,6 +63,16 @@ STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\
 PERF_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*?)\s*$")
 TRACER_PACKAGES = {"strace": "strace", "perf": "linux-perf"}  # Debian packages
 PERF_TOP = 8  # hottest symbols listed, kernel and user space each
+# a row's figures that several rounds give as medians
+MEDIANS = (
+    "rate",
+    "user_us",
+    "system_us",
+    "segments",
+    "machine_user_us",
+    "machine_kernel_us",
+    "idle_pct",
+)
 
 
 def busiest_pid(target: Target) -> int:
@@ -190,6 +205,22 @@ def parse_perf_report(text: str) -> dict[str, Any]:
     }
 
 
+def machine_split(before: Any, after: Any) -> dict[str, float]:
+    """CPU seconds of the whole machine between two ``psutil.cpu_times()``: user
+    space (``nice`` included), kernel (system calls, and the interrupts and
+    softirqs where loopback's TCP runs), idle, and all."""
+    d = {field: getattr(after, field) - getattr(before, field) for field in after._fields}
+    user = d["user"] + d["nice"]  # guest time is counted in user already
+    kernel = d["system"] + d["irq"] + d["softirq"]
+    idle = d["idle"] + d["iowait"]
+    return {
+        "user": user,
+        "kernel": kernel,
+        "idle": idle,
+        "total": user + kernel + idle + d["steal"],
+    }
+
+
 def measure(
     name: str,
     tools: dict[str, str],
@@ -208,14 +239,18 @@ def measure(
         for label in loads:
             close = label == "close"
             wrk(tools, port, 1, close)  # warm up
-            u0, s0, g0 = *target.cpu_seconds(), tcp_segments_sent()
+            u0, s0, g0, m0 = *target.cpu_seconds(), tcp_segments_sent(), psutil.cpu_times()
             requests = wrk(tools, port, seconds, close)
-            u1, s1, g1 = *target.cpu_seconds(), tcp_segments_sent()
+            u1, s1, g1, m1 = *target.cpu_seconds(), tcp_segments_sent(), psutil.cpu_times()
+            machine = machine_split(m0, m1)
             row: dict[str, Any] = {
                 "rate": round(requests / seconds),
                 "user_us": round((u1 - u0) / requests * 1e6, 1),
                 "system_us": round((s1 - s0) / requests * 1e6, 1),
                 "segments": round((g1 - g0) / requests, 2),
+                "machine_user_us": round(machine["user"] / requests * 1e6, 1),
+                "machine_kernel_us": round(machine["kernel"] / requests * 1e6, 1),
+                "idle_pct": round(machine["idle"] / machine["total"] * 100, 1),
             }
             if "strace" in tracers:
                 row["syscalls"] = syscalls(busiest_pid(target), tools, port, seconds, close)
@@ -232,7 +267,7 @@ def measure(
 def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from several rounds' rows: the median rate and CPU, the first trace."""
     merged = dict(rows[0])
-    for key in ("rate", "user_us", "system_us", "segments"):
+    for key in MEDIANS:
         merged[key] = statistics.median(row[key] for row in rows)
     if len(rows) > 1:
         merged["rounds"] = len(rows)

@@ -85,6 +85,10 @@ def test_cpu_profile_smoke() -> None:
             assert row["user_us"] + row["system_us"] > 0, (name, load)
             # through a balancer, a request and its answer cross two connections
             assert row["segments"] >= (3 if load == "keepalive" else 12), (name, load, row)
+            # the machine's CPU takes in the balancer's, the client's and the backend's
+            machine = row["machine_user_us"] + row["machine_kernel_us"]
+            assert machine > row["user_us"] + row["system_us"], (name, load, row)
+            assert 0 <= row["idle_pct"] < 100, (name, load, row)
             # every request or connection goes through the balancer's busy process
             assert row["syscalls_total"] >= 2, (name, load, row)
             percent = row["profile"]["percent"]
