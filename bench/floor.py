@@ -31,7 +31,8 @@ from bench.procs import die_with_parent
 
 # splicelb's own pipes, flags and calls: the same system calls, by construction.
 from lb.worker.loop import BATCH, IN, RDHUP
-from lb.worker.splice import PIPE_SIZE, SPLICE_FLAGS, SPLICE_LAST, PipePool, shutdown_write
+from lb.worker.pipes import PIPE_SIZE, PipePool
+from lb.worker.splice import SPLICE_FLAGS, SPLICE_LAST, shutdown_write
 
 HOST = "127.0.0.1"
 

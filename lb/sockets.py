@@ -16,6 +16,7 @@ when their worker is behind (see "Taking from the other slots" in
 
 from __future__ import annotations
 
+import _socket
 import math
 import socket
 from typing import Any
@@ -23,15 +24,38 @@ from typing import Any
 from lb.config import Config, Listener
 from lb.config_table import Address
 from lb.errors import LBError
-from lb.worker.process import set_keepalive
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 Key = tuple[int, Any]  # (family, sockaddr)
 
 
 def key(listener: Listener) -> Key:
     return listener.bind.family, listener.bind.sockaddr
+
+
+def set_keepalive(sock: _socket.socket) -> None:
+    """TCP keepalive and no Nagle; accepted sockets inherit both from the listener."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_keepalive_only(sock)
+
+
+def set_keepalive_only(sock: _socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def set_keepalive_fd(fd: int) -> None:
+    """Keepalive on a server socket the sweep finds still open (see ``Worker._sweep``)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        set_keepalive_only(sock)
+    except OSError:
+        pass  # the connection is failing: its tunnel notices
+    finally:
+        sock.detach()
 
 
 def bind_listener(listener: Listener, path: str) -> socket.socket:

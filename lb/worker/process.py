@@ -49,7 +49,6 @@ With 2 workers under ``wrk`` this made 6% more new connections per second
 
 from __future__ import annotations
 
-import _socket
 import errno
 import functools
 import os
@@ -75,9 +74,11 @@ from lb.pool.select import (
 )
 from lb.pool.shm import Pool
 from lb.route import Router
+from lb.sockets import set_keepalive_fd
 from lb.worker.conn import Connection
 from lb.worker.loop import Loop
-from lb.worker.splice import PipePool, Tunnel
+from lb.worker.pipes import PipePool
+from lb.worker.splice import Tunnel
 
 ACCEPT_BATCH = 64  # connections accepted per readable event, for fairness between listeners
 ACCEPT_BACKOFF = 0.1  # seconds accepting pauses when out of file descriptors
@@ -86,7 +87,6 @@ SWEEP_MAX = 1.0  # longest pause between two sweeps for idle tunnels
 PUBLISH_DELAY = 0.01  # longest the slot's counters lag behind the worker's tally
 DEADLINE_TICK = 0.05  # how often head and connect timeouts are checked (so: how late they fire)
 STALLED_AFTER = 2 * HEARTBEAT_INTERVAL  # a slot's worker with an older heartbeat is not accepting
-KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 # Exit codes of a worker, read by the supervisor.
 WORKER_OK = 0
@@ -124,29 +124,6 @@ class Listening:
     accept: Any  # the socket's _accept: (fd, addr), without a socket object
     listener: ListenerRuntime
     owner: int  # the offset in the pool of the slot it belongs to (see Worker._take)
-
-
-def set_keepalive(sock: _socket.socket) -> None:
-    """TCP keepalive and no Nagle; accepted sockets inherit both from the listener."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    set_keepalive_only(sock)
-
-
-def set_keepalive_only(sock: _socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in KEEPALIVE:
-        sock.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
-def set_keepalive_fd(fd: int) -> None:
-    """Keepalive on a server socket the sweep finds still open (see ``Worker._sweep``)."""
-    sock = socket.socket(fileno=fd)
-    try:
-        set_keepalive_only(sock)
-    except OSError:
-        pass  # the connection is failing: its tunnel notices
-    finally:
-        sock.detach()
 
 
 def format_peer(addr: tuple[Any, ...]) -> str:

@@ -48,67 +48,21 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import socket
 from time import monotonic
 from typing import TYPE_CHECKING
 
 from lb.worker.loop import RDHUP
+from lb.worker.pipes import PIPE_SIZE, Pipe, PipePool, discard
 
 if TYPE_CHECKING:
     from lb.worker.conn import Connection
     from lb.worker.loop import Loop
 
-PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: a 1 MiB pipe roughly doubles bulk throughput over 64 KiB
-F_SETPIPE_SZ = 1031
-F_GETPIPE_SZ = 1032
-PAGE = os.sysconf("SC_PAGE_SIZE")  # a pipe slot holds at most a page
-KEEP_PIPES = 64  # idle pipes a worker keeps for reuse
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 SPLICE_LAST = SPLICE_FLAGS | os.SPLICE_F_MORE  # last bytes before a FIN: see "Last bytes and FIN"
 splice = os.splice  # called with positional arguments only: keyword parsing costs per call
-
-Pipe = tuple[int, int, int]  # read end, write end, slots
-
-
-class PipePool:
-    """Empty pipes for reuse; created and sized once, not per connection.
-
-    Flows use ``free`` directly (a list pop and append on the hot path).
-    """
-
-    __slots__ = ("free", "keep", "size")
-
-    def __init__(self, size: int = PIPE_SIZE, keep: int = KEEP_PIPES) -> None:
-        self.free: list[Pipe] = []
-        self.size = size
-        self.keep = keep
-
-    def new(self) -> Pipe:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            size = fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
-        except OSError:  # EPERM past the per-user pipe budget: a smaller pipe still works
-            size = fcntl.fcntl(w, F_GETPIPE_SZ)
-        return r, w, size // PAGE
-
-    def give(self, pipe: Pipe) -> None:
-        """Return an empty pipe."""
-        if len(self.free) < self.keep:
-            self.free.append(pipe)
-        else:
-            discard(pipe)
-
-    def close(self) -> None:
-        for pipe in self.free:
-            discard(pipe)
-        self.free.clear()
-
-
-def discard(pipe: Pipe) -> None:
-    os.close(pipe[0])
-    os.close(pipe[1])
 
 
 # No argtypes and no errno: Python ints pass as C ints, the result is ignored, and

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from lb.worker.loop import IN, Loop
-from lb.worker.splice import PipePool, Tunnel
+from lb.worker.pipes import PipePool
+from lb.worker.splice import Tunnel
 
 
 @dataclass
