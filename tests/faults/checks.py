@@ -1,0 +1,83 @@
+"""What every fault test asks of the instance once its fault is over.
+
+An instance that met a fault must still serve: a burst of new connections is
+answered, and every worker takes part in it (a worker that stopped accepting
+while still looking healthy is the failure this suite exists for), and a
+client that never finishes its head still gets its 408 (the worker's
+deadlines still fire).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.integration import clients
+from tests.integration.harness import SpliceLB, backend, config, listener, wait_until
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: burst.test\r\nConnection: close\r\n\r\n"
+
+HEAD_TIMEOUT = 1.0  # the fault configs' head_timeout: the slowloris check waits this long
+BURST = 200
+
+
+def fault_config(
+    port: int, servers: list[tuple[str, str]], workers: int = 2, extra: str = ""
+) -> str:
+    """An http listener with a short head_timeout in front of ``servers``."""
+    return config(
+        listener(f"127.0.0.1:{port}", "app", extra=f"head_timeout = {HEAD_TIMEOUT:g}"),
+        backend("app", servers),
+        workers=workers,
+        extra_global=extra,
+    )
+
+
+def get(port: int) -> int:
+    """One plain request on its own connection; the status it got."""
+    reply = clients.exchange(
+        port, b"GET / HTTP/1.1\r\nHost: burst.test\r\nConnection: close\r\n\r\n"
+    )
+    return clients.status_of(reply)
+
+
+def serves_burst(lb: SpliceLB, port: int, count: int = BURST) -> None:
+    """``count`` new connections, 8 at a time, all answered 200, by every running worker."""
+    before = len(lb.conns())
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: get(port), range(count)))
+    assert statuses == [200] * count, sorted(set(statuses))
+    lines = wait_until(
+        lambda: lb.conns()[before:] if len(lb.conns()) >= before + count else None,
+        15,
+        f"{count} conn lines for the burst",
+    )
+    workers = {r["pid"] for r in lb.events("worker_start")}
+    serving = {line["pid"] for line in lines}
+    running = {pid for pid in workers if _alive(pid)}
+    assert running <= serving, f"workers {sorted(running - serving)} served nothing of {count}"
+
+
+def answers_slowloris(port: int) -> None:
+    """A head that never ends gets 408 within head_timeout (and a bit)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: slow.test\r\n")
+        began = time.monotonic()
+        reply = clients.read_all(sock)
+    assert clients.status_of(reply) == 408, reply[:100]
+    assert time.monotonic() - began < HEAD_TIMEOUT + 3
+
+
+def still_serves(lb: SpliceLB, port: int) -> None:
+    """Both checks: the end of every fault test."""
+    serves_burst(lb, port)
+    answers_slowloris(port)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
