@@ -6,10 +6,11 @@ Everything runs as callbacks on raw file descriptors (the worker's
 :class:`~lb.worker.loop.Loop`); there is no Task or coroutine per
 connection.  The head and connect timeouts are not loop timers either (one
 costs a connection more than the rest of its connect step): the connection
-puts its deadline in the worker's ``deadlines`` and the worker calls
-:meth:`Connection.expire` from a tick every ``DEADLINE_TICK`` seconds, which
-runs only while some connection has a deadline.  A connection goes through
-at most four steps:
+sets its deadline in the worker's :class:`~lb.worker.deadlines.Deadlines`,
+which calls :meth:`Connection.expire` when it comes due.  A connection knows
+the worker only through its :class:`Context`: the loop, the deadlines, the
+backends, and the callbacks through which it reports back.  A connection goes
+through at most four steps:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim;
@@ -17,14 +18,21 @@ at most four steps:
    that is up, ``ready``, not suspect and under its ``maxconn``;
 3. connect: non-blocking ``connect_ex``, done at once to a server on the same
    host; a refusal or a ``connect_timeout`` marks the server suspect and tries
-   another, up to ``retries`` times;
+   another, up to ``retries`` times; the balancer's own limits (no descriptor
+   for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
+   at once, with no server blamed and none tried;
 4. forward the bytes already read, unchanged, with one ``write``, and start a
    :class:`~lb.worker.splice.Tunnel`.
 
 Whatever happens, the connection ends in exactly one call to
-``worker.finish`` (one ``event="conn"`` log line): a rejected or unservable
+``Context.finish`` (one ``event="conn"`` log line): a rejected or unservable
 request is answered with a short HTTP response and a lingering close, so the
-client reads the answer instead of a reset.
+client reads the answer instead of a reset.  That holds when a callback of
+the connection raises too (:meth:`Connection.fail`, called by the loop or the
+deadlines): a tunnel is closed, a connection before its tunnel is answered
+500 (http) or closed (tcp), and every descriptor it holds goes through the
+loop's close, which defers ``close(2)`` to the end of the loop's batch so that
+a stale event can never reach a socket that took the same number.
 """
 
 from __future__ import annotations
@@ -34,16 +42,17 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lb.proto.http1 import Head, HeadSniffer, Reject
-from lb.worker.loop import FAILED
-from lb.worker.splice import Tunnel, shutdown_write
-
-if TYPE_CHECKING:
-    from lb.worker.loop import Loop
-    from lb.worker.process import BackendRuntime, ListenerRuntime, Worker
+from lb.worker.deadlines import Deadlines, Queue
+from lb.worker.limits import LOCAL_ERRNOS
+from lb.worker.limits import reason as limit_reason
+from lb.worker.loop import FAILED, Loop
+from lb.worker.runtime import BackendRuntime, ListenerRuntime
+from lb.worker.splice import Pump, Tunnel, shutdown_write
 
 READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
@@ -56,6 +65,7 @@ _PHRASES = {
     403: "Forbidden",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -86,6 +96,21 @@ def _has_peer(sock: _socket.socket) -> bool:
     return sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 1) == ESTABLISHED
 
 
+@dataclass(slots=True, eq=False)
+class Context:
+    """What a worker lends its connections, and the callbacks they report back through."""
+
+    loop: Loop
+    pump: Pump
+    deadlines: Deadlines
+    backends: dict[str, BackendRuntime]
+    finish: Callable[[Connection, int | None, str, int], None]  # status, reason, bytes_out
+    tunnel_opened: Callable[[Connection], None]
+    count_bytes: Callable[[Connection, int, int], None]  # up, down
+    connect_failed: Callable[[Connection, str], None]  # the server is to blame
+    local_limit: Callable[[int, str], None]  # errno, where: the balancer's own limit
+
+
 class Connection:
     """A client connection from accept to its log line."""
 
@@ -94,8 +119,10 @@ class Connection:
         "backend",
         "bytes_in",
         "bytes_out",
+        "ctx",
         "expires",
         "fd",
+        "finished",
         "listener",
         "loop",
         "pending",
@@ -104,23 +131,24 @@ class Connection:
         "sniffer",
         "sock",
         "started",
+        "timeouts",
         "tried",
         "tunnel",
         "websocket",
-        "worker",
     )
 
     def __init__(
-        self, worker: Worker, listener: ListenerRuntime, fd: int, addr: tuple[Any, ...]
+        self, ctx: Context, listener: ListenerRuntime, fd: int, addr: tuple[Any, ...]
     ) -> None:
-        self.worker = worker
-        self.loop: Loop = worker.loop
+        self.ctx = ctx
+        self.loop: Loop = ctx.loop
         self.listener = listener
-        self.fd = fd
+        self.fd = fd  # the client's socket while this connection owns it; -1 once handed on
         self.addr = addr  # the client's (host, port, ...)
         self.started = monotonic()
         self.sniffer: HeadSniffer | None = None
         self.expires: Callable[[], None] | None = None  # what to do at the deadline
+        self.timeouts: Queue | None = None  # the deadline's queue
         self.reading = False
         self.websocket = False
         self.backend: BackendRuntime | None = None
@@ -131,6 +159,7 @@ class Connection:
         self.bytes_in = 0  # from the client: the head, then what the tunnel moved up
         self.bytes_out = 0  # to the client, through the tunnel
         self.pending = b""
+        self.finished = False
 
     def start(self) -> None:
         if self.listener.mode == "tcp":
@@ -181,7 +210,7 @@ class Connection:
     # -- 2. route and pick, 3. connect -------------------------------------------
 
     def _route(self, backend: str) -> None:
-        self.backend = self.worker.backends[backend]
+        self.backend = self.ctx.backends[backend]
         self._connect_next()
 
     def _connect_next(self) -> None:
@@ -196,8 +225,14 @@ class Connection:
         self.server = server
         self.tried.append(server)
         family, sockaddr = backend.addresses[server]
-        sock = _socket.socket(family, SOCK_TYPE)  # non-blocking from birth: no extra call
-        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)  # keepalive: the sweep's
+        try:
+            sock = _socket.socket(family, SOCK_TYPE)  # non-blocking from birth: no extra call
+        except OSError as exc:
+            if exc.errno not in LOCAL_ERRNOS:
+                raise
+            self._local_limit(exc.errno, "socket")
+            return
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)  # keepalive: the tunnel's
         self.sock = sock
         err = sock.connect_ex(sockaddr)
         if err == errno.EINPROGRESS and _has_peer(sock):
@@ -207,6 +242,9 @@ class Connection:
         elif err == errno.EINPROGRESS:
             self.loop.add_writer(sock.fileno(), self._connect_done)
             self._arm(backend.connect_timeout, self._connect_timeout)
+        elif err in LOCAL_ERRNOS:
+            self._close_server()
+            self._local_limit(err, "connect")
         else:
             self._connect_failed(os.strerror(err))
 
@@ -218,22 +256,29 @@ class Connection:
         if self.loop.events & FAILED:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
         if err:
-            self.loop.remove_writer(self.sock.fileno())
             self._connect_failed(os.strerror(err))
         else:
             self._connected()  # still watched for write: the tunnel turns that into read
 
     def _connect_timeout(self) -> None:
-        assert self.sock is not None and self.backend is not None
-        self.loop.remove_writer(self.sock.fileno())
+        assert self.backend is not None
         self._connect_failed(f"connect timeout after {self.backend.connect_timeout:g} s")
 
     def _connect_failed(self, why: str) -> None:
-        assert self.sock is not None
-        self.sock.close()
-        self.sock = None
-        self.worker.connect_failed(self, why)
+        self._close_server()
+        self.ctx.connect_failed(self, why)
         self._connect_next()
+
+    def _local_limit(self, err: int, where: str) -> None:
+        """The balancer's own limit, not the server's fault: answered at once, nothing retried."""
+        self.ctx.local_limit(err, where)
+        self.answer(503, limit_reason(err, where))
+
+    def _close_server(self) -> None:
+        """Close the server socket (through the loop: see the module's docstring)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self.loop.close(sock.detach())
 
     # -- 4. forward and tunnel ---------------------------------------------------
 
@@ -242,7 +287,7 @@ class Connection:
         assert sock is not None
         if self.sniffer is None:  # mode = "tcp": nothing read yet, nothing to forward
             self.sock = None
-            self.tunnel = self.worker.open_tunnel(self, sock.detach())
+            self._open_tunnel(sock.detach())
             return
         head = self.sniffer.buffer
         self.bytes_in = len(head)
@@ -271,24 +316,33 @@ class Connection:
                 self._arm(self.backend.connect_timeout, self._request_timeout)
             return
         self._disarm()
-        server_fd = sock.detach()
         self.sock = None
-        self.tunnel = self.worker.open_tunnel(self, server_fd)
+        self._open_tunnel(sock.detach())
+
+    def _open_tunnel(self, server_fd: int) -> None:
+        tunnel = self.tunnel = Tunnel(
+            self.ctx.pump, self, self.fd, server_fd, self.listener.tunnel_timeout
+        )
+        self.ctx.tunnel_opened(self)
+        tunnel.start(speculate=self.listener.mode == "tcp")
 
     def _request_timeout(self) -> None:
         self._abort_connect("server took no request")
 
     def _abort_connect(self, reason: str) -> None:
-        assert self.sock is not None
         self._disarm()
-        self.loop.remove_writer(self.sock.fileno())
-        self.sock.close()
-        self.sock = None
+        self._close_server()
         self.answer(503, reason)
 
-    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
-        """The one call a tunnel makes, when it closes."""
-        self.worker.finish(self, None, reason, self.bytes_out)  # the tunnel flushed its counts
+    def tunnel_moved(self, up: int, down: int) -> None:
+        """Bytes the tunnel moved since it last said (see ``Tunnel.flush``)."""
+        self.bytes_in += up
+        self.bytes_out += down
+        self.ctx.count_bytes(self, up, down)
+
+    def tunnel_closed(self, reason: str) -> None:
+        """The one call a tunnel makes when it closes (its counts are in)."""
+        self._finish(None, reason, self.bytes_out)
 
     # -- answers and endings -----------------------------------------------------
 
@@ -297,32 +351,55 @@ class Connection:
         if self.listener.mode == "tcp":
             self._drop(reason, status)
             return
-        data = response(status, reason)
+        fd, self.fd = self.fd, -1
         try:
-            sent = os.write(self.fd, data)
+            sent = os.write(fd, response(status, reason))
         except OSError:
             sent = 0
-        Linger(self.loop, self.fd)
+        Linger(self.loop, fd)
         self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
-        self.worker.finish(self, status, reason, sent)
+        self._finish(status, reason, sent)
 
     def _drop(self, reason: str, status: int | None = None) -> None:
         self._stop_reading()
         self._disarm()
         self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
-        self.loop.close(self.fd)
-        self.worker.finish(self, status, reason, 0)
+        fd, self.fd = self.fd, -1
+        self.loop.close(fd)
+        self._finish(status, reason, 0)
+
+    def _finish(self, status: int | None, reason: str, bytes_out: int) -> None:
+        if not self.finished:
+            self.finished = True
+            self.ctx.finish(self, status, reason, bytes_out)
 
     def abort(self, reason: str) -> None:
         """Close at once, whatever the step (worker shutdown)."""
         if self.tunnel is not None:
             self.tunnel.close(reason)
             return
-        if self.sock is not None:
-            self.loop.remove_writer(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-        self._drop(reason)
+        self._close_server()
+        if self.fd >= 0:
+            self._drop(reason)
+
+    def fail(self, exc: BaseException) -> None:
+        """A callback of this connection raised: end it all the same (see the module's
+        docstring); the loop or the deadlines have reported the error."""
+        reason = f"worker error: {exc!r}"
+        try:
+            if self.tunnel is not None:
+                self.tunnel.fail(exc)
+                return
+            self._stop_reading()
+            self._disarm()
+            self._close_server()
+            if self.fd >= 0 and not self.finished:
+                self.answer(500, reason)  # tcp: closed
+        finally:
+            if self.tunnel is None and self.fd >= 0:  # the answer failed too
+                fd, self.fd = self.fd, -1
+                self.loop.close(fd)
+            self._finish(None, reason, 0)
 
     def _stop_reading(self) -> None:
         if self.reading:
@@ -331,20 +408,18 @@ class Connection:
 
     def _arm(self, seconds: float, then: Callable[[], None]) -> None:
         self.expires = then
-        worker = self.worker
-        worker.deadlines[self] = monotonic() + seconds
-        if not worker.ticking:
-            worker.tick()
+        self.timeouts = self.ctx.deadlines.arm(self, seconds)
 
     def _disarm(self) -> None:
         if self.expires is not None:
             self.expires = None
-            del self.worker.deadlines[self]
+            assert self.timeouts is not None
+            self.timeouts.pop(self, None)
 
     def expire(self) -> None:
-        """The deadline set by ``_arm`` has passed (called by the worker's tick)."""
+        """The deadline set by ``_arm`` has passed (called by the deadlines' tick)."""
         then = self.expires
-        self._disarm()
+        self.expires = None  # the tick took it out of its queue
         if then is not None:
             then()
 
@@ -377,8 +452,13 @@ class Linger:
             data = b""
         self.left -= len(data)
         if not data or self.left <= 0:
-            self.timer.cancel()
             self._close()
 
     def _close(self) -> None:
-        self.loop.close(self.fd)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            self.timer.cancel()
+            self.loop.close(fd)
+
+    def fail(self, _exc: BaseException) -> None:
+        self._close()

@@ -32,9 +32,24 @@ descriptor at once and defers the ``close(2)`` until the batch is done, so a
 descriptor number cannot be reused (by an accept in the same batch) while a
 stale event for it is still to be dispatched.  Signal handlers only enqueue
 (the wake-up pipe carries the signal numbers); their callbacks run in the
-loop.  An exception in a callback is reported to ``on_error`` and the loop
-goes on: the failing descriptor is no longer watched (or the bug would spin),
-and level-triggered readiness reports the rest of the batch again.
+loop.
+
+Failure: an exception in a callback is reported to ``on_error`` once, then
+handed to the callback's owner: a callback that is a bound method of an
+object with a ``fail(exc)`` method (a connection, a tunnel's flow, the
+acceptor) has that method called, and the owner ends what it owns (a
+connection is answered or aborted, its descriptors closed through
+:meth:`close`, its counters settled).  A descriptor whose callback has no
+such owner, or whose owner failed too, is forgotten and closed, so the bug
+can neither spin (level-triggered readiness would report it on every turn)
+nor leak it; descriptors marked with :meth:`protect` (listening sockets) and
+the loop's own (the timerfd, the wake-up pipe) are never closed that way.
+A failing timer callback is handed to its owner the same way.
+
+Watching only for failure: :meth:`watch_failure` keeps a descriptor in the
+set with no interest but the errors and hang-ups epoll always reports, so a
+flow that stopped reading its source (the other side is full) still hears
+of a reset at once.
 """
 
 from __future__ import annotations
@@ -55,6 +70,7 @@ RDHUP = select.EPOLLRDHUP
 READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 FAILED = select.EPOLLHUP | select.EPOLLERR
+ERR = select.EPOLLERR  # always reported: as an interest, it only keeps a descriptor in the set
 BATCH = 512
 
 Callback = Callable[[], None]
@@ -128,6 +144,7 @@ class Loop:
         "_deferred",
         "_dispatching",
         "_on_idle",
+        "_protected",
         "_running",
         "_signals",
         "_timerfd",
@@ -160,6 +177,7 @@ class Loop:
         self._timers: list[Timer] = []
         self._timerfd = TimerFd()
         self._armed = float("inf")  # when the timerfd fires next
+        self._protected = {self._timerfd.fd}  # never closed when a callback fails
         self.add_reader(self._timerfd.fd, self._run_timers)
         self._signals: dict[int, Callback] = {}
         self._wakeup: tuple[int, int] | None = None
@@ -200,6 +218,12 @@ class Loop:
                 del self.masks[fd]
                 self.epoll.unregister(fd)
 
+    def watch_failure(self, fd: int, callback: Callback) -> None:
+        """Call ``callback`` only on an error or hang-up of ``fd`` (its reader is replaced):
+        for a source that is not read for a while but whose reset must end its tunnel."""
+        self.readers[fd] = callback
+        self._interest(fd, ERR, IN)
+
     def add_writer(self, fd: int, callback: Callback) -> None:
         self.writers[fd] = callback
         self._interest(fd, OUT, 0)
@@ -225,6 +249,13 @@ class Loop:
             add |= OUT
         self._interest(fd, add, drop)
 
+    def protect(self, fd: int) -> None:
+        """Never close ``fd`` when its callback fails (a listening socket the supervisor shares)."""
+        self._protected.add(fd)
+
+    def unprotect(self, fd: int) -> None:
+        self._protected.discard(fd)
+
     def close(self, fd: int) -> None:
         """Forget ``fd`` and close it (after the current batch).
 
@@ -232,7 +263,7 @@ class Loop:
         this worker accepted or connected): closing their last reference is
         what takes them out of the epoll set.
         """
-        self.readers.pop(fd, None)  # what _forget does, inline: two per connection
+        self.readers.pop(fd, None)
         self.writers.pop(fd, None)
         self.masks.pop(fd, None)
         if self._dispatching:
@@ -243,7 +274,11 @@ class Loop:
     # -- timers and signals ------------------------------------------------------
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
-        timer = Timer(monotonic() + delay, callback)
+        return self.call_at(monotonic() + delay, callback)
+
+    def call_at(self, when: float, callback: Callback) -> Timer:
+        """Call ``callback`` at ``when`` (``time.monotonic()`` seconds)."""
+        timer = Timer(when, callback)
         heapq.heappush(self._timers, timer)
         if timer.when < self._armed:
             self._armed = timer.when
@@ -260,7 +295,7 @@ class Loop:
                 try:
                     callback()
                 except Exception as exc:
-                    self.on_error(exc)
+                    self._failed(-1, callback, exc)
         self._armed = timers[0].when if timers else float("inf")
         if timers:
             self._timerfd.arm(self._armed)
@@ -270,6 +305,7 @@ class Loop:
         if self._wakeup is None:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._wakeup = (r, w)
+            self._protected.add(r)
             signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             self.add_reader(r, self._read_signals)
         self._signals[signum] = callback
@@ -301,10 +337,12 @@ class Loop:
             self._deferred,
             self._busy_poll,
         )
+        callback: Callback | None = None
         while self._running:
             # Timers and signals wake it too: the wait needs no timeout.
             events = (poll(0, BATCH) or self._spin()) if busy else poll(-1, BATCH)
             self._dispatching = True
+            fd = -1
             try:
                 for fd, mask in events:
                     if mask & READ:
@@ -318,12 +356,12 @@ class Loop:
                             self.events = mask
                             callback()
             except Exception as exc:
-                self._quarantine(fd)  # the descriptor whose callback failed
-                self.on_error(exc)
+                self._failed(fd, callback, exc)
             finally:
                 self._dispatching = False
                 while deferred:
-                    os.close(deferred.pop())
+                    with contextlib.suppress(OSError):  # a double close is a bug, not a crash
+                        os.close(deferred.pop())
 
     def _spin(self) -> list[tuple[int, int]]:
         """Nothing is ready: poll on for ``busy_poll`` seconds, letting any other
@@ -343,19 +381,28 @@ class Loop:
                     self.on_error(exc)
         return poll(-1, BATCH)
 
-    def _forget(self, fd: int) -> int:
-        """Drop ``fd``'s callbacks; its interest mask (0: it was not registered)."""
-        self.readers.pop(fd, None)
-        self.writers.pop(fd, None)
-        return self.masks.pop(fd, 0)
-
-    def _quarantine(self, fd: int) -> None:
-        """Stop watching a descriptor whose callback raised: readiness would report it
-        again on every turn, and the same bug would spin.  It stays open (its owner
-        is in an unknown state): a leak until the worker restarts, not a busy loop."""
-        if self._forget(fd):
-            with contextlib.suppress(OSError):
-                self.epoll.unregister(fd)
+    def _failed(self, fd: int, callback: Callback | None, exc: Exception) -> None:
+        """A callback raised: report it once, let its owner end what it owns, and never
+        call it again for ``fd`` (see "Failure" in the module's docstring)."""
+        self.on_error(exc)
+        owner = getattr(callback, "__self__", None)
+        if owner is None:  # a functools.partial of a bound method
+            owner = getattr(getattr(callback, "func", None), "__self__", None)
+        fail = getattr(owner, "fail", None)
+        if fail is not None:
+            try:
+                fail(exc)
+            except Exception as again:
+                self.on_error(again)
+            else:
+                return
+        if fd >= 0 and fd not in self._protected:
+            self.readers.pop(fd, None)
+            self.writers.pop(fd, None)
+            if self.masks.pop(fd, 0):
+                with contextlib.suppress(OSError):
+                    self.epoll.unregister(fd)
+            self.close(fd)
 
     def stop(self) -> None:
         self._running = False

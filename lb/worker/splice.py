@@ -9,15 +9,24 @@ into the destination.  If the destination takes everything, the pipe is empty
 and goes straight back to the pool: an idle tunnel holds only its two
 sockets.  If the destination is full, the flow keeps the pipe, stops reading
 its source (backpressure: the kernel's socket buffers fill and TCP slows the
-sender) and waits for the destination to become writable.
+sender) and waits for the destination to become writable.  While it does not
+read its source it still watches it for failure (see
+:meth:`~lb.worker.loop.Loop.watch_failure`): a peer that resets while the
+other side stalls ends the tunnel at once, not at its idle timeout.
 
 Invariants: a pipe in the pool is empty; a flow reads its source only while
 its pipe is empty; end of file on a source is seen only with an empty pipe,
 so it becomes ``shutdown(SHUT_WR)`` on the destination at once (half-close
 is honoured in each direction independently).  The tunnel closes when both
-flows have ended, on any error, or after ``tunnel_timeout`` without a byte
-either way (the worker sweeps its tunnels for that; a tunnel holds no timer).
-Its sockets are closed through the worker's :class:`~lb.worker.loop.Loop`.
+flows have ended, on any error or reset, or after ``tunnel_timeout`` without
+a byte either way.  Its sockets are closed through the worker's
+:class:`~lb.worker.loop.Loop`, and its owner (the connection) hears of it
+once, through :meth:`TunnelOwner.tunnel_closed`.
+
+No pipe: when the worker is out of descriptors (or memory) for a new pipe,
+the flow stops reading its source, as for a full destination, and tries
+again every ``PIPE_RETRY`` seconds: its bytes wait in the kernel's socket
+buffers, none is lost, and the tunnel goes on once descriptors are free.
 
 End of file without a read: when the event that woke a flow says the peer
 has sent its FIN (``EPOLLRDHUP``), every byte before the FIN was already in
@@ -32,16 +41,21 @@ Last bytes and FIN: that same read's bytes are spliced on with
 ``shutdown`` (or ``close``) that follows at once: the kernel puts the FIN on
 the segment that carries them.  A server that answers and closes costs the
 client one segment for its answer and end of file, not two and the ACK in
-between: 18 segments per connection instead of 20 on loopback, counting all
-four sockets (HAProxy, which merges them when it sees both at once, sends
-18.8-19.5 under load).  Should the destination not take them all,
-the flow waits for it as for any other bytes, and its ACKs push them out.
+between.  Should the destination not take them all, the flow waits for it as
+for any other bytes, and its ACKs push them out.
 
 The read path does as little as it can per event: the two splices, a byte
-count in the flow, the pipe back to the pool.  The shared-memory byte
-counters (status, metrics) and the tunnel's last-activity time are brought
-up to date by the worker's sweep (:meth:`Tunnel.flush`, at least once a
-second) and when the tunnel closes, not on every read.
+count in the flow, the pipe back to the pool, and, for the first bytes since
+the last sweep, the tunnel on the pump's ``moved`` list.  The shared-memory
+byte counters and the tunnel's last-activity time are brought up to date by
+the worker's sweep of that list (:meth:`Tunnel.flush`, once a second) and when
+the tunnel closes, not on every read; an idle tunnel costs the sweep nothing.
+
+Timeouts: a tunnel's deadline is in the worker's
+:class:`~lb.worker.deadlines.Deadlines`: first ``KEEPALIVE_AFTER`` after it
+opens (then TCP keepalive goes on for its server socket: a connection that
+ends sooner never needs it, and the connect path saves four system calls),
+then ``tunnel_timeout`` after its last byte, checked when it comes due.
 """
 
 from __future__ import annotations
@@ -50,20 +64,22 @@ import ctypes
 import errno
 import os
 import socket
+import struct
+from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from lb.worker.loop import RDHUP
+from lb.sockets import set_keepalive_fd
+from lb.worker.deadlines import Deadlines, Queue
+from lb.worker.limits import LOCAL_ERRNOS
+from lb.worker.loop import ERR, RDHUP, Loop, Timer
 from lb.worker.pipes import PIPE_SIZE, Pipe, PipePool, discard
-
-if TYPE_CHECKING:
-    from lb.worker.conn import Connection
-    from lb.worker.loop import Loop
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 SPLICE_LAST = SPLICE_FLAGS | os.SPLICE_F_MORE  # last bytes before a FIN: see "Last bytes and FIN"
 splice = os.splice  # called with positional arguments only: keyword parsing costs per call
-
+PIPE_RETRY = 0.1  # seconds between attempts at a new pipe when none could be made
+KEEPALIVE_AFTER = 1.0  # seconds a tunnel lasts before keepalive goes on for its server socket
 
 # No argtypes and no errno: Python ints pass as C ints, the result is ignored, and
 # the call costs about 0.7 µs instead of 1.1 µs.  PyDLL: the call keeps the GIL
@@ -79,6 +95,87 @@ def shutdown_write(fd: int) -> None:
     already; the other flow notices.
     """
     _libc_shutdown(fd, socket.SHUT_WR)
+
+
+def socket_error(fd: int) -> int:
+    """The pending error of a socket (``SO_ERROR``, which also clears it)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    finally:
+        sock.detach()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(fd: int) -> None:
+    """Make the ``close`` of a socket send a reset and drop what it still holds."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # gone already
+    finally:
+        sock.detach()
+
+
+class TunnelOwner(Protocol):
+    """What a tunnel reports to: the connection it was made for."""
+
+    def tunnel_moved(self, up: int, down: int) -> None: ...
+
+    def tunnel_closed(self, reason: str) -> None: ...
+
+
+class Pump:
+    """What a worker's tunnels share: its loop, pipes and deadlines, and the lists its
+    sweep reads (``moved``) and its pipe retry walks (``starved``)."""
+
+    __slots__ = ("deadlines", "free", "loop", "moved", "on_starved", "pipes", "retry", "starved")
+
+    def __init__(
+        self,
+        loop: Loop,
+        pipes: PipePool,
+        deadlines: Deadlines,
+        on_starved: Callable[[OSError], None] = lambda _exc: None,
+    ) -> None:
+        self.loop = loop
+        self.pipes = pipes
+        self.free = pipes.free
+        self.deadlines = deadlines
+        self.moved: list[Tunnel] = []  # tunnels with bytes not yet flushed
+        self.starved: list[Flow] = []  # flows waiting for a pipe
+        self.retry: Timer | None = None
+        self.on_starved = on_starved  # the worker hears of each failure (a warning per episode)
+
+    def starve(self, flow: Flow, exc: OSError) -> None:
+        """No pipe could be made for ``flow``: stop reading its source, try again soon."""
+        self.loop.watch_failure(flow.src, flow.on_failure)
+        self.starved.append(flow)
+        if self.retry is None:
+            self.retry = self.loop.call_later(PIPE_RETRY, self._retry)
+        self.on_starved(exc)
+
+    def _retry(self) -> None:
+        self.retry = None
+        flows, self.starved = self.starved, []
+        for flow in flows:
+            if getattr(flow, "tunnel", None) is not None:  # not closed since
+                self.loop.add_reader(flow.src, flow.on_readable)  # it tries for a pipe again
+
+    def sweep(self) -> None:
+        """Count the bytes every tunnel moved since the last sweep (its counters, its
+        last-activity time); a tunnel whose count fails is ended, the others counted."""
+        moved, self.moved = self.moved, []
+        for tunnel in moved:
+            if not tunnel.closed:
+                try:
+                    tunnel.flush()
+                except Exception as exc:
+                    self.deadlines.on_error(exc)
+                    tunnel.fail(exc)
 
 
 class Flow:
@@ -107,19 +204,28 @@ class Flow:
         # out only if bytes stay in it: a pop and an append per read would make
         # the list shrink and grow again.
         if not free:
-            free.append(tunnel.pipes.new())
+            try:
+                free.append(tunnel.pump.pipes.new())
+            except OSError as exc:
+                if exc.errno not in LOCAL_ERRNOS:
+                    raise
+                tunnel.pump.starve(self, exc)
+                return
         pipe = free[-1]
         try:
             n = splice(self.src, pipe[1], PIPE_SIZE, None, None, SPLICE_FLAGS)
         except BlockingIOError:
             return
         except OSError as exc:
-            tunnel.close(_reason(exc, self.src_name))
+            tunnel.close(_reason(exc, self.src_name), reset=True)
             return
         if n == 0:
             self._end()
             return
         self.nbytes += n
+        if not tunnel.moved:  # the first bytes since the last sweep: it counts them
+            tunnel.moved = True
+            tunnel.pump.moved.append(tunnel)
         # Drained, and the FIN is in (see "End of file without a read"): these are the
         # last bytes, and they go out with the end of file in one segment.
         last = n < pipe[2] and tunnel.loop.events & RDHUP
@@ -129,7 +235,7 @@ class Flow:
             m = 0
         except OSError as exc:
             self.pipe, self.queued = free.pop(), n
-            tunnel.close(_reason(exc, self.dst_name))
+            tunnel.close(_reason(exc, self.dst_name), reset=True)
             return
         if m == n:  # the pipe is empty again, and still in the pool
             if last:
@@ -137,7 +243,7 @@ class Flow:
             return
         self.pipe, self.queued = free.pop(), n - m
         loop = tunnel.loop
-        loop.remove_reader(self.src)
+        loop.watch_failure(self.src, self.on_failure)  # not read, still heard if it resets
         loop.add_writer(self.dst, self.on_writable)
 
     def on_writable(self) -> None:
@@ -149,7 +255,7 @@ class Flow:
         except BlockingIOError:
             return
         except OSError as exc:
-            tunnel.close(_reason(exc, self.dst_name))
+            tunnel.close(_reason(exc, self.dst_name), reset=True)
             return
         self.queued -= m
         tunnel.active_at = monotonic()
@@ -158,8 +264,23 @@ class Flow:
         loop = tunnel.loop
         loop.remove_writer(self.dst)
         self.pipe = None
-        tunnel.pipes.give(pipe)
+        tunnel.pump.pipes.give(pipe)
         loop.add_reader(self.src, self.on_readable)
+
+    def on_failure(self) -> None:
+        """The source, not read for now, reports an error or a hang-up."""
+        tunnel = self.tunnel
+        if tunnel.loop.events & ERR:
+            err = socket_error(self.src) or errno.ECONNRESET
+            tunnel.close(_reason(OSError(err, os.strerror(err)), self.src_name), reset=True)
+        else:  # shut down both ways, cleanly: nothing more can come from it
+            tunnel.loop.remove_reader(self.src)
+
+    def fail(self, exc: BaseException) -> None:
+        """A callback of this flow raised (see :meth:`~lb.worker.loop.Loop.run`)."""
+        tunnel = getattr(self, "tunnel", None)
+        if tunnel is not None:
+            tunnel.fail(exc)
 
     def _end(self) -> None:
         """End of file on the source: pass it on as a half-close."""
@@ -169,7 +290,7 @@ class Flow:
         if other.ended:  # both ways done: the other side closed first
             tunnel.close(_CLOSED[other.src_name])
             return
-        tunnel.loop.remove_reader(self.src)
+        tunnel.loop.watch_failure(self.src, self.on_failure)  # a later reset still ends it
         shutdown_write(self.dst)
 
     def release(self, pipes: PipePool) -> None:
@@ -195,31 +316,38 @@ def _reason(exc: OSError, side: str) -> str:
 
 
 class Tunnel:
-    """A spliced client<->server connection; tells its connection once, when it closes."""
+    """A spliced client<->server connection; tells its owner once, when it closes."""
 
     __slots__ = (
         "active_at",
         "closed",
-        "conn",
         "down",
         "free",
+        "idle_timeout",
         "keepalive",
         "loop",
-        "pipes",
+        "moved",
+        "owner",
+        "pump",
+        "timeouts",
         "up",
     )
 
-    def __init__(self, conn: Connection, server: int) -> None:
-        worker = conn.worker
-        self.conn = conn
-        self.loop: Loop = worker.loop
-        self.pipes: PipePool = worker.pipes
-        self.free = worker.pipes.free
-        self.up = Flow(self, conn.fd, server, "client")
-        self.down = Flow(self, server, conn.fd, "server")
+    def __init__(
+        self, pump: Pump, owner: TunnelOwner, client: int, server: int, idle_timeout: float
+    ) -> None:
+        self.pump = pump
+        self.loop = pump.loop
+        self.free = pump.free
+        self.owner: TunnelOwner | None = owner
+        self.up = Flow(self, client, server, "client")
+        self.down = Flow(self, server, client, "server")
         self.closed = False
-        self.keepalive = False  # on the server socket; set by the worker's sweep
+        self.keepalive = False  # on its server socket, KEEPALIVE_AFTER after it opened
+        self.moved = False  # on the pump's list of tunnels to flush
+        self.idle_timeout = idle_timeout
         self.active_at = monotonic()
+        self.timeouts: Queue | None = pump.deadlines.arm(self, KEEPALIVE_AFTER)
 
     def start(self, speculate: bool) -> None:
         """Watch both sockets; with ``speculate``, try the client's bytes at once.
@@ -241,31 +369,62 @@ class Tunnel:
             loop.events = 0  # not woken by this socket: no end of file known
             up.on_readable()
 
-    def flush(self) -> bool:
-        """Count the bytes moved since the last flush (connection, shared counters); any?"""
+    def flush(self) -> None:
+        """Count the bytes moved since the last flush (to the owner), and when."""
+        self.moved = False
         up, down = self.up.nbytes, self.down.nbytes
-        if not (up or down):
-            return False
-        self.up.nbytes = self.down.nbytes = 0
-        conn = self.conn
-        conn.bytes_in += up
-        conn.bytes_out += down
-        conn.worker.count_bytes(conn, up, down)
-        return True
+        if up or down:
+            self.up.nbytes = self.down.nbytes = 0
+            self.active_at = monotonic()
+            if self.owner is not None:
+                self.owner.tunnel_moved(up, down)
 
-    def close(self, reason: str) -> None:
+    def expire(self) -> None:
+        """Its deadline came: keepalive for the server socket, or the idle timeout."""
+        deadlines = self.pump.deadlines
+        if not self.keepalive:  # KEEPALIVE_AFTER after it opened
+            self.keepalive = True
+            set_keepalive_fd(self.down.src)
+            self.timeouts = deadlines.arm(self, self.idle_timeout)
+            return
+        if self.moved:
+            self.flush()
+        if monotonic() - self.active_at >= self.idle_timeout:
+            self.close("tunnel idle timeout")
+        else:  # active since its deadline was set: due again idle_timeout after its last byte
+            assert self.timeouts is not None
+            deadlines.rearm(self, self.timeouts, self.active_at + self.idle_timeout)
+
+    def fail(self, exc: BaseException) -> None:
+        """Something failed while handling this tunnel: it ends, and says why."""
+        self.close(f"worker error: {exc!r}")
+
+    def close(self, reason: str, reset: bool = False) -> None:
+        """Close both sockets; ``reset``: one side failed or reset, and the other is reset
+        too (what it still holds is dropped at once, not kept for a peer that stalls)."""
         if self.closed:
             return
         self.closed = True
-        self.flush()
-        up, down, loop = self.up, self.down, self.loop
-        if up.pipe is not None:
-            up.release(self.pipes)
-        if down.pipe is not None:
-            down.release(self.pipes)
-        loop.close(up.src)  # closing drops them from the epoll set
-        loop.close(down.src)
-        self.conn.tunnel_closed(self, reason)
-        # Break the reference cycles (flow <-> tunnel <-> connection): reference
-        # counting frees all of them now, and the cyclic GC has nothing to find.
-        del self.up.tunnel, self.down.tunnel, self.conn
+        up, down, pipes = self.up, self.down, self.pump.pipes
+        if reset:
+            reset_on_close(up.src)
+            reset_on_close(down.src)
+        if self.timeouts is not None:
+            self.timeouts.pop(self, None)
+        try:
+            if up.pipe is not None:
+                up.release(pipes)
+            if down.pipe is not None:
+                down.release(pipes)
+        finally:
+            self.loop.close(up.src)  # closing drops them from the epoll set
+            self.loop.close(down.src)
+        try:
+            self.flush()
+        finally:
+            owner, self.owner = self.owner, None
+            # Break the reference cycles (flow <-> tunnel <-> connection): reference
+            # counting frees all of them now, and the cyclic GC has nothing to find.
+            del up.tunnel, down.tunnel
+            if owner is not None:
+                owner.tunnel_closed(reason)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,8 +42,10 @@ def echo_pair(procs: list[Proc]) -> tuple[EchoBackend, EchoBackend]:
 
 @pytest.fixture
 def start_lb(tmp_path: Path, procs: list[Proc]) -> Callable[..., SpliceLB]:
-    def start(config: str, workers: int = 2, env: dict[str, str] | None = None) -> SpliceLB:
-        lb = SpliceLB(tmp_path, config, workers, env)
+    def start(
+        config: str, workers: int = 2, env: dict[str, str] | None = None, **options: Any
+    ) -> SpliceLB:
+        lb = SpliceLB(tmp_path, config, workers, env, **options)
         procs.append(lb)
         return lb
 

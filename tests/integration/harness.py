@@ -146,14 +146,20 @@ class SpliceLB(Proc):
     """``splicelb run`` with a config written to a temp dir."""
 
     def __init__(
-        self, tmp: Path, config: str, workers: int = 2, env: dict[str, str] | None = None
+        self,
+        tmp: Path,
+        config: str,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        launcher: tuple[str, ...] = ("-m", "lb"),
     ) -> None:
+        """``launcher``: what runs ``splicelb`` (tests/faults/inject.py injects faults)."""
         self.tmp = tmp
         self.workers = workers
         self.runtime_dir = tmp / "run"
         self.config_path = tmp / "splicelb.toml"
         self.config_path.write_text(config.replace("@RUNTIME@", str(self.runtime_dir)))
-        super().__init__([sys.executable, "-m", "lb", "run", "-c", str(self.config_path)], env)
+        super().__init__([sys.executable, *launcher, "run", "-c", str(self.config_path)], env)
         wait_until(self._started, 20, "splicelb to start")
 
     def _started(self) -> bool:

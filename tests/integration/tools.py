@@ -7,6 +7,10 @@ connection.  They bind 127.0.0.1 only.
   ``--send`` bytes of a deterministic pattern, then shuts down its write side.
 * ``halfclose``: reads until end of file, then sends back everything it read
   and closes: the reply is only sent after the client's half-close.
+* ``stall``: never reads; reports how its connection ended (``reset`` or
+  ``closed``) once the balancer ends it.
+* ``flood``: sends without pause and never reads; once nothing more has gone
+  out for half a second (the client stopped reading), resets the connection.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import select
 import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 CHUNK = 1 << 20
@@ -85,13 +91,38 @@ def serve_halfclose(conn: socket.socket, _send: int) -> dict[str, object]:
     return {"received": len(data)}
 
 
+def serve_stall(conn: socket.socket, _send: int) -> dict[str, object]:
+    poller = select.poll()
+    poller.register(conn, 0)  # never reads: only hang-ups and errors are reported
+    while not poller.poll(1000):
+        pass
+    err = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return {"ended": "reset" if err else "closed"}
+
+
+def serve_flood(conn: socket.socket, _send: int) -> dict[str, object]:
+    conn.setblocking(False)
+    chunk, sent, stalled_since = b"x" * 65536, 0, time.monotonic()
+    while time.monotonic() - stalled_since < 0.5:
+        try:
+            sent += conn.send(chunk)
+            stalled_since = time.monotonic()
+        except BlockingIOError:
+            select.select([], [conn], [], 0.05)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return {"sent": sent, "ended": "reset"}  # the close that follows sends the reset
+
+
+SERVE = {"sha": serve_sha, "halfclose": serve_halfclose, "stall": serve_stall, "flood": serve_flood}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["sha", "halfclose"])
+    parser.add_argument("kind", choices=sorted(SERVE))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--send", type=int, default=0)
     args = parser.parse_args()
-    serve = serve_sha if args.kind == "sha" else serve_halfclose
+    serve = SERVE[args.kind]
     listener = socket.create_server(("127.0.0.1", args.port))
     print(f"{args.kind} listening on 127.0.0.1:{args.port}", flush=True)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -157,25 +159,103 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def test_a_descriptor_whose_callback_fails_is_not_called_again(
+def test_a_descriptor_whose_callback_fails_is_closed_and_not_called_again(
     loop: Loop, errors: list[BaseException]
 ) -> None:
-    """Level-triggered readiness would report it on every turn: the bug must not spin."""
+    """Level-triggered readiness would report it on every turn: the bug must not spin,
+    and its descriptor must not leak."""
     a, b = socket.socketpair()
+    fd = b.detach()
     calls: list[int] = []
 
     def broken() -> None:
         calls.append(1)
         raise ValueError("bug in a reader")
 
-    loop.add_reader(b.fileno(), broken)
+    loop.add_reader(fd, broken)
     a.send(b"never read")  # stays readable
     loop.call_later(0.1, loop.stop)
     loop.run()
     assert calls == [1]
     assert [str(e) for e in errors] == ["bug in a reader"]
+    assert not _is_open(fd)
+    a.close()
+
+
+def test_a_failing_callback_is_handed_to_its_owner(loop: Loop, errors: list[BaseException]) -> None:
+    """The owner of a failing callback (an object with ``fail``) ends what it owns; the
+    loop reports the error once and leaves the descriptor to the owner."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+
+    class Owner:
+        failed: list[BaseException] = []
+
+        def on_readable(self) -> None:
+            raise ValueError("bug in an owned reader")
+
+        def fail(self, exc: BaseException) -> None:
+            self.failed.append(exc)
+            loop.remove_reader(b.fileno())  # what a connection does: stop, close, count
+            loop.stop()
+
+    owner = Owner()
+    loop.add_reader(b.fileno(), owner.on_readable)
+    a.send(b"x")
+    loop.run()
+    assert [str(e) for e in owner.failed] == ["bug in an owned reader"]
+    assert [str(e) for e in errors] == ["bug in an owned reader"]
+    assert _is_open(b.fileno())  # the owner's to close
     a.close()
     b.close()
+
+
+def test_a_protected_descriptor_stays_open_when_its_callback_fails(
+    loop: Loop, errors: list[BaseException]
+) -> None:
+    a, b = socket.socketpair()
+    loop.protect(b.fileno())
+
+    def broken() -> None:
+        loop.remove_reader(b.fileno())
+        loop.call_later(0.02, loop.stop)
+        raise ValueError("bug in a listener's reader")
+
+    loop.add_reader(b.fileno(), broken)
+    a.send(b"x")
+    loop.run()
+    assert _is_open(b.fileno())
+    assert len(errors) == 1
+    a.close()
+    b.close()
+
+
+def test_a_failure_watch_hears_a_reset_but_not_data(loop: Loop) -> None:
+    """A source that is not read (its tunnel's other side is full) still ends on a reset."""
+    a, b = socket.create_server(("127.0.0.1", 0)), None
+    near = socket.create_connection(a.getsockname())
+    b, _ = a.accept()
+    b.setblocking(False)
+    heard: list[int] = []
+
+    def failed() -> None:
+        heard.append(loop.events)
+        loop.remove_reader(b.fileno())
+        loop.stop()
+
+    loop.watch_failure(b.fileno(), failed)
+    near.send(b"data is not heard")
+    near.shutdown(socket.SHUT_WR)  # nor is an end of file: a half-close is not a failure
+    loop.call_later(0.05, lambda: _reset(near))
+    loop.run()
+    assert len(heard) == 1 and heard[0] & select.EPOLLERR
+    for sock in (a, b):
+        sock.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def test_a_failing_signal_callback_does_not_deafen_the_loop_to_signals(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import select
 import socket
 import time
@@ -10,30 +12,29 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from lb.worker.deadlines import Deadlines
 from lb.worker.loop import IN, Loop
 from lb.worker.pipes import PipePool
-from lb.worker.splice import Tunnel
+from lb.worker.splice import Pump, Tunnel
 
-
-@dataclass
-class FakeWorker:
-    loop: Loop
-    pipes: PipePool = field(default_factory=PipePool)
-    counted: list[tuple[int, int]] = field(default_factory=list)
-
-    def count_bytes(self, _conn: object, up: int, down: int) -> None:
-        self.counted.append((up, down))
+IDLE = 3600.0
 
 
 @dataclass
 class FakeConnection:
-    worker: FakeWorker
-    fd: int
+    """The tunnel's owner (a connection, in a worker)."""
+
     bytes_in: int = 0
     bytes_out: int = 0
     closed: list[str] = field(default_factory=list)
+    counted: list[tuple[int, int]] = field(default_factory=list)
 
-    def tunnel_closed(self, _tunnel: Tunnel, reason: str) -> None:
+    def tunnel_moved(self, up: int, down: int) -> None:
+        self.bytes_in += up
+        self.bytes_out += down
+        self.counted.append((up, down))
+
+    def tunnel_closed(self, reason: str) -> None:
         self.closed.append(reason)
 
 
@@ -60,18 +61,20 @@ def make_tunnel() -> Iterator[Callable[[PipePool], Setup]]:
         lb_client.setblocking(False)
         lb_server.setblocking(False)
         loop = Loop(on_error=lambda exc: pytest.fail(repr(exc)))
-        conn = FakeConnection(FakeWorker(loop, pipes), lb_client.detach())
-        tunnel = Tunnel(conn, lb_server.detach())  # type: ignore[arg-type]
+        pump = Pump(loop, pipes, Deadlines(loop, 0.05, lambda exc: pytest.fail(repr(exc))))
+        conn = FakeConnection()
+        tunnel = Tunnel(pump, conn, lb_client.detach(), lb_server.detach(), IDLE)
         made.append((tunnel, client, server, conn))
         return made[-1]
 
     yield make
-    for tunnel, client, server, conn in made:
+    for tunnel, client, server, _conn in made:
         client.close()
         server.close()
+        loop, pipes = tunnel.loop, tunnel.pump.pipes
         tunnel.close("test over")
-        tunnel.loop.shutdown()
-        conn.worker.pipes.close()
+        loop.shutdown()
+        pipes.close()
 
 
 @pytest.fixture
@@ -135,4 +138,56 @@ def test_closed_tunnel_counts_its_bytes_once(tunnel: Setup) -> None:
     t.close("both done")
     assert conn.closed == ["both done"]
     assert (conn.bytes_in, conn.bytes_out) == (1000, 300)
-    assert conn.worker.counted == [(1000, 300)]
+    assert conn.counted == [(1000, 300)]
+
+
+class NoPipes(PipePool):
+    """A pool that can make no pipe until told it can (the worker is out of descriptors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allowed = False
+        self.refused = 0
+
+    def new(self) -> tuple[int, int, int]:
+        if not self.allowed:
+            self.refused += 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return super().new()
+
+
+def test_no_pipe_holds_the_bytes_until_one_can_be_made(
+    make_tunnel: Callable[[PipePool], Setup],
+) -> None:
+    """Out of descriptors for a pipe: the flow stops reading, tries again, and loses nothing."""
+    pipes = NoPipes()
+    t, client, server, conn = make_tunnel(pipes)
+    client.sendall(b"hold me")
+    arrived(client)
+    t.loop.events = IN
+    t.up.on_readable()
+    assert pipes.refused == 1 and t.pump.starved == [t.up] and not conn.closed
+    pipes.allowed = True
+    t.loop.call_later(0.5, t.loop.stop)
+    t.loop.run()  # the retry reads the client again, now with a pipe
+    server.settimeout(2)
+    assert server.recv(100) == b"hold me"
+    assert not conn.closed
+
+
+def test_an_idle_tunnel_closes_after_its_timeout_and_an_active_one_stays(
+    make_tunnel: Callable[[PipePool], Setup],
+) -> None:
+    t, client, server, conn = make_tunnel(PipePool())
+    t.idle_timeout = 0.3
+    t.start(speculate=False)
+    client.sendall(b"x")
+    t.loop.call_later(0.2, lambda: client.sendall(b"y"))  # active: the deadline moves on
+    t.loop.call_later(0.5, lambda: seen.append(list(conn.closed)))
+    t.loop.call_later(1.8, t.loop.stop)
+    seen: list[list[str]] = []
+    t.loop.run()
+    assert seen == [[]]  # still open 0.5 s in: it moved a byte at 0.2 s
+    assert conn.closed == ["tunnel idle timeout"]
+    assert (conn.bytes_in, conn.bytes_out) == (2, 0)
+    assert server.recv(10) == b"xy"

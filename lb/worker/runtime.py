@@ -1,0 +1,116 @@
+"""What a worker builds from its config once: its listeners and backends as it uses them.
+
+A listener knows its router and timeouts and where its counters start in the
+worker's tally; a backend its picker (the balancing algorithm over the live
+pool), its servers' addresses and names, and which of its servers' active
+counts other workers read as they change (see :mod:`lb.worker.tally`).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from lb.config import Config
+from lb.pool.select import (
+    SUSPECT_HOLD_UNCHECKED,
+    BackendPicker,
+    Balancer,
+    LeastConn,
+    Random2,
+    RoundRobin,
+    Source,
+)
+from lb.pool.shm import Pool
+from lb.route import Router
+
+
+@dataclass(slots=True)
+class ListenerRuntime:
+    index: int
+    name: str
+    mode: str
+    router: Router
+    default_backend: str
+    head_timeout: float
+    tunnel_timeout: float
+    socks: list[socket.socket]  # all of the listener's: socket k belongs to slot k mod workers
+    tally_at: int  # where its counters start in the worker's tally (see Tally)
+
+
+@dataclass(slots=True)
+class BackendRuntime:
+    name: str
+    picker: BackendPicker
+    connect_timeout: float
+    retries: int
+    addresses: dict[int, tuple[int, Any]]  # server index -> (family, sockaddr)
+    names: dict[int, str]
+    live: frozenset[int]  # servers whose active count other workers read as it changes
+
+
+def make_balancer(
+    kind: str, weights: dict[int, int], names: dict[int, str], pool: Pool
+) -> Balancer:
+    if kind == "leastconn":
+        return LeastConn(weights, pool)
+    if kind == "random2":
+        return Random2(weights, pool)
+    if kind == "source":
+        return Source(weights, names)
+    return RoundRobin(weights)
+
+
+def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
+    backends: dict[str, BackendRuntime] = {}
+    index = 0
+    for bc in config.backends:
+        ids = list(range(index, index + len(bc.servers)))
+        index += len(bc.servers)
+        pairs = list(zip(ids, bc.servers, strict=True))
+        weights = {i: s.weight for i, s in pairs}
+        names = {i: s.name for i, s in pairs}
+        hold = (
+            (bc.health.fall + 1) * bc.health.interval + bc.health.timeout
+            if bc.health is not None
+            else SUSPECT_HOLD_UNCHECKED
+        )
+        balancer = make_balancer(bc.balance, weights, names, pool)
+        caps = {i: s.maxconn for i, s in pairs if s.maxconn}
+        live = frozenset(i for i in ids if balancer.reads_active or i in caps)
+        backends[bc.name] = BackendRuntime(
+            name=bc.name,
+            picker=BackendPicker(pool, ids, balancer, caps, hold),
+            connect_timeout=bc.connect_timeout,
+            retries=bc.retries,
+            addresses={i: (s.address.family, s.address.sockaddr) for i, s in pairs},
+            names=names,
+            live=live,
+        )
+    return backends
+
+
+def build_listeners(
+    config: Config, sockets: dict[str, list[socket.socket]], tally_at: list[int]
+) -> list[ListenerRuntime]:
+    """``tally_at``: where each listener's counters start in the tally, by listener index."""
+    return [
+        ListenerRuntime(
+            index=i,
+            name=lc.name,
+            mode=lc.mode,
+            router=Router(lc),
+            default_backend=lc.default_backend,
+            head_timeout=lc.head_timeout,
+            tunnel_timeout=lc.tunnel_timeout,
+            socks=sockets[lc.name],
+            tally_at=tally_at[i],
+        )
+        for i, lc in enumerate(config.listeners)
+    ]
+
+
+def format_peer(addr: tuple[Any, ...]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

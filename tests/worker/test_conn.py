@@ -1,0 +1,133 @@
+"""A connection in a worker's loop, on real sockets, with the worker's side faked."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from lb.worker.conn import Connection, Context
+from lb.worker.deadlines import Deadlines
+from lb.worker.loop import Loop
+from lb.worker.pipes import PipePool
+from lb.worker.runtime import BackendRuntime, ListenerRuntime
+from lb.worker.splice import Pump
+
+
+class InOrder:
+    """A picker that offers the servers in order, skipping those tried."""
+
+    def __init__(self, servers: Sequence[int]) -> None:
+        self.servers = servers
+
+    def pick(self, _host: str, tried: Sequence[int] = ()) -> int | None:
+        return next((s for s in self.servers if s not in tried), None)
+
+
+@dataclass
+class Worker:
+    """What the connection reports back."""
+
+    failed: list[int] = field(default_factory=list)
+    finished: list[tuple[int | None, str]] = field(default_factory=list)
+
+    def connect_failed(self, conn: Connection, _why: str) -> None:
+        self.failed.append(conn.server)
+
+    def finish(self, _conn: Connection, status: int | None, reason: str, _out: int) -> None:
+        self.finished.append((status, reason))
+
+
+def unanswered_server() -> tuple[socket.socket, socket.socket]:
+    """A listener whose accept queue is full: a connect to it stays in progress."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    filler = socket.create_connection(server.getsockname())
+    return server, filler
+
+
+class ScriptedEpoll:
+    """The loop's epoll set, but its next wait returns the events given (once)."""
+
+    def __init__(self, real: Any, loop: Loop) -> None:
+        self.real = real
+        self.loop = loop
+        self.script: list[tuple[int, int]] = []
+
+    def poll(self, _timeout: float = -1, _max: int = -1) -> list[tuple[int, int]]:
+        if self.script:
+            events, self.script = self.script, []
+            return events
+        self.loop.stop()
+        return []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    held: list[socket.socket] = []
+    yield held
+    for sock in held:
+        sock.close()
+
+
+def test_a_stale_event_for_a_closed_server_socket_never_reaches_the_next_one(
+    sockets: list[socket.socket],
+) -> None:
+    """A connect times out and the next server is tried in the same batch of events; an
+    error event for the first socket, later in that batch, must not be taken for the
+    second socket's (which would mark a good server suspect)."""
+    servers = [unanswered_server() for _ in range(2)]
+    sockets += [s for pair in servers for s in pair]
+    worker = Worker()
+    loop = Loop(on_error=lambda exc: pytest.fail(repr(exc)))
+    deadlines = Deadlines(loop, 0.01, lambda exc: pytest.fail(repr(exc)))
+    backend = BackendRuntime(
+        name="app",
+        picker=InOrder([0, 1]),  # type: ignore[arg-type]
+        connect_timeout=0.01,
+        retries=1,
+        addresses={i: (socket.AF_INET, pair[0].getsockname()) for i, pair in enumerate(servers)},
+        names={0: "a", 1: "b"},
+        live=frozenset(),
+    )
+    ctx = Context(
+        loop=loop,
+        pump=Pump(loop, PipePool(), deadlines),
+        deadlines=deadlines,
+        backends={"app": backend},
+        finish=worker.finish,
+        tunnel_opened=lambda conn: None,
+        count_bytes=lambda conn, up, down: None,
+        connect_failed=worker.connect_failed,
+        local_limit=lambda err, where: None,
+    )
+    listener = ListenerRuntime(0, "t", "tcp", None, "app", 5.0, 60.0, [], 0)  # type: ignore[arg-type]
+    client, ours = socket.socketpair()
+    sockets.append(client)
+    conn = Connection(ctx, listener, ours.detach(), ("127.0.0.1", 1))
+    conn.start()
+    assert conn.sock is not None
+    first = conn.sock.fileno()  # connecting to server 0, which never answers
+    time.sleep(0.05)  # its connect deadline is past
+    epoll = ScriptedEpoll(loop.epoll, loop)
+    loop.epoll = epoll  # type: ignore[assignment]
+    # One batch: the deadline tick (the timerfd), then an error event for the first socket.
+    epoll.script = [(timerfd(loop), select.EPOLLIN), (first, select.EPOLLERR | select.EPOLLHUP)]
+    loop.run()
+    assert worker.failed == [0]  # server 1 is connecting still, and not blamed
+    assert conn.sock is not None and conn.server == 1
+    conn.abort("test over")
+    loop.shutdown()
+
+
+def timerfd(loop: Loop) -> int:
+    return loop._timerfd.fd  # type: ignore[attr-defined]
