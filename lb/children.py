@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -26,8 +27,10 @@ from typing import NoReturn
 
 from lb import log as lblog
 from lb.admin import Admin
+from lb.config import Config
 from lb.generation import Generation
 from lb.parent import set_pdeathsig
+from lb.worker.limits import DescriptorPlan, plan_descriptors
 from lb.worker.process import Worker
 from probes.process import Prober
 
@@ -47,6 +50,7 @@ class Child:
     slot: int
     generation: Generation
     started: float
+    killed_at: float = 0.0  # when it was killed for a stale heartbeat (0: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +132,19 @@ def _boot(
         return Prober(config, generation.pool, logger).run
     if kind == "admin":
         return Admin(config.global_.runtime_dir, sockets["admin"][0], logger).run
-    g = config.global_
-    share = g.maxconn // g.workers + (1 if slot < g.maxconn % g.workers else 0)
+    cap = worker_plan(config, sockets, slot).cap
     log_conn = lblog.conn_logger(logger, kind, generation.number, level=log.level, fmt=log.fmt)
     return Worker(
-        config, slot, generation.number, sockets, generation.pool, max(1, share), logger, log_conn
+        config, slot, generation.number, sockets, generation.pool, cap, logger, log_conn
     ).run
+
+
+def worker_plan(
+    config: Config, sockets: dict[str, list[socket.socket]], slot: int
+) -> DescriptorPlan:
+    """The connections ``slot``'s worker may hold: its share of ``global.maxconn``, or
+    fewer where its open-file limit leaves room for fewer (see :mod:`lb.worker.limits`)."""
+    g = config.global_
+    share = max(1, g.maxconn // g.workers + (1 if slot < g.maxconn % g.workers else 0))
+    listening = sum(len(socks) for socks in sockets.values())
+    return plan_descriptors(share, listening, resource.getrlimit(resource.RLIMIT_NOFILE)[0])

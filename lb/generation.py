@@ -35,6 +35,8 @@ class Generation:
     serving: bool = False  # every worker has started accepting
     retiring: bool = False
     waiters: list[socket.socket] = field(default_factory=list)  # `splicelb reload` clients
+    sockets: dict[Any, int] = field(default_factory=dict)  # listening sockets its workers get
+    retired: bool = False  # told to close its connections now (too many generations draining)
 
     @classmethod
     def create(cls, number: int, config: Config, previous: Pool | None) -> Generation:

@@ -136,6 +136,25 @@ class SocketTable:
         """Every listener's sockets, in order: socket k belongs to slot k mod workers."""
         return {listener.name: list(self.sockets[key(listener)]) for listener in config.listeners}
 
+    def counts(self) -> dict[Key, int]:
+        """How many sockets each address has: what a generation's workers were given."""
+        return {k: len(socks) for k, socks in self.sockets.items()}
+
+    def trim(self, counts: dict[Key, int]) -> int:
+        """Close the sockets bound after ``counts`` was taken (a reload that did not
+        happen): no worker accepts on them, and the kernel would still hash new
+        connections into their queues.  How many were closed."""
+        closed = 0
+        for k, socks in list(self.sockets.items()):
+            keep = counts.get(k, 0)
+            for sock in socks[keep:]:
+                sock.close()
+                closed += 1
+            del socks[keep:]
+            if not socks:
+                del self.sockets[k]
+        return closed
+
     def keep_only(self, config: Config) -> list[Key]:
         """Close the sockets of listeners that ``config`` no longer has."""
         wanted = {key(listener) for listener in config.listeners}

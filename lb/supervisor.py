@@ -14,7 +14,19 @@ accept on the same listening sockets as the old (the supervisor keeps them),
 and only once every new worker is accepting are the old workers told to stop
 accepting and drain.  At no moment does a listening socket lack a worker for
 longer than a respawn takes, and a socket's queue survives every handover,
-so no connection is refused or lost.
+so no connection is refused or lost.  A reload that does not happen (its
+config is invalid, its pool cannot be created, its workers do not boot)
+leaves the instance as it was: the sockets it bound are closed again, so the
+kernel hashes no connection into a queue that no worker reads.  At most
+``MAX_DRAINING`` generations drain at once: past that, the oldest is told to
+close its connections, spread over a couple of seconds.
+
+Faults: each verb of the loop runs on its own, and one that raises is logged
+(``supervisor_error``) and tried again on the next turn, so a fault in one
+(a full ``runtime_dir``, a failed ``fork``) never stops reaping, the
+watchdog or the control socket.  A worker or prober whose heartbeat is older
+than ``worker_timeout`` is killed and replaced at once: it was stuck, which
+is not a failure to boot, so it does not count toward the boot backoff.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import selectors
 import signal
 import socket
 import time
+import traceback
 from typing import Any
 
 from lb import control
@@ -36,6 +49,7 @@ from lb.children import (
     Child,
     LogSettings,
     spawn,
+    worker_plan,
 )
 from lb.config import Config, load_config
 from lb.errors import ConfigError, LBError
@@ -44,6 +58,7 @@ from lb.pool import layout as L
 from lb.sockets import SocketTable
 from lb.status import remove_pid_file, write_pid_file
 from lb.systemd import Notifier
+from lb.worker.limits import raise_open_files
 
 BOOT_GRACE = 1.0  # a child that dies sooner than this after its start failed at boot
 MAX_BOOT_FAILURES = 5  # in a row, before the supervisor gives up
@@ -51,6 +66,8 @@ BACKOFF_MAX = 10.0
 STOP_GRACE = 5.0  # seconds after drain_timeout before stragglers get SIGKILL
 RELOAD_TIMEOUT = 30.0  # a new generation not serving by then is abandoned
 TICK = 0.25  # the loop's longest sleep
+MAX_DRAINING = 2  # generations that may drain at once; the oldest past that are retired
+ERROR_REPEAT = 10.0  # seconds before the same supervisor_error is logged again
 HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
 
@@ -78,6 +95,7 @@ class Supervisor:
         self.control: socket.socket | None = None
         self.selector = selectors.DefaultSelector()
         self._wakeup = (-1, -1)
+        self._errors: dict[str, tuple[str, float, int]] = {}  # step -> last error, when, repeats
 
     # -- start -----------------------------------------------------------------
 
@@ -105,8 +123,11 @@ class Supervisor:
     def _start(self) -> None:
         os.makedirs(self.runtime_dir, mode=0o755, exist_ok=True)
         write_pid_file(self.runtime_dir)
+        raise_open_files()  # the soft limit is often 1024 outside systemd; children inherit it
         self.sockets.prepare(self.config)
+        self._plan_descriptors(self.config)
         generation = Generation.create(1, self.config, None)
+        generation.sockets = self.sockets.counts()
         self.generations[1] = self.current = generation
         generation.publish()
         self.control = control.listen(self.runtime_dir)
@@ -130,22 +151,43 @@ class Supervisor:
 
     def _loop(self) -> None:
         while True:
-            self._wait(0 if self.queue else TICK)
+            self._guarded(self._wait, 0 if self.queue else TICK)
             while self.queue:
                 name = signal.Signals(self.queue.pop(0)).name[3:].lower()
-                getattr(self, f"handle_{name}")()
-            self._reap()
+                self._guarded(getattr(self, f"handle_{name}"))
+            self._guarded(self._reap)
             now = time.monotonic()
-            self.notifier.watchdog(now)
+            self._guarded(self.notifier.watchdog, now)
             if self.stopping:
                 if not self.children:
                     return
                 if now > self.stop_deadline:
                     self._signal(self.children.values(), signal.SIGKILL)
                 continue
-            self._kill_stale(now)
-            self._maintain(now)
-            self._progress(now)
+            self._guarded(self._kill_stale, now)
+            self._guarded(self._maintain, now)
+            self._guarded(self._progress, now)
+
+    def _guarded(self, step: Any, *args: Any) -> None:
+        """Run one verb of the loop; a fault is logged and the loop goes on (the verb
+        runs again next turn).  The same fault is logged again only after a while."""
+        try:
+            step(*args)
+        except Exception as exc:
+            name = getattr(step, "__name__", repr(step))
+            error, now = repr(exc), time.monotonic()
+            last, when, repeats = self._errors.get(name, ("", 0.0, 0))
+            if error == last and now - when < ERROR_REPEAT:
+                self._errors[name] = (last, when, repeats + 1)
+                return
+            self._errors[name] = (error, now, 0)
+            self.log.error(
+                "supervisor_error",
+                step=name.lstrip("_"),
+                error=error,
+                repeated=repeats,
+                traceback="".join(traceback.format_exception(exc))[-2000:],
+            )
 
     def _wait(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):
@@ -184,7 +226,8 @@ class Supervisor:
             return
         child.generation.pool.q[L.H_RESTARTS] += 1
         failures, _ = self.restarts.get((child.kind, child.slot), (0, 0.0))
-        failures = failures + 1 if code == EXIT_BOOT_ERROR or lived < BOOT_GRACE else 0
+        booting = not child.killed_at and (code == EXIT_BOOT_ERROR or lived < BOOT_GRACE)
+        failures = failures + 1 if booting else 0  # a stuck child that was killed booted fine
         if code == EXIT_BOOT_ERROR and not child.generation.serving and child.generation.number > 1:
             self._abandon_reload(f"{child.kind} {child.slot} of the new generation failed to boot")
             return
@@ -199,24 +242,21 @@ class Supervisor:
         self.restarts[(child.kind, child.slot)] = (failures, time.monotonic() + delay)
 
     def _kill_stale(self, now: float) -> None:
-        """SIGKILL a worker whose loop stopped beating (stuck, or stopped)."""
+        """SIGKILL a worker or prober whose loop stopped beating (stuck, or stopped)."""
         timeout = self.config.global_.worker_timeout
         for child in list(self.children.values()):
-            if child.kind != "worker" or now - child.started < timeout:
+            if child.kind not in ("worker", "prober") or now - child.started < timeout:
                 continue
-            pool = child.generation.pool
-            base = pool.geometry.slot(child.slot)
-            beat = pool.d[base + L.S_BEAT] if pool.q[base + L.S_PID] == child.pid else 0.0
-            if now - max(beat, child.started) > timeout:
+            if now - max(_heartbeat(child), child.started, child.killed_at) > timeout:
                 self.log.warning(
-                    "worker_timeout",
+                    f"{child.kind}_timeout",
                     child_pid=child.pid,
                     slot=child.slot,
                     reason=f"no heartbeat for {timeout:g} s",
                 )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
-                child.started = now  # one kill per timeout; the reaper does the rest
+                child.killed_at = now  # one kill per timeout; the reaper does the rest
 
     def _maintain(self, now: float) -> None:
         generation = self.current
@@ -251,6 +291,31 @@ class Supervisor:
                 generation.remove()
                 del self.generations[number]
 
+    def _retire_excess(self) -> None:
+        """Past ``MAX_DRAINING`` draining generations, the oldest close their connections
+        now, spread over a couple of seconds (their workers' SIGUSR1)."""
+        draining = [
+            g
+            for _, g in sorted(self.generations.items())
+            if g.retiring
+            and not g.retired
+            and any(c.generation is g for c in self.children.values())
+        ]
+        for generation in draining[: max(0, len(draining) - MAX_DRAINING)]:
+            generation.retired = True
+            workers = [
+                c
+                for c in self.children.values()
+                if c.generation is generation and c.kind == "worker"
+            ]
+            self._signal(workers, signal.SIGUSR1)
+            self.log.info(
+                "generation_retired",
+                child_generation=generation.number,
+                workers=len(workers),
+                reason=f"more than {MAX_DRAINING} generations draining",
+            )
+
     # -- generations and reload --------------------------------------------------
 
     def _spawn_generation(self, generation: Generation) -> None:
@@ -284,6 +349,7 @@ class Supervisor:
                 [c for c in self.children.values() if c.generation is previous], signal.SIGTERM
             )
         gone = self.sockets.keep_only(generation.config)
+        self._retire_excess()
         workers = generation.config.global_.workers
         status = f"serving: generation {generation.number}, {workers} workers"
         self.notifier.ready(status)
@@ -324,16 +390,40 @@ class Supervisor:
             self._reload_failed(clients, [str(exc)])
             return
         number = max(self.generations) + 1
+        try:
+            generation = Generation.create(number, config, current.pool)
+        except (LBError, OSError) as exc:
+            self.sockets.trim(current.sockets)
+            self._reload_failed(
+                clients, [f"global.runtime_dir: cannot create the live pool: {exc}"]
+            )
+            return
+        try:
+            generation.publish()
+        except OSError as exc:
+            generation.remove()
+            self.sockets.trim(current.sockets)
+            self._reload_failed(clients, [f"global.runtime_dir: cannot publish the pool: {exc}"])
+            current.publish()  # the link may be gone: point it back
+            return
         self.notifier.reloading(f"reloading: starting generation {number}")
-        generation = Generation.create(number, config, current.pool)
+        self._plan_descriptors(config)
+        generation.sockets = self.sockets.counts()
         generation.pool.q[L.H_RELOADS] += 1
         generation.waiters = clients
         self.generations[number] = generation
         self.previous, self.current, self.config = current, generation, config
         self.log = self.log.bind(generation=number)
-        generation.publish()
         self.restarts.clear()
         self._spawn_generation(generation)
+
+    def _plan_descriptors(self, config: Config) -> None:
+        """Warn when ``global.maxconn`` needs more descriptors than a worker may open."""
+        plan = worker_plan(config, self.sockets.for_workers(config), 0)
+        if plan.short:
+            self.log.warning(
+                "fd_limit", reason=plan.warning(config.global_.maxconn), limit=plan.limit
+            )
 
     def _reload_failed(self, clients: list[socket.socket], problems: list[str]) -> None:
         self.log.error("reload", outcome="rejected", problems=problems)
@@ -351,6 +441,7 @@ class Supervisor:
         self.log = self.log.bind(generation=previous.number)
         previous.publish()
         self.sockets.keep_only(previous.config)
+        self.sockets.trim(previous.sockets)  # the reload's extra sockets: no worker reads them
         self.restarts.clear()
         self.notifier.ready(f"serving: generation {previous.number} (reload failed: {reason})")
         for waiter in failed.waiters:
@@ -444,3 +535,12 @@ class Supervisor:
                 os.unlink(os.path.join(self.runtime_dir, name))
         remove_pid_file(self.runtime_dir)
         self.notifier.close()
+
+
+def _heartbeat(child: Child) -> float:
+    """The child's last heartbeat in its generation's pool (0: none yet)."""
+    pool = child.generation.pool
+    if child.kind == "prober":
+        return float(pool.d[L.H_PROBER_BEAT]) if pool.q[L.H_PROBER_PID] == child.pid else 0.0
+    base = pool.geometry.slot(child.slot)
+    return float(pool.d[base + L.S_BEAT]) if pool.q[base + L.S_PID] == child.pid else 0.0

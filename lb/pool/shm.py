@@ -70,7 +70,7 @@ class Pool:
         tmp = f"{path}.tmp{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)  # ENOSPC now, not SIGBUS at the first store
             with mmap.mmap(fd, size) as mm:
                 q = memoryview(mm).cast("Q")
                 header = (L.MAGIC, L.LAYOUT_VERSION, names.get("generation", 0), nservers, nslots)
