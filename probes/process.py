@@ -48,6 +48,7 @@ JITTER = 0.1  # ±10% of the interval
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT)
+NEVER_CHECKED = HealthRecord(L.UNCHECKED, 0, 0, 0.0, 0.0, 0.0, 0, "")
 
 
 @dataclass(slots=True)
@@ -181,6 +182,14 @@ class Prober:
     def _publish(self, probe: Probe, result: CheckResult) -> None:
         pool = self.pool
         old = pool.read_record(probe.index)
+        if old is None:  # left mid-write by a writer that died: start afresh,
+            old = NEVER_CHECKED  # and the write below makes it readable again
+            self.log.warning(
+                "record_repaired",
+                backend=probe.backend,
+                server=probe.server,
+                reason="its last write never finished; counting from unchecked",
+            )
         rise_count = old.rise_count + 1 if result.ok else 0
         fall_count = 0 if result.ok else old.fall_count + 1
         health = next_health(old.health, rise_count, fall_count, probe.rise, probe.fall)

@@ -1,8 +1,12 @@
-"""The live pool file: layout round trips, and readers never see a torn record."""
+"""The live pool file: layout round trips, readers never see a torn record, and a
+writer that dies mid-write leaves a record readers report instead of waiting on."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import queue
+import signal
 import time
 from pathlib import Path
 
@@ -59,7 +63,8 @@ def reader(path: str, until: float, counts: multiprocessing.Queue[int]) -> None:
     while time.monotonic() < until:
         for server in range(4):
             reads += 1
-            if not consistent(pool.read_record(server)):
+            record = pool.read_record(server)
+            if record is None or not consistent(record):  # given up on a live writer: a failure too
                 torn += 1
     counts.put(reads if torn == 0 else -torn)
     pool.close()
@@ -125,4 +130,76 @@ def test_names_table_and_counters_round_trip(tmp_path: Path) -> None:
     pool.set_admin(1, L.MAINT)
     assert other.admin(1) == L.MAINT
     other.close()
+    pool.close()
+
+
+class DieOnSecondStore:
+    """A pool's word view that lets one store through and SIGKILLs its process at the next."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.stores = 0
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.view[index])
+
+    def __setitem__(self, index: int, value: int) -> None:
+        if self.stores:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.view[index] = value
+        self.stores += 1
+
+
+def die_mid_write(path: str, server: int, record: HealthRecord) -> None:
+    """Write ``record`` and die for real after the first store (the sequence's odd one)."""
+    pool = Pool.open(path)
+    pool.q = DieOnSecondStore(pool.q)  # type: ignore[assignment]
+    pool.write_record(server, record)
+
+
+def timed_read(path: str, server: int, into: multiprocessing.Queue[object]) -> None:
+    pool = Pool.open(path)
+    began = time.monotonic()
+    record = pool.read_record(server)
+    into.put((time.monotonic() - began, record))
+
+
+def read_elsewhere(path: str, server: int) -> tuple[float, HealthRecord | None]:
+    """``read_record`` in another process: (seconds it took, what it gave); a hang fails."""
+    ctx = multiprocessing.get_context("fork")
+    into: multiprocessing.Queue[object] = ctx.Queue()
+    proc = ctx.Process(target=timed_read, args=(path, server, into))
+    proc.start()
+    try:
+        took, record = into.get(timeout=10)  # type: ignore[misc]
+    except queue.Empty:
+        raise AssertionError("read_record did not return within 10 s") from None
+    finally:
+        proc.kill()
+        proc.join(5)
+    return took, record
+
+
+def test_a_writer_killed_mid_write_leaves_a_record_readers_report_not_wait_on(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "pool")
+    pool = create_pool(path, parse_config(CONFIG), 1, nslots=1)
+    pool.write_record(0, record_for(3))
+    ctx = multiprocessing.get_context("fork")
+    writer = ctx.Process(target=die_mid_write, args=(path, 0, record_for(4)))
+    writer.start()
+    writer.join(10)
+    assert writer.exitcode == -signal.SIGKILL
+    assert pool.q[pool.geometry.record(0) + L.R_SEQ] & 1  # left mid-write
+
+    took, record = read_elsewhere(path, 0)
+    assert record is None
+    assert took < 1.0
+    assert read_elsewhere(path, 1)[1] == HealthRecord(L.UNCHECKED, 0, 0, 0, 0, 0, 0, "")
+
+    pool.write_record(0, record_for(5))  # the next write makes it readable again
+    assert read_elsewhere(path, 0)[1] == record_for(5)
+    pool.write_record(0, record_for(6))
+    assert read_elsewhere(path, 0)[1] == record_for(6)
     pool.close()
