@@ -17,7 +17,8 @@ slot per worker.  Every part has exactly one writer:
   sequence before and after.  A writer may die between its two stores and
   leave the sequence odd: readers then try a bounded number of times and
   report the record unreadable rather than wait for ever; the next write
-  makes it readable again (its first store is odd whatever it found);
+  makes it readable again (its first store is odd whatever it found), and a
+  prober, when it starts, rewrites the records a predecessor left odd;
 * check latency histograms: the prober (one counter per bucket);
 * admin words: the supervisor (one aligned 8-byte word, never torn);
 * worker slots: their worker.  Counters are single aligned 8-byte words

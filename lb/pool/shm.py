@@ -172,6 +172,18 @@ class Pool:
         if changed:
             q[L.H_HEALTH_VERSION] += 1
 
+    def repair_record(self, server: int) -> bool:
+        """Finish a write that its writer died in: rewrite the fields as they stand.
+
+        For the record's writer at its start, when no write of its own can be
+        under way; True if the record was left odd and is readable again.
+        """
+        base = self.geometry.record(server)
+        if not self.q[base + L.R_SEQ] & 1:
+            return False
+        self.write_record(server, self._copy(base))
+        return True
+
     def _copy(self, base: int) -> HealthRecord:
         """The fields of the record at ``base`` as they stand, consistent or not."""
         q, d = self.q, self.d

@@ -203,3 +203,22 @@ def test_a_writer_killed_mid_write_leaves_a_record_readers_report_not_wait_on(
     pool.write_record(0, record_for(6))
     assert read_elsewhere(path, 0)[1] == record_for(6)
     pool.close()
+
+
+def test_repair_rewrites_a_record_left_mid_write_as_it_stood(tmp_path: Path) -> None:
+    """What a prober does at its start for the records its predecessor left odd."""
+    path = str(tmp_path / "pool")
+    pool = create_pool(path, parse_config(CONFIG), 1, nslots=1)
+    pool.write_record(2, record_for(8))
+    assert not pool.repair_record(2)  # readable: left alone
+    writer = multiprocessing.get_context("fork").Process(
+        target=die_mid_write, args=(path, 2, record_for(9))
+    )
+    writer.start()
+    writer.join(10)
+    assert writer.exitcode == -signal.SIGKILL
+    version = pool.q[L.H_HEALTH_VERSION]
+    assert pool.repair_record(2)
+    assert read_elsewhere(path, 2)[1] == record_for(8)  # died before its first field
+    assert pool.q[L.H_HEALTH_VERSION] == version  # no health changed
+    pool.close()
