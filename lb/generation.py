@@ -99,7 +99,12 @@ def server_keys(pool: Pool) -> dict[tuple[str, str, str], int]:
 
 def carry_over(old: Pool, new: Pool) -> None:
     """Copy health, admin state and check histograms of the servers both pools know,
-    and the instance's restart and reload counts."""
+    and the instance's restart and reload counts.
+
+    A health record that cannot be read (its writer died mid-write) is not
+    carried: that server starts unchecked, as a new one would, until the new
+    prober checks it.  The reload goes on either way.
+    """
     new.q[L.H_RESTARTS] = old.q[L.H_RESTARTS]
     new.q[L.H_RELOADS] = old.q[L.H_RELOADS]
     old_keys = server_keys(old)
@@ -107,7 +112,9 @@ def carry_over(old: Pool, new: Pool) -> None:
         previous = old_keys.get(k)
         if previous is None:
             continue
-        new.write_record(index, old.read_record(previous))
+        record = old.read_record(previous)
+        if record is not None:
+            new.write_record(index, record)
         src, dst = old.geometry.histogram(previous), new.geometry.histogram(index)
         new.q[dst : dst + L.HIST_WORDS] = old.q[src : src + L.HIST_WORDS]
         admin = old.admin(previous)

@@ -29,6 +29,7 @@ from lb.pool.shm import Pool
 from lb.status import open_pool
 
 SERVER = ["backend", "server"]
+HEALTH_STATES = (*L.HEALTH_NAMES, L.HEALTH_UNKNOWN)
 
 
 def _families() -> dict[str, Metric]:
@@ -66,7 +67,8 @@ def _families() -> dict[str, Metric]:
         ),
         "s_health": g(
             "splicelb_server_health",
-            "Health state (1 for the current one)",
+            "Health state (1 for the current one; unknown: the health record is unreadable,"
+            " its last write never finished)",
             labels=[*SERVER, "state"],
         ),
         "s_admin": g(
@@ -154,13 +156,22 @@ def _add_states(pool: Pool, f: dict[str, Metric]) -> None:
     for backend in pool.names["backends"]:
         for server in backend["servers"]:
             labels = [backend["name"], server["name"]]
-            health = pool.health(server["index"]) if backend["checked"] else L.UNCHECKED
-            admin = pool.admin(server["index"])
-            f["s_up"].add_metric(labels, 0 if health == L.DOWN else 1)  # type: ignore[attr-defined]
-            for value, name in enumerate(L.HEALTH_NAMES):
-                f["s_health"].add_metric([*labels, name], int(value == health))  # type: ignore[attr-defined]
+            index, checked = server["index"], backend["checked"]
+            # Up or not by the health word the workers pick by: one word, never torn.
+            up = not checked or pool.health(index) != L.DOWN
+            health = _health(pool, index) if checked else "unchecked"
+            admin = pool.admin(index)
+            f["s_up"].add_metric(labels, int(up))  # type: ignore[attr-defined]
+            for name in HEALTH_STATES:
+                f["s_health"].add_metric([*labels, name], int(name == health))  # type: ignore[attr-defined]
             for value, name in enumerate(L.ADMIN_NAMES):
                 f["s_admin"].add_metric([*labels, name], int(value == admin))  # type: ignore[attr-defined]
+
+
+def _health(pool: Pool, index: int) -> str:
+    """The server's health state, ``unknown`` if its record cannot be read."""
+    record = pool.read_record(index)
+    return L.HEALTH_UNKNOWN if record is None else L.HEALTH_NAMES[record.health]
 
 
 def _latency(pool: Pool) -> Metric:

@@ -3,7 +3,9 @@
 Reading the pool file needs no answer from any process, so status works even
 while every worker is busy.  The object follows ARCHITECTURE.md's contract
 (``generation``, ``workers``, ``backends`` with ``servers``) and adds a few
-fields (check results, bytes, answers by status).
+fields (check results, bytes, answers by status).  A server whose health
+record cannot be read (its writer died mid-write) shows health ``unknown``
+and a ``health_reason``; the rest of the status is read as usual.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lb.pool import layout as L
 from lb.pool.shm import Pool
 
 PID_FILE = "splicelb.pid"
+UNREADABLE = "health record unreadable: its last write never finished"
 
 
 def write_pid_file(runtime_dir: str) -> None:
@@ -154,15 +157,23 @@ def _sums(pool: Pool, index: int) -> dict[str, int]:
 
 def _server(pool: Pool, server: dict[str, Any], checked: bool, now: float) -> dict[str, Any]:
     index = server["index"]
-    record = pool.read_record(index)
+    record = pool.read_record(index) if checked else None
+    if not checked:
+        health = "unchecked"
+    elif record is None:
+        health = L.HEALTH_UNKNOWN
+    else:
+        health = L.HEALTH_NAMES[record.health]
     out: dict[str, Any] = {
         "name": server["name"],
         "address": server["address"],
-        "health": L.HEALTH_NAMES[record.health] if checked else "unchecked",
+        "health": health,
         "admin": L.ADMIN_NAMES[pool.admin(index)],
         **_sums(pool, index),
     }
-    if checked and record.checks:
+    if checked and record is None:
+        out["health_reason"] = UNREADABLE
+    elif record is not None and record.checks:
         out["check"] = {
             "result": record.text,
             "latency_ms": round(record.latency * 1000, 3),
@@ -181,7 +192,10 @@ def format_table(status: dict[str, Any]) -> str:
     for backend in status["backends"]:
         for s in backend["servers"]:
             check = s.get("check")
-            last = f"{check['result']} ({check['latency_ms']:g} ms)" if check else "-"
+            if check:
+                last = f"{check['result']} ({check['latency_ms']:g} ms)"
+            else:
+                last = s.get("health_reason", "-")
             rows.append(
                 (
                     backend["name"],

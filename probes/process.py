@@ -19,7 +19,9 @@ and every worker avoids the server until a check succeeds after the mark
 ``SUSPECT_POLL`` seconds and checks that server at once: a success clears
 the mark for every worker; failures keep it out while ``fall`` counts down.  A server in ``maint``
 is not checked.  A prober that is restarted continues from the records in
-the pool; it never resets a server's health.
+the pool; it never resets a server's health.  It first rewrites, as they
+stand, the records a predecessor left mid-write (killed between its two
+sequence stores), which readers would otherwise report unreadable.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ JITTER = 0.1  # ±10% of the interval
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT)
+NEVER_CHECKED = HealthRecord(L.UNCHECKED, 0, 0, 0.0, 0.0, 0.0, 0, "")
 
 
 @dataclass(slots=True)
@@ -90,6 +93,7 @@ class Prober:
         # Held until the loop runs (_main): a SIGTERM that uvloop takes before then is
         # lost, and the prober would run on until the supervisor kills it.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        self._repair()
         for sig in STOP_SIGNALS:
             self.loop.add_signal_handler(sig, self.stop.set)
         try:
@@ -114,6 +118,24 @@ class Prober:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _repair(self) -> None:
+        """Make readable again the records a prober that died mid-write left odd.
+
+        Every server's, checked or not: a server in maint is not checked, and
+        its record would otherwise stay unreadable until it is.  The supervisor
+        starts a prober only once the one before it is gone, so no write is
+        under way.
+        """
+        for backend in self.pool.names["backends"]:
+            for server in backend["servers"]:
+                if self.pool.repair_record(server["index"]):
+                    self.log.warning(
+                        "record_repaired",
+                        backend=backend["name"],
+                        server=server["name"],
+                        reason="its last write never finished; rewritten as it stood",
+                    )
 
     def _probes(self) -> list[Probe]:
         probes = []
@@ -181,6 +203,14 @@ class Prober:
     def _publish(self, probe: Probe, result: CheckResult) -> None:
         pool = self.pool
         old = pool.read_record(probe.index)
+        if old is None:  # left mid-write since this prober started: start afresh,
+            old = NEVER_CHECKED  # and the write below makes it readable again
+            self.log.warning(
+                "record_repaired",
+                backend=probe.backend,
+                server=probe.server,
+                reason="its last write never finished; counting from unchecked",
+            )
         rise_count = old.rise_count + 1 if result.ok else 0
         fall_count = 0 if result.ok else old.fall_count + 1
         health = next_health(old.health, rise_count, fall_count, probe.rise, probe.fall)

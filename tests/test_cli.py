@@ -1,12 +1,20 @@
-"""The command line as a user runs it: ``splicelb check`` and ``--help``."""
+"""The command line as a user runs it: ``splicelb check``, ``--help``, and ``status``
+on a pool whose health record cannot be read."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from lb.config import parse_config
+from lb.generation import POOL_LINK, pool_path
+from lb.pool import layout as L
+from lb.pool.shm import HealthRecord, create_pool
+from lb.status import write_pid_file
 from tests.integration.harness import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,3 +115,41 @@ def test_shell_completion_comes_from_click() -> None:
         check=False,
     )
     assert "complete -o nosort -F _splicelb_completion splicelb" in source.stdout
+
+
+def test_status_shows_a_server_whose_health_record_is_unreadable_as_unknown(
+    tmp_path: Path,
+) -> None:
+    """A record left mid-write (its writer died) is reported, not waited on for ever."""
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir()
+    servers = [{"name": f"s{i}", "address": f"127.0.0.1:{2000 + i}"} for i in range(2)]
+    config = parse_config(
+        {
+            "listeners": [{"name": "l", "bind": "127.0.0.1:1", "default_backend": "app"}],
+            "backends": [{"name": "app", "health": {"type": "http"}, "servers": servers}],
+        }
+    )
+    pool = create_pool(pool_path(str(runtime_dir), 1), config, 1, nslots=1)
+    os.symlink(os.path.basename(pool.path), runtime_dir / POOL_LINK)
+    write_pid_file(str(runtime_dir))  # this process stands in for the supervisor
+    now = time.monotonic()
+    pool.write_record(0, HealthRecord(L.UP, 2, 0, now, time.time(), 0.002, 5, "HTTP 200", now))
+    pool.write_record(1, HealthRecord(L.UP, 2, 0, now, time.time(), 0.002, 5, "HTTP 200", now))
+    pool.q[pool.geometry.record(1) + L.R_SEQ] += 1  # a writer's first store, and no more
+
+    result = cli("status", "--runtime-dir", str(runtime_dir), "--json", timeout=30)
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)["backends"][0]["servers"]
+    assert (first["health"], first["check"]["result"]) == ("up", "HTTP 200")
+    assert second["health"] == "unknown"
+    assert "unreadable" in second["health_reason"]
+    assert "check" not in second
+    assert (second["admin"], second["active"]) == ("ready", 0)  # the rest is still read
+
+    table = cli("status", "--runtime-dir", str(runtime_dir), timeout=30)
+    assert table.returncode == 0, table.stderr
+    [line] = [x for x in table.stdout.splitlines() if x.startswith("app ") and " s1 " in x]
+    assert line.split()[:5] == ["app", "s1", "127.0.0.1:2001", "unknown", "ready"]
+    assert "health record unreadable" in line
+    pool.close()

@@ -11,8 +11,14 @@ slot per worker.  Every part has exactly one writer:
   admin state changes; workers compare them with what they last saw, so the
   common pick reads two words and reuses its cached list of eligible servers;
   the supervisor also counts worker restarts and reloads there;
-* health records: the prober, under a sequence lock (odd while writing);
-  readers retry until they see the same even sequence before and after;
+* health records: the prober, under a sequence lock.  A write stores an odd
+  sequence (one more than it found, made odd), the fields, then that plus
+  one; a reader keeps its copy of the fields if it read the same even
+  sequence before and after.  A writer may die between its two stores and
+  leave the sequence odd: readers then try a bounded number of times and
+  report the record unreadable rather than wait for ever; the next write
+  makes it readable again (its first store is odd whatever it found), and a
+  prober, when it starts, rewrites the records a predecessor left odd;
 * check latency histograms: the prober (one counter per bucket);
 * admin words: the supervisor (one aligned 8-byte word, never torn);
 * worker slots: their worker.  Counters are single aligned 8-byte words
@@ -21,6 +27,16 @@ slot per worker.  Every part has exactly one writer:
 
 Everything is 8-byte aligned and addressed through ``memoryview.cast("Q")``
 and ``cast("d")`` views, so a single counter update is one index store.
+
+Memory ordering: a memoryview loads or stores one item with a fixed-size
+``memcpy``, which compilers make one aligned 8-byte move, and there is no
+fence anywhere.  The sequence lock needs other processes to see a writer's
+stores in program order and a reader's loads to be done in program order:
+x86-64 (TSO) guarantees both, and it is the machine we run on.  On a weakly
+ordered CPU (arm64) a reader could see the new sequence before the fields it
+covers and keep a record mixed from two writes; each word would still be
+whole (aligned 8-byte accesses are single-copy atomic there), only the result
+text could mix bytes of two writes.  Python offers no barrier to rule it out.
 """
 
 from __future__ import annotations
@@ -51,6 +67,7 @@ RECORD_WORDS: Final = 9 + TEXT_BYTES // 8
 # Health values.
 UNCHECKED, UP, DOWN = 0, 1, 2
 HEALTH_NAMES: Final = ("unchecked", "up", "down")
+HEALTH_UNKNOWN: Final = "unknown"  # what readers show for a record they cannot read
 
 # Admin values.
 READY, DRAIN, MAINT = 0, 1, 2

@@ -22,6 +22,14 @@ from lb.pool import layout as L
 if TYPE_CHECKING:
     from lb.config import Config
 
+# A reader's patience with a record that is being written.  A writer holds a
+# record for microseconds, or for a scheduler time slice (milliseconds) if the
+# kernel preempts it mid-write; READ_TRIES pauses of READ_PAUSE (10 ms or more
+# in all) outlast both, then the reader reports the record unreadable: its
+# writer died mid-write.
+READ_TRIES = 40
+READ_PAUSE = 0.00025  # seconds; a sleep, so a preempted writer on our CPU can finish
+
 
 @dataclass(frozen=True, slots=True)
 class HealthRecord:
@@ -119,37 +127,37 @@ class Pool:
     def ok_at(self, server: int) -> float:
         return float(self.d[self.geometry.record(server) + L.R_OK_AT])
 
-    def read_record(self, server: int) -> HealthRecord:
-        """A consistent copy of one record (sequence lock: retry while torn)."""
+    def read_record(self, server: int) -> HealthRecord | None:
+        """A consistent copy of one record, or None if it stays unreadable.
+
+        Sequence lock: the copy counts if the sequence was the same even value
+        before and after it.  A record whose sequence stays odd (its writer died
+        mid-write) or never settles is reported after ``READ_TRIES`` tries.
+        """
         base = self.geometry.record(server)
-        q, d = self.q, self.d
-        text_at = base * 8 + L.R_TEXT_OFF
-        while True:
+        q = self.q
+        for _ in range(READ_TRIES):
             seq = q[base + L.R_SEQ]
-            if seq & 1:
-                time.sleep(0)
-                continue
-            record = HealthRecord(
-                health=q[base + L.R_HEALTH],
-                rise_count=q[base + L.R_RISE_COUNT],
-                fall_count=q[base + L.R_FALL_COUNT],
-                checked_at=d[base + L.R_CHECKED_AT],
-                changed_at=d[base + L.R_CHANGED_AT],
-                latency=d[base + L.R_LATENCY],
-                checks=q[base + L.R_CHECKS],
-                ok_at=d[base + L.R_OK_AT],
-                text=L.decode_text(bytes(self.raw[text_at : text_at + L.TEXT_BYTES])),
-            )
-            if q[base + L.R_SEQ] == seq:
-                return record
+            if not seq & 1:
+                record = self._copy(base)
+                if q[base + L.R_SEQ] == seq:
+                    return record
+            time.sleep(READ_PAUSE)
+        return None
 
     def write_record(self, server: int, record: HealthRecord) -> None:
-        """Publish a record; bumps ``health_version`` if the health changed."""
+        """Publish a record; bumps ``health_version`` if the health changed.
+
+        Only the record's one writer calls this.  The first store is odd even if
+        a writer that died mid-write left the sequence odd, so the last one
+        leaves it even, and unlike the even value a reader may have seen before.
+        """
         base = self.geometry.record(server)
         q, d = self.q, self.d
+        text = L.encode_text(record.text)
         changed = q[base + L.R_HEALTH] != record.health
-        seq = q[base + L.R_SEQ]
-        q[base + L.R_SEQ] = seq + 1  # odd: readers wait
+        seq = (q[base + L.R_SEQ] + 1) | 1
+        q[base + L.R_SEQ] = seq  # odd: readers wait
         q[base + L.R_HEALTH] = record.health
         q[base + L.R_RISE_COUNT] = record.rise_count
         q[base + L.R_FALL_COUNT] = record.fall_count
@@ -159,10 +167,38 @@ class Pool:
         q[base + L.R_CHECKS] = record.checks
         d[base + L.R_OK_AT] = record.ok_at
         text_at = base * 8 + L.R_TEXT_OFF
-        self.raw[text_at : text_at + L.TEXT_BYTES] = L.encode_text(record.text)
-        q[base + L.R_SEQ] = seq + 2
+        self.raw[text_at : text_at + L.TEXT_BYTES] = text
+        q[base + L.R_SEQ] = seq + 1
         if changed:
             q[L.H_HEALTH_VERSION] += 1
+
+    def repair_record(self, server: int) -> bool:
+        """Finish a write that its writer died in: rewrite the fields as they stand.
+
+        For the record's writer at its start, when no write of its own can be
+        under way; True if the record was left odd and is readable again.
+        """
+        base = self.geometry.record(server)
+        if not self.q[base + L.R_SEQ] & 1:
+            return False
+        self.write_record(server, self._copy(base))
+        return True
+
+    def _copy(self, base: int) -> HealthRecord:
+        """The fields of the record at ``base`` as they stand, consistent or not."""
+        q, d = self.q, self.d
+        text_at = base * 8 + L.R_TEXT_OFF
+        return HealthRecord(
+            health=q[base + L.R_HEALTH],
+            rise_count=q[base + L.R_RISE_COUNT],
+            fall_count=q[base + L.R_FALL_COUNT],
+            checked_at=d[base + L.R_CHECKED_AT],
+            changed_at=d[base + L.R_CHANGED_AT],
+            latency=d[base + L.R_LATENCY],
+            checks=q[base + L.R_CHECKS],
+            ok_at=d[base + L.R_OK_AT],
+            text=L.decode_text(bytes(self.raw[text_at : text_at + L.TEXT_BYTES])),
+        )
 
     def observe_latency(self, server: int, seconds: float) -> None:
         """Count one check's latency in the server's histogram (writer: the prober)."""
