@@ -51,6 +51,10 @@ def peer_allowed(conn: socket.socket) -> bool:
     return uid in (0, os.getuid())
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
 def read_line(sock: socket.socket) -> bytes:
     """One newline-terminated message (or what came before the peer closed)."""
     data = b""
@@ -60,7 +64,7 @@ def read_line(sock: socket.socket) -> bytes:
             break
         data += chunk
         if len(data) > MAX_MESSAGE:
-            raise LBError("control message too large")
+            raise LBError(f"the instance's answer is longer than {MAX_MESSAGE} bytes")
     return data
 
 
@@ -103,23 +107,42 @@ def reply(conn: socket.socket, answer: dict[str, Any]) -> None:
 
 
 def request(runtime_dir: str, command: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
-    """Send one command to the running instance and return its answer."""
+    """Send one command to the running instance and return its answer.
+
+    Every way the connection can fail is an LBError with one line a person
+    can read (NotRunningError when there is no instance).
+    """
     path = control_path(runtime_dir)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise NotRunningError(f"no instance is running in {runtime_dir}") from None
-    except PermissionError:
-        sock.close()
-        raise LBError(f"{path}: permission denied (run as the instance's user)") from None
-    with sock:
-        sock.sendall(json.dumps(command).encode() + b"\n")
-        data = read_line(sock)
-    if not data:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotRunningError(f"no instance is running in {runtime_dir}") from None
+        except PermissionError:
+            raise LBError(f"{path}: permission denied (run as the instance's user)") from None
+        except TimeoutError:
+            raise LBError(f"{path}: the instance took no connection within {timeout:g} s") from None
+        except OSError as exc:
+            raise LBError(f"{path}: {exc.strerror or exc}") from None
+        try:
+            # The instance may answer before it reads (busy, stopping): its answer is
+            # still there to read after our write failed.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode(command))
+            data = read_line(sock)
+        except TimeoutError:
+            raise LBError(f"the instance did not answer within {timeout:g} s") from None
+        except ConnectionResetError:
+            data = b""
+        except OSError as exc:
+            raise LBError(f"the control connection failed: {exc.strerror or exc}") from None
+    if not data.endswith(b"\n"):
         raise LBError("the instance closed the control connection without an answer")
-    answer = json.loads(data)
-    assert isinstance(answer, dict)
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise LBError("the instance's answer is not a JSON object")
     return answer
