@@ -77,6 +77,7 @@ class Supervisor:
         self.reload_queued: list[socket.socket | None] = []
         self.control: socket.socket | None = None
         self.selector = selectors.DefaultSelector()
+        self.control_clients = control.Clients(self.selector)
         self._wakeup = (-1, -1)
 
     # -- start -----------------------------------------------------------------
@@ -112,7 +113,7 @@ class Supervisor:
         self.control = control.listen(self.runtime_dir)
         self._install_signals()
         self.selector.register(self._wakeup[0], selectors.EVENT_READ, "wakeup")
-        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.control_clients.serve(self.control)
         self.notifier.status(f"starting {self.config.global_.workers} workers")
         self._spawn_generation(generation)
 
@@ -137,6 +138,7 @@ class Supervisor:
             self._reap()
             now = time.monotonic()
             self.notifier.watchdog(now)
+            self.control_clients.sweep(now)
             if self.stopping:
                 if not self.children:
                     return
@@ -148,13 +150,15 @@ class Supervisor:
             self._progress(now)
 
     def _wait(self, timeout: float) -> None:
-        for key, _ in self.selector.select(timeout):
+        for key, events in self.selector.select(timeout):
             if key.data == "wakeup":
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wakeup[0], 4096):
                         pass
-            elif key.data == "control":
-                self._on_control()
+            elif key.data == control.SELECTOR_TAG:
+                got = self.control_clients.on_ready(key.fileobj, events)
+                if got is not None:
+                    self._on_control(*got)
 
     def _reap(self) -> None:
         while True:
@@ -359,12 +363,8 @@ class Supervisor:
 
     # -- the control socket --------------------------------------------------------
 
-    def _on_control(self) -> None:
-        assert self.control is not None
-        got = control.accept_request(self.control)
-        if got is None:
-            return
-        conn, request = got
+    def _on_control(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        """A control client's whole request; answered with ``control.reply``, now or later."""
         command = request.get("cmd")
         if command == "reload":
             self.reload([conn])
@@ -437,6 +437,7 @@ class Supervisor:
             generation.remove()
         self.generations.clear()
         names = [POOL_LINK, control.CONTROL_SOCKET] if self.control is not None else [POOL_LINK]
+        self.control_clients.close()
         if self.control is not None:
             self.control.close()
         for name in names:
