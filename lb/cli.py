@@ -131,14 +131,20 @@ def status(config_path: str, runtime_dir: str | None, as_json: bool) -> None:
 
 
 def _talk(directory: str, command: dict[str, object], timeout: float = 120) -> dict[str, object]:
-    """One control request; exits with the documented code when there is no instance."""
+    """One control request; a failure is one line and a non-zero exit, never a traceback.
+
+    Exits with ``EXIT_NOT_RUNNING`` when there is no instance.
+    """
     try:
         return control.request(directory, command, timeout)
     except NotRunningError as exc:
         click.echo(f"splicelb: {exc}", err=True)
         sys.exit(EXIT_NOT_RUNNING)
-    except (LBError, OSError) as exc:
+    except LBError as exc:
         click.echo(f"splicelb: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # control.request says LBError; this is the last line of defence
+        click.echo(f"splicelb: the control connection failed: {exc.strerror or exc}", err=True)
         sys.exit(1)
 
 

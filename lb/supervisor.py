@@ -94,6 +94,7 @@ class Supervisor:
         self.reload_queued: list[socket.socket | None] = []
         self.control: socket.socket | None = None
         self.selector = selectors.DefaultSelector()
+        self.control_clients = control.Clients(self.selector)
         self._wakeup = (-1, -1)
         self._errors: dict[str, tuple[str, float, int]] = {}  # step -> last error, when, repeats
 
@@ -133,7 +134,7 @@ class Supervisor:
         self.control = control.listen(self.runtime_dir)
         self._install_signals()
         self.selector.register(self._wakeup[0], selectors.EVENT_READ, "wakeup")
-        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.control_clients.serve(self.control)
         self.notifier.status(f"starting {self.config.global_.workers} workers")
         self._spawn_generation(generation)
 
@@ -158,6 +159,7 @@ class Supervisor:
             self._guarded(self._reap)
             now = time.monotonic()
             self._guarded(self.notifier.watchdog, now)
+            self._guarded(self.control_clients.sweep, now)
             if self.stopping:
                 if not self.children:
                     return
@@ -190,13 +192,15 @@ class Supervisor:
             )
 
     def _wait(self, timeout: float) -> None:
-        for key, _ in self.selector.select(timeout):
+        for key, events in self.selector.select(timeout):
             if key.data == "wakeup":
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wakeup[0], 4096):
                         pass
-            elif key.data == "control":
-                self._on_control()
+            elif key.data == control.SELECTOR_TAG:
+                got = self.control_clients.on_ready(key.fileobj, events)
+                if got is not None:
+                    self._on_control(*got)
 
     def _reap(self) -> None:
         while True:
@@ -336,6 +340,7 @@ class Supervisor:
         close: list[int | socket.socket] = [s for s in self.sockets.all() if id(s) not in mine]
         if self.control is not None:
             close.append(self.control)
+        close += self.control_clients.sockets()
         close += list(self._wakeup)
         child = spawn(kind, slot, generation, own, close, self.log_settings)
         self.children[child.pid] = child
@@ -450,12 +455,8 @@ class Supervisor:
 
     # -- the control socket --------------------------------------------------------
 
-    def _on_control(self) -> None:
-        assert self.control is not None
-        got = control.accept_request(self.control)
-        if got is None:
-            return
-        conn, request = got
+    def _on_control(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        """A control client's whole request; answered with ``control.reply``, now or later."""
         command = request.get("cmd")
         if command == "reload":
             self.reload([conn])
@@ -528,6 +529,7 @@ class Supervisor:
             generation.remove()
         self.generations.clear()
         names = [POOL_LINK, control.CONTROL_SOCKET] if self.control is not None else [POOL_LINK]
+        self.control_clients.close()
         if self.control is not None:
             self.control.close()
         for name in names:

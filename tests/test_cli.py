@@ -3,14 +3,23 @@ on a pool whose health record cannot be read."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
+from lb import control
 from lb.config import parse_config
+from lb.errors import LBError
 from lb.generation import POOL_LINK, pool_path
 from lb.pool import layout as L
 from lb.pool.shm import HealthRecord, create_pool
@@ -153,3 +162,80 @@ def test_status_shows_a_server_whose_health_record_is_unreadable_as_unknown(
     assert line.split()[:5] == ["app", "s1", "127.0.0.1:2001", "unknown", "ready"]
     assert "health record unreadable" in line
     pool.close()
+
+
+# -- the control socket, as the command line meets it ----------------------------------------
+
+Behaviour = Callable[[socket.socket, threading.Event], None]
+
+
+@contextlib.contextmanager
+def fake_instance(tmp_path: Path, behaviour: Behaviour) -> Iterator[str]:
+    """A control socket whose one connection gets ``behaviour``; yields the runtime dir."""
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(control.control_path(str(runtime_dir)))
+    listener.listen(1)
+    listener.settimeout(60)
+    done = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                behaviour(conn, done)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield str(runtime_dir)
+    finally:
+        done.set()
+        thread.join(10)
+        listener.close()
+
+
+def close_unread(conn: socket.socket, _done: threading.Event) -> None:
+    """Close with the request unread: a Unix socket then resets its peer."""
+    select.select([conn], [], [], 10)
+
+
+def answer_not_json(conn: socket.socket, _done: threading.Event) -> None:
+    control.read_line(conn)
+    conn.sendall(b"<html>\n")
+
+
+def answer_before_reading(conn: socket.socket, _done: threading.Event) -> None:
+    """Answer at once (as a busy instance does), then end without reading the request."""
+    conn.sendall(control.encode({"ok": False, "errors": ["busy: try again shortly"]}))
+    conn.shutdown(socket.SHUT_RDWR)
+    while conn.recv(65536):  # what the client sent: left unread, the close would reset it
+        pass
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "line"),
+    [
+        (close_unread, "splicelb: the instance closed the control connection without an answer"),
+        (answer_not_json, "splicelb: the instance's answer is not a JSON object"),
+        (answer_before_reading, "splicelb: busy: try again shortly"),
+    ],
+    ids=["reset", "not-json", "answered-before-reading"],
+)
+def test_a_failing_control_connection_is_one_line_and_exit_1(
+    tmp_path: Path, behaviour: Behaviour, line: str
+) -> None:
+    with fake_instance(tmp_path, behaviour) as runtime_dir:
+        result = cli("drain", "--runtime-dir", runtime_dir, "app/a1", timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [line]
+
+
+def test_an_instance_that_does_not_answer_is_reported_after_the_timeout(tmp_path: Path) -> None:
+    def silent(conn: socket.socket, done: threading.Event) -> None:
+        done.wait(10)
+
+    with fake_instance(tmp_path, silent) as runtime_dir, pytest.raises(LBError) as failed:
+        control.request(runtime_dir, {"cmd": "ping"}, timeout=0.3)
+    assert str(failed.value) == "the instance did not answer within 0.3 s"

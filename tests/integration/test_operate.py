@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.servers import listening_ports
+from lb.cli import cli as splicelb
 from lb.control import control_path
 from tests.integration import clients
 from tests.integration.harness import (
@@ -109,6 +111,43 @@ def test_commands_without_an_instance_say_so_in_one_line(tmp_path: Path, argv: l
     assert result.stderr.splitlines() == [f"splicelb: no instance is running in {tmp_path}"]
 
 
+NOBODY = 65534
+DENIED = "permission denied (run as the instance's user)"
+
+
+def cli_as_nobody(*args: str) -> tuple[int, str, str]:
+    """``splicelb ARGS`` as user nobody: exit code, stdout, stderr.
+
+    Run in a forked child that drops to nobody (nobody may not be able to
+    exec this interpreter); an exception that escapes prints its traceback
+    to stderr, as the interpreter would.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sys.stdout = open(out.fileno(), "w", closefd=False)  # noqa: SIM115
+                sys.stderr = open(err.fileno(), "w", closefd=False)  # noqa: SIM115
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                splicelb.main(list(args), prog_name="splicelb")
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
+
+
 def connect_as_nobody(path: str) -> str:
     """Connect to the control socket as user nobody (in a forked child); what happened."""
     r, w = os.pipe()
@@ -118,8 +157,8 @@ def connect_as_nobody(path: str) -> str:
         outcome = "connected"
         try:
             os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(5)
                 sock.connect(path)
@@ -165,9 +204,14 @@ def check_guard(lb: SpliceLB) -> None:
     path = control_path(str(lb.runtime_dir))
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert connect_as_nobody(path) == "permission denied"  # the file mode
+    code, out, err = cli_as_nobody("drain", "--runtime-dir", str(lb.runtime_dir), "app/e")
+    assert (code, out, err.splitlines()) == (1, "", [f"splicelb: {path}: {DENIED}"])
     os.chmod(path, 0o666)  # even if someone widens it, the peer's uid is checked
+    # The answer is read after the request is written, so it always arrives.
     answer = json.loads(connect_as_nobody(path))
-    assert answer == {"ok": False, "errors": ["permission denied"]}
+    assert answer == {"ok": False, "errors": [DENIED]}
+    code, out, err = cli_as_nobody("drain", "--runtime-dir", str(lb.runtime_dir), "app/e")
+    assert (code, out, err.splitlines()) == (1, "", [f"splicelb: {DENIED}"])
     own = json.loads(cli("status", "--runtime-dir", str(lb.runtime_dir), "--json").stdout)
     assert own["generation"] == 1
 
