@@ -29,7 +29,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.instructions import MESSAGE, backend, round_trips, worker_pid
 from bench.procs import HOST, BenchError, Proc, free_port, scratch_main, wait_until
-from bench.servers import listening_ports, splicelb_toml
+from bench.servers import listening_ports, splicelb_argv, splicelb_toml, splicelb_workdir
 
 INTERVALS = (None, 0.01, 0.001, 0.0001)  # None: idle; else the pause between messages
 PUSH_INTERVALS = (0.001, 0.0002)
@@ -67,12 +67,12 @@ def start(
 ) -> tuple[Proc, int, int, int]:
     """A 1-worker splicelb in front of the echo and push backends: its Proc, its two
     ports and its worker's pid."""
-    port, push, runtime = free_port(), free_port(), tmp / f"run-{busy_poll_us}"
-    config = tmp / f"splicelb-{busy_poll_us}.toml"
+    port, push = free_port(), free_port()
+    workdir, runtime = splicelb_workdir(tmp, f"splicelb-busy{busy_poll_us}")
+    config = workdir / "splicelb.toml"
     listeners = [("echo", port, "tcp", echo_port), ("push", push, "tcp", push_port)]
     config.write_text(splicelb_toml(runtime, 1, listeners, busy_poll_us=busy_poll_us))
-    argv = [sys.executable, "-m", "lb", "run", "-c", str(config)]
-    proc = Proc(f"splicelb-busy{busy_poll_us}", argv, tmp)
+    proc = Proc(f"splicelb-busy{busy_poll_us}", splicelb_argv(config, workdir), tmp)
 
     def up() -> int | None:
         proc.check_alive()

@@ -4,16 +4,25 @@ Every process is started in its own session (so its process group holds all
 its children) and registered; ``kill_all`` kills every group still alive, and
 ``run.py`` calls it on normal exit, on exceptions and on Ctrl-C/SIGTERM.
 Everything binds 127.0.0.1 only.
+
+splicelb runs as systemd/splicelb.service runs it (:func:`unprivileged`): as
+a user without capabilities, so that the kernel's per-user limits (the pipe
+budget, ``fs.pipe-user-pages-soft``) apply to it as they do in production.
+Root is exempt from them, and a benchmark run as root would measure pipes
+the deployed service cannot have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,6 +37,7 @@ from lb.parent import set_pdeathsig
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
+OWN_UIDS = 4_000_000  # + this process's pid: the uid splicelb runs as, which no other process has
 T = TypeVar("T")
 
 # binary -> Debian package that ships it
@@ -109,6 +119,85 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str) -> 
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.05)
+
+
+def unprivileged_uid() -> int | None:
+    """The uid splicelb runs as, or None when the benchmark itself is not root (then
+    splicelb is already a user without capabilities).  A uid of its own, not ``nobody``:
+    the pipe budget is per user, and the unit's ``splicelb`` user runs nothing else."""
+    return OWN_UIDS + os.getpid() % 1_000_000 if os.geteuid() == 0 else None
+
+
+def unprivileged(argv: Sequence[str], scratch: Path) -> list[str]:
+    """``argv`` (a Python command) run as :func:`unprivileged_uid` with no capabilities and
+    no new privileges, like the unit (which keeps only CAP_NET_BIND_SERVICE, nothing to
+    do with pipes).  ``scratch``: an empty directory of the caller's, for mounts.
+
+    When this interpreter lives where other users cannot go (pyenv under a 0700
+    ``/root``), the command runs in a mount namespace of its own in which that directory
+    is a tmpfs open to all, holding only the interpreter's tree: the same interpreter and
+    environment as before, nothing changed outside the namespace.
+    """
+    uid = unprivileged_uid()
+    if uid is None:
+        return list(argv)
+    if which("setpriv") is None:
+        raise BenchError("setpriv (util-linux) is missing: splicelb runs as an unprivileged user")
+    setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    setpriv += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--pdeathsig=keep"]
+    hidden = _hidden(sys.executable, sys.prefix, sys.base_prefix, str(REPO))
+    if not hidden:
+        return [*setpriv, *argv]
+    if which("unshare") is None:
+        raise BenchError(f"unshare (util-linux) is missing, to make {sorted(hidden)} reachable")
+    script = ["set -e"]
+    children = sorted({child for found in hidden.values() for child in found})
+    for i, child in enumerate(children):
+        script.append(f"mkdir -p {scratch}/{i} && mount --bind {shlex.quote(child)} {scratch}/{i}")
+    script += [f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(d)}" for d in hidden]
+    for i, child in enumerate(children):
+        script.append(
+            f"mkdir {shlex.quote(child)} && mount --bind {scratch}/{i} {shlex.quote(child)}"
+        )
+    script.append('exec "$@"')
+    namespace = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)]
+    return [*namespace, "sh", *setpriv, *argv]
+
+
+def _hidden(*paths: str) -> dict[str, set[str]]:
+    """The directories that keep other users from ``paths`` (no search permission for
+    them), each with its entries on the way to those paths."""
+    found: dict[str, set[str]] = {}
+    for path in paths:
+        parts = Path(os.path.realpath(path)).parts
+        for depth in range(1, len(parts)):
+            directory = Path(*parts[:depth])
+            if not directory.stat().st_mode & stat.S_IXOTH:
+                found.setdefault(str(directory), set()).add(str(directory / parts[depth]))
+                break
+    return found
+
+
+@functools.cache
+def check_unprivileged() -> str:
+    """Run this interpreter once as splicelb will run: what it is, or BenchError why not."""
+    scratch = Path(tempfile.mkdtemp(prefix="splicelb-bench-ns-"))
+    try:
+        argv = [sys.executable, "-c", "import os, sys, lb.cli; print(os.getuid(), sys.executable)"]
+        done = subprocess.run(
+            unprivileged(argv, scratch),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if done.returncode != 0:
+        raise BenchError(f"splicelb cannot run as an unprivileged user: {done.stderr[-1000:]}")
+    return done.stdout.strip()
 
 
 class Proc:

@@ -6,6 +6,13 @@ runs every figure through splicelb and HAProxy alternately (plus one direct
 run per figure, the physical limit), and writes ``bench/results/<stamp>.json``,
 ``.md`` and ``.png`` (copied to ``latest.*``). ``--smoke`` is a seconds-long
 version for CI. Every process it starts is killed at the end, whatever happens.
+
+splicelb runs as systemd/splicelb.service runs it: as an unprivileged user
+(a uid of its own) without capabilities, so that the kernel's per-user pipe
+budget (``fs.pipe-user-pages-soft``) sizes its pipes as in production; run as
+root it would be exempt, and its figures would not be the deployed ones.  The
+unit's ``LimitNOFILE=65536`` is not copied: splicelb keeps the benchmark's
+open-files limit, as HAProxy does, so both have the same descriptors.
 """
 
 from __future__ import annotations
@@ -31,7 +38,15 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 
 from bench import report
 from bench.figures import KINDS, Settings, direct_applies
-from bench.procs import REPO, BenchError, Proc, ensure_tools, kill_all, log
+from bench.procs import (
+    REPO,
+    BenchError,
+    Proc,
+    check_unprivileged,
+    ensure_tools,
+    kill_all,
+    log,
+)
 from bench.servers import (
     HAPROXY_MAXCONN,
     HAPROXY_MAXPIPES,
@@ -185,7 +200,19 @@ def machine_info(tools: dict[str, str]) -> dict[str, Any]:
             "wrk": first_line([tools["wrk"], "-v"]),
         },
         "splicelb_commit": first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "splicelb_runs_as": check_unprivileged(),  # "UID INTERPRETER"
+        "pipe_sysctls": {
+            name: read_sysctl(name)
+            for name in ("fs.pipe-user-pages-soft", "fs.pipe-user-pages-hard", "fs.pipe-max-size")
+        },
     }
+
+
+def read_sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", *name.split(".")).read_text().strip()
+    except OSError:
+        return "?"
 
 
 def notes(args: argparse.Namespace) -> list[str]:
@@ -197,6 +224,9 @@ def notes(args: argparse.Namespace) -> list[str]:
         'splicelb: `log_level = "warning"` (per-connection `conn` lines are info level, so '
         'they were off), `admin_bind = ""`, no health checks; `mode = "tcp"` listeners for '
         'iperf3 and wrk, `mode = "http"` for the WebSocket tunnel (it sniffs the upgrade); '
+        "run as the systemd unit runs it: an unprivileged user without capabilities, its "
+        "pipes sized within that user's budget (`fs.pipe-user-pages-soft`), the open-files "
+        "limit HAProxy has (not the unit's `LimitNOFILE`); "
         f"`busy_poll_us` at its default ({DEFAULT_BUSY_POLL_US}): after work, a worker polls "
         f"on for {DEFAULT_BUSY_POLL_US} µs, "
         "yielding the CPU between polls, before it sleeps.",

@@ -20,7 +20,16 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
-from bench.procs import HOST, BenchError, Proc, free_port, log, wait_until
+from bench.procs import (
+    HOST,
+    BenchError,
+    Proc,
+    free_port,
+    log,
+    unprivileged,
+    unprivileged_uid,
+    wait_until,
+)
 
 START_TIMEOUT = 30.0
 HAPROXY_MAXCONN = 9500  # 2 x 9,500 sockets + 2 x MAXPIPES pipe ends fit in 20,000 descriptors
@@ -235,16 +244,36 @@ def splicelb_toml(
     return "".join(parts)
 
 
-def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
-    workdir = tmp / f"splicelb-{run_id}"
+def splicelb_workdir(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A directory for one splicelb's config and logs, and its runtime dir: readable,
+    and writable, by the user splicelb runs as (see :func:`bench.procs.unprivileged`)."""
+    workdir = tmp / name
     workdir.mkdir()
     runtime = workdir / "run"
+    runtime.mkdir()
+    uid = unprivileged_uid()
+    if uid is not None:
+        tmp.chmod(0o711)  # mkdtemp's 0700 would stop it on the way
+        workdir.chmod(0o755)
+        os.chown(runtime, uid, uid)
+    return workdir, runtime
+
+
+def splicelb_argv(config: Path, workdir: Path) -> list[str]:
+    """``splicelb run`` as the unit runs it: as an unprivileged user."""
+    scratch = workdir / "mounts"
+    scratch.mkdir()
+    return unprivileged([sys.executable, "-m", "lb", "run", "-c", str(config)], scratch)
+
+
+def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
+    workdir, runtime = splicelb_workdir(tmp, f"splicelb-{run_id}")
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
     modes = {"bulk": "tcp", "http": "tcp", "ws": "http"}
     listeners = [(name, ports[name], modes[name], backends.ports[name]) for name in ports]
     config = workdir / "splicelb.toml"
     config.write_text(splicelb_toml(runtime, workers, listeners, maxconn=20000, drain_timeout=1))
-    proc = Proc("splicelb", [sys.executable, "-m", "lb", "run", "-c", str(config)], workdir)
+    proc = Proc("splicelb", splicelb_argv(config, workdir), workdir)
     target = Target("splicelb", ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "splicelb's listeners")
