@@ -44,7 +44,7 @@ from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
 from lb.worker.limits import Episode
 from lb.worker.loop import Loop
-from lb.worker.pipes import PipePool
+from lb.worker.pipes import PipePool, plan_for_worker
 from lb.worker.runtime import ListenerRuntime, build_backends, build_listeners, format_peer
 from lb.worker.splice import Pump
 from lb.worker.tally import Tally
@@ -91,7 +91,11 @@ class Worker:
             on_idle=self._take if workers > 1 else None,
         )
         self.deadlines = Deadlines(loop, DEADLINE_GRID, self._error)
-        self.pipes = PipePool()
+        plan = plan_for_worker(workers)  # against the user's pipe budget: see lb.worker.pipes
+        self.pipes = PipePool.from_plan(plan, lambda fields: log.warning("pipe_refused", **fields))
+        if slot == 0:  # every worker plans alike: the first one says so for the instance
+            for fields in plan.warnings():
+                log.warning("pipe_budget", **fields)
         self.local_limits = Episode(log, "local_limit", "local_limit_over")
         self.pump = Pump(loop, self.pipes, self.deadlines, self._starved)
         self.backends = build_backends(config, pool)
@@ -188,6 +192,7 @@ class Worker:
         for listener in self.listeners:  # ours are copies: the supervisor keeps the sockets
             for sock in listener.socks:
                 sock.close()
+        self.pipes.drain()  # the idle pipes' share of the budget, for the next generation
 
     def stop_now(self) -> None:
         self.acceptor.stop()
