@@ -45,7 +45,7 @@ import struct
 from typing import Final
 
 MAGIC: Final = 0x3130424C43494C50  # b"PLICLB01" little-endian, a sanity check
-LAYOUT_VERSION: Final = 2
+LAYOUT_VERSION: Final = 3
 
 # Header: words (8 bytes each) by index.
 H_MAGIC, H_VERSION, H_GENERATION, H_NSERVERS, H_NSLOTS = 0, 1, 2, 3, 4
@@ -76,8 +76,8 @@ ADMIN_NAMES: Final = ("ready", "drain", "maint")
 # Worker slot header, words by index.
 S_PID, S_GENERATION, S_BEAT, S_STATE, S_CONNECTIONS, S_ACCEPTED = 0, 1, 2, 3, 4, 5
 S_SUSPECT_VERSION: Final = 6
-S_ANSWERS: Final = 8  # 8 words: counts of the statuses in ANSWER_STATUSES
-ANSWER_STATUSES: Final = (400, 403, 408, 431, 502, 503, 504, 0)
+S_ANSWERS: Final = 8  # up to 8 words: counts of the statuses in ANSWER_STATUSES
+ANSWER_STATUSES: Final = (400, 403, 408, 431, 500, 503, 0)  # 0: any other
 SLOT_HEADER_WORDS: Final = 16
 
 # Worker slot state values.

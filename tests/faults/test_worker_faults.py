@@ -4,14 +4,17 @@ the other side stalls.  Each test ends with the instance serving (tests/faults/c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import select
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +22,12 @@ from tests.faults.checks import REQUEST, fault_config, get, still_serves
 from tests.integration import clients
 from tests.integration.harness import (
     EchoBackend,
+    FlakyBackend,
     Proc,
     SpliceLB,
     ToolServer,
     backend,
+    cli,
     config,
     free_port,
     listener,
@@ -146,9 +151,12 @@ def test_a_raising_expire_leaves_the_deadlines_running(
     for sock in socks:
         sock.close()
     # the connection whose expiry failed is answered too: the balancer's own error
-    assert {clients.status_of(reply) for reply in replies} <= {408, 500}, replies
+    statuses = [clients.status_of(reply) for reply in replies]
+    assert 500 in statuses and set(statuses) <= {408, 500}, statuses
     errors = wait_until(lambda: lb.events("worker_error"), 5, "worker_error")
     assert all("injected fault" in e["error"] for e in errors)
+    status = json.loads(cli("status", "--json", "-c", str(lb.config_path)).stdout)
+    assert status["answers"]["500"] == statuses.count(500)
     still_serves(lb, port)
 
 
@@ -246,3 +254,86 @@ def test_a_server_reset_ends_the_tunnel_while_its_client_stalls(
         wait_until(flood.results, 10, "the server to send until stalled, then reset")
         [line] = lb.wait_conns(1, timeout=3)
     assert line["reason"] == "server reset"
+
+
+def test_the_open_file_limit_is_raised_and_maxconn_planned_within_it(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """Started with the soft limit many shells give (1024) and a maxconn that needs more
+    descriptors than even the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    port = free_port()
+    text = fault_config(port, servers(echo_pair), extra="maxconn = 100000")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        lb = start_lb(text)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for pid in lb.worker_pids():
+        assert resource.prlimit(pid, resource.RLIMIT_NOFILE) == (hard, hard)
+    [warning] = lb.events("fd_limit")
+    assert "global.maxconn = 100000" in warning["reason"] and str(hard) in warning["reason"]
+    caps = {r["maxconn"] for r in lb.events("worker_start")}
+    assert caps and all(2 * cap < hard for cap in caps)  # each worker holds what it can
+    still_serves(lb, port)
+
+
+def test_accept_paused_is_logged_once_per_episode(
+    echo_pair: tuple[EchoBackend, EchoBackend],
+    start_lb: Callable[..., SpliceLB],
+    squeeze: Callable[[int, int], None],
+) -> None:
+    port = free_port()
+    lb = start_lb(fault_config(port, servers(echo_pair), workers=1), workers=1)
+    [victim] = lb.worker_pids()
+    squeeze(victim, 0)  # not even the client's socket: accept fails
+    with ThreadPoolExecutor(10) as pool:
+        replies = [pool.submit(clients.exchange, port, REQUEST, timeout=15) for _ in range(10)]
+        wait_until(lambda: lb.events("accept_paused"), 10, "accept_paused")
+        time.sleep(1.5)  # the fault lasts: the worker tries again every 0.1 s
+        resource.prlimit(victim, resource.RLIMIT_NOFILE, (20000, 20000))
+        statuses = [clients.status_of(reply.result()) for reply in replies]
+    assert statuses == [200] * 10  # the backlog held them all
+    assert len(lb.events("accept_paused")) == 1  # one line when it began ...
+    [resumed] = wait_until(lambda: lb.events("accept_resumed"), 10, "accept_resumed")
+    assert resumed["count"] >= 10  # ... and one when it ended, counting every try
+    still_serves(lb, port)
+
+
+def test_a_used_up_local_port_range_is_the_balancers_limit_not_the_servers(
+    namespace: tuple[str, str, str], procs: list[Proc], tmp_path: Path
+) -> None:
+    """In a namespace of its own, with four local ports: a fifth tunnel to the server
+    has no port to connect from."""
+    name, _here, there = namespace
+    inside = ("ip", "netns", "exec", name)
+    subprocess.run(
+        [*inside, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40003"], check=True
+    )
+    server = FlakyBackend("a", prefix=inside)
+    procs.append(server)
+    port = free_port()
+    text = config(
+        listener(f"{there}:{port}", "app"), backend("app", [("a", server.address)]), workers=1
+    )
+    lb = SpliceLB(tmp_path, text, workers=1, prefix=inside)
+    procs.append(lb)
+    held, statuses = [], []
+    for _ in range(8):  # each kept-alive request holds its tunnel, and a local port
+        sock = socket.create_connection((there, port), timeout=5)
+        sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+        statuses.append(clients.status_of(sock.recv(1000)))
+        held.append(sock)
+    assert statuses.count(200) >= 2 and statuses[-1] == 503, statuses
+    refused = [c for c in lb.conns() if c["status"] == 503]
+    assert all(
+        c["reason"] == "local limit: Cannot assign requested address (connect)" for c in refused
+    )
+    assert not lb.events("connect_failed")  # the server is not blamed ...
+    [warning] = lb.events("local_limit")  # ... and the operator is told once
+    assert "net.ipv4.ip_local_port_range" in warning["raise_with"]
+    status = json.loads(cli("status", "--json", "-c", str(lb.config_path)).stdout)
+    [counted] = [s for b in status["backends"] for s in b["servers"]]
+    assert counted["failed_connects"] == 0
+    for sock in held:
+        sock.close()

@@ -152,14 +152,17 @@ class SpliceLB(Proc):
         workers: int = 2,
         env: dict[str, str] | None = None,
         launcher: tuple[str, ...] = ("-m", "lb"),
+        prefix: tuple[str, ...] = (),
     ) -> None:
-        """``launcher``: what runs ``splicelb`` (tests/faults/inject.py injects faults)."""
+        """``launcher``: what runs ``splicelb`` (tests/faults/inject.py injects faults);
+        ``prefix``: a command it runs under (``ip netns exec NS``)."""
         self.tmp = tmp
         self.workers = workers
         self.runtime_dir = tmp / "run"
         self.config_path = tmp / "splicelb.toml"
         self.config_path.write_text(config.replace("@RUNTIME@", str(self.runtime_dir)))
-        super().__init__([sys.executable, *launcher, "run", "-c", str(self.config_path)], env)
+        argv = [*prefix, sys.executable, *launcher, "run", "-c", str(self.config_path)]
+        super().__init__(argv, env)
         wait_until(self._started, 20, "splicelb to start")
 
     def _started(self) -> bool:
