@@ -7,8 +7,10 @@ for the whole echo (the echo backend returns the same bytes), and times each
 round trip with ``time.perf_counter_ns``; one message at a time. It prints one
 JSON object: per size the p50, p99, mean and count in microseconds.
 
-``python -m bench.clients idle --port P --count N`` opens N tunnels, prints
-``ready N`` and holds them, idle, until its standard input closes.
+``python -m bench.clients idle --port P --count N [--source ADDR]`` opens N
+tunnels (from ``ADDR``, a loopback address such as 127.0.0.2: one source
+address has about 28,000 local ports), prints ``ready N`` and holds them,
+idle, until its standard input closes.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ class TunnelError(RuntimeError):
     pass
 
 
-def open_tunnel(port: int, path: str = "/ws", timeout: float = TIMEOUT) -> socket.socket:
-    """Connect and upgrade; the socket is blocking, with TCP_NODELAY, ready for frames."""
-    sock = socket.create_connection((HOST, port), timeout=timeout)
+def open_tunnel(
+    port: int, path: str = "/ws", timeout: float = TIMEOUT, source: str = ""
+) -> socket.socket:
+    """Connect (from ``source``, if given) and upgrade; the socket is blocking, with
+    TCP_NODELAY, ready for frames."""
+    sock = socket.create_connection(
+        (HOST, port), timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16))
@@ -134,13 +141,13 @@ def rtt_main(port: int, sizes: list[tuple[int, int]], warmup: int) -> None:
     print(json.dumps(result), flush=True)
 
 
-def idle_main(port: int, count: int) -> None:
+def idle_main(port: int, count: int, source: str = "") -> None:
     """Open ``count`` tunnels, say so, hold them until stdin closes."""
     socks = []
     for _ in range(count):
         for attempt in range(3):
             try:
-                socks.append(open_tunnel(port))
+                socks.append(open_tunnel(port, source=source))
                 break
             except (OSError, TunnelError):
                 if attempt == 2:
@@ -170,11 +177,12 @@ def main() -> None:
     idle = sub.add_parser("idle", help="open idle tunnels and hold them until stdin closes")
     idle.add_argument("--port", type=int, required=True)
     idle.add_argument("--count", type=int, required=True)
+    idle.add_argument("--source", default="", help="a local address to connect from")
     args = parser.parse_args()
     if args.command == "rtt":
         rtt_main(args.port, parse_sizes(args.sizes), args.warmup)
     else:
-        idle_main(args.port, args.count)
+        idle_main(args.port, args.count, args.source)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from bench.procs import (
 )
 from bench.servers import Target, start_backends, start_target
 
-STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
+STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
 # A line of `perf report --sort dso,sym`: "  10.21%  [kernel.kallsyms]  [k] tcp_ack".
 PERF_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*?)\s*$")
 TRACER_PACKAGES = {"strace": "strace", "perf": "linux-perf"}  # Debian packages
@@ -136,17 +136,21 @@ def traced_wrk(
 
 def syscalls(
     pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
-) -> dict[str, float]:
-    """System calls per request of ``pid`` under ``wrk`` (strace -c)."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """System calls per request of ``pid`` under ``wrk`` (strace -c), and of those the
+    ones that failed (``accept4`` that finds the queue empty, say)."""
     strace = tracer("strace")
     requests, out_file = traced_wrk(strace, ["-c", "-f"], pid, tools, port, seconds, close)
     counts: dict[str, float] = {}
+    errors: dict[str, float] = {}
     for line in out_file.read_text().splitlines():
         m = STRACE_LINE.match(line)
-        if m and m.group(2) != "total":
-            counts[m.group(2)] = round(int(m.group(1)) / max(requests, 1), 2)
+        if m and m.group(3) != "total":
+            counts[m.group(3)] = round(int(m.group(1)) / max(requests, 1), 2)
+            if m.group(2):
+                errors[m.group(3)] = round(int(m.group(2)) / max(requests, 1), 2)
     out_file.unlink()
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])), errors
 
 
 def profile(
@@ -253,7 +257,9 @@ def measure(
                 "idle_pct": round(machine["idle"] / machine["total"] * 100, 1),
             }
             if "strace" in tracers:
-                row["syscalls"] = syscalls(busiest_pid(target), tools, port, seconds, close)
+                row["syscalls"], row["syscall_errors"] = syscalls(
+                    busiest_pid(target), tools, port, seconds, close
+                )
                 row["syscalls_total"] = round(sum(row["syscalls"].values()), 1)
             if "perf" in tracers:
                 row["profile"] = profile(busiest_pid(target), tools, port, seconds, close)

@@ -296,8 +296,11 @@ def measure_close(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     return values, rest
 
 
-def _open_idle(port: int, count: int, per_client: int) -> list[Proc]:
-    """Start client processes holding ``count`` tunnels in all; wait until all are open."""
+def open_idle(
+    port: int, count: int, per_client: int, sources: list[str] | None = None
+) -> list[Proc]:
+    """Start client processes holding ``count`` tunnels in all; wait until all are open.
+    Client i connects from ``sources[i % len(sources)]`` (default: the kernel's choice)."""
     clients: list[Proc] = []
     n_clients = max(1, math.ceil(count / per_client))
     try:
@@ -313,6 +316,8 @@ def _open_idle(port: int, count: int, per_client: int) -> list[Proc]:
                 "--count",
                 str(share),
             ]
+            if sources:
+                argv += ["--source", sources[i % len(sources)]]
             clients.append(
                 Proc(
                     f"idle-client-{i}",
@@ -332,12 +337,12 @@ def _open_idle(port: int, count: int, per_client: int) -> list[Proc]:
                 proc.check_alive()
                 raise BenchError(f"{proc.name} did not open its tunnels in time ({line!r})")
     except BaseException:
-        _close_idle(clients)
+        close_idle(clients)
         raise
     return clients
 
 
-def _close_idle(clients: list[Proc]) -> None:
+def close_idle(clients: list[Proc]) -> None:
     """Close the clients' stdin (they close their tunnels and exit); kill what lingers."""
     for proc in clients:
         if proc.popen.stdin is not None:
@@ -353,16 +358,16 @@ def measure_idle(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     if target.proc is None:
         raise BenchError("the idle-tunnel figure needs a balancer")
     port = target.ports["ws"]
-    _close_idle(_open_idle(port, 20, s.tunnels_per_client))  # warm-up: first-connection costs
+    close_idle(open_idle(port, 20, s.tunnels_per_client))  # warm-up: first-connection costs
     time.sleep(1.0)
     before = target.rss()
-    clients = _open_idle(port, s.idle_tunnels, s.tunnels_per_client)
+    clients = open_idle(port, s.idle_tunnels, s.tunnels_per_client)
     try:
         time.sleep(1.0)
         after = target.rss()
         processes = target.pids()
     finally:
-        _close_idle(clients)
+        close_idle(clients)
     per_tunnel = (after - before) / s.idle_tunnels
     return {"idle_tunnel_bytes": per_tunnel}, {
         "rss_before": before,

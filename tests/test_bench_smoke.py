@@ -105,7 +105,8 @@ def test_cpu_profile_smoke() -> None:
     assert "haproxy" in result["haproxy"]["close"]["profile"]["percent"]
     # a new connection is accepted once and spliced, never copied through Python
     close = result["splicelb"]["close"]["syscalls"]
-    assert 0.9 <= close["accept4"] <= 1.1, close
+    failed = result["splicelb"]["close"]["syscall_errors"]  # an accept4 that found none
+    assert 0.9 <= close["accept4"] - failed.get("accept4", 0) <= 1.1, (close, failed)
     assert close["splice"] >= 2, close
     assert "recvfrom" not in close and "sendto" not in close, close
 

@@ -168,7 +168,9 @@ def test_a_reload_storm_leaves_a_bounded_number_of_generations_draining(
     lb = start_lb(text.replace("drain_timeout = 5", "drain_timeout = 120"))
     tunnels: list[list[socket.socket]] = []
     for _ in range(6):
-        tunnels.append([ws_tunnel(port) for _ in range(10)])  # each generation has some to drain
+        tunnels.append(
+            [clients.ws_tunnel(port) for _ in range(10)]
+        )  # each generation has some to drain
         done = reload_with(lb, text.replace("drain_timeout = 5", "drain_timeout = 120"))
         assert done.returncode == 0, done.stdout + done.stderr
     # Generations 1..7 exist; 7 serves, at most two drain: 1..4 were retired.
@@ -184,7 +186,7 @@ def test_a_reload_storm_leaves_a_bounded_number_of_generations_draining(
             assert clients.read_all(sock) == b""
     for group in tunnels[4:]:  # the two youngest draining generations keep theirs
         for sock in group:
-            assert ws_ping(sock)
+            assert clients.ws_ping(sock)
     workers = wait_until(lambda: _workers_at_most(lb, 2 * 3), 15, "retired workers to exit")
     assert workers
     closes = [c for c in lb.conns() if c["reason"].startswith("worker retired")]
@@ -198,23 +200,6 @@ def test_a_reload_storm_leaves_a_bounded_number_of_generations_draining(
 def _workers_at_most(lb: SpliceLB, most: int) -> bool:
     workers = [p for p in psutil.Process(lb.pid).children() if p.status() != "zombie"]
     return len(workers) <= most + 2  # and the prober, and one more moment of slack for the admin
-
-
-def ws_tunnel(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(clients.upgrade_request())
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def ws_ping(sock: socket.socket, payload: bytes = b"hi") -> bool:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-    return sock.recv(100) == bytes([0x81, len(payload)]) + payload
 
 
 def running_workers(lb: SpliceLB) -> list[int]:

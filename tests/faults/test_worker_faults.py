@@ -173,10 +173,12 @@ def test_a_raising_sweep_leaves_idle_tunnels_timing_out(
         workers=1,
         launcher=(*INJECT, "--raise", "lb.worker.splice:Tunnel.flush", "--"),
     )
-    busy = clients_tunnel(port)
-    assert ws_ping(busy)  # bytes moved: the sweep flushes this tunnel first, and that raises
+    busy = clients.ws_tunnel(port)
+    assert clients.ws_ping(
+        busy
+    )  # bytes moved: the sweep flushes this tunnel first, and that raises
     wait_until(lambda: lb.events("worker_error"), 5, "worker_error")
-    idle = clients_tunnel(port)
+    idle = clients.ws_tunnel(port)
     began = time.monotonic()
     idle.settimeout(10)
     assert idle.recv(100) == b""  # the balancer closes the idle tunnel
@@ -185,23 +187,6 @@ def test_a_raising_sweep_leaves_idle_tunnels_timing_out(
         lambda: any(c["reason"] == "tunnel idle timeout" for c in lb.conns()), 5, "the idle close"
     )
     still_serves(lb, port)
-
-
-def clients_tunnel(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(clients.upgrade_request())
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def ws_ping(sock: socket.socket, payload: bytes = b"hi") -> bool:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-    return sock.recv(100) == bytes([0x81, len(payload)]) + payload
 
 
 def fill(sock: socket.socket) -> int:

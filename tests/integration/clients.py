@@ -4,6 +4,7 @@ that answers and closes."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 
@@ -66,6 +67,29 @@ def upgrade_request(path: str = "/ws", host: str = "example.test", extra: str = 
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
         f"{extra}\r\n"
     ).encode()
+
+
+def ws_tunnel(port: int) -> socket.socket:
+    """A raw WebSocket tunnel through the balancer (101 read, frames not needed)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(upgrade_request())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def ws_ping(sock: socket.socket, payload: bytes = b"hi") -> bool:
+    """Send one masked text frame and read its echo: is the tunnel alive?"""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    try:
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+        reply = sock.recv(100)
+    except OSError:
+        return False
+    return reply == bytes([0x81, len(payload)]) + payload
 
 
 async def ws_echo(url: str, messages: list[bytes | str], **kwargs: object) -> list[bytes | str]:

@@ -40,35 +40,12 @@ def echo_config(
     )
 
 
-def open_tunnel(port: int) -> socket.socket:
-    """A raw WebSocket tunnel through the balancer (101 read, frames not needed)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(clients.upgrade_request())
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101")
-    return sock
-
-
-def ws_ping(sock: socket.socket, payload: bytes = b"hi") -> bool:
-    """Send one masked text frame and read its echo: is the tunnel alive?"""
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    try:
-        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-        reply = sock.recv(100)
-    except OSError:
-        return False
-    return reply == bytes([0x81, len(payload)]) + payload
-
-
 def test_sigkill_worker_under_load_spares_other_tunnels_and_new_connections(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], procs: list[Proc]
 ) -> None:
     port = free_port()
     lb = start_lb(echo_config(port, echo_pair))
-    tunnels = [open_tunnel(port) for _ in range(40)]
+    tunnels = [clients.ws_tunnel(port) for _ in range(40)]
     owner = {}  # tunnel index -> worker pid, read from the sockets' owners
     for i, sock in enumerate(tunnels):
         local = sock.getsockname()[1]
@@ -96,7 +73,7 @@ def test_sigkill_worker_under_load_spares_other_tunnels_and_new_connections(
     assert summary["failures"] == in_flight and len(in_flight) <= 2, summary["failures"]
     assert summary["requests_ok"] >= 700
     for i, sock in enumerate(tunnels):
-        assert ws_ping(sock) == (owner[i] == survivor), f"tunnel {i} of worker {owner[i]}"
+        assert clients.ws_ping(sock) == (owner[i] == survivor), f"tunnel {i} of worker {owner[i]}"
         sock.close()
 
 
@@ -151,7 +128,7 @@ def test_long_lived_tunnels_stay_spread_over_the_workers(
     opened one at a time are shared out, not held by whichever worker wakes first."""
     port = free_port()
     lb = start_lb(echo_config(port, echo_pair))
-    tunnels = [open_tunnel(port) for _ in range(40)]
+    tunnels = [clients.ws_tunnel(port) for _ in range(40)]
     try:
 
         def held() -> list[int] | None:  # once the workers have published all 40
@@ -254,7 +231,7 @@ def test_reload_adds_and_removes_a_listener_and_a_backend(
     whoami = b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert clients.exchange(kept, whoami).endswith(b"echo1")
     assert clients.exchange(removed, whoami).endswith(b"echo2")
-    tunnel = open_tunnel(removed)  # a tunnel on the listener about to go
+    tunnel = clients.ws_tunnel(removed)  # a tunnel on the listener about to go
     lb.config_path.write_text(
         config(
             listener(f"127.0.0.1:{kept}", "three", name="kept")
@@ -271,7 +248,7 @@ def test_reload_adds_and_removes_a_listener_and_a_backend(
         raise AssertionError("the removed listener still accepts")
     except ConnectionRefusedError:
         pass
-    assert ws_ping(tunnel)  # open tunnels are not touched by a reload
+    assert clients.ws_ping(tunnel)  # open tunnels are not touched by a reload
     tunnel.close()
     status = cli("status", "--runtime-dir", str(lb.runtime_dir), "--json")
     assert '"name": "three"' in status.stdout and '"name": "one"' not in status.stdout
@@ -309,12 +286,12 @@ def test_sigterm_drains_open_tunnels_then_exits_0(
 ) -> None:
     port = free_port()
     lb = start_lb(echo_config(port, echo_pair, drain=3))
-    finishing, lingering = open_tunnel(port), open_tunnel(port)
+    finishing, lingering = clients.ws_tunnel(port), clients.ws_tunnel(port)
     children = psutil.Process(lb.pid).children(recursive=True)
     lb.signal(signal.SIGTERM)
     wait_until(lambda: len(lb.events("worker_drain")) == 2, 5, "workers draining")
     for _ in range(5):  # the exchange goes on during the drain
-        assert ws_ping(finishing)
+        assert clients.ws_ping(finishing)
         time.sleep(0.2)
     finishing.close()
     began = time.monotonic()
@@ -356,10 +333,10 @@ def test_a_second_sigterm_or_sigquit_closes_everything_at_once(
     for second in (signal.SIGTERM, signal.SIGQUIT):
         port = free_port()
         lb = start_lb(echo_config(port, echo_pair, drain=60))
-        tunnel = open_tunnel(port)
+        tunnel = clients.ws_tunnel(port)
         lb.signal(signal.SIGTERM)
         wait_until(lambda lb=lb: len(lb.events("worker_drain")) == 2, 5, "draining")
-        assert ws_ping(tunnel)  # still served while draining
+        assert clients.ws_ping(tunnel)  # still served while draining
         began = time.monotonic()
         lb.signal(second)
         assert lb.wait(15) == 0

@@ -1,0 +1,215 @@
+"""Many idle tunnels: does a worker's timer work grow with the tunnels it holds?
+
+``python -m bench.tunnels --tunnels 100000`` runs splicelb as ``bench/run.py``
+does (as an unprivileged user, ``log_level = "warning"``) with one WebSocket
+listener in front of echo backends, and measures twice: with ``BASELINE``
+idle WebSocket tunnels open, then with ``--tunnels``:
+
+- 64-byte round trips over one more tunnel, one message at a time
+  (``bench.clients rtt``: p50 and p99);
+- the workers' CPU while nothing moves, over ``--idle-seconds`` (each
+  worker's share of one core; the busiest worker's is the figure).
+
+The sizes follow from this machine's limits.  A process may hold 20,000
+descriptors: a worker holds at most ``PER_WORKER`` tunnels (two sockets
+each, and its pipes), an echo backend process ``PER_BACKEND_PROC``
+connections and a client process ``PER_CLIENT`` tunnels.  A source address
+has about 28,000 local ports toward one destination address: the balancer
+reaches one backend address per ``PER_SERVER`` tunnels, and each client
+connects from one of several loopback addresses (127.0.0.2, ...).
+
+Writes ``bench/results/<time>-tunnels.{json,md}`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped,unused-ignore]
+
+from bench.figures import close_idle, open_idle
+from bench.procs import (
+    HOST,
+    REPO,
+    BenchError,
+    Proc,
+    free_port,
+    log,
+    scratch_main,
+    wait_until,
+)
+from bench.servers import splicelb_argv, splicelb_workdir, wait_listening
+
+BASELINE = 100
+PER_WORKER = 8000
+PER_BACKEND_PROC = 12500
+PER_SERVER = 25000
+PER_CLIENT = 12500
+CLIENTS_PER_SOURCE = 2  # 25,000 tunnels from one source address
+SETTLE = 3.0  # seconds after the last tunnel opened: its keepalive deadline has come and gone
+RESULTS = REPO / "bench" / "results"
+
+
+def start_echo(procs: int, tmp: Path, index: int) -> int:
+    """One echo backend of ``procs`` processes on a port of its own; its port."""
+    echo = Proc(
+        f"echo-{index}",
+        [sys.executable, str(REPO / "bench" / "echo_server.py"), "--procs", str(procs)],
+        tmp,
+        stdout=subprocess.PIPE,
+    )
+    assert echo.popen.stdout is not None
+    line = echo.popen.stdout.readline().decode()
+    echo.check_alive()
+    if not line.startswith("listening "):
+        raise BenchError(f"echo backend said {line!r}")
+    port = int(line.split()[1])
+    wait_listening(echo, [port], f"echo backend {index}")
+    return port
+
+
+def config(runtime: Path, workers: int, port: int, servers: list[int], maxconn: int) -> str:
+    text = textwrap.dedent(f"""\
+        [global]
+        workers = {workers}
+        runtime_dir = "{runtime}"
+        admin_bind = ""
+        log_level = "warning"
+        maxconn = {maxconn}
+        drain_timeout = 1
+
+        [[listeners]]
+        name = "ws"
+        bind = "{HOST}:{port}"
+        default_backend = "echo"
+
+        [[backends]]
+        name = "echo"
+        """)
+    for index, server in enumerate(servers):
+        text += f'\n[[backends.servers]]\nname = "e{index}"\naddress = "{HOST}:{server}"\n'
+    return text
+
+
+def worker_pids(runtime: Path) -> list[int]:
+    result = subprocess.run(
+        [sys.executable, "-m", "lb", "status", "--runtime-dir", str(runtime), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode:
+        return []
+    return [w["pid"] for w in json.loads(result.stdout)["workers"] if w["state"] == "running"]
+
+
+def cpu_shares(pids: list[int], seconds: float) -> list[float]:
+    """Each process's CPU over ``seconds``, as a share of one core (percent)."""
+    procs = [psutil.Process(pid) for pid in pids]
+    before = [sum(p.cpu_times()[:2]) for p in procs]
+    time.sleep(seconds)
+    after = [sum(p.cpu_times()[:2]) for p in procs]
+    return [round(100 * (a - b) / seconds, 3) for a, b in zip(after, before, strict=True)]
+
+
+def round_trips(port: int, count: int) -> dict[str, float]:
+    argv = ["-m", "bench.clients", "rtt", "--port", str(port), "--sizes", f"64:{count}"]
+    done = subprocess.run(
+        [sys.executable, *argv, "--warmup", "200"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    if done.returncode:
+        raise BenchError(f"round trips failed: {done.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(done.stdout)["64"]
+    return result
+
+
+def measure(port: int, runtime: Path, args: argparse.Namespace) -> dict[str, Any]:
+    time.sleep(SETTLE)
+    pids = worker_pids(runtime)
+    cpu = cpu_shares(pids, args.idle_seconds)
+    rtt = round_trips(port, args.round_trips)
+    return {"workers_cpu_pct": cpu, "busiest_worker_cpu_pct": max(cpu), "rtt64": rtt}
+
+
+def run(tmp: Path, args: argparse.Namespace) -> str:
+    total = args.tunnels + BASELINE + 1
+    workers = args.workers or max(2, math.ceil(total / PER_WORKER))
+    nservers = max(1, math.ceil(total / PER_SERVER))
+    per_server = math.ceil(total / nservers)
+    servers = [
+        start_echo(math.ceil(per_server / PER_BACKEND_PROC), tmp, i) for i in range(nservers)
+    ]
+    workdir, runtime = splicelb_workdir(tmp, "splicelb")
+    port = free_port()
+    path = workdir / "splicelb.toml"
+    path.write_text(config(runtime, workers, port, servers, total + 1000))
+    lb = Proc("splicelb", splicelb_argv(path, workdir), workdir)
+    wait_listening(lb, [port], "splicelb")
+    wait_until(lambda: len(worker_pids(runtime)) == workers or None, 60, "the workers")
+    log(f"{workers} workers, {nservers} echo servers; {BASELINE} tunnels")
+    clients = open_idle(port, BASELINE, PER_CLIENT)
+    result: dict[str, Any] = {"workers": workers, "servers": nservers}
+    try:
+        result["baseline"] = {"tunnels": BASELINE, **measure(port, runtime, args)}
+        log(f"opening {args.tunnels} more")
+        sources = [f"127.0.0.{2 + i // CLIENTS_PER_SOURCE}" for i in range(64)]
+        started = time.monotonic()
+        clients += open_idle(port, args.tunnels, PER_CLIENT, sources)
+        result["open_s"] = round(time.monotonic() - started, 1)
+        result["loaded"] = {"tunnels": BASELINE + args.tunnels, **measure(port, runtime, args)}
+    finally:
+        close_idle(clients)
+    base, loaded = result["baseline"], result["loaded"]
+    result["p99_ratio"] = round(loaded["rtt64"]["p99_us"] / base["rtt64"]["p99_us"], 2)
+    result["p50_ratio"] = round(loaded["rtt64"]["p50_us"] / base["rtt64"]["p50_us"], 2)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stamp}-tunnels.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = report(result)
+    (RESULTS / f"{stamp}-tunnels.md").write_text(table)
+    return table
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = ["| open tunnels | 64 B round trip p50 | p99 | busiest worker's idle CPU |"]
+    rows.append("|---:|---:|---:|---:|")
+    for key in ("baseline", "loaded"):
+        r = result[key]
+        rows.append(
+            f"| {r['tunnels']:,} | {r['rtt64']['p50_us']:.1f} µs | {r['rtt64']['p99_us']:.1f} µs"
+            f" | {r['busiest_worker_cpu_pct']:.2f}% |"
+        )
+    return (
+        f"{result['workers']} workers, {result['servers']} echo servers;"
+        f" p99 ratio {result['p99_ratio']}, p50 ratio {result['p50_ratio']}\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tunnels", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=0, help="default: what the tunnels need")
+    parser.add_argument("--round-trips", type=int, default=5000)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    return scratch_main("splicelb-tunnels-", lambda tmp: run(tmp, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
