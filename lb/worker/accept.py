@@ -147,11 +147,6 @@ class Acceptor:
         for fd in [ls.fd for ls in self.own] + list(self.others):
             self.loop.unprotect(fd)
 
-    def ended(self) -> None:
-        """A connection ended: below the cap again, accepting resumes."""
-        if not self.accepting and self.tally.active < self.cap:
-            self.resume()
-
     def take(self) -> bool:
         """Idle: accept what waits on the other slots' sockets whose worker is behind
         (see "Taking from the other slots"); whether there was any."""

@@ -105,8 +105,8 @@ class Context:
     deadlines: Deadlines
     backends: dict[str, BackendRuntime]
     finish: Callable[[Connection, int | None, str, int], None]  # status, reason, bytes_out
-    tunnel_opened: Callable[[Connection], None]
-    count_bytes: Callable[[Connection, int, int], None]  # up, down
+    tunnel_opened: Callable[[int, int, int], None]  # server, listener's tally_at, head bytes
+    count_bytes: Callable[[int, int, int, int], None]  # server, listener's tally_at, up, down
     connect_failed: Callable[[Connection, str], None]  # the server is to blame
     local_limit: Callable[[int, str], None]  # errno, where: the balancer's own limit
 
@@ -323,7 +323,7 @@ class Connection:
         tunnel = self.tunnel = Tunnel(
             self.ctx.pump, self, self.fd, server_fd, self.listener.tunnel_timeout
         )
-        self.ctx.tunnel_opened(self)
+        self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
         tunnel.start(speculate=self.listener.mode == "tcp")
 
     def _request_timeout(self) -> None:
@@ -338,11 +338,15 @@ class Connection:
         """Bytes the tunnel moved since it last said (see ``Tunnel.flush``)."""
         self.bytes_in += up
         self.bytes_out += down
-        self.ctx.count_bytes(self, up, down)
+        self.ctx.count_bytes(self.server, self.listener.tally_at, up, down)
 
-    def tunnel_closed(self, reason: str) -> None:
-        """The one call a tunnel makes when it closes (its counts are in)."""
-        self._finish(None, reason, self.bytes_out)
+    def tunnel_closed(self, reason: str, up: int, down: int) -> None:
+        """The one call a tunnel makes when it closes, with its last bytes' counts."""
+        if up or down:
+            self.tunnel_moved(up, down)
+        if not self.finished:  # what _finish does, inline: once per tunnel
+            self.finished = True
+            self.ctx.finish(self, None, reason, self.bytes_out)
 
     # -- answers and endings -----------------------------------------------------
 
@@ -408,7 +412,7 @@ class Connection:
 
     def _arm(self, seconds: float, then: Callable[[], None]) -> None:
         self.expires = then
-        self.timeouts = self.ctx.deadlines.arm(self, seconds)
+        self.timeouts = self.ctx.deadlines.arm(self, seconds, monotonic())
 
     def _disarm(self) -> None:
         if self.expires is not None:

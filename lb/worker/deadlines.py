@@ -40,12 +40,13 @@ class Deadlines:
         self.tick_at = math.inf
         self.timer: Timer | None = None
 
-    def arm(self, owner: Any, seconds: float) -> Queue:
-        """``owner.expire()`` in ``seconds``; the queue to clear it from."""
+    def arm(self, owner: Any, seconds: float, now: float) -> Queue:
+        """``owner.expire()`` ``seconds`` after ``now`` (``time.monotonic()``); the queue to
+        clear it from."""
         queue = self.queues.get(seconds)
         if queue is None:
             queue = self.queues[seconds] = {}
-        deadline = monotonic() + seconds
+        deadline = now + seconds
         queue[owner] = deadline
         if deadline < self.tick_at:
             self._schedule(deadline)

@@ -113,8 +113,8 @@ class Worker:
             deadlines=self.deadlines,
             backends=self.backends,
             finish=self._finish,
-            tunnel_opened=self._tunnel_opened,
-            count_bytes=self._count_bytes,
+            tunnel_opened=self.tally.tunnel_opened,
+            count_bytes=self.tally.count_bytes,
             connect_failed=self._connect_failed,
             local_limit=self._local_limit,
         )
@@ -263,17 +263,12 @@ class Worker:
                 duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
                 reason=reason,
             )
+        acceptor = self.acceptor
         if self.draining:
             if self.tally.active == 0:
                 self.loop.stop()
-        else:
-            self.acceptor.ended()
-
-    def _tunnel_opened(self, conn: Connection) -> None:
-        self.tally.tunnel_opened(conn.server, conn.listener.tally_at, conn.bytes_in)
-
-    def _count_bytes(self, conn: Connection, up: int, down: int) -> None:
-        self.tally.count_bytes(conn.server, conn.listener.tally_at, up, down)
+        elif not acceptor.accepting and self.tally.active < acceptor.cap:
+            acceptor.resume()  # below the cap again
 
     def _connect_failed(self, conn: Connection, why: str) -> None:
         """Passive health: mark the server suspect so every worker avoids it."""

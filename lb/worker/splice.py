@@ -46,7 +46,7 @@ for any other bytes, and its ACKs push them out.
 
 The read path does as little as it can per event: the two splices, a byte
 count in the flow, the pipe back to the pool, and, for the first bytes since
-the last sweep, the tunnel on the pump's ``moved`` list.  The shared-memory
+the last sweep, the tunnel in the pump's ``moved`` set.  The shared-memory
 byte counters and the tunnel's last-activity time are brought up to date by
 the worker's sweep of that list (:meth:`Tunnel.flush`, once a second) and when
 the tunnel closes, not on every read; an idle tunnel costs the sweep nothing.
@@ -123,14 +123,17 @@ def reset_on_close(fd: int) -> None:
 class TunnelOwner(Protocol):
     """What a tunnel reports to: the connection it was made for."""
 
-    def tunnel_moved(self, up: int, down: int) -> None: ...
+    def tunnel_moved(self, up: int, down: int) -> None:
+        """Bytes moved since the last report (client to server, server to client)."""
 
-    def tunnel_closed(self, reason: str) -> None: ...
+    def tunnel_closed(self, reason: str, up: int, down: int) -> None:
+        """The tunnel closed, having moved these bytes since the last report."""
 
 
 class Pump:
     """What a worker's tunnels share: its loop, pipes and deadlines, and the lists its
-    sweep reads (``moved``) and its pipe retry walks (``starved``)."""
+    sweep flushes (``moved``: a tunnel leaves it when it closes, so that nothing keeps a
+    closed tunnel alive) and its pipe retry walks (``starved``)."""
 
     __slots__ = ("deadlines", "free", "loop", "moved", "on_starved", "pipes", "retry", "starved")
 
@@ -145,7 +148,7 @@ class Pump:
         self.pipes = pipes
         self.free = pipes.free
         self.deadlines = deadlines
-        self.moved: list[Tunnel] = []  # tunnels with bytes not yet flushed
+        self.moved: set[Tunnel] = set()  # tunnels with bytes not yet flushed
         self.starved: list[Flow] = []  # flows waiting for a pipe
         self.retry: Timer | None = None
         self.on_starved = on_starved  # the worker hears of each failure (a warning per episode)
@@ -168,8 +171,9 @@ class Pump:
     def sweep(self) -> None:
         """Count the bytes every tunnel moved since the last sweep (its counters, its
         last-activity time); a tunnel whose count fails is ended, the others counted."""
-        moved, self.moved = self.moved, []
+        moved, self.moved = self.moved, set()
         for tunnel in moved:
+            tunnel.moved = False  # out of the set already
             if not tunnel.closed:
                 try:
                     tunnel.flush()
@@ -225,7 +229,7 @@ class Flow:
         self.nbytes += n
         if not tunnel.moved:  # the first bytes since the last sweep: it counts them
             tunnel.moved = True
-            tunnel.pump.moved.append(tunnel)
+            tunnel.pump.moved.add(tunnel)
         # Drained, and the FIN is in (see "End of file without a read"): these are the
         # last bytes, and they go out with the end of file in one segment.
         last = n < pipe[2] and tunnel.loop.events & RDHUP
@@ -344,10 +348,10 @@ class Tunnel:
         self.down = Flow(self, server, client, "server")
         self.closed = False
         self.keepalive = False  # on its server socket, KEEPALIVE_AFTER after it opened
-        self.moved = False  # on the pump's list of tunnels to flush
+        self.moved = False  # in the pump's set of tunnels to flush
         self.idle_timeout = idle_timeout
         self.active_at = monotonic()
-        self.timeouts: Queue | None = pump.deadlines.arm(self, KEEPALIVE_AFTER)
+        self.timeouts: Queue | None = pump.deadlines.arm(self, KEEPALIVE_AFTER, self.active_at)
 
     def start(self, speculate: bool) -> None:
         """Watch both sockets; with ``speculate``, try the client's bytes at once.
@@ -371,7 +375,9 @@ class Tunnel:
 
     def flush(self) -> None:
         """Count the bytes moved since the last flush (to the owner), and when."""
-        self.moved = False
+        if self.moved:
+            self.moved = False
+            self.pump.moved.discard(self)
         up, down = self.up.nbytes, self.down.nbytes
         if up or down:
             self.up.nbytes = self.down.nbytes = 0
@@ -385,10 +391,9 @@ class Tunnel:
         if not self.keepalive:  # KEEPALIVE_AFTER after it opened
             self.keepalive = True
             set_keepalive_fd(self.down.src)
-            self.timeouts = deadlines.arm(self, self.idle_timeout)
+            self.timeouts = deadlines.arm(self, self.idle_timeout, self.active_at)
             return
-        if self.moved:
-            self.flush()
+        self.flush()
         if monotonic() - self.active_at >= self.idle_timeout:
             self.close("tunnel idle timeout")
         else:  # active since its deadline was set: due again idle_timeout after its last byte
@@ -419,12 +424,11 @@ class Tunnel:
         finally:
             self.loop.close(up.src)  # closing drops them from the epoll set
             self.loop.close(down.src)
-        try:
-            self.flush()
-        finally:
-            owner, self.owner = self.owner, None
-            # Break the reference cycles (flow <-> tunnel <-> connection): reference
-            # counting frees all of them now, and the cyclic GC has nothing to find.
-            del up.tunnel, down.tunnel
-            if owner is not None:
-                owner.tunnel_closed(reason)
+        if self.moved:
+            self.pump.moved.discard(self)
+        owner, self.owner = self.owner, None
+        # Break the reference cycles (flow <-> tunnel <-> connection): reference
+        # counting frees all of them now, and the cyclic GC has nothing to find.
+        del up.tunnel, down.tunnel
+        if owner is not None:
+            owner.tunnel_closed(reason, up.nbytes, down.nbytes)

@@ -105,8 +105,8 @@ def test_a_stale_event_for_a_closed_server_socket_never_reaches_the_next_one(
         deadlines=deadlines,
         backends={"app": backend},
         finish=worker.finish,
-        tunnel_opened=lambda conn: None,
-        count_bytes=lambda conn, up, down: None,
+        tunnel_opened=lambda server, at, head: None,
+        count_bytes=lambda server, at, up, down: None,
         connect_failed=worker.connect_failed,
         local_limit=lambda err, where: None,
     )

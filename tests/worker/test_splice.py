@@ -34,8 +34,10 @@ class FakeConnection:
         self.bytes_out += down
         self.counted.append((up, down))
 
-    def tunnel_closed(self, reason: str) -> None:
+    def tunnel_closed(self, reason: str, up: int, down: int) -> None:
         self.closed.append(reason)
+        if up or down:
+            self.tunnel_moved(up, down)
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
