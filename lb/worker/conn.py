@@ -350,14 +350,15 @@ class Connection:
 
     # -- answers and endings -----------------------------------------------------
 
-    def answer(self, status: int, reason: str) -> None:
-        """Answer with the balancer's own response (http) or just close (tcp)."""
+    def answer(self, status: int, reason: str, text: str = "") -> None:
+        """Answer with the balancer's own response (http) or just close (tcp); the
+        response says ``text`` (default: the ``reason`` that is logged)."""
         if self.listener.mode == "tcp":
             self._drop(reason, status)
             return
         fd, self.fd = self.fd, -1
         try:
-            sent = os.write(fd, response(status, reason))
+            sent = os.write(fd, response(status, text or reason))
         except OSError:
             sent = 0
         Linger(self.loop, fd)
@@ -398,7 +399,7 @@ class Connection:
             self._disarm()
             self._close_server()
             if self.fd >= 0 and not self.finished:
-                self.answer(500, reason)  # tcp: closed
+                self.answer(500, reason, "internal error")  # tcp: closed; details: the log
         finally:
             if self.tunnel is None and self.fd >= 0:  # the answer failed too
                 fd, self.fd = self.fd, -1
