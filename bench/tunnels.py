@@ -8,7 +8,9 @@ idle WebSocket tunnels open, then with ``--tunnels``:
 - 64-byte round trips over one more tunnel, one message at a time
   (``bench.clients rtt``: p50, p99, p99.9 and the longest);
 - the workers' CPU while nothing moves, over ``--idle-seconds`` (each
-  worker's share of one core; the busiest worker's is the figure).
+  worker's share of one core; the busiest worker's is the figure);
+- the balancer's resident memory (all its processes), and from the two
+  measurements the memory each idle tunnel costs.
 
 The sizes follow from this machine's limits.  A process may hold 20,000
 descriptors: a worker holds at most ``PER_WORKER`` tunnels (two sockets
@@ -49,7 +51,7 @@ from bench.procs import (
 from bench.servers import splicelb_argv, splicelb_workdir, wait_listening
 
 BASELINE = 100
-PER_WORKER = 8000
+PER_WORKER = 8000  # 16,000 descriptors in sockets, and room for pipes and listening sockets
 PER_BACKEND_PROC = 12500
 PER_SERVER = 25000
 PER_CLIENT = 12500
@@ -137,17 +139,18 @@ def round_trips(port: int, count: int) -> dict[str, float]:
     return result
 
 
-def measure(port: int, runtime: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure(port: int, runtime: Path, lb: Proc, args: argparse.Namespace) -> dict[str, Any]:
     time.sleep(SETTLE)
     pids = worker_pids(runtime)
     cpu = cpu_shares(pids, args.idle_seconds)
+    rss = sum(p.memory_info().rss for p in lb.tree())
     rtt = round_trips(port, args.round_trips)
-    return {"workers_cpu_pct": cpu, "busiest_worker_cpu_pct": max(cpu), "rtt64": rtt}
+    return {"workers_cpu_pct": cpu, "busiest_worker_cpu_pct": max(cpu), "rss": rss, "rtt64": rtt}
 
 
 def run(tmp: Path, args: argparse.Namespace) -> str:
     total = args.tunnels + BASELINE + 1
-    workers = args.workers or max(2, math.ceil(total / PER_WORKER))
+    workers = args.workers or max(2, math.ceil(total / args.per_worker))
     nservers = max(1, math.ceil(total / PER_SERVER))
     per_server = math.ceil(total / nservers)
     servers = [
@@ -164,18 +167,20 @@ def run(tmp: Path, args: argparse.Namespace) -> str:
     clients = open_idle(port, BASELINE, PER_CLIENT)
     result: dict[str, Any] = {"workers": workers, "servers": nservers}
     try:
-        result["baseline"] = {"tunnels": BASELINE, **measure(port, runtime, args)}
+        result["baseline"] = {"tunnels": BASELINE, **measure(port, runtime, lb, args)}
         log(f"opening {args.tunnels} more")
         sources = [f"127.0.0.{2 + i // CLIENTS_PER_SOURCE}" for i in range(64)]
         started = time.monotonic()
         clients += open_idle(port, args.tunnels, PER_CLIENT, sources)
         result["open_s"] = round(time.monotonic() - started, 1)
-        result["loaded"] = {"tunnels": BASELINE + args.tunnels, **measure(port, runtime, args)}
+        tunnels = BASELINE + args.tunnels
+        result["loaded"] = {"tunnels": tunnels, **measure(port, runtime, lb, args)}
     finally:
         close_idle(clients)
     base, loaded = result["baseline"], result["loaded"]
     result["p99_ratio"] = round(loaded["rtt64"]["p99_us"] / base["rtt64"]["p99_us"], 2)
     result["p50_ratio"] = round(loaded["rtt64"]["p50_us"] / base["rtt64"]["p50_us"], 2)
+    result["bytes_per_tunnel"] = round((loaded["rss"] - base["rss"]) / args.tunnels)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stamp}-tunnels.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -195,7 +200,8 @@ def report(result: dict[str, Any]) -> str:
         rows.append(f"| {r['tunnels']:,} | {times} | {r['busiest_worker_cpu_pct']:.2f}% |")
     return (
         f"{result['workers']} workers, {result['servers']} echo servers;"
-        f" p99 ratio {result['p99_ratio']}, p50 ratio {result['p50_ratio']}\n\n"
+        f" p99 ratio {result['p99_ratio']}, p50 ratio {result['p50_ratio']};"
+        f" {result['bytes_per_tunnel']:,} bytes of the balancer's memory per idle tunnel\n\n"
         + "\n".join(rows)
         + "\n"
     )
@@ -205,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tunnels", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=0, help="default: what the tunnels need")
+    parser.add_argument(
+        "--per-worker", type=int, default=PER_WORKER, help="tunnels a worker holds at most"
+    )
     parser.add_argument("--round-trips", type=int, default=5000)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
