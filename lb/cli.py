@@ -127,6 +127,9 @@ def status(config_path: str, runtime_dir: str | None, as_json: bool) -> None:
     except NotRunningError as exc:
         click.echo(f"splicelb: {exc}", err=True)
         sys.exit(EXIT_NOT_RUNNING)
+    except LBError as exc:  # e.g. a pool this user may not read
+        click.echo(f"splicelb: {exc}", err=True)
+        sys.exit(1)
     click.echo(json.dumps(state) if as_json else format_table(state))
 
 

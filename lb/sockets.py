@@ -58,6 +58,30 @@ def set_keepalive_fd(fd: int) -> None:
         sock.detach()
 
 
+def ensure_free(listener: Listener, path: str) -> None:
+    """Refuse an address where something already listens.
+
+    ``SO_REUSEPORT`` lets any socket of the same user join a listening group on
+    the same address, and the kernel then splits the connections between
+    them: a second instance (or any process of the service's user) started on
+    a running instance's address would silently take a share of its traffic.
+    A socket bound without ``SO_REUSEPORT`` cannot join: binding one first
+    says whether anything listens there (``SO_REUSEADDR``: connections still
+    in TIME_WAIT do not count).
+    """
+    address = listener.bind
+    probe = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if address.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address.sockaddr)
+    except OSError as exc:
+        raise LBError(f"{path}.bind: cannot listen on {address}: {exc.strerror}") from exc
+    finally:
+        probe.close()
+
+
 def bind_listener(listener: Listener, path: str) -> socket.socket:
     """Bind and listen; an error names the config key (``path``)."""
     address = listener.bind
@@ -115,6 +139,8 @@ class SocketTable:
         try:
             for index, listener in enumerate(config.listeners):
                 have = self.sockets.get(key(listener), [])
+                if not have:  # an address new to this instance: nobody else may listen there
+                    ensure_free(listener, f"listeners[{index}]")
                 for sock in have:
                     configure(sock, listener)
                 for _ in range(len(have), config.global_.workers):

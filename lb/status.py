@@ -20,53 +20,23 @@ from lb.errors import LBError, NotRunningError
 from lb.generation import POOL_LINK
 from lb.pool import layout as L
 from lb.pool.shm import Pool
+from lb.rundir import running_pid
 
-PID_FILE = "splicelb.pid"
 UNREADABLE = "health record unreadable: its last write never finished"
-
-
-def write_pid_file(runtime_dir: str) -> None:
-    """Claim the runtime dir for this process; refuse if a live instance has it."""
-    path = os.path.join(runtime_dir, PID_FILE)
-    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
-        pid = int(f.read().strip())
-        if pid != os.getpid() and alive(pid):
-            raise LBError(f"global.runtime_dir: an instance is already running there (pid {pid})")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.rename(tmp, path)
-
-
-def remove_pid_file(runtime_dir: str) -> None:
-    """Remove the pid file if it is this process's."""
-    path = os.path.join(runtime_dir, PID_FILE)
-    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
-        if int(f.read().strip()) == os.getpid():
-            os.unlink(path)
-
-
-def supervisor_pid(runtime_dir: str) -> int:
-    """The pid of the running instance, or NotRunningError."""
-    path = os.path.join(runtime_dir, PID_FILE)
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        raise NotRunningError(f"no instance is running in {runtime_dir}") from None
-    except PermissionError:
-        pass  # running as another user: it exists
-    return pid
 
 
 def open_pool(runtime_dir: str) -> Pool:
     """The current generation's pool."""
-    supervisor_pid(runtime_dir)
+    running_pid(runtime_dir)
     try:
         return Pool.open(os.path.join(runtime_dir, POOL_LINK))
     except FileNotFoundError:
         raise NotRunningError(f"no instance is running in {runtime_dir}") from None
+    except PermissionError:
+        raise LBError(
+            f"{runtime_dir}: cannot read the live pool: permission denied"
+            " (run as the instance's user or root)"
+        ) from None
 
 
 def read_status(runtime_dir: str) -> dict[str, Any]:

@@ -55,8 +55,8 @@ from lb.config import Config, load_config
 from lb.errors import ConfigError, LBError
 from lb.generation import POOL_LINK, Generation
 from lb.pool import layout as L
+from lb.rundir import RuntimeDir
 from lb.sockets import SocketTable
-from lb.status import remove_pid_file, write_pid_file
 from lb.systemd import Notifier
 from lb.worker.limits import raise_open_files
 
@@ -97,6 +97,7 @@ class Supervisor:
         self.control_clients = control.Clients(self.selector)
         self._wakeup = (-1, -1)
         self._errors: dict[str, tuple[str, float, int]] = {}  # step -> last error, when, repeats
+        self.rundir: RuntimeDir | None = None  # claimed by _start
 
     # -- start -----------------------------------------------------------------
 
@@ -122,8 +123,7 @@ class Supervisor:
         return self.exit_code
 
     def _start(self) -> None:
-        os.makedirs(self.runtime_dir, mode=0o755, exist_ok=True)
-        write_pid_file(self.runtime_dir)
+        self.rundir = RuntimeDir.claim(self.runtime_dir)  # before any file in it is touched
         raise_open_files()  # the soft limit is often 1024 outside systemd; children inherit it
         self.sockets.prepare(self.config)
         self._plan_descriptors(self.config)
@@ -341,6 +341,8 @@ class Supervisor:
         if self.control is not None:
             close.append(self.control)
         close += self.control_clients.sockets()
+        if self.rundir is not None:  # the lock ends with the supervisor, not with a child
+            close += self.rundir.inherited()
         close += list(self._wakeup)
         child = spawn(kind, slot, generation, own, close, self.log_settings)
         self.children[child.pid] = child
@@ -524,19 +526,22 @@ class Supervisor:
     # -- cleanup ---------------------------------------------------------------
 
     def _cleanup(self) -> None:
+        """Close and remove what this instance made; a start refused before it claimed
+        the runtime dir made nothing there, and removes nothing."""
         self.sockets.close()
-        for generation in self.generations.values():
-            generation.remove()
-        self.generations.clear()
-        names = [POOL_LINK, control.CONTROL_SOCKET] if self.control is not None else [POOL_LINK]
         self.control_clients.close()
         if self.control is not None:
             self.control.close()
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.runtime_dir, name))
-        remove_pid_file(self.runtime_dir)
         self.notifier.close()
+        if self.rundir is None:
+            return
+        for generation in self.generations.values():
+            generation.remove()
+        self.generations.clear()
+        for name in (POOL_LINK, control.CONTROL_SOCKET):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.rundir.fd)
+        self.rundir.release()
 
 
 def _heartbeat(child: Child) -> float:

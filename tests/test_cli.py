@@ -23,7 +23,7 @@ from lb.errors import LBError
 from lb.generation import POOL_LINK, pool_path
 from lb.pool import layout as L
 from lb.pool.shm import HealthRecord, create_pool
-from lb.status import write_pid_file
+from lb.rundir import RuntimeDir
 from tests.integration.harness import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_status_shows_a_server_whose_health_record_is_unreadable_as_unknown(
     )
     pool = create_pool(pool_path(str(runtime_dir), 1), config, 1, nslots=1)
     os.symlink(os.path.basename(pool.path), runtime_dir / POOL_LINK)
-    write_pid_file(str(runtime_dir))  # this process stands in for the supervisor
+    held = RuntimeDir.claim(str(runtime_dir))  # this process stands in for the supervisor
     now = time.monotonic()
     pool.write_record(0, HealthRecord(L.UP, 2, 0, now, time.time(), 0.002, 5, "HTTP 200", now))
     pool.write_record(1, HealthRecord(L.UP, 2, 0, now, time.time(), 0.002, 5, "HTTP 200", now))
@@ -162,6 +162,7 @@ def test_status_shows_a_server_whose_health_record_is_unreadable_as_unknown(
     assert line.split()[:5] == ["app", "s1", "127.0.0.1:2001", "unknown", "ready"]
     assert "health record unreadable" in line
     pool.close()
+    held.release()
 
 
 # -- the control socket, as the command line meets it ----------------------------------------

@@ -8,6 +8,7 @@ able to open the pool of a running instance by path.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -76,7 +77,10 @@ class Pool:
         geo = L.Geometry(nservers, nslots, len(blob), nlisteners)
         size = geo.total_words * 8
         tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a crashed predecessor's (unlink never follows a link)
+        # Never through a link, never an existing file; readable by the instance's user only.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)  # ENOSPC now, not SIGBUS at the first store
             with mmap.mmap(fd, size) as mm:

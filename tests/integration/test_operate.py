@@ -184,6 +184,8 @@ def test_control_socket_refuses_other_users(
     # A runtime dir other users may enter (as /run/splicelb is): only the socket guards.
     top = Path(tempfile.mkdtemp(prefix="splicelb-test-", dir="/tmp"))
     top.chmod(0o755)
+    (top / "run").mkdir()
+    (top / "run").chmod(0o755)  # made by systemd (RuntimeDirectoryMode=0755), not by splicelb
     try:
         lb = SpliceLB(
             top,
