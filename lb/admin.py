@@ -3,6 +3,10 @@
 Read-only by construction: it only reads the pool files of the runtime dir
 (as ``splicelb status`` does) and serves GET requests.  The supervisor binds
 its socket (``global.admin_bind``, loopback by default) and hands it over.
+
+Every answer the app makes, the 404, 405, 500 and 503 included, gets
+``SECURITY_HEADERS`` as it is sent (``on_response_prepare``).  The one kind
+it does not make: aiohttp's own 400 to a request it cannot parse.
 """
 
 from __future__ import annotations
@@ -54,10 +58,13 @@ def make_app(runtime_dir: str) -> web.Application:
             response: web.StreamResponse = await handler(request)
         except NotRunningError as exc:  # the instance is stopping under us
             response = web.Response(status=503, text=f"{exc}\n")
-        response.headers.update(SECURITY_HEADERS)
         return response
 
+    async def secure(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(SECURITY_HEADERS)
+
     app = web.Application(middlewares=[guard])
+    app.on_response_prepare.append(secure)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
     app.router.add_get("/", dashboard)
