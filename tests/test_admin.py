@@ -1,7 +1,9 @@
-"""Tests for lb.admin: the headers of its answers.
+"""Tests for lb.admin: which Host names the admin endpoint answers, and its headers.
 
-``make_app`` is served on 127.0.0.1 port 0 and spoken to in raw HTTP.  The
-pool readers are replaced by spies.
+``HostCheck`` is tested as a table; ``make_app`` is served on 127.0.0.1 port 0
+and spoken to in raw HTTP, so that Host (or its absence) is exactly as sent.
+The pool readers are replaced by spies, to see that a refused request never
+reaches them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,88 @@ import pytest
 from aiohttp import web
 
 import lb.admin
-from lb.admin import make_app
+from lb.admin import HostCheck, make_app
+from lb.config_table import Address
 from lb.errors import NotRunningError
 
+PORT = 9900
+REFUSED_BODY = b"misdirected request: this endpoint does not answer for that Host\n"
 EXCHANGE_TIMEOUT = 10.0
+
+
+def address(host: str, literal: str, port: int = PORT) -> Address:
+    """An Address as the config gives it, without resolving anything."""
+    if ":" in literal:
+        return Address(host, port, socket.AF_INET6, (literal, port, 0, 0))
+    return Address(host, port, socket.AF_INET, (literal, port))
+
+
+LOOPBACK = HostCheck.for_endpoint(address("127.0.0.1", "127.0.0.1"), ["dash.example.test"])
+
+
+# --- the names of an endpoint ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bind", "listed", "names"),
+    [
+        (address("127.0.0.1", "127.0.0.1"), [], {"127.0.0.1", "localhost", "[::1]"}),
+        (address("::1", "::1"), [], {"127.0.0.1", "localhost", "[::1]"}),
+        (address("localhost", "127.0.0.1"), [], {"127.0.0.1", "localhost", "[::1]"}),
+        (address("127.0.0.2", "127.0.0.2"), [], {"127.0.0.2", "127.0.0.1", "localhost", "[::1]"}),
+        (address("192.0.2.10", "192.0.2.10"), [], {"192.0.2.10"}),
+        (address("2001:db8::0:10", "2001:db8::10"), [], {"[2001:db8::10]"}),
+        (address("admin.internal", "192.0.2.10"), [], {"admin.internal", "192.0.2.10"}),
+        (
+            address("192.0.2.10", "192.0.2.10"),
+            ["a.example", "[fd00::1]"],
+            {"192.0.2.10", "a.example", "[fd00::1]"},
+        ),
+        # A wildcard bind names no address of its own; loopback reaches it.
+        (address("0.0.0.0", "0.0.0.0"), [], {"127.0.0.1", "localhost", "[::1]"}),
+        (address("::", "::"), ["a.example"], {"127.0.0.1", "localhost", "[::1]", "a.example"}),
+    ],
+)
+def test_the_names_of_an_endpoint(bind: Address, listed: list[str], names: set[str]) -> None:
+    assert HostCheck.for_endpoint(bind, listed) == HostCheck(frozenset(names), PORT)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("localhost", True),
+        ("localhost:9900", True),
+        ("LocalHost:9900", True),
+        ("127.0.0.1", True),
+        ("127.0.0.1:9900", True),
+        ("[::1]", True),
+        ("[::1]:9900", True),
+        ("[0:0:0:0:0:0:0:1]:9900", True),
+        ("dash.example.test", True),
+        ("Dash.Example.Test:9900", True),
+        ("evil.example", False),
+        ("evil.example:9900", False),
+        ("localhost:9901", False),  # the right name for another port's server
+        ("localhost:", False),
+        ("localhost:09900", False),
+        ("localhost.", False),
+        ("localhost.evil.example", False),
+        ("127.0.0.1.nip.io", False),
+        ("evil.example#localhost", False),
+        ("::1", False),  # not a Host value: IPv6 literals come in brackets
+        ("[::2]", False),
+        ("[localhost]", False),
+        ("", False),
+    ],
+)
+def test_which_host_values_are_answered(host: str, allowed: bool) -> None:
+    assert LOOPBACK.allows(host, (1, 1)) is allowed
+    assert LOOPBACK.allows(host, (1, 0)) is allowed
+
+
+def test_no_host_is_answered_only_in_http_1_0() -> None:
+    assert LOOPBACK.allows(None, (1, 0))
+    assert not LOOPBACK.allows(None, (1, 1))
 
 
 # --- the app, served ---------------------------------------------------------------------
@@ -49,6 +129,14 @@ class Spies:
         return Collector()
 
 
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.lines.append((event, fields))
+
+
 @pytest.fixture
 def spies(monkeypatch: pytest.MonkeyPatch) -> Spies:
     spies = Spies()
@@ -70,7 +158,7 @@ def parse(data: bytes) -> Answer:
     return int(status_line.split()[1]), headers, body
 
 
-def serve(*requests: bytes) -> list[Answer]:
+def serve(log: Log, *requests: bytes, listed: tuple[str, ...] = ()) -> list[Answer]:
     """Serve make_app on 127.0.0.1 port 0 and send each of ``requests``, formatted
     with ``{port}``, on its own connection; their answers, parsed."""
 
@@ -80,7 +168,8 @@ def serve(*requests: bytes) -> list[Answer]:
             sock.listen()
             sock.setblocking(False)
             port = sock.getsockname()[1]
-            runner = web.AppRunner(make_app("/nonexistent"), access_log=None)
+            check = HostCheck.for_endpoint(address("127.0.0.1", "127.0.0.1", port), listed)
+            runner = web.AppRunner(make_app("/nonexistent", check, log), access_log=None)
             await runner.setup()
             try:
                 await web.SockSite(runner, sock).start()
@@ -102,8 +191,9 @@ def serve(*requests: bytes) -> list[Answer]:
     return asyncio.run(go())
 
 
-def get(path: str, host: str, method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+def get(path: str, host: str | None, method: str = "GET") -> bytes:
+    host_line = "" if host is None else f"Host: {host}\r\n"
+    return f"{method} {path} HTTP/1.1\r\n{host_line}Connection: close\r\n\r\n".encode()
 
 
 def check_security_headers(headers: dict[str, str]) -> None:
@@ -115,18 +205,65 @@ def check_security_headers(headers: dict[str, str]) -> None:
     )
 
 
+def test_a_foreign_host_is_refused_before_anything_is_read(spies: Spies) -> None:
+    log = Log()
+    answers = serve(
+        log,
+        *(get(path, "evil.example") for path in ("/", "/status", "/metrics")),
+        get("/status", "evil.example:{port}", method="HEAD"),
+        get("/status", "evil.example", method="POST"),
+        b"GET http://evil.example/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    for status, headers, _ in answers:
+        assert status == 421
+        assert headers["content-type"] == "text/plain; charset=utf-8"
+        check_security_headers(headers)
+    assert [body for _, _, body in answers] == [REFUSED_BODY] * 3 + [b""] + [REFUSED_BODY] * 2
+    assert (spies.status_reads, spies.metrics_reads) == (0, 0)
+    # Each refused name is logged once, for the operator who forgot an admin_hosts entry.
+    assert [event for event, _ in log.lines] == ["admin_host_refused"] * 2
+    first, second = (fields["host"] for _, fields in log.lines)
+    assert first == "evil.example" and second.startswith("evil.example:")
+
+
+def test_the_endpoints_names_are_served(spies: Spies) -> None:
+    answers = serve(
+        Log(),
+        get("/status", "localhost:{port}"),
+        get("/status", "127.0.0.1"),
+        get("/status", "[::1]:{port}"),
+        get("/metrics", "Dash.Example.Test"),
+        get("/", "dash.example.test:{port}"),
+        b"GET http://localhost:{port}/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        listed=("dash.example.test",),
+    )
+    assert [status for status, _, _ in answers] == [200] * 6
+    assert answers[0][2] == b'{"backends": []}'
+    assert b"<title>splicelb</title>" in answers[4][2]
+    assert (spies.status_reads, spies.metrics_reads) == (4, 1)
+
+
+def test_without_host_only_http_1_0_is_answered(spies: Spies) -> None:
+    old, new = serve(Log(), b"GET /status HTTP/1.0\r\n\r\n", get("/status", None))
+    assert old[0] == 200
+    assert new[0] in (400, 421)  # aiohttp's parser may refuse it (400) before the app does
+    assert spies.status_reads == 1
+
+
 def test_every_answer_carries_the_security_headers(spies: Spies) -> None:
     host = "localhost:{port}"
     answers = serve(
+        Log(),
         get("/", host),
         get("/nope", host),
         get("/status", host, method="DELETE"),
+        get("/status", "evil.example"),
     )
     spies.fail = NotRunningError("no instance is running in /nonexistent")
-    answers += serve(get("/status", host))
+    answers += serve(Log(), get("/status", host))
     spies.fail = RuntimeError("a bug")
-    answers += serve(get("/status", host))
-    assert [status for status, _, _ in answers] == [200, 404, 405, 503, 500]
+    answers += serve(Log(), get("/status", host))
+    assert [status for status, _, _ in answers] == [200, 404, 405, 421, 503, 500]
     for _, headers, _ in answers:
         check_security_headers(headers)
     assert answers[2][1]["allow"] == "GET,HEAD"
