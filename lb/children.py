@@ -131,7 +131,7 @@ def _boot(
     if kind == "prober":
         return Prober(config, generation.pool, logger).run
     if kind == "admin":
-        return Admin(config.global_.runtime_dir, sockets["admin"][0], logger).run
+        return Admin(config.global_, sockets["admin"][0], logger).run
     cap = worker_plan(config, sockets, slot).cap
     log_conn = lblog.conn_logger(logger, kind, generation.number, level=log.level, fmt=log.fmt)
     return Worker(

@@ -11,6 +11,7 @@ placeholder ever leaves this module.  Host names are resolved once, here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -50,6 +51,7 @@ class GlobalConfig:
     runtime_dir: str
     drain_timeout: float
     admin_bind: Address | None  # None: admin endpoint off
+    admin_hosts: tuple[str, ...]  # lowercased Host names it answers besides its own (lb.admin)
     maxconn: int
     log_level: str
     log_format: str
@@ -140,6 +142,7 @@ def _parse_global(table: Table | None, problems: list[str]) -> GlobalConfig:
         runtime_dir=t.string("runtime_dir", DEFAULT_RUNTIME_DIR),
         drain_timeout=t.seconds("drain_timeout", 30, allow_zero=True),
         admin_bind=t.address("admin_bind", admin_text) if admin_text else None,
+        admin_hosts=_parse_admin_hosts(t),
         maxconn=t.integer("maxconn", 10000, 1),
         log_level=t.choice("log_level", "info", LOG_LEVELS),
         log_format=t.choice("log_format", "json", LOG_FORMATS),
@@ -150,6 +153,36 @@ def _parse_global(table: Table | None, problems: list[str]) -> GlobalConfig:
         t.problem("runtime_dir", "must not be empty")
     t.finish()
     return config
+
+
+def _host_name_problem(text: str) -> str | None:
+    """What is wrong with a host name written without port, if anything."""
+    host = text.lower()
+    if not host:
+        return "must not be empty"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"'{text[1:-1]}' is not an IPv6 address"
+        return None
+    if host.count(":") > 1 and not host.startswith("["):
+        return f"an IPv6 address needs brackets, e.g. '[::1]'; got '{text}'"
+    if not _HOST_RE.fullmatch(host):
+        return f"expected a host name without port, got '{text}'"
+    return None
+
+
+def _parse_admin_hosts(t: Table) -> tuple[str, ...]:
+    hosts = []
+    for path, value in t.items("admin_hosts", "an array of strings"):
+        if not isinstance(value, str):
+            t.problems.append(f"{path}: expected a string, got {describe(value)}")
+            continue
+        if problem := _host_name_problem(value):
+            t.problems.append(f"{path}: {problem}")
+        hosts.append(value.lower())
+    return tuple(hosts)
 
 
 def _backend_ref(t: Table, key: str, backends: set[Any]) -> str:

@@ -30,6 +30,7 @@ workers = 2
 runtime_dir = "/run/splicelb"
 drain_timeout = 30
 admin_bind = "127.0.0.1:9900"
+admin_hosts = ["Admin.Example.com", "[FD00::1]", "10.0.0.5"]
 maxconn = 10000
 log_level = "info"
 log_format = "json"
@@ -156,6 +157,7 @@ def test_full_config_loads_with_its_values(tmp_path: Path) -> None:
     assert cfg.global_.workers == 2
     assert cfg.global_.admin_bind is not None
     assert str(cfg.global_.admin_bind) == "127.0.0.1:9900"
+    assert cfg.global_.admin_hosts == ("admin.example.com", "[fd00::1]", "10.0.0.5")
     assert cfg.global_.worker_timeout == 30.0
     assert cfg.global_.busy_poll_us == 20
 
@@ -202,6 +204,7 @@ name = "app"
     assert g.workers == min(os.cpu_count() or 1, 256)
     assert (g.runtime_dir, g.drain_timeout, g.maxconn) == ("/run/splicelb", 30.0, 10000)
     assert str(g.admin_bind) == "127.0.0.1:9900"
+    assert g.admin_hosts == ()
     assert (g.log_level, g.log_format, g.worker_timeout) == ("info", "json", 30.0)
     assert g.busy_poll_us == 50
     (listener,) = cfg.listeners
@@ -225,6 +228,7 @@ def test_example_config_loads() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg.global_.workers == 2
     assert cfg.global_.runtime_dir == "/tmp/splicelb-demo"
+    assert cfg.global_.admin_hosts == ()
     assert [s.name for s in cfg.backend("app").servers] == ["echo1", "echo2"]
     assert cfg.listeners[0].routes == (Route("app", websocket=True, path_prefix="/ws"),)
     assert cfg.backend("app").health == HealthCheck(type="http", path="/healthz")
@@ -431,6 +435,36 @@ CASES = [
     (
         config(global_='admin_bind = "localhost"'),
         "global.admin_bind: expected host:port or [v6]:port, got 'localhost'",
+    ),
+    # admin_hosts
+    (
+        config(global_='admin_hosts = "admin.example.com"'),
+        "global.admin_hosts: expected an array of strings, got string 'admin.example.com'",
+    ),
+    (
+        config(global_='admin_hosts = ["a.example", 5]'),
+        "global.admin_hosts[1]: expected a string, got integer 5",
+    ),
+    (
+        config(global_='admin_hosts = ["a.example", "Admin.Example.com:9900"]'),
+        "global.admin_hosts[1]: expected a host name without port, got 'Admin.Example.com:9900'",
+    ),
+    (
+        config(global_='admin_hosts = ["*.example.com"]'),
+        "global.admin_hosts[0]: expected a host name without port, got '*.example.com'",
+    ),
+    (config(global_='admin_hosts = [""]'), "global.admin_hosts[0]: must not be empty"),
+    (
+        config(global_='admin_hosts = ["fd00::1"]'),
+        "global.admin_hosts[0]: an IPv6 address needs brackets, e.g. '[::1]'; got 'fd00::1'",
+    ),
+    (
+        config(global_='admin_hosts = ["[fd00::1]:9900"]'),
+        "global.admin_hosts[0]: expected a host name without port, got '[fd00::1]:9900'",
+    ),
+    (
+        config(global_='admin_hosts = ["[fd00::zz]"]'),
+        "global.admin_hosts[0]: 'fd00::zz' is not an IPv6 address",
     ),
     # enums
     (
