@@ -5,7 +5,20 @@ from __future__ import annotations
 import json
 import os
 
-from lb.log import MAX_LINE, ConnLog, configure
+from lb.log import MAX_LINE, configure, conn_logger
+
+CONN = {
+    "client": "127.0.0.1:5",
+    "listener": "public",
+    "backend": "app",
+    "server": "a1",
+    "websocket": True,
+    "status": None,
+    "bytes_in": 100,
+    "bytes_out": 200,
+    "duration_ms": 1.5,
+    "reason": "client closed",
+}
 
 
 def read_lines(fd: int) -> list[str]:
@@ -52,20 +65,9 @@ def test_a_huge_line_is_shortened_to_stay_atomic_on_a_pipe() -> None:
 
 def test_the_fast_conn_line_matches_the_structlog_line() -> None:
     r, w = os.pipe()
-    fields = {
-        "client": "127.0.0.1:5",
-        "listener": "public",
-        "backend": "app",
-        "server": "a1",
-        "websocket": True,
-        "status": None,
-        "bytes_in": 100,
-        "bytes_out": 200,
-        "duration_ms": 1.5,
-        "reason": "client closed",
-    }
-    configure("worker", 2, fd=w).info("conn", **fields)
-    ConnLog("worker", 2, w)(**fields)  # type: ignore[arg-type]
+    log = configure("worker", 2, fd=w)
+    log.info("conn", **CONN)
+    conn_logger(log, "worker", 2, level="info", fmt="json")(**CONN)
     slow, fast = (json.loads(line) for line in read_lines(r))
     assert list(slow) == list(fast)
     assert {k: v for k, v in slow.items() if k != "timestamp"} == {
