@@ -26,14 +26,16 @@ A write of at most PIPE_BUF bytes to a pipe is all or nothing: it fails with
 stream socket takes a line of that size in one buffer, also all or nothing.
 Lines are cut to ``MAX_LINE``, so what is written is whole and never
 interleaves with another process's line.  A line that cannot be written is
-dropped and counted; :func:`tick`, which every process's periodic work calls
-about once a second, writes one ``log_dropped`` warning with the count since
-the last report, and keeps the count for the next tick when that line does
-not fit either.  Where the kernel takes part of a line after all (a
-terminal, a TCP socket, a console line longer than PIPE_BUF), the rest is
-kept and written before any other line of this process; lines that come
-while it waits are dropped and counted.  So memory stays bounded: a count
-and the rest of at most one line.
+dropped and counted, and the count goes out as one ``log_dropped`` warning:
+right after the next line that is written, and from :func:`tick`, which each
+process's periodic work calls about once a second (so the count comes even
+when no other line does); at most one such line per ``REPORT_EVERY``, and
+:func:`flush` for the last one before a process ends.  When the report does
+not fit either, the count is kept for the next try.  Where the kernel takes
+part of a line after all (a terminal, a TCP socket, a console line longer
+than PIPE_BUF), the rest is kept and written before any other line of this
+process; lines that come while it waits are dropped and counted.  So memory
+stays bounded: a count and the rest of at most one line.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
 def _closed(_line: bytes) -> int:
-    return 0  # a sink replaced by another configure(): whatever still holds it drops
+    return 0  # no descriptor (stdout closed, or the sink replaced by another configure())
 
 
 class Sink:
@@ -69,9 +71,11 @@ class Sink:
 
     ``nonblocking_write`` writes to the descriptor without waiting and returns
     the bytes written (:meth:`open` picks it for the kind of file); ``owned``
-    is what :meth:`close` closes.  ``put`` is the same, or, while the rest of
-    a line waits, that rest first; the worker's conn line calls it directly,
-    everything else calls :meth:`write`.
+    is what :meth:`close` closes.  ``put`` is the same while nothing waits,
+    and while the rest of a line or a count of dropped lines waits, a write
+    that sends that too (:meth:`_pending`): so a line costs no test of that
+    state.  The worker's conn line calls ``put`` directly, everything else
+    calls :meth:`write`.
     """
 
     __slots__ = ("_next_report", "_owned", "_rest", "_write", "dropped", "put", "report")
@@ -92,7 +96,7 @@ class Sink:
         try:
             mode = os.fstat(fd).st_mode
         except OSError:  # no stdout: every write fails and is counted
-            return cls(functools.partial(os.write, fd))
+            return cls(_closed)
         if stat.S_ISSOCK(mode):
             sock = socket.socket(fileno=os.dup(fd))
             send = sock.send
@@ -124,17 +128,21 @@ class Sink:
 
     def missed(self, line: bytes, written: int) -> None:
         """``put`` wrote ``written`` bytes of ``line``, not all: count it, or keep its rest."""
-        if written <= 0:
+        if not written:
             self.dropped += 1
         else:
             self._rest = line[written:]
-            self.put = self._after_rest
+        self.put = self._pending
 
-    def _after_rest(self, line: bytes) -> int:
-        """``put`` while the rest of a line waits: that rest first, then ``line`` if it went."""
-        if not self._finish_rest():
+    def _pending(self, line: bytes) -> int:
+        """``put`` while something waits: the rest of a line goes before ``line``, a
+        count of dropped lines after it (at most once per ``REPORT_EVERY``)."""
+        if self._rest and not self._finish_rest():
             return 0
-        return self._write(line)
+        written = self._write(line)
+        if written == len(line) and self.dropped and time.monotonic() >= self._next_report:
+            self._report()
+        return written
 
     def _finish_rest(self) -> bool:
         try:
@@ -144,23 +152,34 @@ class Sink:
         self._rest = self._rest[written:]
         if self._rest:
             return False
-        self.put = self._write
+        self._settle()
         return True
 
-    def tick(self) -> None:
-        """The periodic work: finish a line cut short, report what was dropped.
+    def _settle(self) -> None:
+        """Once nothing waits, ``put`` is the descriptor's write again."""
+        if not self._rest and not self.dropped:
+            self.put = self._write
 
-        At most one ``log_dropped`` line per ``REPORT_EVERY``; when it does not
-        fit, the count stays for the next tick (and grows meanwhile).
-        """
+    def tick(self) -> None:
+        """The periodic work, at any cadence: finish a line cut short, and report
+        the lines dropped, at most once per ``REPORT_EVERY``."""
         if self._rest and not self._finish_rest():
             return
+        if self.dropped and time.monotonic() >= self._next_report:
+            self._report()
+
+    def flush(self) -> None:
+        """What :meth:`tick` does, however recent the last report: for a process's end."""
+        if self._rest and not self._finish_rest():
+            return
+        if self.dropped:
+            self._report()
+
+    def _report(self) -> None:
+        """One ``log_dropped`` line; when it does not fit, the count waits (and grows)."""
+        if self.report is None:
+            return
         count = self.dropped
-        if not count or self.report is None:
-            return
-        now = time.monotonic()
-        if now < self._next_report:
-            return
         line = self.report(count)
         try:
             written = self._write(line)
@@ -168,9 +187,11 @@ class Sink:
             return
         if written:
             self.dropped -= count
-            self._next_report = now + REPORT_EVERY
+            self._next_report = time.monotonic() + REPORT_EVERY
             if written != len(line):
                 self.missed(line, written)
+            else:
+                self._settle()
 
     def close(self) -> None:
         """Stop writing (later lines are dropped) and close this process's own description."""
@@ -187,9 +208,15 @@ _sink: Sink | None = None  # this process's, opened by configure()
 
 
 def tick() -> None:
-    """Call about once a second from each process's periodic work: see :meth:`Sink.tick`."""
+    """For each process's periodic work, about once a second: see :meth:`Sink.tick`."""
     if _sink is not None:
         _sink.tick()
+
+
+def flush() -> None:
+    """For the end of each process, after its last line: see :meth:`Sink.flush`."""
+    if _sink is not None:
+        _sink.flush()
 
 
 def _as_line(message: bytes | str) -> bytes:

@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from lb import log as lblog
 from lb.log import MAX_LINE, configure, conn_logger
 
@@ -254,7 +256,7 @@ def test_a_stream_socket_nobody_reads_drops_lines_at_once_and_reports_them_once_
             conn(**CONN)
 
     def then(_log: Any, _conn: Any) -> None:
-        lblog.tick()
+        lblog.flush()  # the last count, however recent the last report
 
     with Writer(theirs.fileno(), first, then) as writer:
         theirs.close()
@@ -283,7 +285,7 @@ def test_lines_of_two_processes_on_one_pipe_never_mix() -> None:
                 log.info("big", pad="x" * (100 + i * 37 % 3700))
 
     def then(_log: Any, _conn: Any) -> None:
-        lblog.tick()
+        lblog.flush()  # the last count, however recent the last report
 
     with Writer(w, first, then) as one, Writer(w, first, then) as two:
         os.close(w)
@@ -341,4 +343,30 @@ def test_a_line_written_in_part_is_finished_before_any_other() -> None:
         {"n": 2, "pad": "x" * 80},
         {"event": "log_dropped", "lines": 2},
         {"n": 0, "pad": "x" * 80},
+    ]
+
+
+def test_the_count_goes_out_after_the_next_line_written_at_most_once_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(lblog, "REPORT_EVERY", 3600.0)
+    terminal = Terminal(room=0)
+    sink = lblog.Sink(terminal.write)
+    sink.report = lambda lines: b'{"event":"log_dropped","lines":%d}\n' % lines
+    line = b'{"event":"conn"}\n'
+    assert not sink.write(line)
+    terminal.room = 10_000
+    assert sink.write(line)  # and the count right after it
+    terminal.room = 0
+    assert not sink.write(line)
+    assert not sink.write(line)
+    terminal.room = 10_000
+    assert sink.write(line)  # the count waits: one report per REPORT_EVERY
+    sink.tick()  # so does tick's
+    sink.flush()  # not flush's
+    assert [json.loads(line) for line in terminal.data.splitlines()] == [
+        {"event": "conn"},
+        {"event": "log_dropped", "lines": 1},
+        {"event": "conn"},
+        {"event": "log_dropped", "lines": 2},
     ]
