@@ -77,17 +77,31 @@ class Proc:
         )
         self.lines: list[str] = []
         self.errors: list[str] = []
+        self._reading = threading.Event()  # cleared: stdout is not read (see hold_stdout)
+        self._reading.set()
         self._readers = [
-            threading.Thread(target=self._read, args=(self.popen.stdout, self.lines), daemon=True),
+            threading.Thread(
+                target=self._read, args=(self.popen.stdout, self.lines, self._reading), daemon=True
+            ),
             threading.Thread(target=self._read, args=(self.popen.stderr, self.errors), daemon=True),
         ]
         for reader in self._readers:
             reader.start()
 
     @staticmethod
-    def _read(stream: Any, into: list[str]) -> None:
+    def _read(stream: Any, into: list[str], reading: threading.Event | None = None) -> None:
         for raw in stream:
             into.append(raw.decode("utf-8", "replace").rstrip("\n"))
+            if reading is not None:
+                reading.wait()
+
+    def hold_stdout(self) -> None:
+        """Stop reading stdout (after at most one more read): the process's pipe fills."""
+        self._reading.clear()
+
+    def release_stdout(self) -> None:
+        """Read stdout again, from where it stopped."""
+        self._reading.set()
 
     @property
     def pid(self) -> int:
@@ -106,6 +120,7 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
+        self._reading.set()
         for reader in self._readers:
             reader.join(2)
 
