@@ -7,6 +7,7 @@ here is killed by the fixture that started it (whole process group).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -62,6 +63,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+# splicelb does not wait for its stdout to be read (it drops lines when the pipe
+# is full): room for the thread that reads it to fall behind by thousands of lines.
+STDOUT_PIPE_SIZE = 1 << 20
+
+
 class Proc:
     """A child process in its own process group, its stdout lines collected."""
 
@@ -75,6 +81,9 @@ class Proc:
             cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        assert self.popen.stdout is not None
+        with contextlib.suppress(OSError):  # over the user's pipe quota: the default size
+            fcntl.fcntl(self.popen.stdout.fileno(), fcntl.F_SETPIPE_SZ, STDOUT_PIPE_SIZE)
         self.lines: list[str] = []
         self.errors: list[str] = []
         self._reading = threading.Event()  # cleared: stdout is not read (see hold_stdout)
