@@ -3,17 +3,50 @@
 Every process configures structlog once, right after it knows its role
 (``supervisor``, ``worker``, ``prober``) and generation; those and the pid are
 bound once and appear on every line.  A line is rendered to bytes and written
-with a single ``os.write`` so lines from several processes sharing one stdout
+with a single ``write`` so lines from several processes sharing one stdout
 pipe never interleave (writes up to PIPE_BUF, 4096 bytes, are atomic).
+
+Theory of operation: the sink
+-----------------------------
+Logging never blocks a process: a worker that waits for a slow reader of its
+stdout stalls every tunnel it holds.  Every process writes through its own
+:class:`Sink`, opened by :func:`configure` for the kind of file stdout is:
+
+- a pipe, FIFO or terminal is opened again through ``/proc/self/fd/N`` with
+  ``O_NONBLOCK``: a new open file description of the same pipe, this
+  process's own.  ``O_NONBLOCK`` belongs to the description, so setting it on
+  the inherited one would change it for every process that shares it;
+- a socket (journald's stream) gets ``send`` with ``MSG_DONTWAIT``, a flag of
+  the call, not of the socket;
+- a regular file gets a plain ``write`` on the shared description (a file
+  does not wait for a reader, and sharing the description shares the offset).
+
+A write of at most PIPE_BUF bytes to a pipe is all or nothing: it fails with
+``EAGAIN`` when the line does not fit, it never writes part of it; a Unix
+stream socket takes a line of that size in one buffer, also all or nothing.
+Lines are cut to ``MAX_LINE``, so what is written is whole and never
+interleaves with another process's line.  A line that cannot be written is
+dropped and counted, and the count goes out as one ``log_dropped`` warning:
+right after the next line that is written, and from :func:`tick`, which each
+process's periodic work calls about once a second (so the count comes even
+when no other line does); at most one such line per ``REPORT_EVERY``, and
+:func:`flush` for the last one before a process ends.  When the report does
+not fit either, the count is kept for the next try.  Where the kernel takes
+part of a line after all (a terminal, a TCP socket, a console line longer
+than PIPE_BUF), the rest is kept and written before any other line of this
+process; lines that come while it waits are dropped and counted.  So memory
+stays bounded: a count and the rest of at most one line.
 """
 
 from __future__ import annotations
 
-import errno
+import io
 import os
+import socket
+import stat
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -25,33 +58,196 @@ _LEVEL_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical
 
 EventDict = MutableMapping[str, Any]
 
+REPORT_EVERY = 1.0  # seconds: at most one log_dropped line per process in this time
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
-class FdLogger:
-    """The sink: writes each rendered line to a file descriptor in one call."""
 
-    __slots__ = ("_fd",)
+def _closed(_line: bytes) -> int:
+    return 0  # no descriptor (stdout closed, or the sink replaced by another configure())
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+
+class Sink:
+    """Where one process's lines go: one non-blocking write per line, and what was dropped.
+
+    ``nonblocking_write`` writes to the descriptor without waiting and returns
+    the bytes written (:meth:`open` picks it for the kind of file); ``owned``
+    is what :meth:`close` closes.  ``put`` is the same while nothing waits,
+    and while the rest of a line or a count of dropped lines waits, a write
+    that sends that too (:meth:`_pending`): so a line costs no test of that
+    state.  The worker's conn line calls ``put`` directly, everything else
+    calls :meth:`write`.
+    """
+
+    __slots__ = ("_next_report", "_owned", "_rest", "_write", "dropped", "put", "report")
+
+    def __init__(
+        self,
+        nonblocking_write: Callable[[bytes], int | None],
+        owned: io.FileIO | socket.socket | None = None,
+    ) -> None:
+        self.dropped = 0  # lines not written since the last log_dropped line
+        self.report: Callable[[int], bytes] | None = None  # renders the log_dropped line
+        self.put = self._write = nonblocking_write
+        self._next_report = 0.0
+        self._owned = owned
+        self._rest = b""  # the end of a line the kernel took only part of
+
+    @classmethod
+    def open(cls, fd: int) -> Sink:
+        """The sink for ``fd`` as the kind of file it is (see the module's docstring).
+
+        A file's write is ``FileIO.write``, a bound builtin: it costs less per line
+        than ``os.write`` (None when nothing could be written, not EAGAIN).
+        """
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:  # no stdout: every write fails and is counted
+            return cls(_closed)
+        if stat.S_ISSOCK(mode):
+            sock = socket.socket(fileno=os.dup(fd))
+            send = sock.send
+            return cls(lambda line: send(line, _SEND_FLAGS), sock)
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+            flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+            try:
+                own = io.FileIO(os.open(f"/proc/self/fd/{fd}", flags), "wb")
+            except OSError:
+                # No /proc, or a FIFO nobody has open for reading (ENXIO: a write
+                # fails with EPIPE and does not wait): the shared description as it is.
+                return cls(io.FileIO(fd, "wb", closefd=False).write)
+            return cls(own.write, own)
+        return cls(io.FileIO(fd, "wb", closefd=False).write)
+
+    def write(self, line: bytes) -> bool:
+        """Write one line, its newline included, or drop and count it: never wait.
+
+        True when the line went out whole now.
+        """
+        try:
+            written = self.put(line)
+        except OSError:  # full (EAGAIN), or nobody reads it any more (EPIPE)
+            written = 0
+        if written == len(line):
+            return True
+        self.missed(line, written)
+        return False
+
+    def missed(self, line: bytes, written: int | None) -> None:
+        """``put`` wrote ``written`` bytes of ``line``, not all: count it, or keep its rest."""
+        if not written:  # 0, or None from FileIO.write
+            self.dropped += 1
+        else:
+            self._rest = line[written:]
+        self.put = self._pending
+
+    def _pending(self, line: bytes) -> int | None:
+        """``put`` while something waits: the rest of a line goes before ``line``, a
+        count of dropped lines after it (at most once per ``REPORT_EVERY``)."""
+        if self._rest and not self._finish_rest():
+            return 0
+        written = self._write(line)
+        if written == len(line) and self.dropped and time.monotonic() >= self._next_report:
+            self._report()
+        return written
+
+    def _finish_rest(self) -> bool:
+        try:
+            written = self._write(self._rest) or 0
+        except OSError:
+            return False
+        self._rest = self._rest[written:]
+        if self._rest:
+            return False
+        self._settle()
+        return True
+
+    def _settle(self) -> None:
+        """Once nothing waits, ``put`` is the descriptor's write again."""
+        if not self._rest and not self.dropped:
+            self.put = self._write
+
+    def tick(self) -> None:
+        """The periodic work, at any cadence: finish a line cut short, and report
+        the lines dropped, at most once per ``REPORT_EVERY``."""
+        if self._rest and not self._finish_rest():
+            return
+        if self.dropped and time.monotonic() >= self._next_report:
+            self._report()
+
+    def flush(self) -> None:
+        """What :meth:`tick` does, however recent the last report: for a process's end."""
+        if self._rest and not self._finish_rest():
+            return
+        if self.dropped:
+            self._report()
+
+    def _report(self) -> None:
+        """One ``log_dropped`` line; when it does not fit, the count waits (and grows)."""
+        if self.report is None:
+            return
+        count = self.dropped
+        line = self.report(count)
+        try:
+            written = self._write(line)
+        except OSError:
+            return
+        if written:
+            self.dropped -= count
+            self._next_report = time.monotonic() + REPORT_EVERY
+            if written != len(line):
+                self.missed(line, written)
+            else:
+                self._settle()
+
+    def close(self) -> None:
+        """Stop writing (later lines are dropped) and close this process's own description."""
+        self.put = self._write = _closed
+        self._rest = b""
+        if self._owned is not None:
+            self._owned.close()
+        self._owned = None
+
+
+_sink: Sink | None = None  # this process's, opened by configure()
+
+
+def tick() -> None:
+    """For each process's periodic work, about once a second: see :meth:`Sink.tick`."""
+    if _sink is not None:
+        _sink.tick()
+
+
+def flush() -> None:
+    """For the end of each process, after its last line: see :meth:`Sink.flush`."""
+    if _sink is not None:
+        _sink.flush()
+
+
+def _as_line(message: bytes | str) -> bytes:
+    return (message.encode() if isinstance(message, str) else message) + b"\n"
+
+
+class SinkLogger:
+    """The structlog logger: each rendered line goes to the process's sink in one write."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
 
     def msg(self, message: bytes | str) -> None:
-        data = message.encode() if isinstance(message, str) else message
-        data += b"\n"
-        while data:
-            try:
-                written = os.write(self._fd, data)
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                time.sleep(0.001)
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EPIPE, errno.EBADF):
-                    return  # nobody is reading our stdout any more
-                raise
-            data = data[written:]
+        self._sink.write(_as_line(message))
 
     debug = info = warning = error = critical = exception = log = msg
+
+
+class _Rendered:
+    """A structlog logger that hands back the rendered line instead of writing it."""
+
+    def msg(self, message: bytes | str) -> bytes:
+        return _as_line(message)
+
+    warning = msg
 
 
 class _Clock:
@@ -111,11 +307,11 @@ class ConnLog:
     at thousands of connections a second.
     """
 
-    __slots__ = ("_clock", "_fd", "_generation", "_pid", "_role")
+    __slots__ = ("_clock", "_generation", "_pid", "_role", "_sink")
 
-    def __init__(self, role: str, generation: int, fd: int) -> None:
+    def __init__(self, role: str, generation: int, sink: Sink) -> None:
         self._clock = _Clock()
-        self._fd = fd
+        self._sink = sink
         self._pid = os.getpid()
         self._role = role
         self._generation = generation
@@ -154,23 +350,25 @@ class ConnLog:
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )
+        sink = self._sink  # Sink.write, inlined: this runs once per connection
+        put = sink.put  # an attribute load, cheaper than a method lookup on a slot
         try:
-            written = os.write(self._fd, line)
+            written = put(line)
         except OSError:
             written = 0
-        if written != len(line):  # a full pipe, or a signal: the slow path finishes it
-            FdLogger(self._fd).msg(line[written:-1])
+        if written != len(line):
+            sink.missed(line, written)
 
 
-def conn_logger(
-    logger: Any, role: str, generation: int, *, level: str, fmt: str, fd: int | None = None
-) -> Any:
+def conn_logger(logger: Any, role: str, generation: int, *, level: str, fmt: str) -> Any:
     """What a worker calls once per connection: the fast JSON line, the structlog
-    line for the console format, or None when ``info`` is filtered out."""
+    line for the console format, or None when ``info`` is filtered out.  Call
+    :func:`configure` first: the fast line goes to its sink."""
     if _LEVEL_NUMBERS[level] > _LEVEL_NUMBERS["info"]:
         return None
     if fmt == "json":
-        return ConnLog(role, generation, sys.stdout.fileno() if fd is None else fd)
+        assert _sink is not None, "configure() opens the sink"
+        return ConnLog(role, generation, _sink)
     return lambda **fields: logger.info("conn", **fields)
 
 
@@ -182,11 +380,13 @@ def configure(
     fmt: str = "json",
     fd: int | None = None,
 ) -> Any:
-    """Configure structlog for this process and return its bound logger.
+    """Configure structlog for this process, open its sink, return its bound logger.
 
     Called once per process: by the supervisor at start and by every child
-    right after fork (the child's role and pid differ from its parent's).
+    right after fork (the child's role and pid differ from its parent's, and
+    the child opens a sink of its own, closing the one it inherited).
     """
+    global _sink
     fd = sys.stdout.fileno() if fd is None else fd
     processors: list[Any] = [_Clock()]
     if fmt == "console":
@@ -196,10 +396,21 @@ def configure(
         ]
     else:
         processors.append(_render_json)
+    if _sink is not None:
+        _sink.close()
+    sink = _sink = Sink.open(fd)
+    bound = {"pid": os.getpid(), "role": role, "generation": generation}
+    reporter = structlog.wrap_logger(
+        _Rendered(),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(0),  # reported whatever the level
+        context_class=dict,
+    ).bind(**bound)
+    sink.report = lambda lines: reporter.warning("log_dropped", lines=lines)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVEL_NUMBERS[level]),
-        logger_factory=lambda *_args: FdLogger(fd),
+        logger_factory=lambda *_args: SinkLogger(sink),
         cache_logger_on_first_use=True,
     )
-    return structlog.get_logger().bind(pid=os.getpid(), role=role, generation=generation)
+    return structlog.get_logger().bind(**bound)

@@ -7,6 +7,7 @@ here is killed by the fixture that started it (whole process group).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -62,6 +63,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+# splicelb does not wait for its stdout to be read (it drops lines when the pipe
+# is full): room for the thread that reads it to fall behind by thousands of lines.
+STDOUT_PIPE_SIZE = 1 << 20
+
+
 class Proc:
     """A child process in its own process group, its stdout lines collected."""
 
@@ -75,19 +81,36 @@ class Proc:
             cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        assert self.popen.stdout is not None
+        with contextlib.suppress(OSError):  # over the user's pipe quota: the default size
+            fcntl.fcntl(self.popen.stdout.fileno(), fcntl.F_SETPIPE_SZ, STDOUT_PIPE_SIZE)
         self.lines: list[str] = []
         self.errors: list[str] = []
+        self._reading = threading.Event()  # cleared: stdout is not read (see hold_stdout)
+        self._reading.set()
         self._readers = [
-            threading.Thread(target=self._read, args=(self.popen.stdout, self.lines), daemon=True),
+            threading.Thread(
+                target=self._read, args=(self.popen.stdout, self.lines, self._reading), daemon=True
+            ),
             threading.Thread(target=self._read, args=(self.popen.stderr, self.errors), daemon=True),
         ]
         for reader in self._readers:
             reader.start()
 
     @staticmethod
-    def _read(stream: Any, into: list[str]) -> None:
+    def _read(stream: Any, into: list[str], reading: threading.Event | None = None) -> None:
         for raw in stream:
             into.append(raw.decode("utf-8", "replace").rstrip("\n"))
+            if reading is not None:
+                reading.wait()
+
+    def hold_stdout(self) -> None:
+        """Stop reading stdout (after at most one more read): the process's pipe fills."""
+        self._reading.clear()
+
+    def release_stdout(self) -> None:
+        """Read stdout again, from where it stopped."""
+        self._reading.set()
 
     @property
     def pid(self) -> int:
@@ -106,6 +129,7 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
+        self._reading.set()
         for reader in self._readers:
             reader.join(2)
 
