@@ -115,6 +115,8 @@ def _child_main(
     finally:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
+        with contextlib.suppress(BaseException):
+            lblog.flush()  # the count of lines the log could not take, if any
         os._exit(code)
 
 

@@ -120,6 +120,7 @@ class Supervisor:
         self._loop()
         self._cleanup()
         self.log.info("stopped", exit_code=self.exit_code)
+        lblog.flush()
         return self.exit_code
 
     def _start(self) -> None:
@@ -159,6 +160,7 @@ class Supervisor:
             self._guarded(self._reap)
             now = time.monotonic()
             self._guarded(self.notifier.watchdog, now)
+            self._guarded(lblog.tick)  # lines the log could not take: counted, reported
             self._guarded(self.control_clients.sweep, now)
             if self.stopping:
                 if not self.children:

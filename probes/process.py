@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from lb import log as lblog
 from lb.config import Config
 from lb.config_table import Address
 from lb.pool import layout as L
@@ -169,6 +170,7 @@ class Prober:
     async def _beat(self) -> None:
         while True:
             self.pool.d[L.H_PROBER_BEAT] = time.monotonic()
+            lblog.tick()  # lines the log could not take: counted, reported
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _probe_loop(self, probe: Probe) -> None:

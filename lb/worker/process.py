@@ -33,9 +33,9 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
+from lb import log as lblog
 from lb.config import Config
 from lb.pool import layout as L
 from lb.pool.shm import Pool
@@ -71,7 +71,6 @@ class Worker:
         maxconn: int,
         log: Any,
         log_conn: Any = None,
-        log_tick: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.slot = slot
@@ -80,7 +79,6 @@ class Worker:
         self.maxconn = maxconn
         self.log = log
         self.log_conn = log_conn  # None when info lines are filtered out: nothing is built
-        self.log_tick = log_tick  # once a second, for the log's own reports
         self.draining = False
         self.connections: set[Connection] = set()
         workers = config.global_.workers
@@ -160,13 +158,12 @@ class Worker:
             self._take,  # also when this worker does not busy-poll, or is never idle
             lambda: self.acceptor.backoff.check(now),
             lambda: self.local_limits.check(now),
-            self.log_tick,
+            lblog.tick,  # lines the log could not take: counted, reported
         ):
-            if job is not None:
-                try:
-                    job()
-                except Exception as exc:
-                    self._error(exc)
+            try:
+                job()
+            except Exception as exc:
+                self._error(exc)
 
     def _take(self) -> bool:
         return self.acceptor.take()

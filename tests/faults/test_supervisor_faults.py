@@ -68,7 +68,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "run"
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
         check=False,
