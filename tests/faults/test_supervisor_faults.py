@@ -210,3 +210,19 @@ def running_workers(lb: SpliceLB) -> list[int]:
 def last_reload(lb: SpliceLB) -> str:
     reloads = lb.events("reload")
     return str(reloads[-1]["outcome"]) if reloads else ""
+
+
+def test_a_raising_step_of_the_supervisors_loop_is_logged_and_the_loop_goes_on(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    port = free_port()
+    lb = start_lb(
+        fault_config(port, servers(echo_pair)),
+        launcher=(*INJECT, "--raise", "lb.supervisor:Supervisor._maintain=3", "--"),
+    )
+    [error] = wait_until(lambda: lb.events("supervisor_error"), 10, "supervisor_error")
+    assert error["step"] == "maintain" and "injected fault" in error["error"]
+    victim = lb.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)  # the loop still reaps and replaces
+    wait_until(lambda: len(lb.events("worker_start")) == 3, 10, "a replacement worker")
+    still_serves(lb, port)
