@@ -53,6 +53,7 @@ H_NAMES_OFF, H_NAMES_LEN, H_HEALTH_OFF, H_ADMIN_OFF, H_SLOTS_OFF, H_SLOT_SIZE = 
 H_HEALTH_VERSION, H_ADMIN_VERSION = 11, 12
 H_PROBER_PID, H_PROBER_BEAT = 13, 14  # BEAT is a double (monotonic seconds)
 H_NLISTENERS, H_RESTARTS, H_RELOADS = 15, 16, 17
+H_HANDOVER_TO = 18  # a retiring generation's workers hand their tunnels to this one (0: none)
 HEADER_WORDS: Final = 24
 
 # Server health record (prober-written), words by index.
@@ -76,6 +77,7 @@ ADMIN_NAMES: Final = ("ready", "drain", "maint")
 # Worker slot header, words by index.
 S_PID, S_GENERATION, S_BEAT, S_STATE, S_CONNECTIONS, S_ACCEPTED = 0, 1, 2, 3, 4, 5
 S_SUSPECT_VERSION: Final = 6
+S_ADOPTED: Final = 7  # tunnels this worker adopted from an older generation (handover)
 S_ANSWERS: Final = 8  # up to 8 words: counts of the statuses in ANSWER_STATUSES
 ANSWER_STATUSES: Final = (400, 403, 408, 431, 500, 503, 0)  # 0: any other
 SLOT_HEADER_WORDS: Final = 16
