@@ -137,7 +137,15 @@ def _boot(
     cap = worker_plan(config, sockets, slot).cap
     log_conn = lblog.conn_logger(logger, kind, generation.number, level=log.level, fmt=log.fmt)
     return Worker(
-        config, slot, generation.number, sockets, generation.pool, cap, logger, log_conn
+        config,
+        slot,
+        generation.number,
+        sockets,
+        generation.pool,
+        cap,
+        logger,
+        log_conn,
+        generation.handover[slot] if slot < len(generation.handover) else None,
     ).run
 
 

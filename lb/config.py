@@ -114,6 +114,7 @@ class Backend:
     retries: int
     servers: tuple[Server, ...]
     health: HealthCheck | None  # None: servers count as up
+    on_reload: str = "handover"  # open tunnels on reload: "handover" to the new workers, or "close"
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +338,9 @@ def _parse_all(
     return parsed
 
 
+ON_RELOAD = ("handover", "close")
+
+
 def _parse_backend(t: Table, base_dir: str) -> Backend:
     name = t.name()
     servers = [server for _, server in _parse_all(t, "servers", "server", _parse_server)]
@@ -348,6 +352,7 @@ def _parse_backend(t: Table, base_dir: str) -> Backend:
         retries=t.integer("retries", 2, 0),
         servers=tuple(servers),
         health=None if health is None else _parse_health(health, base_dir),
+        on_reload=t.choice("on_reload", "handover", ON_RELOAD),
     )
     t.finish()
     return backend

@@ -18,6 +18,7 @@ from typing import Any
 from lb.config import Config
 from lb.pool import layout as L
 from lb.pool.shm import Pool, create_pool
+from lb.sockets import handover_path, handover_socket
 
 POOL_LINK = "pool"
 
@@ -36,15 +37,25 @@ class Generation:
     retiring: bool = False
     waiters: list[socket.socket] = field(default_factory=list)  # `splicelb reload` clients
     sockets: dict[Any, int] = field(default_factory=dict)  # listening sockets its workers get
+    handover: list[socket.socket] = field(default_factory=list)  # by slot: where tunnels come in
     retired: bool = False  # told to close its connections now (too many generations draining)
 
     @classmethod
     def create(cls, number: int, config: Config, previous: Pool | None) -> Generation:
+        """Its pool, and a handover socket per worker slot (see lb.worker.handover)."""
         runtime_dir = config.global_.runtime_dir
         pool = create_pool(pool_path(runtime_dir, number), config, number, config.global_.workers)
-        if previous is not None:
-            carry_over(previous, pool)
-        return cls(number, config, pool)
+        generation = cls(number, config, pool)
+        try:
+            if previous is not None:
+                carry_over(previous, pool)
+            for slot in range(config.global_.workers):
+                path = handover_path(runtime_dir, number, slot)
+                generation.handover.append(handover_socket(path))
+        except BaseException:
+            generation.remove()
+            raise
+        return generation
 
     def publish(self) -> None:
         """Point the runtime dir's ``pool`` link (read by ``splicelb status``) here."""
@@ -82,11 +93,17 @@ class Generation:
         )
 
     def remove(self) -> None:
-        """The generation is over: unmap and delete its pool file."""
+        """The generation is over: unmap and delete its pool file, close its handover sockets."""
         path = self.pool.path
         self.pool.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        runtime_dir = self.config.global_.runtime_dir
+        for slot, sock in enumerate(self.handover):
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(handover_path(runtime_dir, self.number, slot))
+        self.handover.clear()
 
 
 def server_keys(pool: Pool) -> dict[tuple[str, str, str], int]:

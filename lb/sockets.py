@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _socket
 import math
+import os
 import socket
 from typing import Any
 
@@ -203,3 +204,29 @@ class SocketTable:
             sock.close()
         self.sockets.clear()
         self.admin.clear()
+
+
+HANDOVER_TYPE = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC  # one message, one tunnel
+HANDOVER_BACKLOG = 64
+
+
+def handover_path(runtime_dir: str, generation: int, slot: int) -> str:
+    return os.path.join(runtime_dir, f"handover-{generation}-{slot}.sock")
+
+
+def handover_socket(path: str) -> socket.socket:
+    """A worker slot's handover socket (bound by the supervisor, mode 0600)."""
+    sock = socket.socket(socket.AF_UNIX, HANDOVER_TYPE)
+    old = os.umask(0o177)
+    try:
+        if os.path.lexists(path):
+            os.unlink(path)
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    sock.listen(HANDOVER_BACKLOG)
+    sock.setblocking(False)
+    return sock

@@ -101,6 +101,7 @@ def _workers(pool: Pool, answers: dict[str, int], now: float) -> list[dict[str, 
                 "slot": slot,
                 "state": "draining" if q[base + L.S_STATE] == L.SLOT_DRAINING else "running",
                 "accepted": q[base + L.S_ACCEPTED],
+                "adopted": q[base + L.S_ADOPTED],
                 "heartbeat_age_s": round(now - d[base + L.S_BEAT], 3),
             }
         )

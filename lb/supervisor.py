@@ -338,8 +338,11 @@ class Supervisor:
         elif kind == "admin":
             admin = self.sockets.admin_socket(generation.config)
             own = {"admin": [admin]} if admin is not None else {}
-        mine = {id(s) for socks in own.values() for s in socks}
+        # A worker keeps its slot's handover socket, where older workers hand tunnels over.
+        keep = generation.handover[slot : slot + 1] if kind == "worker" else []
+        mine = {id(s) for socks in [*own.values(), keep] for s in socks}
         close: list[int | socket.socket] = [s for s in self.sockets.all() if id(s) not in mine]
+        close += [s for g in self.generations.values() for s in g.handover if id(s) not in mine]
         if self.control is not None:
             close.append(self.control)
         close += self.control_clients.sockets()
@@ -354,6 +357,7 @@ class Supervisor:
         old = [g for g in self.generations.values() if g is not generation and not g.retiring]
         for previous in old:
             previous.retiring = True
+            previous.pool.q[L.H_HANDOVER_TO] = generation.number  # its workers hand over
             self._signal(
                 [c for c in self.children.values() if c.generation is previous], signal.SIGTERM
             )

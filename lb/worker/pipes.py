@@ -281,6 +281,9 @@ class PipePool:
         else:
             discard(pipe)
 
+    def adopt(self, pipe: Pipe) -> None:
+        """A pipe that came with a tunnel from another process: this pool's from now on."""
+
     def close(self) -> None:
         for pipe in self.free:
             discard(pipe)
@@ -342,6 +345,11 @@ class CappedPipePool(PipePool):
 
     def holding(self) -> int | None:
         return self.enlarged
+
+    def adopt(self, pipe: Pipe) -> None:
+        if pipe[2] == self.slots:  # an enlarged one: counted as if this pool had made it
+            self.enlarged += 1
+            _enlarged_by[pipe[1]] = self
 
 
 # Which capped pool enlarged the pipe with this write end.  Descriptors belong to

@@ -9,7 +9,9 @@ The worker puts together the pieces of :mod:`lb.worker`, each with one job:
 - :mod:`~lb.worker.splice`: the tunnels, moving bytes with ``splice``;
 - :mod:`~lb.worker.deadlines`: head, connect and idle timeouts;
 - :mod:`~lb.worker.tally`: the counters, published to its slot in the live pool;
-- :mod:`~lb.worker.limits`: the balancer's own limits (descriptors, ports).
+- :mod:`~lb.worker.limits`: the balancer's own limits (descriptors, ports);
+- :mod:`~lb.worker.handover`: open tunnels handed to the next generation on reload,
+  and adopted from the previous one.
 
 Its own jobs: the end of every connection (counters, its log line, accepting
 again below the cap), the once-a-second work, and stopping.  The
@@ -19,8 +21,10 @@ end of limit episodes) runs on its own, so no failure in one stops the
 others; the heartbeat comes first and is written from inside the loop, so a
 stuck loop stops beating.
 
-Signals: SIGTERM stops accepting and lets connections finish for up to
-``drain_timeout`` (a second SIGTERM, or SIGQUIT, closes everything at once);
+Signals: SIGTERM stops accepting and, on reload (the pool's ``H_HANDOVER_TO``
+names a newer generation), hands the open tunnels over to its workers; what
+is not handed over may finish for up to ``drain_timeout`` (a second SIGTERM,
+or SIGQUIT, closes everything at once);
 SIGUSR1 stops accepting and closes every connection, spread evenly over
 ``CLOSE_SPREAD`` seconds (the supervisor retires the oldest of too many
 draining generations so, and their clients do not all reconnect at once).
@@ -42,16 +46,24 @@ from lb.pool.shm import Pool
 from lb.worker.accept import HEARTBEAT_INTERVAL, Acceptor
 from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
+from lb.worker.handover import BATCH, Receiver, Sender, State, flows_of, state_of
 from lb.worker.limits import Episode
 from lb.worker.loop import Loop
 from lb.worker.pipes import PipePool, plan_for_worker
-from lb.worker.runtime import ListenerRuntime, build_backends, build_listeners, format_peer
-from lb.worker.splice import Pump
+from lb.worker.runtime import (
+    BackendRuntime,
+    ListenerRuntime,
+    build_backends,
+    build_listeners,
+    format_peer,
+)
+from lb.worker.splice import Pump, Tunnel
 from lb.worker.tally import Tally
 
 DEADLINE_GRID = 0.05  # head and connect timeouts fire at most this late
 CLOSE_SPREAD = 2.0  # seconds over which SIGUSR1 closes a worker's connections
 SPREAD_STEP = 0.05
+HANDOVER_WAIT = 0.01  # seconds before looking again for tunnels to hand over
 
 # Exit codes of a worker, read by the supervisor.
 WORKER_OK = 0
@@ -71,7 +83,9 @@ class Worker:
         maxconn: int,
         log: Any,
         log_conn: Any = None,
+        handover: socket.socket | None = None,
     ) -> None:
+        """``handover``: this slot's handover socket, where older workers hand tunnels over."""
         self.config = config
         self.slot = slot
         self.generation = generation
@@ -116,6 +130,12 @@ class Worker:
             connect_failed=self._connect_failed,
             local_limit=self._local_limit,
         )
+        self.listener_names = {listener.name: listener for listener in self.listeners}
+        self.foreign: dict[tuple[str, str], BackendRuntime] = {}  # adopted from gone backends
+        self.receiver = Receiver(loop, handover, self._adopt, log) if handover else None
+        self.sender: Sender | None = None
+        self.handover_started = 0.0
+        self.handed = 0
 
     # -- life ------------------------------------------------------------------
 
@@ -169,21 +189,33 @@ class Worker:
         return self.acceptor.take()
 
     def drain(self) -> None:
-        """Stop accepting; leave when the last connection ends or at drain_timeout."""
+        """Stop accepting; hand the tunnels over on reload; leave when the last connection
+        ends or at drain_timeout."""
         if self.draining:
             self.stop_now()
             return
         self._stop_accepting()
+        target = int(self.pool.q[L.H_HANDOVER_TO])
         self.log.info(
-            "worker_drain", active=self.tally.active, timeout=self.config.global_.drain_timeout
+            "worker_drain",
+            active=self.tally.active,
+            timeout=self.config.global_.drain_timeout,
+            handover_to=target if target > self.generation else None,
         )
         if self.tally.active == 0:
             self.loop.stop()
-        else:
-            self.loop.call_later(self.config.global_.drain_timeout, self.stop_now)
+            return
+        self.loop.call_later(self.config.global_.drain_timeout, self.stop_now)
+        if target > self.generation:
+            self.sender = Sender(self.config.global_.runtime_dir, target, self.log)
+            self.handover_started = time.monotonic()
+            self._hand_over()
 
     def _stop_accepting(self) -> None:
         self.draining = True
+        if self.receiver is not None:  # tunnels still on their way drain where they are
+            self.receiver.stop()
+            self.receiver = None
         self.tally.set_state(L.SLOT_DRAINING)
         self.acceptor.stop()
         for listener in self.listeners:  # ours are copies: the supervisor keeps the sockets
@@ -224,6 +256,129 @@ class Worker:
             except Exception as exc:
                 self._error(exc)
                 conn.fail(exc)
+
+    # -- handover ----------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Send up to a batch of tunnels to the new generation; again next turn until
+        none is left that can go (see lb.worker.handover)."""
+        sender = self.sender
+        if sender is None:
+            return
+        sent, waiting, busy = 0, False, False
+        for conn in list(self.connections):
+            tunnel, backend = conn.tunnel, conn.backend
+            if tunnel is None or tunnel.closed:
+                waiting = waiting or (tunnel is None and not conn.finished)  # not a tunnel yet
+                continue
+            assert backend is not None
+            if not backend.handover:
+                continue
+            if sent >= BATCH:
+                busy = True
+                break
+            message, fds = state_of(conn)
+            result = sender.send(message, fds)
+            if result is None:  # no new worker left to take them: they drain
+                break
+            if result is False:  # the new workers' queues are full for now
+                busy = True
+                break
+            tunnel.detach()
+            self._handed(conn)
+            sent += 1
+        else:
+            if waiting:  # connections still before their tunnel: look again soon
+                self.loop.call_later(HANDOVER_WAIT, self._hand_over)
+                return
+            self._handover_done()
+            return
+        if busy and sender.channels:
+            self.loop.call_later(0 if sent else HANDOVER_WAIT, self._hand_over)
+        else:
+            self._handover_done()
+
+    def _handed(self, conn: Connection) -> None:
+        """A tunnel went to the new generation: it ends here, without a conn line (the
+        adopter writes it when it ends)."""
+        self.connections.discard(conn)
+        conn.finished = True
+        self.tally.finished(conn.listener.tally_at, conn.server, None, 0, 0)
+        self.handed += 1
+        if self.tally.active == 0:
+            self._handover_done()
+            self.loop.stop()
+
+    def _handover_done(self) -> None:
+        sender, self.sender = self.sender, None
+        if sender is None:
+            return
+        self.log.info(
+            "handover",
+            to_generation=sender.generation,
+            tunnels=self.handed,
+            kept=sum(1 for c in self.connections if c.tunnel is not None),
+            duration_ms=round((time.monotonic() - self.handover_started) * 1000, 3),
+        )
+        sender.close()
+
+    def _adopt(self, state: State, fds: list[int]) -> None:
+        """A tunnel handed over by an older generation's worker: served here from now on."""
+        listener = self.listener_names.get(state["listener"]) or self._foreign_listener(state)
+        backend, server = self._server_of(state)
+        conn = Connection(self.ctx, listener, fds[0], tuple(state["client"]))
+        conn.started = float(state["started"])
+        conn.backend, conn.server = backend, server
+        conn.websocket = bool(state["websocket"])
+        conn.bytes_in, conn.bytes_out = int(state["bytes_in"]), int(state["bytes_out"])
+        idle = listener.tunnel_timeout if listener.index >= 0 else float(state["idle_timeout"])
+        tunnel = Tunnel(
+            self.pump, conn, fds[0], fds[1], idle, float(state["active_at"]), state["keepalive"]
+        )
+        conn.tunnel = tunnel
+        self.tally.adopted_tunnel(server, listener.tally_at)
+        self.connections.add(conn)
+        tunnel.resume(*flows_of(state, fds))
+
+    def _foreign_listener(self, state: State) -> ListenerRuntime:
+        """A listener this generation does not have: the tunnel keeps its name (its conn
+        line), its counts go where nothing is published (see lb.worker.tally)."""
+        listener = ListenerRuntime(
+            index=-1,
+            name=str(state["listener"]),
+            mode=str(state["mode"]),
+            router=None,  # type: ignore[arg-type]  # never routes: its tunnels are established
+            default_backend="",
+            head_timeout=0.0,
+            tunnel_timeout=float(state["idle_timeout"]),
+            socks=[],
+            tally_at=self.tally.foreign_listener_at,
+        )
+        self.listener_names[listener.name] = listener
+        return listener
+
+    def _server_of(self, state: State) -> tuple[BackendRuntime, int]:
+        """The adopted tunnel's backend and server index here, or a foreign one."""
+        name, server = str(state["backend"]), str(state["server"])
+        backend = self.backends.get(name)
+        if backend is not None:
+            for index, server_name in backend.names.items():
+                if server_name == server:
+                    return backend, index
+        foreign = self.foreign.get((name, server))
+        index = self.pool.geometry.nservers  # the foreign server's counters: never published
+        if foreign is None:
+            foreign = self.foreign[(name, server)] = BackendRuntime(
+                name=name,
+                picker=None,  # type: ignore[arg-type]  # never picks: its tunnels are established
+                connect_timeout=0.0,
+                retries=0,
+                addresses={},
+                names={index: server},
+                live=frozenset(),
+                handover=True,
+            )
+        return foreign, index
 
     # -- connections -------------------------------------------------------------
 

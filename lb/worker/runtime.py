@@ -48,6 +48,7 @@ class BackendRuntime:
     addresses: dict[int, tuple[int, Any]]  # server index -> (family, sockaddr)
     names: dict[int, str]
     live: frozenset[int]  # servers whose active count other workers read as it changes
+    handover: bool  # its tunnels go to the new generation on reload (on_reload = "handover")
 
 
 def make_balancer(
@@ -87,6 +88,7 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
             addresses={i: (s.address.family, s.address.sockaddr) for i, s in pairs},
             names=names,
             live=live,
+            handover=bc.on_reload == "handover",
         )
     return backends
 

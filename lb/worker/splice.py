@@ -307,6 +307,8 @@ class Flow:
         self.pipe = None
 
 
+FlowState = tuple[bool, int, Pipe | None]  # ended, bytes queued in its pipe, the pipe
+
 _CLOSED = {side: f"{side} closed" for side in ("client", "server")}  # built once, not per tunnel
 
 
@@ -338,8 +340,17 @@ class Tunnel:
     )
 
     def __init__(
-        self, pump: Pump, owner: TunnelOwner, client: int, server: int, idle_timeout: float
+        self,
+        pump: Pump,
+        owner: TunnelOwner,
+        client: int,
+        server: int,
+        idle_timeout: float,
+        active_at: float = 0.0,
+        keepalive: bool = False,
     ) -> None:
+        """A new tunnel; ``active_at`` and ``keepalive``: one adopted from another process,
+        its last byte's time and whether its server socket has keepalive already."""
         self.pump = pump
         self.loop = pump.loop
         self.free = pump.free
@@ -347,11 +358,12 @@ class Tunnel:
         self.up = Flow(self, client, server, "client")
         self.down = Flow(self, server, client, "server")
         self.closed = False
-        self.keepalive = False  # on its server socket, KEEPALIVE_AFTER after it opened
+        self.keepalive = keepalive  # on its server socket, KEEPALIVE_AFTER after it opened
         self.moved = False  # in the pump's set of tunnels to flush
         self.idle_timeout = idle_timeout
-        self.active_at = monotonic()
-        self.timeouts: Queue | None = pump.deadlines.arm(self, KEEPALIVE_AFTER, self.active_at)
+        self.active_at = active_at or monotonic()
+        first = idle_timeout if keepalive else KEEPALIVE_AFTER
+        self.timeouts: Queue | None = pump.deadlines.arm(self, first, self.active_at)
 
     def start(self, speculate: bool) -> None:
         """Watch both sockets; with ``speculate``, try the client's bytes at once.
@@ -372,6 +384,44 @@ class Tunnel:
         if speculate:
             loop.events = 0  # not woken by this socket: no end of file known
             up.on_readable()
+
+    def resume(
+        self, up: tuple[bool, int, Pipe | None], down: tuple[bool, int, Pipe | None]
+    ) -> None:
+        """Watch an adopted tunnel's sockets as its flows were: each (ended, queued, pipe)."""
+        loop, pipes = self.loop, self.pump.pipes
+        for flow, (ended, queued, pipe) in ((self.up, up), (self.down, down)):
+            flow.ended = ended
+            if pipe is not None:
+                pipes.adopt(pipe)
+                flow.pipe, flow.queued = pipe, queued
+        for flow in (self.up, self.down):
+            if flow.ended or flow.pipe is not None:
+                loop.watch_failure(flow.src, flow.on_failure)
+            else:
+                loop.add_reader(flow.src, flow.on_readable)
+            if flow.pipe is not None:
+                loop.add_writer(flow.dst, flow.on_writable)
+
+    def detach(self) -> None:
+        """The tunnel went to another process: forget it and close this process's copies
+        of its descriptors (no peer sees it: the other process holds them too).  Its owner
+        is not told; the flows' byte counts must have been flushed."""
+        self.closed = True
+        up, down = self.up, self.down
+        if self.timeouts is not None:
+            self.timeouts.pop(self, None)
+        if self.moved:
+            self.pump.moved.discard(self)
+        for fd in (up.src, down.src):
+            self.loop.close(fd)
+        for flow in (up, down):
+            if flow.pipe is not None:
+                self.loop.close(flow.pipe[0])
+                self.loop.close(flow.pipe[1])
+                flow.pipe = None
+        self.owner = None
+        del up.tunnel, down.tunnel
 
     def flush(self) -> None:
         """Count the bytes moved since the last flush (to the owner), and when."""

@@ -12,6 +12,11 @@ costs several list additions.
 
 The slot's words that others write or that are stored as they change (the
 header's, a server's failed connects and suspect mark) are never copied.
+
+A tunnel adopted from an older generation may belong to a listener or a
+server this generation's config no longer has: it is counted in words past
+the slot's (server index ``nservers``, ``foreign_listener_at``), which are
+never published, so that counting it costs the hot path no test.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ _OTHER_ANSWER = len(L.ANSWER_STATUSES) - 1
 class Tally:
     __slots__ = (
         "active",
+        "adopted",
         "base",
+        "foreign_listener_at",
         "listener_ats",
         "live_active",
         "loop",
@@ -53,27 +60,31 @@ class Tally:
         self.loop = loop
         self.base = geo.slot(slot)
         self.active = 0  # connections this worker holds
+        self.adopted = 0  # tunnels it adopted from an older generation
         self.publishing = False  # a copy to the slot is due
         # The slot's words as Python ints: what a predecessor in this slot counted goes on.
         self.values = list(pool.q[self.base : self.base + geo.slot_words])
+        self.values += [0] * (L.COUNTER_WORDS + L.LISTENER_WORDS)  # foreign: never published
         self.server_counters = [geo.counter(slot, s) for s in range(geo.nservers)]
         self.server_at = [c - self.base for c in self.server_counters]  # by server index
+        self.server_at.append(geo.slot_words)  # the foreign server (index nservers)
         self.listener_ats = [  # by listener index
             geo.listener_counter(slot, i) - self.base for i in range(geo.nlisteners)
         ]
+        self.foreign_listener_at = geo.slot_words + L.COUNTER_WORDS
         # By server index: where its active count goes in the slot as it changes (0: late).
-        self.live_active = [0] * geo.nservers
+        self.live_active = [0] * (geo.nservers + 1)
         for server in live:
             self.live_active[server] = self.server_counters[server] + L.C_ACTIVE
         self.runs = _published_runs(
-            self.server_at, geo.slot_words - geo.nlisteners * L.LISTENER_WORDS, geo.slot_words
+            self.server_at[:-1], geo.slot_words - geo.nlisteners * L.LISTENER_WORDS, geo.slot_words
         )
 
     def start(self, generation: int) -> None:
         """Claim the slot: a predecessor killed in it left active counts of its own."""
         q, base, values = self.q, self.base, self.values
         q[base + L.S_PID], q[base + L.S_GENERATION] = os.getpid(), generation
-        for counter, at in zip(self.server_counters, self.server_at, strict=True):
+        for counter, at in zip(self.server_counters, self.server_at[:-1], strict=True):
             q[counter + L.C_ACTIVE] = 0
             values[at + L.C_ACTIVE] = 0
         for at in self.listener_ats:
@@ -133,6 +144,21 @@ class Tally:
         if not self.publishing:
             self._publish_soon()
 
+    def adopted_tunnel(self, server: int, listener_at: int) -> None:
+        """A tunnel handed over by an older generation: open here now (its totals were
+        counted where it began)."""
+        values = self.values
+        self.active += 1
+        self.adopted += 1
+        values[listener_at + L.C_ACTIVE] += 1
+        at = self.server_at[server]
+        values[at + L.C_ACTIVE] += 1
+        live = self.live_active[server]
+        if live:
+            self.q[live] = values[at + L.C_ACTIVE]
+        if not self.publishing:
+            self._publish_soon()
+
     def mark_suspect(self, server: int) -> None:
         """Passive health: every worker avoids ``server`` until a check clears the mark."""
         counter = self.server_counters[server]
@@ -155,6 +181,7 @@ class Tally:
         self.publishing = False
         values = self.values
         values[L.S_CONNECTIONS] = self.active
+        values[L.S_ADOPTED] = self.adopted
         values[L.S_ACCEPTED] = sum(values[at + L.C_TOTAL] for at in self.listener_ats)
         words = array("Q", values)
         q, base = self.q, self.base
@@ -168,6 +195,7 @@ def _published_runs(servers: list[int], listeners: int, end: int) -> list[tuple[
     count is copied even where it is also stored as it changes: the same value."""
     runs = [
         (L.S_CONNECTIONS, L.S_ACCEPTED + 1),
+        (L.S_ADOPTED, L.S_ADOPTED + 1),
         (L.S_ANSWERS, L.S_ANSWERS + len(L.ANSWER_STATUSES)),
     ]
     runs += [(at + L.C_ACTIVE, at + L.C_BYTES_OUT + 1) for at in servers]

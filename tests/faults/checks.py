@@ -23,12 +23,16 @@ BURST = 200
 
 
 def fault_config(
-    port: int, servers: list[tuple[str, str]], workers: int = 2, extra: str = ""
+    port: int,
+    servers: list[tuple[str, str]],
+    workers: int = 2,
+    extra: str = "",
+    backend_extra: str = "",
 ) -> str:
     """An http listener with a short head_timeout in front of ``servers``."""
     return config(
         listener(f"127.0.0.1:{port}", "app", extra=f"head_timeout = {HEAD_TIMEOUT:g}"),
-        backend("app", servers),
+        backend("app", servers, extra=backend_extra),
         workers=workers,
         extra_global=extra,
     )

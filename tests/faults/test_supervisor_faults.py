@@ -164,7 +164,8 @@ def test_a_reload_storm_leaves_a_bounded_number_of_generations_draining(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
 ) -> None:
     port = free_port()
-    text = fault_config(port, servers(echo_pair))
+    # Tunnels that stay in their generation (not handed over): generations pile up draining.
+    text = fault_config(port, servers(echo_pair), backend_extra='on_reload = "close"')
     lb = start_lb(text.replace("drain_timeout = 5", "drain_timeout = 120"))
     tunnels: list[list[socket.socket]] = []
     for _ in range(6):

@@ -98,6 +98,7 @@ def test_a_stale_event_for_a_closed_server_socket_never_reaches_the_next_one(
         addresses={i: (socket.AF_INET, pair[0].getsockname()) for i, pair in enumerate(servers)},
         names={0: "a", 1: "b"},
         live=frozenset(),
+        handover=True,
     )
     ctx = Context(
         loop=loop,

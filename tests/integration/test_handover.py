@@ -1,0 +1,224 @@
+"""Open tunnels outlive reloads: the old workers hand them to the new generation.
+
+Real clients on both ends: WebSocket tunnels exchanging messages that must
+come back whole and in order, and TCP tunnels moving a numbered byte pattern
+checked by SHA-256 on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+
+from tests.integration import clients
+from tests.integration.harness import (
+    EchoBackend,
+    LoadGen,
+    Proc,
+    SpliceLB,
+    ToolServer,
+    backend,
+    cli,
+    config,
+    free_port,
+    listener,
+    wait_until,
+)
+from tests.integration.tools import pattern, pattern_sha
+
+INJECT = ("-m", "tests.faults.inject")
+
+
+class Bulk(threading.Thread):
+    """A TCP tunnel sending ``total`` bytes of the pattern at a steady pace and reading
+    what the server sends: both are checked by SHA-256 at the end."""
+
+    def __init__(self, port: int, total: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.local_port = self.sock.getsockname()[1]
+        self.total, self.seconds = total, seconds
+        self.received = hashlib.sha256()
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        try:
+            began, sent = time.monotonic(), 0
+            for chunk in pattern(self.total):
+                for start in range(0, len(chunk), 65536):
+                    piece = chunk[start : start + 65536]
+                    self.sock.sendall(piece)
+                    sent += len(piece)
+                    due = began + self.seconds * sent / self.total
+                    time.sleep(max(0.0, due - time.monotonic()))
+            self.sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:
+            self.error = exc
+        reader.join(60)
+
+    def _read(self) -> None:
+        try:
+            while chunk := self.sock.recv(1 << 20):
+                self.received.update(chunk)
+                self.count += len(chunk)
+        except BaseException as exc:
+            self.error = exc
+
+
+def reload(lb: SpliceLB) -> float:
+    done = cli("reload", "-c", str(lb.config_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return time.monotonic()
+
+
+def workers_of(lb: SpliceLB) -> list[psutil.Process]:
+    return [p for p in psutil.Process(lb.pid).children() if p.status() != "zombie"]
+
+
+def test_tunnels_outlive_five_reloads_in_a_row(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], procs: list[Proc]
+) -> None:
+    sha = ToolServer("sha", "--send", str(8 << 20))
+    procs.append(sha)
+    ws_port, tcp_port = free_port(), free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{ws_port}", "app")
+            + listener(f"127.0.0.1:{tcp_port}", "sha", mode="tcp", name="bulk"),
+            backend("app", [(b.name, b.address) for b in echo_pair])
+            + backend("sha", [("sha", sha.address)]),
+            drain_timeout=2,  # a tunnel left behind would be closed 2 s after its reload
+        )
+    )
+    load = LoadGen(ws_port, tunnels=1000, duration=30)
+    procs.append(load)
+    wait_until(lambda: load.event("tunnels_open"), 90, "1000 tunnels")
+    bulk = [Bulk(tcp_port, 8 << 20, 12) for _ in range(20)]
+    for tunnel in bulk:
+        tunnel.start()
+    for _ in range(5):
+        last = reload(lb)
+        time.sleep(1)
+    handovers = wait_until(
+        lambda: len(lb.events("handover")) >= 10 and lb.events("handover"), 20, "10 handovers"
+    )
+    assert all(h["kept"] == 0 for h in handovers), handovers
+    # no old worker remains: the prober and the two workers of generation 6
+    wait_until(lambda: len(workers_of(lb)) == 3, 10, "the old generations to exit")
+    summary = load.summary(60)
+    assert summary["failures"] == [], summary["failures"][:5]
+    assert summary["tunnels"] == 1000
+    assert (
+        summary["last_echo_min"] > last + 8
+    )  # every tunnel still echoed 8 s after the last reload
+    want = pattern_sha(8 << 20)
+    for tunnel in bulk:
+        tunnel.join(60)
+        assert tunnel.error is None, tunnel.error
+        assert (tunnel.count, tunnel.received.hexdigest()) == (8 << 20, want)
+    results = wait_until(
+        lambda: len(sha.results()) == 20 and sha.results(), 30, "the server's side"
+    )
+    assert all(r["received"] == 8 << 20 and r["received_sha"] == want for r in results), results
+    # one conn line per tunnel, when it ended, with its whole life
+    bulk_lines = [c for c in lb.conns() if c["listener"] == "bulk"]
+    assert len(bulk_lines) == 20
+    assert all(c["bytes_in"] == c["bytes_out"] == 8 << 20 for c in bulk_lines), bulk_lines[:2]
+    assert min(c["duration_ms"] for c in bulk_lines) > 10_000
+
+
+def test_a_worker_killed_in_the_middle_of_a_handover_loses_only_what_it_still_held(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    port = free_port()
+    text = config(
+        listener(f"127.0.0.1:{port}", "app"),
+        backend("app", [(b.name, b.address) for b in echo_pair]),
+        workers=1,
+        drain_timeout=60,
+    )
+    # each tunnel takes the old worker 20 ms to send: a handover of 300 lasts 6 s
+    lb = start_lb(
+        text,
+        workers=1,
+        launcher=(*INJECT, "--slow", "lb.worker.handover:Sender.send=0.02", "--"),
+    )
+    tunnels = [clients.ws_tunnel(port) for _ in range(300)]
+    [old] = lb.worker_pids()
+    reload(lb)
+    wait_until(lambda: adopted(lb) >= 50, 20, "50 tunnels adopted")
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: old not in [p.pid for p in workers_of(lb)], 10, "the old worker gone")
+    moved = adopted(lb)
+    assert 50 <= moved < 300
+    alive = [clients.ws_ping(sock) for sock in tunnels]
+    assert sum(alive) == moved  # what had been sent lives on; the rest died with the worker
+    for sock in tunnels:
+        sock.close()
+
+
+def adopted(lb: SpliceLB) -> int:
+    done = cli("status", "--json", "-c", str(lb.config_path))
+    if done.returncode:
+        return 0
+    workers = json.loads(done.stdout)["workers"]
+    return sum(w["adopted"] for w in workers if w["generation"] == 2)
+
+
+def test_a_backend_with_on_reload_close_keeps_its_tunnels_in_the_old_worker(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    port = free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{port}", "app"),
+            backend("app", [(b.name, b.address) for b in echo_pair], extra='on_reload = "close"'),
+            workers=1,
+            drain_timeout=3,
+        ),
+        workers=1,
+    )
+    tunnel = clients.ws_tunnel(port)
+    reloaded = reload(lb)
+    [handover] = wait_until(lambda: lb.events("handover"), 10, "the handover")
+    assert (handover["tunnels"], handover["kept"]) == (0, 1)
+    assert clients.ws_ping(tunnel)  # served by the old worker while it drains
+    tunnel.settimeout(10)
+    assert clients.read_all(tunnel) == b""  # then closed at drain_timeout
+    assert time.monotonic() - reloaded > 2.5
+
+
+def test_a_tunnel_whose_listener_the_reload_removed_moves_and_keeps_its_name(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    keep, gone = free_port(), free_port()
+    servers = [(b.name, b.address) for b in echo_pair]
+    both = listener(f"127.0.0.1:{keep}", "app") + listener(
+        f"127.0.0.1:{gone}", "old", name="leaving"
+    )
+    lb = start_lb(config(both, backend("app", servers) + backend("old", servers[:1])))
+    tunnel = clients.ws_tunnel(gone)
+    lb.config_path.write_text(
+        config(listener(f"127.0.0.1:{keep}", "app"), backend("app", servers)).replace(
+            "@RUNTIME@", str(lb.runtime_dir)
+        )
+    )
+    reload(lb)
+    wait_until(lambda: lb.events("handover"), 10, "the handover")  # by the worker that held it
+    assert clients.ws_ping(tunnel)  # its listener and backend are gone; it is established
+    tunnel.close()
+    [line] = wait_until(
+        lambda: [c for c in lb.conns() if c["listener"] == "leaving"], 10, "its line"
+    )
+    assert (line["backend"], line["server"], line["generation"]) == ("old", "echo1", 2)
