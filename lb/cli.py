@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import NoReturn
 
 import click
@@ -20,8 +21,10 @@ from lb.config import (
 from lb.errors import ConfigError, LBError, NotRunningError
 from lb.status import format_table, read_status
 from lb.supervisor import Supervisor
+from lb.upgrade import read_handoff
 
 EXIT_NOT_RUNNING = 3  # commands that talk to a running instance, when there is none
+UPGRADE_TIMEOUT = 120.0  # seconds `splicelb upgrade` waits for the new generation
 
 config_option = click.option(
     "-c",
@@ -57,7 +60,10 @@ def cli() -> None:
 @config_option
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Overrides global.log_level.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), help="Overrides global.log_format.")
-def run(config_path: str, log_level: str | None, log_format: str | None) -> None:
+@click.option("--resume", type=int, hidden=True, help="An upgrade's handoff (see lb.upgrade).")
+def run(
+    config_path: str, log_level: str | None, log_format: str | None, resume: int | None
+) -> None:
     """Run in the foreground: JSON log lines on stdout; SIGTERM drains and stops.
 
     Logs are human-readable instead when stdout is a terminal (or with
@@ -68,9 +74,13 @@ def run(config_path: str, log_level: str | None, log_format: str | None) -> None
       splicelb run -c /etc/splicelb/splicelb.toml
     """
     config = _load_or_exit(config_path)
+    handoff = None
+    if resume is not None:  # this process was the supervisor a moment ago: same settings
+        handoff = read_handoff(resume)
+        log_level, log_format = handoff.log_level, handoff.log_format
     if log_format is None and sys.stdout.isatty():
         log_format = "console"  # a person is watching; JSON stays the default for pipes
-    supervisor = Supervisor(config, log_level=log_level, log_format=log_format)
+    supervisor = Supervisor(config, log_level=log_level, log_format=log_format, handoff=handoff)
     sys.exit(supervisor.run())
 
 
@@ -172,6 +182,46 @@ def reload(config_path: str, runtime_dir: str | None) -> None:
         return
     for line in answer.get("errors", []):  # type: ignore[attr-defined]
         click.echo(line, err=True)
+    sys.exit(1)
+
+
+@cli.command()
+@config_option
+@runtime_dir_option
+def upgrade(config_path: str, runtime_dir: str | None) -> None:
+    """Run the installed splicelb in place of the running one, without dropping anything.
+
+    After installing a new version (pip install -U splicelb): the supervisor
+    executes the new code in its own process (same pid, same listening
+    sockets), starts a new generation of workers from it, and the old workers
+    hand their open connections over to them, as on a reload. Waits until the
+    new generation serves.
+
+    \b
+    Example:
+      splicelb upgrade -c /etc/splicelb/splicelb.toml
+    """
+    directory = _runtime_dir(config_path, runtime_dir)
+    answer = _talk(directory, {"cmd": "upgrade"})
+    if not answer.get("ok"):
+        for line in answer.get("errors", []):  # type: ignore[attr-defined]
+            click.echo(line, err=True)
+        sys.exit(1)
+    before, deadline = int(str(answer["generation"])), time.monotonic() + UPGRADE_TIMEOUT
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            now = control.request(directory, {"cmd": "ping"}, timeout=5)
+        except LBError:  # the new image is starting: the control socket answers again soon
+            continue
+        if now.get("generation", 0) > before and now.get("serving"):
+            if now.get("pid") != answer["pid"]:
+                click.echo(f"splicelb: the instance's pid changed to {now.get('pid')}", err=True)
+                sys.exit(1)
+            version, generation = now.get("version"), now["generation"]
+            click.echo(f"upgraded: splicelb {version}, generation {generation} is serving")
+            return
+    click.echo(f"splicelb: no new generation serving after {UPGRADE_TIMEOUT:g} s", err=True)
     sys.exit(1)
 
 

@@ -196,6 +196,20 @@ class SocketTable:
                 del self.admin[k]
         return gone
 
+    def handoff(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        """Every socket's descriptor by address, for an upgrade (see lb.upgrade)."""
+        listening = [[k[0], k[1], [s.fileno() for s in socks]] for k, socks in self.sockets.items()]
+        admin = [[k[0], k[1], s.fileno()] for k, s in self.admin.items()]
+        return listening, admin
+
+    def take_over(self, listening: list[list[Any]], admin: list[list[Any]]) -> None:
+        """The sockets of a handoff, as this table's (after an upgrade's exec)."""
+        for family, sockaddr, fds in listening:
+            key = (family, tuple(sockaddr))
+            self.sockets[key] = [socket.socket(fileno=fd) for fd in fds]
+        for family, sockaddr, fd in admin:
+            self.admin[(family, tuple(sockaddr))] = socket.socket(fileno=fd)
+
     def all(self) -> list[socket.socket]:
         return [s for socks in self.sockets.values() for s in socks] + list(self.admin.values())
 

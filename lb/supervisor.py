@@ -32,6 +32,7 @@ is not a failure to boot, so it does not count toward the boot backoff.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import selectors
 import signal
@@ -40,7 +41,7 @@ import time
 import traceback
 from typing import Any
 
-from lb import control
+from lb import __version__, control
 from lb import log as lblog
 from lb.children import (
     EXIT_BOOT_ERROR,
@@ -55,9 +56,11 @@ from lb.config import Config, load_config
 from lb.errors import ConfigError, LBError
 from lb.generation import POOL_LINK, Generation
 from lb.pool import layout as L
+from lb.pool.shm import Pool
 from lb.rundir import RuntimeDir
 from lb.sockets import SocketTable
 from lb.systemd import Notifier
+from lb.upgrade import ChildState, GenerationState, Handoff, check_installed, exec_in_place
 from lb.worker.limits import raise_open_files
 
 BOOT_GRACE = 1.0  # a child that dies sooner than this after its start failed at boot
@@ -73,9 +76,16 @@ HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.
 
 class Supervisor:
     def __init__(
-        self, config: Config, *, log_level: str | None = None, log_format: str | None = None
+        self,
+        config: Config,
+        *,
+        log_level: str | None = None,
+        log_format: str | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
+        """``handoff``: what the image before an upgrade left this one (see lb.upgrade)."""
         self.config = config
+        self.handoff = handoff
         self.runtime_dir = config.global_.runtime_dir
         g = config.global_
         self.log_settings = LogSettings(log_level or g.log_level, log_format or g.log_format)
@@ -106,7 +116,10 @@ class Supervisor:
             "supervisor", 1, level=self.log_settings.level, fmt=self.log_settings.fmt
         )
         try:
-            self._start()
+            if self.handoff is None:
+                self._start()
+            else:
+                self._resume(self.handoff)
         except (LBError, OSError) as exc:
             self.log.error("start_failed", reason=str(exc))
             self._cleanup()
@@ -116,7 +129,10 @@ class Supervisor:
             listeners=[f"{lc.name}={lc.bind}" for lc in self.config.listeners],
             workers=self.config.global_.workers,
             runtime_dir=self.runtime_dir,
+            version=__version__,
         )
+        if self.handoff is not None:
+            self.reload([None])  # the new generation, from the code just executed
         self._loop()
         self._cleanup()
         self.log.info("stopped", exit_code=self.exit_code)
@@ -138,6 +154,42 @@ class Supervisor:
         self.control_clients.serve(self.control)
         self.notifier.status(f"starting {self.config.global_.workers} workers")
         self._spawn_generation(generation)
+
+    def _resume(self, handoff: Handoff) -> None:
+        """Take back what the image before an upgrade held: descriptors, generations,
+        children (still this process's), then hear signals again."""
+        self.rundir = RuntimeDir(handoff.runtime_dir, *handoff.rundir)
+        self.sockets.take_over(handoff.sockets, handoff.admin)
+        for g in handoff.generations:
+            config = self.config
+            workers = len(g.handover)  # what that generation runs, whatever the file says now
+            if workers != config.global_.workers:
+                config = dataclasses.replace(
+                    config, global_=dataclasses.replace(config.global_, workers=workers)
+                )
+            generation = Generation(
+                g.number,
+                config,
+                Pool.open(g.pool),
+                serving=g.serving,
+                retiring=g.retiring,
+                retired=g.retired,
+                sockets={(family, tuple(addr)): n for (family, addr), n in g.sockets},
+                handover=[socket.socket(fileno=fd) for fd in g.handover],
+            )
+            self.generations[g.number] = generation
+        self.current = self.generations[handoff.current]
+        self.previous = self.generations.get(handoff.previous)
+        for c in handoff.children:
+            child = Child(c.pid, c.kind, c.slot, self.generations[c.generation], c.started)
+            self.children[c.pid] = child
+        self.control = socket.socket(fileno=handoff.control)
+        self.control.setblocking(False)
+        self._install_signals()
+        self.selector.register(self._wakeup[0], selectors.EVENT_READ, "wakeup")
+        self.control_clients.serve(self.control)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # blocked across the exec
+        self.log.info("upgraded", from_version=handoff.version, version=__version__)
 
     def _install_signals(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -438,6 +490,64 @@ class Supervisor:
                 "fd_limit", reason=plan.warning(config.global_.maxconn), limit=plan.limit
             )
 
+    def upgrade(self, conn: socket.socket) -> None:
+        """Re-execute this process with the installed code (see lb.upgrade); the client is
+        answered first, and asks the new image when its generation serves."""
+        current = self.current
+        assert current is not None
+        if self.stopping or not current.serving:
+            control.reply(conn, {"ok": False, "errors": ["a reload is under way: try again"]})
+            return
+        try:
+            check_installed(self.config.path)
+        except LBError as exc:
+            self.log.error("upgrade", outcome="rejected", reason=str(exc))
+            control.reply(conn, {"ok": False, "errors": [str(exc)]})
+            return
+        self.log.info("upgrade", outcome="started", version=__version__)
+        control.answer_at_once(conn, {"ok": True, "pid": os.getpid(), "generation": current.number})
+        self.notifier.reloading("upgrading: executing the installed splicelb")
+        lblog.flush()
+        try:
+            exec_in_place(self._handoff(), HANDLED)
+        except OSError as exc:  # still the old image, as it was
+            self.log.error("upgrade", outcome="failed", reason=str(exc))
+            self.notifier.ready(f"serving: generation {current.number} (upgrade failed)")
+
+    def _handoff(self) -> Handoff:
+        assert self.rundir is not None and self.control is not None and self.current is not None
+        listening, admin = self.sockets.handoff()
+        return Handoff(
+            config=self.config.path,
+            log_level=self.log_settings.level,
+            log_format=self.log_settings.fmt,
+            version=__version__,
+            runtime_dir=self.runtime_dir,
+            rundir=[self.rundir.fd, self.rundir.lock],
+            control=self.control.fileno(),
+            sockets=listening,
+            admin=admin,
+            generations=[
+                GenerationState(
+                    number=g.number,
+                    pool=g.pool.path,
+                    serving=g.serving,
+                    retiring=g.retiring,
+                    retired=g.retired,
+                    sockets=[[list(k), n] for k, n in g.sockets.items()],
+                    handover=[sock.fileno() for sock in g.handover],
+                )
+                for g in self.generations.values()
+            ],
+            children=[
+                ChildState(c.pid, c.kind, c.slot, c.generation.number, c.started)
+                for c in self.children.values()
+            ],
+            current=self.current.number,
+            previous=self.previous.number if self.previous is not None else 0,
+            notify=self.notifier.environ,
+        )
+
     def _reload_failed(self, clients: list[socket.socket], problems: list[str]) -> None:
         self.log.error("reload", outcome="rejected", problems=problems)
         for conn in clients:
@@ -468,11 +578,22 @@ class Supervisor:
         command = request.get("cmd")
         if command == "reload":
             self.reload([conn])
+        elif command == "upgrade":
+            self.upgrade(conn)
         elif command == "admin":
             control.reply(conn, self._set_admin(request))
         elif command == "ping":
             assert self.current is not None
-            control.reply(conn, {"ok": True, "pid": os.getpid(), "generation": self.current.number})
+            control.reply(
+                conn,
+                {
+                    "ok": True,
+                    "pid": os.getpid(),
+                    "generation": self.current.number,
+                    "serving": self.current.serving,
+                    "version": __version__,
+                },
+            )
         else:
             control.reply(conn, {"ok": False, "errors": [f"unknown command {command!r}"]})
 

@@ -16,6 +16,8 @@ import os
 import socket
 import time
 
+NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
 
 def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -26,9 +28,11 @@ class Notifier:
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
-        address = env.pop("NOTIFY_SOCKET", "")
-        watchdog_usec = env.pop("WATCHDOG_USEC", "")
-        watchdog_pid = env.pop("WATCHDOG_PID", "")
+        # As they were: an upgrade puts them back for the image it executes.
+        self.environ = {name: env.pop(name) for name in NOTIFY_VARIABLES if name in env}
+        address = self.environ.get("NOTIFY_SOCKET", "")
+        watchdog_usec = self.environ.get("WATCHDOG_USEC", "")
+        watchdog_pid = self.environ.get("WATCHDOG_PID", "")
         self._address = "\0" + address[1:] if address.startswith("@") else address
         self._sock: socket.socket | None = None
         if self._address:

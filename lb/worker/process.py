@@ -39,6 +39,7 @@ import time
 import traceback
 from typing import Any
 
+from lb import __version__
 from lb import log as lblog
 from lb.config import Config
 from lb.pool import layout as L
@@ -148,7 +149,7 @@ class Worker:
         self._every_second()
         self.acceptor.resume()
         self.tally.set_state(L.SLOT_RUNNING)  # the supervisor now counts us as accepting
-        self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn)
+        self.log.info("worker_start", slot=self.slot, maxconn=self.maxconn, version=__version__)
         try:
             loop.run()
         finally:

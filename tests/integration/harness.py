@@ -71,14 +71,16 @@ STDOUT_PIPE_SIZE = 1 << 20
 class Proc:
     """A child process in its own process group, its stdout lines collected."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO
+    ) -> None:
         self.argv = argv
         self.popen = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            cwd=REPO,
+            cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         assert self.popen.stdout is not None
@@ -177,16 +179,18 @@ class SpliceLB(Proc):
         env: dict[str, str] | None = None,
         launcher: tuple[str, ...] = ("-m", "lb"),
         prefix: tuple[str, ...] = (),
+        cwd: Path = REPO,
     ) -> None:
         """``launcher``: what runs ``splicelb`` (tests/faults/inject.py injects faults);
-        ``prefix``: a command it runs under (``ip netns exec NS``)."""
+        ``prefix``: a command it runs under (``ip netns exec NS``); ``cwd``: where it
+        runs (``python -m lb`` takes the ``lb`` found there)."""
         self.tmp = tmp
         self.workers = workers
         self.runtime_dir = tmp / "run"
         self.config_path = tmp / "splicelb.toml"
         self.config_path.write_text(config.replace("@RUNTIME@", str(self.runtime_dir)))
         argv = [*prefix, sys.executable, *launcher, "run", "-c", str(self.config_path)]
-        super().__init__(argv, env)
+        super().__init__(argv, env, cwd)
         wait_until(self._started, 20, "splicelb to start")
 
     def _started(self) -> bool:

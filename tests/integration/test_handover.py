@@ -10,16 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import psutil
 
+from lb import __version__
 from tests.integration import clients
 from tests.integration.harness import (
+    REPO,
     EchoBackend,
     LoadGen,
     Proc,
@@ -86,56 +91,107 @@ def workers_of(lb: SpliceLB) -> list[psutil.Process]:
     return [p for p in psutil.Process(lb.pid).children() if p.status() != "zombie"]
 
 
-def test_tunnels_outlive_five_reloads_in_a_row(
-    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], procs: list[Proc]
-) -> None:
-    sha = ToolServer("sha", "--send", str(8 << 20))
-    procs.append(sha)
-    ws_port, tcp_port = free_port(), free_port()
-    lb = start_lb(
-        config(
-            listener(f"127.0.0.1:{ws_port}", "app")
-            + listener(f"127.0.0.1:{tcp_port}", "sha", mode="tcp", name="bulk"),
-            backend("app", [(b.name, b.address) for b in echo_pair])
-            + backend("sha", [("sha", sha.address)]),
-            drain_timeout=2,  # a tunnel left behind would be closed 2 s after its reload
-        )
+def tunnels_config(ws_port: int, tcp_port: int, echo: list[str], sha: str) -> str:
+    return config(
+        listener(f"127.0.0.1:{ws_port}", "app")
+        + listener(f"127.0.0.1:{tcp_port}", "sha", mode="tcp", name="bulk"),
+        backend("app", [(f"echo{i + 1}", address) for i, address in enumerate(echo)])
+        + backend("sha", [("sha", sha)]),
+        drain_timeout=2,  # a tunnel left behind would be closed 2 s after its reload
     )
+
+
+def through(
+    lb: SpliceLB, ws_port: int, tcp_port: int, sha: ToolServer, procs: list[Proc], change: Any
+) -> None:
+    """1,000 WebSocket tunnels exchanging messages and 20 TCP tunnels moving 8 MiB each way
+    live through ``change(lb)`` (which returns when it is done): nothing lost, reordered or
+    closed, and no old worker left."""
     load = LoadGen(ws_port, tunnels=1000, duration=30)
     procs.append(load)
     wait_until(lambda: load.event("tunnels_open"), 90, "1000 tunnels")
     bulk = [Bulk(tcp_port, 8 << 20, 12) for _ in range(20)]
     for tunnel in bulk:
         tunnel.start()
-    for _ in range(5):
-        last = reload(lb)
-        time.sleep(1)
-    handovers = wait_until(
-        lambda: len(lb.events("handover")) >= 10 and lb.events("handover"), 20, "10 handovers"
-    )
-    assert all(h["kept"] == 0 for h in handovers), handovers
-    # no old worker remains: the prober and the two workers of generation 6
+    last = change(lb)
+    handovers = lb.events("handover")
+    assert handovers and all(h["kept"] == 0 for h in handovers), handovers
+    # no old worker remains: the prober and the two workers of the last generation
     wait_until(lambda: len(workers_of(lb)) == 3, 10, "the old generations to exit")
     summary = load.summary(60)
     assert summary["failures"] == [], summary["failures"][:5]
     assert summary["tunnels"] == 1000
-    assert (
-        summary["last_echo_min"] > last + 8
-    )  # every tunnel still echoed 8 s after the last reload
+    assert summary["last_echo_min"] > last + 8  # every tunnel echoed 8 s after the change
     want = pattern_sha(8 << 20)
     for tunnel in bulk:
         tunnel.join(60)
         assert tunnel.error is None, tunnel.error
         assert (tunnel.count, tunnel.received.hexdigest()) == (8 << 20, want)
-    results = wait_until(
-        lambda: len(sha.results()) == 20 and sha.results(), 30, "the server's side"
-    )
+    results = wait_until(lambda: len(sha.results()) == 20 and sha.results(), 30, "their servers")
     assert all(r["received"] == 8 << 20 and r["received_sha"] == want for r in results), results
     # one conn line per tunnel, when it ended, with its whole life
     bulk_lines = [c for c in lb.conns() if c["listener"] == "bulk"]
     assert len(bulk_lines) == 20
     assert all(c["bytes_in"] == c["bytes_out"] == 8 << 20 for c in bulk_lines), bulk_lines[:2]
     assert min(c["duration_ms"] for c in bulk_lines) > 10_000
+
+
+def test_tunnels_outlive_five_reloads_in_a_row(
+    echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB], procs: list[Proc]
+) -> None:
+    sha = ToolServer("sha", "--send", str(8 << 20))
+    procs.append(sha)
+    ws_port, tcp_port = free_port(), free_port()
+    lb = start_lb(tunnels_config(ws_port, tcp_port, [b.address for b in echo_pair], sha.address))
+
+    def five_reloads(lb: SpliceLB) -> float:
+        for _ in range(5):
+            last = reload(lb)
+            time.sleep(1)
+        wait_until(lambda: len(lb.events("handover")) >= 10, 20, "10 handovers")
+        return last
+
+    through(lb, ws_port, tcp_port, sha, procs, five_reloads)
+
+
+def test_tunnels_outlive_an_upgrade_to_another_version(
+    echo_pair: tuple[EchoBackend, EchoBackend], procs: list[Proc], tmp_path: Path
+) -> None:
+    """splicelb installed in a directory of its own; a new version is installed there while
+    it runs (the same code, another version string), then `splicelb upgrade`."""
+    installed = tmp_path / "site"
+    for package in ("lb", "probes"):
+        shutil.copytree(REPO / package, installed / package)
+    sha = ToolServer("sha", "--send", str(8 << 20))
+    procs.append(sha)
+    ws_port, tcp_port = free_port(), free_port()
+    text = tunnels_config(ws_port, tcp_port, [b.address for b in echo_pair], sha.address)
+    lb = SpliceLB(tmp_path, text, cwd=installed)
+    procs.append(lb)
+    assert {r["version"] for r in lb.events("worker_start")} == {__version__}
+
+    def upgrade(lb: SpliceLB) -> float:
+        init = installed / "lb" / "__init__.py"
+        init.write_text(init.read_text().replace(__version__, NEW_VERSION))
+        done = cli("upgrade", "-c", str(lb.config_path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"upgraded: splicelb {NEW_VERSION}, generation 2 is serving" in done.stdout
+        wait_until(lambda: len(lb.events("handover")) == 2, 20, "2 handovers")
+        return time.monotonic()
+
+    through(lb, ws_port, tcp_port, sha, procs, upgrade)
+    [upgraded] = lb.events("upgraded")
+    assert (upgraded["pid"], upgraded["from_version"], upgraded["version"]) == (
+        lb.pid,
+        __version__,
+        NEW_VERSION,
+    )
+    assert lb.popen.poll() is None  # the same process throughout
+    new_workers = [r for r in lb.events("worker_start") if r["generation"] == 2]
+    assert {r["version"] for r in new_workers} == {NEW_VERSION}
+
+
+NEW_VERSION = "9.9.9+upgrade-test"
 
 
 def test_a_worker_killed_in_the_middle_of_a_handover_loses_only_what_it_still_held(
