@@ -28,20 +28,25 @@ from lb.pool.shm import Pool, Totals
 from lb.rundir import running_pid
 
 UNREADABLE = "health record unreadable: its last write never finished"
+# Times the pool link is followed: its target may be gone if reloads moved the link
+# on and the generation it named finished while we followed it.
+LINK_TRIES = 3
 
 
 def open_pool(runtime_dir: str) -> Pool:
     """The current generation's pool."""
     running_pid(runtime_dir)
-    try:
-        return Pool.open(os.path.join(runtime_dir, POOL_LINK))
-    except FileNotFoundError:
-        raise NotRunningError(f"no instance is running in {runtime_dir}") from None
-    except PermissionError:
-        raise LBError(
-            f"{runtime_dir}: cannot read the live pool: permission denied"
-            " (run as the instance's user or root)"
-        ) from None
+    for _ in range(LINK_TRIES):
+        try:
+            return Pool.open(os.path.join(runtime_dir, POOL_LINK))
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise LBError(
+                f"{runtime_dir}: cannot read the live pool: permission denied"
+                " (run as the instance's user or root)"
+            ) from None
+    raise NotRunningError(f"no instance is running in {runtime_dir}")
 
 
 def open_pools(runtime_dir: str) -> tuple[Pool, list[Pool]]:
