@@ -90,7 +90,7 @@ def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
     totals = Totals(pool, others or [])
     workers = []
     for p in sorted(totals.running, key=lambda p: p.q[L.H_GENERATION]):
-        workers += _workers(p, totals.accepted if p is pool else None, now)
+        workers += _workers(p, totals.slot_accepted(p), now)
     backends = []
     for backend in pool.names["backends"]:
         servers = [_server(pool, s, backend["checked"], now, totals) for s in backend["servers"]]
@@ -110,9 +110,9 @@ def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
     }
 
 
-def _workers(pool: Pool, carried: list[int] | None, now: float) -> list[dict[str, Any]]:
-    """The live workers of one pool; ``carried``: the accepted counts that finished
-    generations left in each slot (the current pool's workers go on from them)."""
+def _workers(pool: Pool, carried: list[int], now: float) -> list[dict[str, Any]]:
+    """The live workers of one pool; ``carried``: what each slot accepted in the
+    generations that have finished (a worker's ``accepted`` goes on from it)."""
     q, d, geo = pool.q, pool.d, pool.geometry
     workers = []
     for slot in range(geo.nslots):
@@ -126,7 +126,7 @@ def _workers(pool: Pool, carried: list[int] | None, now: float) -> list[dict[str
                 "connections": q[base + L.S_CONNECTIONS],
                 "slot": slot,
                 "state": "draining" if q[base + L.S_STATE] == L.SLOT_DRAINING else "running",
-                "accepted": q[base + L.S_ACCEPTED] + (carried[slot] if carried else 0),
+                "accepted": q[base + L.S_ACCEPTED] + carried[slot],
                 "heartbeat_age_s": round(now - d[base + L.S_BEAT], 3),
             }
         )

@@ -103,6 +103,7 @@ def count(
     base = geo.slot(slot)
     q[base + L.S_STATE] = L.SLOT_RUNNING
     q[base + L.S_PID] = os.getpid()  # alive: status lists the worker
+    q[base + L.S_GENERATION] = q[L.H_GENERATION]
     q[base + L.S_ACCEPTED] += connections
     at = geo.listener_counter(slot, 0)
     q[at + L.C_TOTAL] += connections
@@ -180,8 +181,15 @@ def test_totals_go_on_across_reloads_for_the_servers_and_listeners_still_named(
         # And again, through a generation that never saw b nor the first one.
         third = reload(supervisor, [("a", "127.0.0.1:2001"), ("c", "127.0.0.1:2003")])
         count(third, 1, "a", connections=5)
+        accepted = {
+            (w["generation"], w["slot"]): w["accepted"] for w in read_status(run)["workers"]
+        }
+        # The draining workers keep their counts; the new one goes on from its slot's.
+        assert accepted == {(2, 0): 3 + 2, (2, 1): 3 + 4, (3, 1): 3 + 5}
         finish(supervisor)
-        servers = servers_of(read_status(run))
+        status = read_status(run)
+        assert {w["slot"]: w["accepted"] for w in status["workers"]} == {1: 3 + 4 + 5}
+        servers = servers_of(status)
         assert servers["a"]["total"] == 9 and servers["c"]["total"] == 4
         samples = metrics(supervisor)
         assert samples[("splicelb_listener_connections_total", listener)] == 6 + 6 + 5

@@ -36,8 +36,10 @@ Totals that outlive reloads
 ---------------------------
 A reader reports a total as the current pool's carried block plus the slots
 of every pool still running, matched by names (a server by its backend and
-name, a listener by its name, a worker by its slot); what the current
-generation does not name is not reported.  When a generation's last child is
+name, a listener by its name); what the current generation does not name is
+not reported.  A worker's accepted count goes on from its own pool's carried
+count for its slot (so it never falls when a reload makes its generation an
+older one).  When a generation's last child is
 gone the supervisor *folds* it: it takes the next fold number ``n``, stores
 ``n`` in the finished pool's ``H_FOLDED``, adds the pool's slots to the carried
 block of every other pool it keeps and sets their ``K_FOLDS`` to ``n`` (one

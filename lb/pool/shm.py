@@ -363,6 +363,17 @@ class Totals:
                 for src, dst in pairs:
                     words[dst] += q[base + src]
 
+    def slot_accepted(self, pool: Pool) -> list[int]:
+        """What each slot of ``pool`` accepted in the generations that have finished, from
+        ``pool``'s own carried block: a worker goes on from it, and keeps it when a reload
+        makes its generation an older one (a worker's count never falls)."""
+        if pool is self.pool:
+            return self.accepted
+        carried = pool.read_carried()
+        if carried is None:
+            raise LBError(CARRIED_UNREADABLE)
+        return carried[pool.geometry.slot_words :]
+
     def server(self, index: int) -> dict[str, int]:
         at = self.pool.geometry.server_at(index)
         return {name: self.words[at + word] for name, word in L.SERVER_COUNTERS}
