@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 The file holds, in order: a header, a names table (JSON, written once at
-creation), one health record per server, one admin word per server, and one
-slot per worker.  Every part has exactly one writer:
+creation), one health record per server, one admin word per server, one
+check latency histogram per server, one slot per worker, and the carried
+block.  Every part has exactly one writer:
 
 * header versions: ``health_version`` is bumped by the prober whenever a
   server's health changes, ``admin_version`` by the supervisor whenever an
@@ -28,8 +29,8 @@ slot per worker.  Every part has exactly one writer:
   records are.  It holds what the generations that have finished counted,
   laid out like a worker slot's counters (answers, then per server, then per
   listener; the active words stay zero: an open connection is never carried),
-  followed by one accepted count per slot; ``K_FOLDS`` says how many finished
-  generations it holds;
+  followed by one accepted count per slot; ``K_FOLDS`` is the number of the
+  last fold it holds (folds are numbered 1, 2, ... over the instance's life);
 * ``H_FOLDED``: the supervisor, once, when the generation has finished.
 
 Totals that outlive reloads
@@ -38,23 +39,29 @@ A reader reports a total as the current pool's carried block plus the slots
 of every pool still running, matched by names (a server by its backend and
 name, a listener by its name); what the current generation does not name is
 not reported.  A worker's accepted count goes on from its own pool's carried
-count for its slot (so it never falls when a reload makes its generation an
-older one).  When a generation's last child is
-gone the supervisor *folds* it: it takes the next fold number ``n``, stores
-``n`` in the finished pool's ``H_FOLDED``, adds the pool's slots to the carried
-block of every other pool it keeps and sets their ``K_FOLDS`` to ``n`` (one
-fold number for them all: a new pool starts from the current one's block and
-its ``K_FOLDS``), and only then unlinks the finished pool.  A reader opens
-every pool file first, then the current one, reads the current carried block
-(one consistent copy, with its ``K_FOLDS`` ``k``), then each pool's
-``H_FOLDED`` ``f``: a pool with ``0 < f <= k`` is in the copy, and its slots are
-skipped; any other pool's slots are added.  So a finished generation is
-counted exactly once, by its slots or by the carried block, never both (the
-mark is stored before the fold and loaded after the copy) and never neither
-(a pool unlinked before the reader looked was folded before, into every pool
-the reader could take as current).  Every total a reader reports is the sum
-of words that only grow, each read later than by any earlier reader: it never
-goes backwards.
+count for its slot, so it does not fall when a reload makes its generation
+an older one.
+
+When a generation's last child is gone the supervisor *folds* it: it takes
+the next fold number ``n``, stores ``n`` in the finished pool's ``H_FOLDED``,
+adds the pool's slots to the carried block of every other pool it keeps and
+sets their ``K_FOLDS`` to ``n`` (every pool kept holds the same folds: a new
+pool starts from the current one's block), and only then unlinks the
+finished pool.  A reader opens every pool file first, then the current one,
+copies the current carried block (consistent, with its ``K_FOLDS`` ``k``),
+then loads each pool's ``H_FOLDED`` ``f``: a pool with ``0 < f <= k`` is in
+the copy, and its slots are skipped; any other pool's slots are added.
+
+So in the window where a reader has the finished pool mapped and the fold is
+under way, it sees neither a double count nor a gap: never both the pool's
+slots and the carried totals that hold them (the mark is stored before the
+fold and loaded after the copy, the order the sequence locks rely on too),
+and never neither (a pool unlinked before the reader listed the files was
+folded before, into every pool the reader can take for the current one).  A
+generation created after the reader listed the files, unless it is the
+current one, is counted from the next read on: a total late, never one that
+falls.  Each total is a sum of words that only grow: it never goes backwards
+while the instance runs.
 
 Everything is 8-byte aligned and addressed through ``memoryview.cast("Q")``
 and ``cast("d")`` views, so a single counter update is one index store.
