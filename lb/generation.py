@@ -3,7 +3,11 @@
 ``splicelb run`` starts generation 1; every successful reload starts the
 next one.  A new generation's pool starts with the health records and admin
 states of the servers it shares (same backend, name and address) with the
-generation before it, so health and drain/maint survive a reload.
+generation before it, so health and drain/maint survive a reload, and with
+the totals that the generations before it counted (its carried block); a
+generation that finishes adds its own to the carried blocks of those that go
+on before its pool file goes (see :mod:`lb.pool.layout`), so no total starts
+again at a reload.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lb.config import Config
 from lb.pool import layout as L
-from lb.pool.shm import Pool, create_pool
+from lb.pool.shm import Pool, create_pool, fold
 from lb.sockets import handover_path, handover_socket
 
 POOL_LINK = "pool"
@@ -92,8 +97,13 @@ class Generation:
             for slot in range(self.config.global_.workers)
         )
 
-    def remove(self) -> None:
-        """The generation is over: unmap and delete its pool file, close its handover sockets."""
+    def remove(self, carry_to: Iterable[Generation] = ()) -> None:
+        """The generation is over: its totals go on in the pools of ``carry_to`` (the
+        generations kept: a reader may take any of them for the current one), then its
+        pool file is unmapped and deleted, in that order (see :mod:`lb.pool.layout`)."""
+        targets = [g.pool for g in carry_to if g is not self]
+        if targets:
+            fold(self.pool, targets)
         path = self.pool.path
         self.pool.close()
         with contextlib.suppress(FileNotFoundError):
@@ -116,7 +126,7 @@ def server_keys(pool: Pool) -> dict[tuple[str, str, str], int]:
 
 def carry_over(old: Pool, new: Pool) -> None:
     """Copy health, admin state and check histograms of the servers both pools know,
-    and the instance's restart and reload counts.
+    the instance's restart and reload counts, and the carried totals (by names).
 
     A health record that cannot be read (its writer died mid-write) is not
     carried: that server starts unchecked, as a new one would, until the new
@@ -124,6 +134,7 @@ def carry_over(old: Pool, new: Pool) -> None:
     """
     new.q[L.H_RESTARTS] = old.q[L.H_RESTARTS]
     new.q[L.H_RELOADS] = old.q[L.H_RELOADS]
+    new.carry_from(old)
     old_keys = server_keys(old)
     for k, index in server_keys(new).items():
         previous = old_keys.get(k)

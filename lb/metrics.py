@@ -1,19 +1,17 @@
 """Prometheus metrics, computed from the live pool files at each scrape.
 
 A custom ``prometheus_client`` collector reads the current generation's pool
-and those of older generations still draining, sums the workers' slots, and
-yields metric families; ``prometheus_client`` renders the text format.
-Counters restart at a reload once the old generation is gone, as they would
-at a process restart (Prometheus' ``rate`` handles that).
+and those of older generations still draining, sums the workers' slots with
+what finished generations counted (:class:`lb.pool.shm.Totals`), and yields
+metric families; ``prometheus_client`` renders the text format.  A counter
+never falls while the instance runs, reloads included; the series are the
+servers and listeners the current generation names (one that a reload
+removed is no longer exported).
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,10 +21,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from lb.errors import LBError
 from lb.pool import layout as L
-from lb.pool.shm import Pool
-from lb.status import open_pool
+from lb.pool.shm import Pool, Totals
+from lb.status import open_pools
 
 SERVER = ["backend", "server"]
 HEALTH_STATES = (*L.HEALTH_NAMES, L.HEALTH_UNKNOWN)
@@ -92,29 +89,17 @@ class PoolCollector(Collector):
         self.runtime_dir = runtime_dir
 
     def collect(self) -> Iterator[Metric]:
-        current = open_pool(self.runtime_dir)
-        pools = [current]
+        current, others = open_pools(self.runtime_dir)
         try:
-            for path in glob.glob(os.path.join(self.runtime_dir, "pool-*.shm")):
-                if not os.path.samefile(path, current.path):
-                    with contextlib.suppress(OSError, LBError):
-                        pools.append(Pool.open(path))
-            yield from self._collect(current, pools)
+            yield from self._collect(current, others)
         finally:
-            for pool in pools:
+            for pool in [current, *others]:
                 pool.close()
 
-    def _collect(self, current: Pool, pools: list[Pool]) -> Iterator[Metric]:
+    def _collect(self, current: Pool, others: list[Pool]) -> Iterator[Metric]:
         f = _families()
-        sums: dict[tuple[str, tuple[str, ...]], float] = {}
-
-        def add(key: str, labels: tuple[str, ...], value: float) -> None:
-            sums[(key, labels)] = sums.get((key, labels), 0) + value
-
-        for pool in pools:
-            _add_counters(pool, add)
-        for (key, labels), value in sorted(sums.items()):
-            f[key].add_metric(list(labels), value)  # type: ignore[attr-defined]
+        totals = Totals(current, others)
+        _add_counters(totals, f)
         _add_states(current, f)
         q = current.q
         yield from f.values()
@@ -130,26 +115,27 @@ class PoolCollector(Collector):
         yield _latency(current)
 
 
-def _add_counters(pool: Pool, add: Any) -> None:
-    q, geo, names = pool.q, pool.geometry, pool.names
-    for slot in range(geo.nslots):
-        base = geo.slot(slot)
-        state = q[base + L.S_STATE]
-        if state != L.SLOT_EMPTY:
-            add("workers", ("draining" if state == L.SLOT_DRAINING else "running",), 1)
-        for i, status in enumerate(L.ANSWER_STATUSES):
-            if status:
-                add("answers", (str(status),), q[base + L.S_ANSWERS + i])
-        for i, listener in enumerate(names["listeners"]):
-            c = geo.listener_counter(slot, i)
-            for name, word in L.LISTENER_COUNTERS:
-                add(f"l_{name}", (listener["name"],), q[c + word])
-        for backend in names["backends"]:
-            for server in backend["servers"]:
-                c = geo.counter(slot, server["index"])
-                labels = (backend["name"], server["name"])
-                for name, word in L.SERVER_COUNTERS:
-                    add(f"s_{name}", labels, q[c + word])
+def _add_counters(totals: Totals, f: dict[str, Metric]) -> None:
+    names = totals.pool.names
+    for i, listener in enumerate(names["listeners"]):
+        for name, value in totals.listener(i).items():
+            f[f"l_{name}"].add_metric([listener["name"]], value)  # type: ignore[attr-defined]
+    for backend in names["backends"]:
+        for server in backend["servers"]:
+            labels = [backend["name"], server["name"]]
+            for name, value in totals.server(server["index"]).items():
+                f[f"s_{name}"].add_metric(labels, value)  # type: ignore[attr-defined]
+    for status, count in totals.answers().items():
+        f["answers"].add_metric([str(status)], count)  # type: ignore[attr-defined]
+    states = {"running": 0, "draining": 0}
+    for pool in totals.running:
+        q, geo = pool.q, pool.geometry
+        for slot in range(geo.nslots):
+            word = q[geo.slot(slot) + L.S_STATE]
+            if word != L.SLOT_EMPTY:
+                states["draining" if word == L.SLOT_DRAINING else "running"] += 1
+    for state, count in states.items():
+        f["workers"].add_metric([state], count)  # type: ignore[attr-defined]
 
 
 def _add_states(pool: Pool, f: dict[str, Metric]) -> None:

@@ -6,6 +6,11 @@ while every worker is busy.  The object follows ARCHITECTURE.md's contract
 fields (check results, bytes, answers by status).  A server whose health
 record cannot be read (its writer died mid-write) shows health ``unknown``
 and a ``health_reason``; the rest of the status is read as usual.
+
+Totals (connections, bytes, failed connects, answers, a slot's accepted) are
+the instance's since it started, reloads included, for the servers, listeners
+and slots the current generation names (:class:`lb.pool.shm.Totals`); active
+counts are those of the generations still running.
 """
 
 from __future__ import annotations
@@ -19,36 +24,59 @@ from typing import Any
 from lb.errors import LBError, NotRunningError
 from lb.generation import POOL_LINK
 from lb.pool import layout as L
-from lb.pool.shm import Pool
+from lb.pool.shm import Pool, Totals
 from lb.rundir import running_pid
 
 UNREADABLE = "health record unreadable: its last write never finished"
+# Times the pool link is followed: its target may be gone if reloads moved the link
+# on and the generation it named finished while we followed it.
+LINK_TRIES = 3
 
 
 def open_pool(runtime_dir: str) -> Pool:
     """The current generation's pool."""
     running_pid(runtime_dir)
+    for _ in range(LINK_TRIES):
+        try:
+            return Pool.open(os.path.join(runtime_dir, POOL_LINK))
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise LBError(
+                f"{runtime_dir}: cannot read the live pool: permission denied"
+                " (run as the instance's user or root)"
+            ) from None
+    raise NotRunningError(f"no instance is running in {runtime_dir}")
+
+
+def open_pools(runtime_dir: str) -> tuple[Pool, list[Pool]]:
+    """The current generation's pool and the pools of the others still running.
+
+    The others first, then the current one: the order :class:`Totals` needs (a pool
+    unlinked after we opened it is still mapped; one unlinked before is folded into
+    the current pool's totals already).
+    """
+    others: list[Pool] = []
     try:
-        return Pool.open(os.path.join(runtime_dir, POOL_LINK))
-    except FileNotFoundError:
-        raise NotRunningError(f"no instance is running in {runtime_dir}") from None
-    except PermissionError:
-        raise LBError(
-            f"{runtime_dir}: cannot read the live pool: permission denied"
-            " (run as the instance's user or root)"
-        ) from None
+        for path in glob.glob(os.path.join(runtime_dir, "pool-*.shm")):
+            with contextlib.suppress(OSError, LBError):  # finished while we looked
+                others.append(Pool.open(path))
+        pool = open_pool(runtime_dir)
+    except BaseException:
+        for other in others:
+            other.close()
+        raise
+    number = pool.q[L.H_GENERATION]
+    for other in [p for p in others if p.q[L.H_GENERATION] == number]:
+        others.remove(other)
+        other.close()
+    return pool, others
 
 
 def read_status(runtime_dir: str) -> dict[str, Any]:
     """The status object: the current generation, plus workers still draining older ones."""
-    pool = open_pool(runtime_dir)
-    others: list[Pool] = []
+    pool, others = open_pools(runtime_dir)
     try:
-        for path in glob.glob(os.path.join(runtime_dir, "pool-*.shm")):
-            if os.path.samefile(path, pool.path):
-                continue
-            with contextlib.suppress(OSError, LBError):  # finished while we looked
-                others.append(Pool.open(path))
         return snapshot(pool, others)
     finally:
         for p in [pool, *others]:
@@ -56,20 +84,16 @@ def read_status(runtime_dir: str) -> dict[str, Any]:
 
 
 def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
-    """The status object of one pool; ``others`` are older generations still draining."""
+    """The status object of one pool; ``others`` are older generations' pools (opened
+    before ``pool``: see :func:`open_pools`)."""
     now = time.monotonic()
-    answers = dict.fromkeys((str(s) for s in L.ANSWER_STATUSES if s), 0)
+    totals = Totals(pool, others or [])
     workers = []
-    older = sorted(others or [], key=lambda p: p.q[L.H_GENERATION])
-    for p in [*older, pool]:
-        workers += _workers(p, answers, now)
+    for p in sorted(totals.running, key=lambda p: p.q[L.H_GENERATION]):
+        workers += _workers(p, totals.slot_accepted(p), now)
     backends = []
     for backend in pool.names["backends"]:
-        servers = [_server(pool, s, backend["checked"], now) for s in backend["servers"]]
-        for server in servers:  # older generations' workers still carry tunnels: count them
-            for p in older:
-                for key, value in _counters(p, backend["name"], server).items():
-                    server[key] += value
+        servers = [_server(pool, s, backend["checked"], now, totals) for s in backend["servers"]]
         backends.append({"name": backend["name"], "servers": servers})
     q, d = pool.q, pool.d
     prober_pid = q[L.H_PROBER_PID]
@@ -82,11 +106,13 @@ def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
         },
         "listeners": pool.names["listeners"],
         "backends": backends,
-        "answers": answers,
+        "answers": {str(status): count for status, count in totals.answers().items()},
     }
 
 
-def _workers(pool: Pool, answers: dict[str, int], now: float) -> list[dict[str, Any]]:
+def _workers(pool: Pool, carried: list[int], now: float) -> list[dict[str, Any]]:
+    """The live workers of one pool; ``carried``: what each slot accepted in the
+    generations that have finished (a worker's ``accepted`` goes on from it)."""
     q, d, geo = pool.q, pool.d, pool.geometry
     workers = []
     for slot in range(geo.nslots):
@@ -100,33 +126,17 @@ def _workers(pool: Pool, answers: dict[str, int], now: float) -> list[dict[str, 
                 "connections": q[base + L.S_CONNECTIONS],
                 "slot": slot,
                 "state": "draining" if q[base + L.S_STATE] == L.SLOT_DRAINING else "running",
-                "accepted": q[base + L.S_ACCEPTED],
+                "accepted": q[base + L.S_ACCEPTED] + carried[slot],
                 "adopted": q[base + L.S_ADOPTED],
                 "heartbeat_age_s": round(now - d[base + L.S_BEAT], 3),
             }
         )
-        for i, status in enumerate(L.ANSWER_STATUSES):
-            if status:
-                answers[str(status)] += q[base + L.S_ANSWERS + i]
     return workers
 
 
-def _counters(pool: Pool, backend: str, server: dict[str, Any]) -> dict[str, int]:
-    """The same server's counters in another generation's pool (none if it has no such server)."""
-    for b in pool.names["backends"]:
-        for s in b["servers"] if b["name"] == backend else ():
-            if s["name"] == server["name"] and s["address"] == server["address"]:
-                return _sums(pool, s["index"])
-    return {}
-
-
-def _sums(pool: Pool, index: int) -> dict[str, int]:
-    q, geo = pool.q, pool.geometry
-    counters = [geo.counter(slot, index) for slot in range(geo.nslots)]
-    return {key: sum(q[c + word] for c in counters) for key, word in L.SERVER_COUNTERS}
-
-
-def _server(pool: Pool, server: dict[str, Any], checked: bool, now: float) -> dict[str, Any]:
+def _server(
+    pool: Pool, server: dict[str, Any], checked: bool, now: float, totals: Totals
+) -> dict[str, Any]:
     index = server["index"]
     record = pool.read_record(index) if checked else None
     if not checked:
@@ -140,7 +150,7 @@ def _server(pool: Pool, server: dict[str, Any], checked: bool, now: float) -> di
         "address": server["address"],
         "health": health,
         "admin": L.ADMIN_NAMES[pool.admin(index)],
-        **_sums(pool, index),
+        **totals.server(index),
     }
     if checked and record is None:
         out["health_reason"] = UNREADABLE

@@ -346,7 +346,7 @@ class Supervisor:
             if generation.retiring and not any(
                 c.generation is generation for c in self.children.values()
             ):
-                generation.remove()
+                generation.remove(carry_to=self.generations.values())  # its totals go on
                 del self.generations[number]
 
     def _retire_excess(self) -> None:

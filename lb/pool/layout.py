@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 The file holds, in order: a header, a names table (JSON, written once at
-creation), one health record per server, one admin word per server, and one
-slot per worker.  Every part has exactly one writer:
+creation), one health record per server, one admin word per server, one
+check latency histogram per server, one slot per worker, and the carried
+block.  Every part has exactly one writer:
 
 * header versions: ``health_version`` is bumped by the prober whenever a
   server's health changes, ``admin_version`` by the supervisor whenever an
@@ -23,7 +24,44 @@ slot per worker.  Every part has exactly one writer:
 * admin words: the supervisor (one aligned 8-byte word, never torn);
 * worker slots: their worker.  Counters are single aligned 8-byte words
   (an aligned store is atomic on the machines we run on), so a reader may see
-  one counter a step ahead of another but never half a number.
+  one counter a step ahead of another but never half a number;
+* the carried block: the supervisor, under a sequence lock as the health
+  records are.  It holds what the generations that have finished counted,
+  laid out like a worker slot's counters (answers, then per server, then per
+  listener; the active words stay zero: an open connection is never carried),
+  followed by one accepted count per slot; ``K_FOLDS`` is the number of the
+  last fold it holds (folds are numbered 1, 2, ... over the instance's life);
+* ``H_FOLDED``: the supervisor, once, when the generation has finished.
+
+Totals that outlive reloads
+---------------------------
+A reader reports a total as the current pool's carried block plus the slots
+of every pool still running, matched by names (a server by its backend and
+name, a listener by its name); what the current generation does not name is
+not reported.  A worker's accepted count goes on from its own pool's carried
+count for its slot, so it does not fall when a reload makes its generation
+an older one.
+
+When a generation's last child is gone the supervisor *folds* it: it takes
+the next fold number ``n``, stores ``n`` in the finished pool's ``H_FOLDED``,
+adds the pool's slots to the carried block of every other pool it keeps and
+sets their ``K_FOLDS`` to ``n`` (every pool kept holds the same folds: a new
+pool starts from the current one's block), and only then unlinks the
+finished pool.  A reader opens every pool file first, then the current one,
+copies the current carried block (consistent, with its ``K_FOLDS`` ``k``),
+then loads each pool's ``H_FOLDED`` ``f``: a pool with ``0 < f <= k`` is in
+the copy, and its slots are skipped; any other pool's slots are added.
+
+So in the window where a reader has the finished pool mapped and the fold is
+under way, it sees neither a double count nor a gap: never both the pool's
+slots and the carried totals that hold them (the mark is stored before the
+fold and loaded after the copy, the order the sequence locks rely on too),
+and never neither (a pool unlinked before the reader listed the files was
+folded before, into every pool the reader can take for the current one).  A
+generation created after the reader listed the files, unless it is the
+current one, is counted from the next read on: a total late, never one that
+falls.  Each total is a sum of words that only grow: it never goes backwards
+while the instance runs.
 
 Everything is 8-byte aligned and addressed through ``memoryview.cast("Q")``
 and ``cast("d")`` views, so a single counter update is one index store.
@@ -45,7 +83,7 @@ import struct
 from typing import Final
 
 MAGIC: Final = 0x3130424C43494C50  # b"PLICLB01" little-endian, a sanity check
-LAYOUT_VERSION: Final = 3
+LAYOUT_VERSION: Final = 4
 
 # Header: words (8 bytes each) by index.
 H_MAGIC, H_VERSION, H_GENERATION, H_NSERVERS, H_NSLOTS = 0, 1, 2, 3, 4
@@ -54,6 +92,7 @@ H_HEALTH_VERSION, H_ADMIN_VERSION = 11, 12
 H_PROBER_PID, H_PROBER_BEAT = 13, 14  # BEAT is a double (monotonic seconds)
 H_NLISTENERS, H_RESTARTS, H_RELOADS = 15, 16, 17
 H_HANDOVER_TO = 18  # a retiring generation's workers hand their tunnels to this one (0: none)
+H_FOLDED = 19  # the fold that put this finished generation's slots in the carried totals (0: none)
 HEADER_WORDS: Final = 24
 
 # Server health record (prober-written), words by index.
@@ -99,6 +138,13 @@ SERVER_COUNTERS: Final = (
 )
 LISTENER_COUNTERS: Final = SERVER_COUNTERS[:LISTENER_WORDS]
 
+# The carried block: words by index (answers, server and listener counters at their
+# places in a worker slot), then one accepted count per slot.
+K_SEQ, K_FOLDS = 0, 1
+# The words a fold adds up: totals, never C_ACTIVE (open now) nor C_SUSPECT_AT (a time).
+SERVER_TOTALS: Final = (C_TOTAL, C_BYTES_IN, C_BYTES_OUT, C_FAILED)
+LISTENER_TOTALS: Final = (C_TOTAL, C_BYTES_IN, C_BYTES_OUT)
+
 # Check latency histogram per server: a count per bucket (upper bounds in seconds,
 # the last one +Inf), then the sum of latencies (a double).
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -115,6 +161,8 @@ class Geometry:
 
     __slots__ = (
         "admin_off",
+        "carried_off",
+        "carried_words",
         "health_off",
         "hist_off",
         "names_len",
@@ -138,7 +186,9 @@ class Geometry:
         self.hist_off = self.admin_off + nservers
         self.slots_off = self.hist_off + nservers * HIST_WORDS
         self.slot_words = SLOT_HEADER_WORDS + nservers * COUNTER_WORDS + nlisteners * LISTENER_WORDS
-        self.total_words = self.slots_off + nslots * self.slot_words
+        self.carried_off = self.slots_off + nslots * self.slot_words
+        self.carried_words = self.slot_words + nslots
+        self.total_words = self.carried_off + self.carried_words
 
     def record(self, server: int) -> int:
         return self.health_off + server * RECORD_WORDS
@@ -151,6 +201,18 @@ class Geometry:
 
     def listener_counter(self, slot: int, listener: int) -> int:
         return self.counter(slot, self.nservers) + listener * LISTENER_WORDS
+
+    def server_at(self, server: int) -> int:
+        """Where a server's counters start in a slot (and in the carried block)."""
+        return SLOT_HEADER_WORDS + server * COUNTER_WORDS
+
+    def listener_at(self, listener: int) -> int:
+        """Where a listener's counters start in a slot (and in the carried block)."""
+        return SLOT_HEADER_WORDS + self.nservers * COUNTER_WORDS + listener * LISTENER_WORDS
+
+    def accepted_at(self, slot: int) -> int:
+        """Where a slot's carried accepted count is in the carried block."""
+        return self.slot_words + slot
 
     def histogram(self, server: int) -> int:
         return self.hist_off + server * HIST_WORDS

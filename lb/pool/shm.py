@@ -1,9 +1,11 @@
 """The live pool: a file in the runtime dir, mapped with ``mmap`` by every process.
 
-The layout and the one-writer-per-part rule are in :mod:`lb.pool.layout`.  We
-map a plain file rather than using ``multiprocessing.shared_memory``: its
-resource tracker may unlink a segment when a child exits, and the CLI must be
-able to open the pool of a running instance by path.
+The layout and the one-writer-per-part rule are in :mod:`lb.pool.layout`, and
+so is how totals outlive reloads (the carried block, the fold, and the order
+in which :class:`Totals` reads).  We map a plain file rather than using
+``multiprocessing.shared_memory``: its resource tracker may unlink a segment
+when a child exits, and the CLI must be able to open the pool of a running
+instance by path.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import mmap
 import os
 import time
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 # writer died mid-write.
 READ_TRIES = 40
 READ_PAUSE = 0.00025  # seconds; a sleep, so a preempted writer on our CPU can finish
+CARRIED_UNREADABLE = "the carried totals are unreadable: their last write never finished"
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +238,68 @@ class Pool:
         self.q[self.geometry.admin_off + server] = state
         self.q[L.H_ADMIN_VERSION] += 1
 
+    # -- the carried block (writer: the supervisor) ------------------------------
+
+    def folds(self) -> int:
+        """How many finished generations the carried block holds (for its writer)."""
+        return int(self.q[self.geometry.carried_off + L.K_FOLDS])
+
+    def read_carried(self) -> list[int] | None:
+        """One consistent copy of the carried block, or None if it stays mid-write
+        (its writer died in it), after the same bounded patience as a health record."""
+        base, size = self.geometry.carried_off, self.geometry.carried_words
+        q = self.q
+        for _ in range(READ_TRIES):
+            seq = q[base + L.K_SEQ]
+            if not seq & 1:
+                words = q[base : base + size].tolist()
+                if q[base + L.K_SEQ] == seq:
+                    return words
+            time.sleep(READ_PAUSE)
+        return None
+
+    def carry_from(self, previous: Pool) -> None:
+        """Start this new pool's carried block from ``previous``'s, by names, before
+        anyone can take this pool for the current one (it is not published yet)."""
+        geo, old_geo = self.geometry, previous.geometry
+        old = previous._carried()
+        words = [0] * geo.carried_words
+        words[L.K_FOLDS] = old[L.K_FOLDS]
+        for src, dst in _pairs(previous, self):
+            words[dst] = old[src]
+        for slot in range(min(geo.nslots, old_geo.nslots)):
+            words[geo.accepted_at(slot)] = old[old_geo.accepted_at(slot)]
+        self._write_carried(words)
+
+    def fold(self, finished: Pool, number: int) -> None:
+        """Add the final slots of a finished generation to the carried block, by names;
+        ``number`` (the fold's) becomes its ``K_FOLDS``.  Active counts are not added:
+        a finished generation has nothing open, whatever its slots last said."""
+        geo = self.geometry
+        words, fq = self._carried(), finished.q
+        pairs = _pairs(finished, self)
+        for slot in range(finished.geometry.nslots):
+            base = finished.geometry.slot(slot)
+            for src, dst in pairs:
+                words[dst] += fq[base + src]
+            if slot < geo.nslots:
+                words[geo.accepted_at(slot)] += fq[base + L.S_ACCEPTED]
+        words[L.K_FOLDS] = number
+        self._write_carried(words)
+
+    def _carried(self) -> list[int]:
+        """The carried block as it stands: for its one writer, who needs no lock to read."""
+        base = self.geometry.carried_off
+        return self.q[base : base + self.geometry.carried_words].tolist()
+
+    def _write_carried(self, words: list[int]) -> None:
+        """Store the whole block under its sequence lock (as ``write_record`` does)."""
+        base, q = self.geometry.carried_off, self.q
+        seq = (q[base + L.K_SEQ] + 1) | 1
+        q[base + L.K_SEQ] = seq  # odd: readers wait
+        q[base + 1 : base + len(words)] = array("Q", words[1:])
+        q[base + L.K_SEQ] = seq + 1
+
     # -- reading the workers' slots ------------------------------------------
 
     def server_active(self, server: int) -> int:
@@ -247,6 +314,119 @@ class Pool:
             (d[geo.counter(slot, server) + L.C_SUSPECT_AT] for slot in range(geo.nslots)),
             default=0.0,
         )
+
+
+def fold(finished: Pool, into: Iterable[Pool]) -> None:
+    """Put a finished generation's totals in the carried blocks of ``into`` (the pools
+    the supervisor keeps), before its pool file is unlinked.
+
+    The mark comes first, then the blocks (see :mod:`lb.pool.layout`).  Called again
+    for the same pool (a step that raised half-way), it skips the blocks that hold it.
+    """
+    targets = list(into)
+    number = finished.q[L.H_FOLDED] or 1 + max((p.folds() for p in targets), default=0)
+    finished.q[L.H_FOLDED] = number
+    for pool in targets:
+        if pool.folds() < number:
+            pool.fold(finished, number)
+
+
+class Totals:
+    """What the instance has counted, by the current pool's names: the current pool's
+    carried block (generations that have finished) plus the slots of every pool still
+    running (the current one and older ones draining); see :mod:`lb.pool.layout`.
+
+    ``others`` must have been opened before ``current``: a pool unlinked after that
+    is still mapped here, and one unlinked before is in ``current``'s carried block.
+    """
+
+    __slots__ = ("accepted", "pool", "running", "words")
+
+    def __init__(self, current: Pool, others: Iterable[Pool]) -> None:
+        carried = current.read_carried()
+        if carried is None:
+            raise LBError(CARRIED_UNREADABLE)
+        geo = current.geometry
+        folds = carried[L.K_FOLDS]
+        self.pool = current
+        # Laid out like a slot of the current pool: counters only, active ones included.
+        self.words = carried[: geo.slot_words]
+        self.accepted = carried[geo.slot_words :]  # carried, by slot of the current pool
+        # Loaded after the copy, so a pool the copy holds is always seen marked.
+        self.running = [p for p in (current, *others) if not 0 < p.q[L.H_FOLDED] <= folds]
+        words = self.words
+        for pool in self.running:
+            pairs = _pairs(pool, current, active=True)
+            q, pool_geo = pool.q, pool.geometry
+            for slot in range(pool_geo.nslots):
+                base = pool_geo.slot(slot)
+                for src, dst in pairs:
+                    words[dst] += q[base + src]
+
+    def slot_accepted(self, pool: Pool) -> list[int]:
+        """What each slot of ``pool`` accepted in the generations that have finished, from
+        ``pool``'s own carried block: a worker goes on from it, and keeps it when a reload
+        makes its generation an older one (a worker's count never falls)."""
+        if pool is self.pool:
+            return self.accepted
+        carried = pool.read_carried()
+        if carried is None:
+            raise LBError(CARRIED_UNREADABLE)
+        return carried[pool.geometry.slot_words :]
+
+    def server(self, index: int) -> dict[str, int]:
+        at = self.pool.geometry.server_at(index)
+        return {name: self.words[at + word] for name, word in L.SERVER_COUNTERS}
+
+    def listener(self, index: int) -> dict[str, int]:
+        at = self.pool.geometry.listener_at(index)
+        return {name: self.words[at + word] for name, word in L.LISTENER_COUNTERS}
+
+    def answers(self) -> dict[int, int]:
+        """The balancer's own answers by status (those counted as "other" left out)."""
+        return {
+            status: self.words[L.S_ANSWERS + i]
+            for i, status in enumerate(L.ANSWER_STATUSES)
+            if status
+        }
+
+
+def counter_keys(pool: Pool) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    """The pool's servers by (backend, server name) and its listeners by name: the names
+    totals follow across generations.
+
+    Not a server's address: the metrics name a server by backend and name, and a
+    counter of one name must never fall, so a server a reload moves to another
+    address keeps its totals (its health, which is the address's, starts over).
+    """
+    servers = {
+        (backend["name"], server["name"]): int(server["index"])
+        for backend in pool.names["backends"]
+        for server in backend["servers"]
+    }
+    listeners = {listener["name"]: i for i, listener in enumerate(pool.names["listeners"])}
+    return servers, listeners
+
+
+def _pairs(src: Pool, dst: Pool, *, active: bool = False) -> list[tuple[int, int]]:
+    """(word in a slot of ``src``, word in a slot of ``dst``) for the answers and the
+    counters of every server and listener both name: the totals, and the active
+    counts too if ``active`` (a reader's sum, never a carried block)."""
+    src_servers, src_listeners = counter_keys(src)
+    dst_servers, dst_listeners = counter_keys(dst)
+    server_words = (L.C_ACTIVE, *L.SERVER_TOTALS) if active else L.SERVER_TOTALS
+    listener_words = (L.C_ACTIVE, *L.LISTENER_TOTALS) if active else L.LISTENER_TOTALS
+    sgeo, dgeo = src.geometry, dst.geometry
+    pairs = [(at, at) for at in range(L.S_ANSWERS, L.S_ANSWERS + len(L.ANSWER_STATUSES))]
+    for key, index in src_servers.items():
+        if key in dst_servers:
+            s, d = sgeo.server_at(index), dgeo.server_at(dst_servers[key])
+            pairs += [(s + word, d + word) for word in server_words]
+    for name, index in src_listeners.items():
+        if name in dst_listeners:
+            s, d = sgeo.listener_at(index), dgeo.listener_at(dst_listeners[name])
+            pairs += [(s + word, d + word) for word in listener_words]
+    return pairs
 
 
 def names_table(config: Config, generation: int) -> dict[str, Any]:
