@@ -78,13 +78,20 @@ def start_echo(procs: int, tmp: Path, index: int) -> int:
     return port
 
 
-def config(runtime: Path, workers: int, port: int, servers: list[int], maxconn: int) -> str:
+def config(
+    runtime: Path,
+    workers: int,
+    port: int,
+    servers: list[int],
+    maxconn: int,
+    log_level: str = "warning",
+) -> str:
     text = textwrap.dedent(f"""\
         [global]
         workers = {workers}
         runtime_dir = "{runtime}"
         admin_bind = ""
-        log_level = "warning"
+        log_level = "{log_level}"
         maxconn = {maxconn}
         drain_timeout = 1
 
