@@ -58,6 +58,7 @@ from lb.worker.splice import FlowState
 
 VERSION = 1  # of the handover's messages; a receiver takes versions up to its own
 BATCH = 256  # tunnels sent per turn of the old worker's loop
+CREDIT = 512  # tunnels a new worker lets an old one send at a time (see Receiver)
 HELLO_TIMEOUT = 2.0  # seconds a new worker has to answer the hello
 MAX_MESSAGE = 4096
 MAX_FDS = 6  # two sockets, two pipes of two ends
@@ -71,78 +72,126 @@ def peer_uid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
+class Outlet:
+    """One channel to a new worker, and how many tunnels that worker will still take."""
+
+    __slots__ = ("credit", "sock")
+
+    def __init__(self, sock: socket.socket, credit: int) -> None:
+        self.sock = sock
+        self.credit = credit
+
+    def hear(self) -> None:
+        """Take the credit the new worker has granted since (never waits)."""
+        while True:
+            try:
+                data = self.sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if not data:
+                raise ConnectionResetError("the new worker closed the channel")
+            self.credit += int(orjson.loads(data).get("credit", 0))
+
+
 class Sender:
     """An old worker's side: channels to the new workers, and one message per tunnel."""
 
     def __init__(self, runtime_dir: str, generation: int, log: Any) -> None:
         self.generation = generation
-        self.channels: list[socket.socket] = []
+        self.outlets: list[Outlet] = []
         self.next = 0
         pattern = os.path.join(runtime_dir, f"handover-{generation}-*.sock")
         for path in sorted(glob.glob(pattern)):
             try:
-                self.channels.append(_hello(path))
+                self.outlets.append(_hello(path))
             except (OSError, ValueError) as exc:
                 log.warning("handover_refused", path=path, reason=str(exc))
 
     def send(self, message: bytes, fds: list[int]) -> bool | None:
         """Send one tunnel to the next new worker that takes it: True once sent, False if
-        every channel is full for now (try again soon), None if no channel is left."""
-        busy = 0
-        while self.channels:
-            channel = self.channels[self.next % len(self.channels)]
+        none will take one now (full, or no credit: try again soon), None if none is left."""
+        tried = 0
+        while self.outlets and tried < len(self.outlets):
+            outlet = self.outlets[self.next % len(self.outlets)]
             self.next += 1
+            tried += 1
             try:
-                socket.send_fds(channel, [message], fds, socket.MSG_DONTWAIT)
-                return True
+                if not outlet.credit:
+                    outlet.hear()
+                    if not outlet.credit:
+                        continue
+                socket.send_fds(outlet.sock, [message], fds, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                busy += 1
-                if busy >= len(self.channels):
-                    return False
-            except OSError:  # that worker is gone: the others take the rest
-                self.channels.remove(channel)
-                channel.close()
-        return None
+                continue
+            except (OSError, ValueError):  # that worker is gone: the others take the rest
+                self.outlets.remove(outlet)
+                outlet.sock.close()
+                tried = 0
+                continue
+            outlet.credit -= 1
+            return True
+        return False if self.outlets else None
 
     def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
-        self.channels.clear()
+        for outlet in self.outlets:
+            with contextlib.suppress(OSError, ValueError):
+                outlet.hear()  # credit left unread would reset the new worker's end
+            outlet.sock.close()
+        self.outlets.clear()
 
 
-def _hello(path: str) -> socket.socket:
-    """Connect to a new worker and agree on the version (blocking, bounded)."""
-    channel = socket.socket(socket.AF_UNIX, SOCK_TYPE)
+def _hello(path: str) -> Outlet:
+    """Connect to a new worker, agree on the version, take its first credit (blocking,
+    bounded)."""
+    sock = socket.socket(socket.AF_UNIX, SOCK_TYPE)
     try:
-        channel.settimeout(HELLO_TIMEOUT)
-        channel.connect(path)
-        channel.sendall(orjson.dumps({"hello": VERSION, "pid": os.getpid()}))
-        answer = orjson.loads(channel.recv(MAX_MESSAGE) or b"{}")
+        sock.settimeout(HELLO_TIMEOUT)
+        sock.connect(path)
+        sock.sendall(orjson.dumps({"hello": VERSION, "pid": os.getpid()}))
+        answer = orjson.loads(sock.recv(MAX_MESSAGE) or b"{}")
         if not answer.get("ok"):
             raise ValueError(f"it takes version {answer.get('version')}, ours is {VERSION}")
-        channel.setblocking(False)
+        sock.setblocking(False)
     except BaseException:
-        channel.close()
+        sock.close()
         raise
-    return channel
+    return Outlet(sock, int(answer.get("credit", 0)))
 
 
 class Receiver:
-    """A new worker's side: its handover socket, and a channel per old worker."""
+    """A new worker's side: its handover socket, and a channel per old worker.
 
-    __slots__ = ("adopt", "channels", "listener", "log", "loop")
+    Credit: a new worker tells each old worker how many tunnels it may send
+    (``CREDIT`` at a time, as many as the worker has room for, see
+    lb.worker.limits), and grants more as it adopts them and as room frees up;
+    an old worker sends no tunnel without credit.  So no tunnel ever waits in
+    a channel for room: one that a new worker cannot take stays with its old
+    worker, served, until it ends or drains.
+    """
 
-    def __init__(self, loop: Loop, listener: socket.socket, adopt: Adopt, log: Any) -> None:
+    __slots__ = ("adopt", "channels", "granted", "listener", "log", "loop", "room")
+
+    def __init__(
+        self,
+        loop: Loop,
+        listener: socket.socket,
+        adopt: Adopt,
+        room: Callable[[], int],
+        log: Any,
+    ) -> None:
+        """``room()``: how many more connections this worker may hold (its cap)."""
         self.loop = loop
-        self.listener = listener
+        self.listener: socket.socket | None = listener
         self.adopt = adopt
+        self.room = room
         self.log = log
         self.channels: set[Channel] = set()
+        self.granted = 0  # credit given and not used yet, over every channel
         loop.protect(listener.fileno())
         loop.add_reader(listener.fileno(), self._accept)
 
     def _accept(self) -> None:
-        while True:
+        while self.listener is not None:
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
@@ -155,37 +204,61 @@ class Receiver:
             self.channels.add(channel)
             self.loop.add_reader(sock.fileno(), channel.on_readable)
 
+    def grant(self, channel: Channel) -> int:
+        """More credit for ``channel``, within the room not promised to another."""
+        more = min(CREDIT - channel.credit, self.room() - self.granted)
+        if more <= 0:
+            return 0
+        channel.credit += more
+        self.granted += more
+        return more
+
+    def release(self) -> None:
+        """Room freed up: channels low on credit get more."""
+        for channel in list(self.channels):
+            if channel.greeted and channel.credit < CREDIT // 2:
+                more = self.grant(channel)
+                if more:
+                    channel.tell({"credit": more})
+
     def fail(self, exc: BaseException) -> None:
         """A bug while accepting (the loop reported it): the old workers drain instead."""
-        self.stop()
+        self.stop_listening()
 
-    def stop(self) -> None:
-        """No more adoptions (this worker drains): old workers drain what they hold."""
-        self.loop.unprotect(self.listener.fileno())
-        self.loop.close(self.listener.detach())
-        for channel in list(self.channels):
-            channel.end()
+    def stop_listening(self) -> None:
+        """No new channels (this worker drains); the open ones are read to their end, so
+        that no tunnel already on its way is lost (this worker hands them on in turn)."""
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            self.loop.unprotect(listener.fileno())
+            self.loop.close(listener.detach())
 
 
 class Channel:
     """One old worker's messages: a hello, then one tunnel each."""
 
-    __slots__ = ("adopted", "greeted", "receiver", "sock")
+    __slots__ = ("adopted", "credit", "greeted", "receiver", "sock")
 
     def __init__(self, receiver: Receiver, sock: socket.socket) -> None:
         self.receiver = receiver
         self.sock = sock
         self.greeted = False
         self.adopted = 0
+        self.credit = 0  # tunnels the old worker may still send on it
 
     def on_readable(self) -> None:
+        receiver = self.receiver
         for _ in range(BATCH):
             try:
                 message, fds, flags, _ = socket.recv_fds(
                     self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
-                return
+                break
+            except ConnectionResetError:
+                # The old worker closed with credit unread: the kernel reports that before
+                # the tunnels still queued here, and reading on returns them.
+                continue
             except OSError:
                 message, fds, flags = b"", [], 0
             if not message:
@@ -195,34 +268,52 @@ class Channel:
             if not self.greeted:
                 self._greet(message)
                 continue
+            self.credit -= 1
+            receiver.granted -= 1
             if flags & socket.MSG_CTRUNC:  # descriptors lost on the way: not a whole tunnel
                 _close_all(fds)
                 continue
             try:
-                self.receiver.adopt(orjson.loads(message), fds)
+                receiver.adopt(orjson.loads(message), fds)
             except Exception as exc:
-                self.receiver.log.error("adopt_failed", error=repr(exc))
+                receiver.log.error("adopt_failed", error=repr(exc))
                 _close_all(fds)
                 continue
             self.adopted += 1
+        if self.greeted and self.credit < CREDIT // 2:
+            more = receiver.grant(self)
+            if more:
+                self.tell({"credit": more})
 
     def _greet(self, message: bytes) -> None:
         hello = orjson.loads(message)
         ok = isinstance(hello, dict) and 0 < int(hello.get("hello", 0)) <= VERSION
-        self.sock.send(orjson.dumps({"ok": ok, "version": VERSION}))
+        credit = self.receiver.grant(self) if ok else 0
         self.greeted = ok
+        self.tell({"ok": ok, "version": VERSION, "credit": credit})
         if not ok:
             self.end()
+
+    def tell(self, message: dict[str, Any]) -> None:
+        """A small message to the old worker (its credit); never waits.  A failure is not
+        the channel's end: the old worker may have sent its last tunnel and closed, and
+        the tunnels still queued here are read to the end of file all the same."""
+        with contextlib.suppress(OSError):
+            self.sock.send(orjson.dumps(message), socket.MSG_DONTWAIT)
 
     def fail(self, exc: BaseException) -> None:
         self.end()
 
     def end(self) -> None:
+        receiver = self.receiver
         if self.sock.fileno() >= 0:
-            self.receiver.loop.close(self.sock.detach())
-        self.receiver.channels.discard(self)
+            receiver.loop.close(self.sock.detach())
+        if self in receiver.channels:
+            receiver.channels.discard(self)
+            receiver.granted -= self.credit  # promised, never to be used
+            self.credit = 0
         if self.adopted:
-            self.receiver.log.info("adopted", tunnels=self.adopted)
+            receiver.log.info("adopted", tunnels=self.adopted)
             self.adopted = 0
 
 

@@ -65,6 +65,7 @@ DEADLINE_GRID = 0.05  # head and connect timeouts fire at most this late
 CLOSE_SPREAD = 2.0  # seconds over which SIGUSR1 closes a worker's connections
 SPREAD_STEP = 0.05
 HANDOVER_WAIT = 0.01  # seconds before looking again for tunnels to hand over
+HANDOVER_PATIENCE = 1.0  # seconds without a tunnel taken before the rest stays here
 
 # Exit codes of a worker, read by the supervisor.
 WORKER_OK = 0
@@ -133,9 +134,9 @@ class Worker:
         )
         self.listener_names = {listener.name: listener for listener in self.listeners}
         self.foreign: dict[tuple[str, str], BackendRuntime] = {}  # adopted from gone backends
-        self.receiver = Receiver(loop, handover, self._adopt, log) if handover else None
+        self.receiver = Receiver(loop, handover, self._adopt, self._room, log) if handover else None
         self.sender: Sender | None = None
-        self.handover_started = 0.0
+        self.handover_started = self.handover_moved = 0.0  # began, last moved a tunnel
         self.handed = 0
 
     # -- life ------------------------------------------------------------------
@@ -203,20 +204,19 @@ class Worker:
             timeout=self.config.global_.drain_timeout,
             handover_to=target if target > self.generation else None,
         )
-        if self.tally.active == 0:
+        if self._drained():
             self.loop.stop()
             return
         self.loop.call_later(self.config.global_.drain_timeout, self.stop_now)
         if target > self.generation:
             self.sender = Sender(self.config.global_.runtime_dir, target, self.log)
-            self.handover_started = time.monotonic()
+            self.handover_started = self.handover_moved = time.monotonic()
             self._hand_over()
 
     def _stop_accepting(self) -> None:
         self.draining = True
-        if self.receiver is not None:  # tunnels still on their way drain where they are
-            self.receiver.stop()
-            self.receiver = None
+        if self.receiver is not None:  # tunnels already on their way are still taken
+            self.receiver.stop_listening()
         self.tally.set_state(L.SLOT_DRAINING)
         self.acceptor.stop()
         for listener in self.listeners:  # ours are copies: the supervisor keeps the sockets
@@ -270,7 +270,7 @@ class Worker:
         for conn in list(self.connections):
             tunnel, backend = conn.tunnel, conn.backend
             if tunnel is None or tunnel.closed:
-                waiting = waiting or (tunnel is None and not conn.finished)  # not a tunnel yet
+                waiting = waiting or tunnel is None  # not a tunnel yet: look again soon
                 continue
             assert backend is not None
             if not backend.handover:
@@ -289,14 +289,20 @@ class Worker:
             self._handed(conn)
             sent += 1
         else:
-            if waiting:  # connections still before their tunnel: look again soon
+            if waiting or (self.receiver is not None and self.receiver.channels):
+                # connections before their tunnel, or tunnels still coming in: again soon
                 self.loop.call_later(HANDOVER_WAIT, self._hand_over)
                 return
             self._handover_done()
+            if self._drained():
+                self.loop.stop()
             return
-        if busy and sender.channels:
+        now = time.monotonic()
+        if sent:
+            self.handover_moved = now
+        if busy and sender.outlets and now - self.handover_moved < HANDOVER_PATIENCE:
             self.loop.call_later(0 if sent else HANDOVER_WAIT, self._hand_over)
-        else:
+        else:  # what the new workers have no room for stays here, and drains
             self._handover_done()
 
     def _handed(self, conn: Connection) -> None:
@@ -306,7 +312,7 @@ class Worker:
         conn.finished = True
         self.tally.finished(conn.listener.tally_at, conn.server, None, 0, 0)
         self.handed += 1
-        if self.tally.active == 0:
+        if self._drained():
             self._handover_done()
             self.loop.stop()
 
@@ -340,6 +346,15 @@ class Worker:
         self.tally.adopted_tunnel(server, listener.tally_at)
         self.connections.add(conn)
         tunnel.resume(*flows_of(state, fds))
+
+    def _drained(self) -> bool:
+        """Nothing left to serve, and no tunnel still coming in from an older worker."""
+        receiver = self.receiver
+        return self.tally.active == 0 and (receiver is None or not receiver.channels)
+
+    def _room(self) -> int:
+        """How many more connections this worker may hold (its cap: lb.worker.limits)."""
+        return self.acceptor.cap - self.tally.active
 
     def _foreign_listener(self, state: State) -> ListenerRuntime:
         """A listener this generation does not have: the tunnel keeps its name (its conn
@@ -418,10 +433,12 @@ class Worker:
             )
         acceptor = self.acceptor
         if self.draining:
-            if self.tally.active == 0:
+            if self._drained():
                 self.loop.stop()
         elif not acceptor.accepting and self.tally.active < acceptor.cap:
             acceptor.resume()  # below the cap again
+        if self.receiver is not None and self.receiver.channels:
+            self.receiver.release()
 
     def _connect_failed(self, conn: Connection, why: str) -> None:
         """Passive health: mark the server suspect so every worker avoids it."""
