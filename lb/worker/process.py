@@ -8,6 +8,7 @@ The worker puts together the pieces of :mod:`lb.worker`, each with one job:
   back through the :class:`~lb.worker.conn.Context` the worker lends it;
 - :mod:`~lb.worker.splice`: the tunnels, moving bytes with ``splice``;
 - :mod:`~lb.worker.deadlines`: head, connect and idle timeouts;
+- :mod:`~lb.worker.closing`: closes at chosen times, spread out;
 - :mod:`~lb.worker.tally`: the counters, published to its slot in the live pool;
 - :mod:`~lb.worker.limits`: the balancer's own limits (descriptors, ports).
 
@@ -24,11 +25,14 @@ Signals: SIGTERM stops accepting and lets connections finish for up to
 SIGUSR1 stops accepting and closes every connection, spread evenly over
 ``CLOSE_SPREAD`` seconds (the supervisor retires the oldest of too many
 draining generations so, and their clients do not all reconnect at once).
+
+Closes are spread (:mod:`~lb.worker.closing`), so that clients do not all
+reconnect at one instant: on SIGTERM, what is still open then is closed at
+random times over the last ``close_spread`` seconds of ``drain_timeout``.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import socket
 import time
@@ -40,6 +44,7 @@ from lb.config import Config
 from lb.pool import layout as L
 from lb.pool.shm import Pool
 from lb.worker.accept import HEARTBEAT_INTERVAL, Acceptor
+from lb.worker.closing import Closer
 from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
 from lb.worker.limits import Episode
@@ -51,7 +56,6 @@ from lb.worker.tally import Tally
 
 DEADLINE_GRID = 0.05  # head and connect timeouts fire at most this late
 CLOSE_SPREAD = 2.0  # seconds over which SIGUSR1 closes a worker's connections
-SPREAD_STEP = 0.05
 
 # Exit codes of a worker, read by the supervisor.
 WORKER_OK = 0
@@ -89,6 +93,7 @@ class Worker:
             on_idle=self._take if workers > 1 else None,
         )
         self.deadlines = Deadlines(loop, DEADLINE_GRID, self._error)
+        self.closer = Closer(loop, DEADLINE_GRID, self._error)
         plan = plan_for_worker(workers)  # against the user's pipe budget: see lb.worker.pipes
         self.pipes = PipePool.from_plan(plan, lambda fields: log.warning("pipe_refused", **fields))
         if slot == 0:  # every worker plans alike: the first one says so for the instance
@@ -180,7 +185,11 @@ class Worker:
         if self.tally.active == 0:
             self.loop.stop()
         else:
-            self.loop.call_later(self.config.global_.drain_timeout, self.stop_now)
+            drain = self.config.global_.drain_timeout
+            self.loop.call_later(drain, self.stop_now)
+            end = time.monotonic() + drain  # what is left closes over its last close_spread
+            start = end - self.config.global_.close_spread
+            self.closer.spread(list(self.connections), start, end, "worker stopped")
 
     def _stop_accepting(self) -> None:
         self.draining = True
@@ -197,23 +206,14 @@ class Worker:
         self.loop.stop()
 
     def close_spread(self) -> None:
-        """Close every connection, evenly over ``CLOSE_SPREAD`` seconds, then stop."""
+        """Close every connection, spread over ``CLOSE_SPREAD`` seconds, then stop."""
         if not self.draining:
             self._stop_accepting()
         left = list(self.connections)
         self.log.info("worker_retire", active=len(left), spread_s=CLOSE_SPREAD)
-        # Evenly over the whole window: one batch every `every` seconds.
-        every = max(SPREAD_STEP, CLOSE_SPREAD / max(1, len(left)))
-        batch = math.ceil(len(left) * every / CLOSE_SPREAD)
-
-        def close_some() -> None:
-            if len(left) > batch:
-                self.loop.call_later(every, close_some)
-            some = left[:batch]
-            del left[:batch]
-            self._abort(some, "worker retired: too many generations draining")
-
-        close_some()
+        now = time.monotonic()
+        reason = "worker retired: too many generations draining"
+        self.closer.spread(left, now, now + CLOSE_SPREAD, reason)
         if not self.connections:
             self.loop.stop()
 
