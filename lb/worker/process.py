@@ -93,7 +93,7 @@ class Worker:
             on_idle=self._take if workers > 1 else None,
         )
         self.deadlines = Deadlines(loop, DEADLINE_GRID, self._error)
-        self.closer = Closer(loop, DEADLINE_GRID, self._error)
+        self.closer = Closer(loop, self._error)
         plan = plan_for_worker(workers)  # against the user's pipe budget: see lb.worker.pipes
         self.pipes = PipePool.from_plan(plan, lambda fields: log.warning("pipe_refused", **fields))
         if slot == 0:  # every worker plans alike: the first one says so for the instance

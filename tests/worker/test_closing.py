@@ -65,7 +65,7 @@ def loop() -> Iterator[Loop]:
 
 @pytest.fixture
 def closer(loop: Loop, errors: list[BaseException]) -> Closer:
-    return Closer(loop, GRID, errors.append, random.Random(7))
+    return Closer(loop, errors.append, grid=GRID, rng=random.Random(7))
 
 
 def times(closer: Closer) -> dict[Conn, float]:
@@ -104,7 +104,7 @@ def test_a_connection_in_a_spread_is_at_a_uniformly_random_time(loop: Loop) -> N
     counts = [0] * 4
     rng = random.Random(11)
     for _ in range(4000):
-        closer = Closer(loop, GRID, lambda exc: None, rng)
+        closer = Closer(loop, lambda exc: None, rng=rng)
         first, *rest = [Conn() for _ in range(4)]
         closer.spread([first, *rest], 0.0, 4.0, "x")
         counts[int(times(closer)[first])] += 1
