@@ -28,7 +28,9 @@ draining generations so, and their clients do not all reconnect at once).
 
 Closes are spread (:mod:`~lb.worker.closing`), so that clients do not all
 reconnect at one instant: on SIGTERM, what is still open then is closed at
-random times over the last ``close_spread`` seconds of ``drain_timeout``.
+random times over the last ``close_spread`` seconds of ``drain_timeout``; a
+tunnel on a listener with a ``max_tunnel_age`` closes at a random point
+within 10% of it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from lb.config import Config
 from lb.pool import layout as L
 from lb.pool.shm import Pool
 from lb.worker.accept import HEARTBEAT_INTERVAL, Acceptor
-from lb.worker.closing import Closer
+from lb.worker.closing import Closer, MaxAge
 from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
 from lb.worker.limits import Episode
@@ -110,6 +112,7 @@ class Worker:
         self.acceptor = Acceptor(
             loop, pool, self.tally, self.listeners, slot, workers, maxconn, self._accepted, log
         )
+        ages = {i: lc.max_tunnel_age for i, lc in enumerate(config.listeners) if lc.max_tunnel_age}
         self.ctx = Context(
             loop=loop,
             pump=self.pump,
@@ -120,6 +123,7 @@ class Worker:
             count_bytes=self.tally.count_bytes,
             connect_failed=self._connect_failed,
             local_limit=self._local_limit,
+            max_age=MaxAge(self.closer, ages) if ages else None,
         )
 
     # -- life ------------------------------------------------------------------
