@@ -30,7 +30,9 @@ Closes are spread (:mod:`~lb.worker.closing`), so that clients do not all
 reconnect at one instant: on SIGTERM, what is still open then is closed at
 random times over the last ``close_spread`` seconds of ``drain_timeout``; a
 tunnel on a listener with a ``max_tunnel_age`` closes at a random point
-within 10% of it.
+within 10% of it; the tunnels of a server that goes down or into maint, in a
+backend with ``on_server_down = "close"``, close over ``close_spread`` from
+when the once-a-second work sees it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from lb.config import Config
 from lb.pool import layout as L
 from lb.pool.shm import Pool
 from lb.worker.accept import HEARTBEAT_INTERVAL, Acceptor
-from lb.worker.closing import Closer, MaxAge
+from lb.worker.closing import Closer, Departures, MaxAge
 from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
 from lb.worker.limits import Episode
@@ -104,6 +106,13 @@ class Worker:
         self.local_limits = Episode(log, "local_limit", "local_limit_over")
         self.pump = Pump(loop, self.pipes, self.deadlines, self._starved)
         self.backends = build_backends(config, pool)
+        close_on_down = [
+            server
+            for backend in config.backends
+            if backend.on_server_down == "close"
+            for server in self.backends[backend.name].names
+        ]
+        self.departures = Departures(pool, close_on_down, self.closer, config.global_.close_spread)
         live = {server for backend in self.backends.values() for server in backend.live}
         self.tally = Tally(pool, slot, loop, live)
         self.listeners: list[ListenerRuntime] = build_listeners(
@@ -167,6 +176,7 @@ class Worker:
             self._take,  # also when this worker does not busy-poll, or is never idle
             lambda: self.acceptor.backoff.check(now),
             lambda: self.local_limits.check(now),
+            lambda: self.departures.check(self.connections, now),  # on_server_down = "close"
             lblog.tick,  # lines the log could not take: counted, reported
         ):
             try:
