@@ -199,20 +199,24 @@ class MaxAge:
     random point within +/-``AGE_JITTER`` of its age (tunnels opened together, as after a
     restart, do not all close together), and loses it when it closes."""
 
-    __slots__ = ("ages", "closer", "reasons")
+    __slots__ = ("closer", "listeners")
 
     def __init__(self, closer: Closer, ages: dict[int, float]) -> None:
         """``ages``: by listener index, the listeners that have one."""
         self.closer = closer
-        self.ages = ages
-        self.reasons = {index: f"max tunnel age {age:g} s" for index, age in ages.items()}
+        # By listener: the shortest age, the width of the range past it, the close's reason.
+        self.listeners = {
+            index: (age * (1 - AGE_JITTER), age * 2 * AGE_JITTER, f"max tunnel age {age:g} s")
+            for index, age in ages.items()
+            if age
+        }
 
     def opened(self, conn: Closable, listener: int, at: float) -> None:
         """A tunnel of listener ``listener`` opened at ``at``."""
-        age = self.ages.get(listener)
-        if age:
-            jitter = self.closer.rng.uniform(1 - AGE_JITTER, 1 + AGE_JITTER)
-            self.closer.at(conn, at + age * jitter, self.reasons[listener])
+        age = self.listeners.get(listener)
+        if age is not None:
+            shortest, width, reason = age
+            self.closer.at(conn, at + shortest + width * self.closer.rng.random(), reason)
 
     def closed(self, conn: Closable) -> None:
         self.closer.forget(conn)
