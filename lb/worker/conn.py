@@ -111,7 +111,7 @@ class Context:
     count_bytes: Callable[[int, int, int, int], None]  # server, listener's tally_at, up, down
     connect_failed: Callable[[Connection, str], None]  # the server is to blame
     local_limit: Callable[[int, str], None]  # errno, where: the balancer's own limit
-    max_age: MaxAge | None = None  # None: no listener has a max_tunnel_age, tunnels cost nothing
+    max_age: MaxAge | None = None  # None: no listener has a max_tunnel_age (one test a tunnel)
 
 
 class Connection:
