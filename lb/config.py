@@ -12,6 +12,7 @@ placeholder ever leaves this module.  Host names are resolved once, here.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -36,6 +37,7 @@ BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random2", "source")
 HEALTH_TYPES = ("http", "https", "tcp")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
+ON_SERVER_DOWN = ("keep", "close")
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _HOST_RE = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
@@ -57,6 +59,7 @@ class GlobalConfig:
     log_format: str
     worker_timeout: float  # heartbeat staleness before a worker is replaced
     busy_poll_us: int  # a worker's poll without sleeping after work, µs; 0 = off
+    close_spread: float  # tunnels that must end close at random times over this (lb.worker.closing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class Listener:
     head_timeout: float
     tunnel_timeout: float
     routes: tuple[Route, ...]
+    max_tunnel_age: float = 0.0  # tunnels older than this (+/-10%) are closed; 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,7 @@ class Backend:
     servers: tuple[Server, ...]
     health: HealthCheck | None  # None: servers count as up
     on_reload: str = "handover"  # open tunnels on reload: "handover" to the new workers, or "close"
+    on_server_down: str = "keep"  # "close": a server down or in maint has its tunnels closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +143,11 @@ _Named = TypeVar("_Named", Listener, Backend, Server)
 def _parse_global(table: Table | None, problems: list[str]) -> GlobalConfig:
     t = table or Table({}, "global", problems)
     admin_text = t.string("admin_bind", "127.0.0.1:9900")
+    drain_timeout = t.seconds("drain_timeout", 30, allow_zero=True)
     config = GlobalConfig(
         workers=t.integer("workers", min(os.cpu_count() or 1, MAX_WORKERS), 1, MAX_WORKERS),
         runtime_dir=t.string("runtime_dir", DEFAULT_RUNTIME_DIR),
-        drain_timeout=t.seconds("drain_timeout", 30, allow_zero=True),
+        drain_timeout=drain_timeout,
         admin_bind=t.address("admin_bind", admin_text) if admin_text else None,
         admin_hosts=_parse_admin_hosts(t),
         maxconn=t.integer("maxconn", 10000, 1),
@@ -149,11 +155,24 @@ def _parse_global(table: Table | None, problems: list[str]) -> GlobalConfig:
         log_format=t.choice("log_format", "json", LOG_FORMATS),
         worker_timeout=t.seconds("worker_timeout", 30),
         busy_poll_us=t.integer("busy_poll_us", DEFAULT_BUSY_POLL_US, 0, MAX_BUSY_POLL_US),
+        close_spread=_parse_close_spread(t, drain_timeout),
     )
     if not config.runtime_dir:
         t.problem("runtime_dir", "must not be empty")
     t.finish()
     return config
+
+
+def _parse_close_spread(t: Table, drain_timeout: float) -> float:
+    """The last stretch of ``drain_timeout`` over which a stop closes what is left (default:
+    its second half): at most ``drain_timeout``, which ends every close."""
+    spread = t.seconds("close_spread", drain_timeout / 2, allow_zero=True)
+    if 0 <= drain_timeout < math.inf and spread > drain_timeout:
+        t.problem(
+            "close_spread",
+            f"must not be more than drain_timeout ({drain_timeout:g} s), got {spread:g}",
+        )
+    return spread
 
 
 def _host_name_problem(text: str) -> str | None:
@@ -231,6 +250,7 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         head_timeout=t.seconds("head_timeout", 5),
         tunnel_timeout=t.seconds("tunnel_timeout", 3600),
         routes=tuple(_parse_route(r, backends) for r in t.tables("routes")),
+        max_tunnel_age=t.seconds("max_tunnel_age", 0, allow_zero=True),
     )
     if listener.mode == "tcp":
         why = 'needs mode = "http" (a tcp listener does not read the request)'
@@ -353,6 +373,7 @@ def _parse_backend(t: Table, base_dir: str) -> Backend:
         servers=tuple(servers),
         health=None if health is None else _parse_health(health, base_dir),
         on_reload=t.choice("on_reload", "handover", ON_RELOAD),
+        on_server_down=t.choice("on_server_down", "keep", ON_SERVER_DOWN),
     )
     t.finish()
     return backend

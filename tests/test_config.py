@@ -218,6 +218,31 @@ name = "app"
     assert backend.servers[0].maxconn == 0
 
 
+def test_ends_spread_out_by_default_over_half_of_drain_timeout(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, config()))
+    assert cfg.global_.close_spread == 15.0  # half of the default drain_timeout, 30
+    assert cfg.listeners[0].max_tunnel_age == 0.0  # none
+    assert cfg.backends[0].on_server_down == "keep"
+    cfg = load_config(write(tmp_path, config(global_="drain_timeout = 8")))
+    assert cfg.global_.close_spread == 4.0
+    cfg = load_config(write(tmp_path, config(global_="drain_timeout = 0")))
+    assert cfg.global_.close_spread == 0.0
+
+
+def test_close_spread_max_tunnel_age_and_on_server_down_load(tmp_path: Path) -> None:
+    text = config(
+        global_="drain_timeout = 8\nclose_spread = 8",  # the whole drain: allowed
+        listener="max_tunnel_age = 3600",
+        backend='on_server_down = "close"',
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.global_.drain_timeout, cfg.global_.close_spread) == (8.0, 8.0)
+    assert cfg.listeners[0].max_tunnel_age == 3600.0
+    assert cfg.backends[0].on_server_down == "close"
+    cfg = load_config(write(tmp_path, config(global_="close_spread = 0")))
+    assert cfg.global_.close_spread == 0.0  # all at drain_timeout, as before the key
+
+
 def test_health_table_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, config(health="[backends.health]")))
     assert cfg.backends[0].health == HealthCheck(type="http")
@@ -232,6 +257,9 @@ def test_example_config_loads() -> None:
     assert [s.name for s in cfg.backend("app").servers] == ["echo1", "echo2"]
     assert cfg.listeners[0].routes == (Route("app", websocket=True, path_prefix="/ws"),)
     assert cfg.backend("app").health == HealthCheck(type="http", path="/healthz")
+    assert (cfg.global_.drain_timeout, cfg.global_.close_spread) == (30.0, 15.0)
+    assert cfg.listeners[0].max_tunnel_age == 0.0
+    assert cfg.backend("app").on_server_down == "keep"
 
 
 def test_integers_are_accepted_as_durations_and_stored_as_floats(tmp_path: Path) -> None:
@@ -592,6 +620,43 @@ CASES = [
             '[[backends.servers]]\n  name = "a1"\n  address = "127.0.0.1:9001"', ""
         ),
         "backends[0].servers: at least one server ([[backends.servers]]) is required",
+    ),
+    # ends spread out: close_spread, max_tunnel_age, on_server_down
+    (
+        config(global_="close_spread = 31"),
+        "global.close_spread: must not be more than drain_timeout (30 s), got 31",
+    ),
+    (
+        config(global_="drain_timeout = 8\nclose_spread = 8.5"),
+        "global.close_spread: must not be more than drain_timeout (8 s), got 8.5",
+    ),
+    (
+        config(global_="close_spread = -1"),
+        "global.close_spread: must be a number of seconds >= 0, got -1",
+    ),
+    (
+        config(global_='close_spread = "4s"'),
+        "global.close_spread: expected a number of seconds, got string '4s'",
+    ),
+    (
+        config(listener="max_tunnel_age = -3600"),
+        "listeners[0].max_tunnel_age: must be a number of seconds >= 0, got -3600",
+    ),
+    (
+        config(listener="max_tunnel_age = nan"),
+        "listeners[0].max_tunnel_age: must be a number of seconds >= 0, got nan",
+    ),
+    (
+        config(listener="max_tunel_age = 60"),
+        "listeners[0].max_tunel_age: unknown key (did you mean 'max_tunnel_age'?)",
+    ),
+    (
+        config(backend='on_server_down = "drop"'),
+        "backends[0].on_server_down: expected one of keep, close; got 'drop'",
+    ),
+    (
+        config(backend="on_server_down = true"),
+        "backends[0].on_server_down: expected a string, got boolean true",
     ),
 ]
 

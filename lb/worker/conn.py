@@ -22,7 +22,8 @@ through at most four steps:
    for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
    at once, with no server blamed and none tried;
 4. forward the bytes already read, unchanged, with one ``write``, and start a
-   :class:`~lb.worker.splice.Tunnel`.
+   :class:`~lb.worker.splice.Tunnel` (given its close time if its listener has
+   a ``max_tunnel_age``: :class:`~lb.worker.closing.MaxAge`).
 
 Whatever happens, the connection ends in exactly one call to
 ``Context.finish`` (one ``event="conn"`` log line): a rejected or unservable
@@ -47,6 +48,7 @@ from time import monotonic
 from typing import Any
 
 from lb.proto.http1 import Head, HeadSniffer, Reject
+from lb.worker.closing import MaxAge
 from lb.worker.deadlines import Deadlines, Queue
 from lb.worker.limits import LOCAL_ERRNOS
 from lb.worker.limits import reason as limit_reason
@@ -109,6 +111,7 @@ class Context:
     count_bytes: Callable[[int, int, int, int], None]  # server, listener's tally_at, up, down
     connect_failed: Callable[[Connection, str], None]  # the server is to blame
     local_limit: Callable[[int, str], None]  # errno, where: the balancer's own limit
+    max_age: MaxAge | None = None  # None: no listener has a max_tunnel_age (one test a tunnel)
 
 
 class Connection:
@@ -324,6 +327,8 @@ class Connection:
             self.ctx.pump, self, self.fd, server_fd, self.listener.tunnel_timeout
         )
         self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
+        if self.ctx.max_age is not None:  # its close time, if its listener has a max age
+            self.ctx.max_age.opened(self, self.listener.index, tunnel.active_at)
         tunnel.start(speculate=self.listener.mode == "tcp")
 
     def _request_timeout(self) -> None:
@@ -344,6 +349,8 @@ class Connection:
         """The one call a tunnel makes when it closes, with its last bytes' counts."""
         if up or down:
             self.tunnel_moved(up, down)
+        if self.ctx.max_age is not None:  # its close time, if it has one, goes with it
+            self.ctx.max_age.closed(self)
         if not self.finished:  # what _finish does, inline: once per tunnel
             self.finished = True
             self.ctx.finish(self, None, reason, self.bytes_out)

@@ -8,6 +8,7 @@ The worker puts together the pieces of :mod:`lb.worker`, each with one job:
   back through the :class:`~lb.worker.conn.Context` the worker lends it;
 - :mod:`~lb.worker.splice`: the tunnels, moving bytes with ``splice``;
 - :mod:`~lb.worker.deadlines`: head, connect and idle timeouts;
+- :mod:`~lb.worker.closing`: closes at chosen times, spread out;
 - :mod:`~lb.worker.tally`: the counters, published to its slot in the live pool;
 - :mod:`~lb.worker.limits`: the balancer's own limits (descriptors, ports);
 - :mod:`~lb.worker.handover`: open tunnels handed to the next generation on reload,
@@ -28,11 +29,18 @@ or SIGQUIT, closes everything at once);
 SIGUSR1 stops accepting and closes every connection, spread evenly over
 ``CLOSE_SPREAD`` seconds (the supervisor retires the oldest of too many
 draining generations so, and their clients do not all reconnect at once).
+
+Closes are spread (:mod:`~lb.worker.closing`), so that clients do not all
+reconnect at one instant: on SIGTERM, what is still open then is closed at
+random times over the last ``close_spread`` seconds of ``drain_timeout``; a
+tunnel on a listener with a ``max_tunnel_age`` closes at a random point
+within 10% of it; the tunnels of a server that goes down or into maint, in a
+backend with ``on_server_down = "close"``, close over ``close_spread`` from
+when the once-a-second work sees it.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import socket
 import time
@@ -45,6 +53,7 @@ from lb.config import Config
 from lb.pool import layout as L
 from lb.pool.shm import Pool
 from lb.worker.accept import HEARTBEAT_INTERVAL, Acceptor
+from lb.worker.closing import Closer, Departures, MaxAge
 from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
 from lb.worker.handover import BATCH, Receiver, Sender, State, flows_of, state_of
@@ -63,7 +72,6 @@ from lb.worker.tally import Tally
 
 DEADLINE_GRID = 0.05  # head and connect timeouts fire at most this late
 CLOSE_SPREAD = 2.0  # seconds over which SIGUSR1 closes a worker's connections
-SPREAD_STEP = 0.05
 HANDOVER_WAIT = 0.01  # seconds before looking again for tunnels to hand over
 HANDOVER_PATIENCE = 1.0  # seconds without a tunnel taken before the rest stays here
 
@@ -105,6 +113,7 @@ class Worker:
             on_idle=self._take if workers > 1 else None,
         )
         self.deadlines = Deadlines(loop, DEADLINE_GRID, self._error)
+        self.closer = Closer(loop, self._error)
         plan = plan_for_worker(workers)  # against the user's pipe budget: see lb.worker.pipes
         self.pipes = PipePool.from_plan(plan, lambda fields: log.warning("pipe_refused", **fields))
         if slot == 0:  # every worker plans alike: the first one says so for the instance
@@ -113,6 +122,13 @@ class Worker:
         self.local_limits = Episode(log, "local_limit", "local_limit_over")
         self.pump = Pump(loop, self.pipes, self.deadlines, self._starved)
         self.backends = build_backends(config, pool)
+        close_on_down = [
+            server
+            for backend in config.backends
+            if backend.on_server_down == "close"
+            for server in self.backends[backend.name].names
+        ]
+        self.departures = Departures(pool, close_on_down, self.closer, config.global_.close_spread)
         live = {server for backend in self.backends.values() for server in backend.live}
         self.tally = Tally(pool, slot, loop, live)
         self.listeners: list[ListenerRuntime] = build_listeners(
@@ -121,6 +137,7 @@ class Worker:
         self.acceptor = Acceptor(
             loop, pool, self.tally, self.listeners, slot, workers, maxconn, self._accepted, log
         )
+        ages = {i: lc.max_tunnel_age for i, lc in enumerate(config.listeners) if lc.max_tunnel_age}
         self.ctx = Context(
             loop=loop,
             pump=self.pump,
@@ -131,6 +148,7 @@ class Worker:
             count_bytes=self.tally.count_bytes,
             connect_failed=self._connect_failed,
             local_limit=self._local_limit,
+            max_age=MaxAge(self.closer, ages) if ages else None,
         )
         self.listener_names = {listener.name: listener for listener in self.listeners}
         self.foreign: dict[tuple[str, str], BackendRuntime] = {}  # adopted from gone backends
@@ -180,6 +198,7 @@ class Worker:
             self._take,  # also when this worker does not busy-poll, or is never idle
             lambda: self.acceptor.backoff.check(now),
             lambda: self.local_limits.check(now),
+            lambda: self.departures.check(self.connections, now),  # on_server_down = "close"
             lblog.tick,  # lines the log could not take: counted, reported
         ):
             try:
@@ -207,7 +226,11 @@ class Worker:
         if self._drained():
             self.loop.stop()
             return
-        self.loop.call_later(self.config.global_.drain_timeout, self.stop_now)
+        drain = self.config.global_.drain_timeout
+        self.loop.call_later(drain, self.stop_now)
+        end = time.monotonic() + drain  # what is left closes over its last close_spread
+        start = end - self.config.global_.close_spread
+        self.closer.spread(list(self.connections), start, end, "worker stopped")
         if target > self.generation:
             self.sender = Sender(self.config.global_.runtime_dir, target, self.log)
             self.handover_started = self.handover_moved = time.monotonic()
@@ -230,23 +253,14 @@ class Worker:
         self.loop.stop()
 
     def close_spread(self) -> None:
-        """Close every connection, evenly over ``CLOSE_SPREAD`` seconds, then stop."""
+        """Close every connection, spread over ``CLOSE_SPREAD`` seconds, then stop."""
         if not self.draining:
             self._stop_accepting()
         left = list(self.connections)
         self.log.info("worker_retire", active=len(left), spread_s=CLOSE_SPREAD)
-        # Evenly over the whole window: one batch every `every` seconds.
-        every = max(SPREAD_STEP, CLOSE_SPREAD / max(1, len(left)))
-        batch = math.ceil(len(left) * every / CLOSE_SPREAD)
-
-        def close_some() -> None:
-            if len(left) > batch:
-                self.loop.call_later(every, close_some)
-            some = left[:batch]
-            del left[:batch]
-            self._abort(some, "worker retired: too many generations draining")
-
-        close_some()
+        now = time.monotonic()
+        reason = "worker retired: too many generations draining"
+        self.closer.spread(left, now, now + CLOSE_SPREAD, reason)
         if not self.connections:
             self.loop.stop()
 
@@ -310,6 +324,7 @@ class Worker:
         adopter writes it when it ends)."""
         self.connections.discard(conn)
         conn.finished = True
+        self.closer.forget(conn)  # its max age, its close on this worker's drain: the adopter's
         self.tally.finished(conn.listener.tally_at, conn.server, None, 0, 0)
         self.handed += 1
         if self._drained():
@@ -346,6 +361,8 @@ class Worker:
         self.tally.adopted_tunnel(server, listener.tally_at)
         self.connections.add(conn)
         tunnel.resume(*flows_of(state, fds))
+        if self.ctx.max_age is not None:  # its age counts from when it first opened
+            self.ctx.max_age.opened(conn, listener.index, conn.started)
 
     def _drained(self) -> bool:
         """Nothing left to serve, and no tunnel still coming in from an older worker."""

@@ -285,7 +285,8 @@ def test_sigterm_drains_open_tunnels_then_exits_0(
     echo_pair: tuple[EchoBackend, EchoBackend], start_lb: Callable[..., SpliceLB]
 ) -> None:
     port = free_port()
-    lb = start_lb(echo_config(port, echo_pair, drain=3))
+    # close_spread = 0: what is left closes at drain_timeout (spread: test_closing.py)
+    lb = start_lb(echo_config(port, echo_pair, extra_global="close_spread = 0", drain=3))
     finishing, lingering = clients.ws_tunnel(port), clients.ws_tunnel(port)
     children = psutil.Process(lb.pid).children(recursive=True)
     lb.signal(signal.SIGTERM)
