@@ -243,6 +243,7 @@ def test_a_backend_with_on_reload_close_keeps_its_tunnels_in_the_old_worker(
             backend("app", [(b.name, b.address) for b in echo_pair], extra='on_reload = "close"'),
             workers=1,
             drain_timeout=3,
+            extra_global="close_spread = 0",  # at drain_timeout, not spread before it
         ),
         workers=1,
     )
