@@ -42,11 +42,14 @@ worker's.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import glob
 import os
 import socket
 import struct
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -57,8 +60,8 @@ from lb.worker.loop import Loop
 from lb.worker.splice import FlowState
 
 VERSION = 1  # of the handover's messages; a receiver takes versions up to its own
-BATCH = 256  # tunnels sent per turn of the old worker's loop
-CREDIT = 512  # tunnels a new worker lets an old one send at a time (see Receiver)
+BATCH = 64  # tunnels sent per turn of the old worker's loop
+CREDIT = 64  # tunnels a new worker lets an old one send at a time (see Receiver)
 HELLO_TIMEOUT = 2.0  # seconds a new worker has to answer the hello
 MAX_MESSAGE = 4096
 MAX_FDS = 6  # two sockets, two pipes of two ends
@@ -94,18 +97,46 @@ class Outlet:
 
 
 class Sender:
-    """An old worker's side: channels to the new workers, and one message per tunnel."""
+    """An old worker's side: channels to the new workers, and one message per tunnel.
 
-    def __init__(self, runtime_dir: str, generation: int, log: Any) -> None:
+    Credit that arrives wakes the old worker (``on_credit``): it sends again at once,
+    it does not poll."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        runtime_dir: str,
+        generation: int,
+        on_credit: Callable[[], None],
+        log: Any,
+    ) -> None:
+        self.loop = loop
         self.generation = generation
+        self.on_credit = on_credit
         self.outlets: list[Outlet] = []
         self.next = 0
         pattern = os.path.join(runtime_dir, f"handover-{generation}-*.sock")
         for path in sorted(glob.glob(pattern)):
             try:
-                self.outlets.append(_hello(path))
+                outlet = _hello(path)
             except (OSError, ValueError) as exc:
                 log.warning("handover_refused", path=path, reason=str(exc))
+                continue
+            self.outlets.append(outlet)
+            loop.add_reader(outlet.sock.fileno(), functools.partial(self._heard, outlet))
+
+    def _heard(self, outlet: Outlet) -> None:
+        try:
+            outlet.hear()
+        except (OSError, ValueError):
+            self._drop(outlet)
+        self.on_credit()
+
+    def _drop(self, outlet: Outlet) -> None:
+        """That new worker is gone: the others take the rest."""
+        if outlet in self.outlets:
+            self.outlets.remove(outlet)
+            self.loop.close(outlet.sock.detach())
 
     def send(self, message: bytes, fds: list[int]) -> bool | None:
         """Send one tunnel to the next new worker that takes it: True once sent, False if
@@ -123,9 +154,8 @@ class Sender:
                 socket.send_fds(outlet.sock, [message], fds, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 continue
-            except (OSError, ValueError):  # that worker is gone: the others take the rest
-                self.outlets.remove(outlet)
-                outlet.sock.close()
+            except (OSError, ValueError):
+                self._drop(outlet)
                 tried = 0
                 continue
             outlet.credit -= 1
@@ -133,11 +163,10 @@ class Sender:
         return False if self.outlets else None
 
     def close(self) -> None:
-        for outlet in self.outlets:
+        for outlet in list(self.outlets):
             with contextlib.suppress(OSError, ValueError):
                 outlet.hear()  # credit left unread would reset the new worker's end
-            outlet.sock.close()
-        self.outlets.clear()
+            self._drop(outlet)
 
 
 def _hello(path: str) -> Outlet:
@@ -237,13 +266,14 @@ class Receiver:
 class Channel:
     """One old worker's messages: a hello, then one tunnel each."""
 
-    __slots__ = ("adopted", "credit", "greeted", "receiver", "sock")
+    __slots__ = ("adopted", "credit", "greeted", "longest", "receiver", "sock")
 
     def __init__(self, receiver: Receiver, sock: socket.socket) -> None:
         self.receiver = receiver
         self.sock = sock
         self.greeted = False
         self.adopted = 0
+        self.longest = 0.0  # the longest a tunnel was on its way (sent to served), seconds
         self.credit = 0  # tunnels the old worker may still send on it
 
     def on_readable(self) -> None:
@@ -274,12 +304,15 @@ class Channel:
                 _close_all(fds)
                 continue
             try:
-                receiver.adopt(orjson.loads(message), fds)
+                state = orjson.loads(message)
+                receiver.adopt(state, fds)
+                self.longest = max(self.longest, monotonic() - float(state.get("sent_at", 0)))
             except Exception as exc:
                 receiver.log.error("adopt_failed", error=repr(exc))
                 _close_all(fds)
                 continue
             self.adopted += 1
+        gc.freeze()  # adopted tunnels are long-lived: see "Garbage" in lb.worker.process
         if self.greeted and self.credit < CREDIT // 2:
             more = receiver.grant(self)
             if more:
@@ -313,7 +346,8 @@ class Channel:
             receiver.granted -= self.credit  # promised, never to be used
             self.credit = 0
         if self.adopted:
-            receiver.log.info("adopted", tunnels=self.adopted)
+            longest = round(self.longest * 1000, 3)
+            receiver.log.info("adopted", tunnels=self.adopted, longest_pause_ms=longest)
             self.adopted = 0
 
 
@@ -351,6 +385,7 @@ def state_of(conn: Connection) -> tuple[bytes, list[int]]:
         "keepalive": tunnel.keepalive,
         "idle_timeout": tunnel.idle_timeout,
         "flows": flows,
+        "sent_at": monotonic(),
     }
     return orjson.dumps(state), fds
 

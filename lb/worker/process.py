@@ -22,6 +22,14 @@ end of limit episodes) runs on its own, so no failure in one stops the
 others; the heartbeat comes first and is written from inside the loop, so a
 stuck loop stops beating.
 
+Garbage: the worker breaks the reference cycles of its connections' objects
+when they end, so reference counting frees them; the cyclic collector would
+only walk them, again and again, and a full collection over ten thousand
+tunnels stalls every tunnel for tens of milliseconds.  So once a second (and
+after each batch of adopted tunnels) the worker moves every object to the
+collector's permanent generation (``gc.freeze``, which costs nothing): the
+collector only ever walks what is younger than that.
+
 Signals: SIGTERM stops accepting and, on reload (the pool's ``H_HANDOVER_TO``
 names a newer generation), hands the open tunnels over to its workers; what
 is not handed over may finish for up to ``drain_timeout`` (a second SIGTERM,
@@ -41,6 +49,7 @@ when the once-a-second work sees it.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 import time
@@ -58,7 +67,7 @@ from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
 from lb.worker.handover import BATCH, Receiver, Sender, State, flows_of, state_of
 from lb.worker.limits import Episode
-from lb.worker.loop import Loop
+from lb.worker.loop import Loop, Timer
 from lb.worker.pipes import PipePool, plan_for_worker
 from lb.worker.runtime import (
     BackendRuntime,
@@ -155,6 +164,8 @@ class Worker:
         self.receiver = Receiver(loop, handover, self._adopt, self._room, log) if handover else None
         self.sender: Sender | None = None
         self.handover_started = self.handover_moved = 0.0  # began, last moved a tunnel
+        self.drain_end = 0.0  # when drain_timeout is over (monotonic)
+        self.handover_timer: Timer | None = None  # the next batch
         self.handed = 0
 
     # -- life ------------------------------------------------------------------
@@ -200,6 +211,7 @@ class Worker:
             lambda: self.local_limits.check(now),
             lambda: self.departures.check(self.connections, now),  # on_server_down = "close"
             lblog.tick,  # lines the log could not take: counted, reported
+            gc.freeze,  # see "Garbage" in the module's docstring
         ):
             try:
                 job()
@@ -227,14 +239,32 @@ class Worker:
             self.loop.stop()
             return
         drain = self.config.global_.drain_timeout
-        self.loop.call_later(drain, self.stop_now)
-        end = time.monotonic() + drain  # what is left closes over its last close_spread
-        start = end - self.config.global_.close_spread
-        self.closer.spread(list(self.connections), start, end, "worker stopped")
-        if target > self.generation:
-            self.sender = Sender(self.config.global_.runtime_dir, target, self.log)
+        self.drain_end = time.monotonic() + drain
+        self.loop.call_later(drain, self._drain_deadline)
+        if target > self.generation:  # what is not handed over closes when it is done
+            self.sender = Sender(
+                self.loop, self.config.global_.runtime_dir, target, self._credit, self.log
+            )
             self.handover_started = self.handover_moved = time.monotonic()
             self._hand_over()
+        else:
+            self._spread_the_rest()
+
+    def _spread_the_rest(self) -> None:
+        """What is left closes at random times over the last close_spread of drain_timeout
+        (or at once, past it)."""
+        now = time.monotonic()
+        end = max(self.drain_end, now)
+        start = max(now, end - self.config.global_.close_spread)
+        self.closer.spread(list(self.connections), start, end, "worker stopped")
+
+    def _drain_deadline(self) -> None:
+        """drain_timeout is over: everything closes, once a handover under way is done
+        (it ends within HANDOVER_PATIENCE of its last progress)."""
+        if self.sender is not None:
+            self.loop.call_later(HANDOVER_WAIT, self._drain_deadline)
+        else:
+            self.stop_now()
 
     def _stop_accepting(self) -> None:
         self.draining = True
@@ -305,7 +335,7 @@ class Worker:
         else:
             if waiting or (self.receiver is not None and self.receiver.channels):
                 # connections before their tunnel, or tunnels still coming in: again soon
-                self.loop.call_later(HANDOVER_WAIT, self._hand_over)
+                self._handover_soon(HANDOVER_WAIT)
                 return
             self._handover_done()
             if self._drained():
@@ -315,9 +345,24 @@ class Worker:
         if sent:
             self.handover_moved = now
         if busy and sender.outlets and now - self.handover_moved < HANDOVER_PATIENCE:
-            self.loop.call_later(0 if sent else HANDOVER_WAIT, self._hand_over)
+            # the next batch next turn; without credit, when credit arrives (or soon)
+            self._handover_soon(0 if sent else HANDOVER_WAIT)
         else:  # what the new workers have no room for stays here, and drains
             self._handover_done()
+
+    def _handover_soon(self, delay: float) -> None:
+        if self.handover_timer is not None:
+            self.handover_timer.cancel()
+        self.handover_timer = self.loop.call_later(delay, self._hand_over_now)
+
+    def _hand_over_now(self) -> None:
+        self.handover_timer = None
+        self._hand_over()
+
+    def _credit(self) -> None:
+        """A new worker granted credit: send at once (not when the poll comes)."""
+        if self.sender is not None:
+            self._handover_soon(0)
 
     def _handed(self, conn: Connection) -> None:
         """A tunnel went to the new generation: it ends here, without a conn line (the
@@ -343,6 +388,7 @@ class Worker:
             duration_ms=round((time.monotonic() - self.handover_started) * 1000, 3),
         )
         sender.close()
+        self._spread_the_rest()
 
     def _adopt(self, state: State, fds: list[int]) -> None:
         """A tunnel handed over by an older generation's worker: served here from now on."""
