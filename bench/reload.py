@@ -37,9 +37,10 @@ from bench.tunnels import (
     PER_BACKEND_PROC,
     PER_CLIENT,
     PER_SERVER,
-    RESULTS,
     config,
+    save,
     start_echo,
+    status,
 )
 
 CLIENTS_PER_SOURCE = 2
@@ -80,20 +81,6 @@ class Probe(threading.Thread):
 
 def wall_clock(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-
-
-def status(runtime: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "lb", "status", "--runtime-dir", str(runtime), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if done.returncode:
-        raise BenchError(f"status: {done.stderr.strip()}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
 
 
 def run(tmp: Path, args: argparse.Namespace) -> str:
@@ -170,11 +157,8 @@ def run(tmp: Path, args: argparse.Namespace) -> str:
     }
     if adopted < total:
         raise BenchError(f"only {adopted} of {total} tunnels reached the new workers: {result}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stamp}-reload.json").write_text(json.dumps(result, indent=2) + "\n")
     table = report(result)
-    (RESULTS / f"{stamp}-reload.md").write_text(table)
+    save("reload", result, table)
     return table
 
 

@@ -108,17 +108,31 @@ def config(
     return text
 
 
-def worker_pids(runtime: Path) -> list[int]:
-    result = subprocess.run(
+def status(runtime: Path) -> dict[str, Any]:
+    """``splicelb status --json`` of the instance in ``runtime`` (empty if it does not answer)."""
+    done = subprocess.run(
         [sys.executable, "-m", "lb", "status", "--runtime-dir", str(runtime), "--json"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    if result.returncode:
-        return []
-    return [w["pid"] for w in json.loads(result.stdout)["workers"] if w["state"] == "running"]
+    if done.returncode:
+        return {"workers": []}
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def worker_pids(runtime: Path) -> list[int]:
+    return [w["pid"] for w in status(runtime)["workers"] if w["state"] == "running"]
+
+
+def save(kind: str, result: dict[str, Any], table: str) -> None:
+    """``bench/results/<time>-<kind>.{json,md}``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stamp}-{kind}.md").write_text(table)
 
 
 def cpu_shares(pids: list[int], seconds: float) -> list[float]:
@@ -188,11 +202,8 @@ def run(tmp: Path, args: argparse.Namespace) -> str:
     result["p99_ratio"] = round(loaded["rtt64"]["p99_us"] / base["rtt64"]["p99_us"], 2)
     result["p50_ratio"] = round(loaded["rtt64"]["p50_us"] / base["rtt64"]["p50_us"], 2)
     result["bytes_per_tunnel"] = round((loaded["rss"] - base["rss"]) / args.tunnels)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stamp}-tunnels.json").write_text(json.dumps(result, indent=2) + "\n")
     table = report(result)
-    (RESULTS / f"{stamp}-tunnels.md").write_text(table)
+    save("tunnels", result, table)
     return table
 
 
