@@ -161,10 +161,9 @@ def test_a_raising_expire_leaves_the_deadlines_running(
     assert statuses.count(500) == len(lb.worker_pids()), statuses
     assert set(statuses) <= {408, 500}, statuses
     assert not any(b"injected" in reply for reply in replies)  # the details are the log's
+    workers = len(lb.worker_pids())
     errors = wait_until(
-        lambda: len(lb.events("worker_error")) >= len(lb.worker_pids()) and lb.events("worker_error"),
-        5,
-        "worker_error",
+        lambda: len(lb.events("worker_error")) >= workers and lb.events("worker_error"), 5, "errors"
     )
     assert all("injected fault" in e["error"] for e in errors)
     assert {e["pid"] for e in errors} == set(lb.worker_pids())
