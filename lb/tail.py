@@ -360,8 +360,9 @@ def follow_file(
     from its start; a file replaced by another (renamed, or removed and
     created again) is read to its end, then the new one from its start; a
     file that does not exist yet is waited for.  Each of those is told
-    through ``notice``.  A line still being written (no newline yet) waits for
-    its end, except at the very end without ``follow``.
+    through ``notice``.  A line still being written (no newline yet) waits
+    for its end, except at the very end without ``follow``.  What is not a
+    regular file (a FIFO) is read as it comes, to its end.
     """
     handle: IO[bytes] | None = None
     pending = b""
@@ -382,6 +383,9 @@ def follow_file(
                     continue
                 except OSError as exc:
                     raise LBError(f"{path}: {exc.strerror or exc}") from None
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    yield from read_stream(handle)  # a FIFO, /dev/stdin: read as it comes
+                    return
                 if waiting:
                     notice(f"{path} appeared: following it")
                 elif first and last is not None:

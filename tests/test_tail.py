@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -359,6 +360,15 @@ def test_last_lines_are_found_across_read_blocks(tmp_path: Path) -> None:
 def test_a_missing_file_without_follow_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(LBError, match=r"absent\.log: no such file"):
         list(tail.follow_file(str(tmp_path / "absent.log"), follow=False, last=None, notice=print))
+
+
+def test_a_named_pipe_is_read_as_it_comes_to_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    writer = threading.Thread(target=lambda: path.write_text("a\nb\n"), daemon=True)
+    writer.start()
+    assert list(tail.follow_file(str(path), follow=True, last=1, notice=print)) == ["a", "b"]
+    writer.join(10)
 
 
 def test_follow_prints_lines_as_they_come_and_waits_for_a_line_to_end(tmp_path: Path) -> None:
