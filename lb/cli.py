@@ -225,6 +225,119 @@ def upgrade(config_path: str, runtime_dir: str | None) -> None:
     sys.exit(1)
 
 
+@cli.command()
+@click.option(
+    "--file",
+    "path",
+    metavar="PATH",
+    help="Read this log file, followed as tail -F does ('-': stdin), not the journal.",
+)
+@click.option(
+    "--unit",
+    default="splicelb",
+    show_default=True,
+    metavar="NAME",
+    help="The systemd unit whose journal is read.",
+)
+@click.option(
+    "--follow/--no-follow",
+    default=True,
+    help="Keep printing lines as they come (the default), or print what is there and exit.",
+)
+@click.option(
+    "-n",
+    "--lines",
+    "last",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Start with the last N lines of the file or journal "
+    "[default: 10; with --no-follow: all of them].",
+)
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    metavar="NAME",
+    help="Only this backend (repeat for more).",
+)
+@click.option(
+    "--server", "servers", multiple=True, metavar="NAME", help="Only this server (repeat for more)."
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    metavar="CODE",
+    help="Only the balancer's answers with this status: 503, or a class such as 5xx "
+    "(repeat for more).",
+)
+@click.option(
+    "--errors",
+    is_flag=True,
+    help="Only failures: answers of 400 and up, connections that ended badly, warnings and errors.",
+)
+@click.option("--utc", is_flag=True, help="Times in UTC, as logged, instead of local time.")
+@click.option(
+    "--no-color",
+    is_flag=True,
+    help="No colours (none either when NO_COLOR is set or the output is not a terminal).",
+)
+def tail(
+    path: str | None,
+    unit: str,
+    follow: bool,
+    last: int | None,
+    backends: tuple[str, ...],
+    servers: tuple[str, ...],
+    statuses: tuple[str, ...],
+    errors: bool,
+    utc: bool,
+    no_color: bool,
+) -> None:
+    """Follow the running instance's log lines and print them for people.
+
+    One line per connection (time, client, listener -> backend/server, the
+    balancer's answer or the tunnel and why it closed, duration, bytes),
+    coloured by outcome; other events as "level event key=value". Filters
+    combine: a line is shown when it passes all of them. Reads the journal of
+    the systemd unit, or --file, or stdin when a log is piped in.
+
+    \b
+    Examples:
+      splicelb tail --errors
+      splicelb tail --file /var/log/splicelb.log --backend app --status 5xx
+      journalctl -u splicelb --since today -o cat | splicelb tail --errors
+    """
+    from lb import tail as logtail  # noqa: PLC0415 (only this command needs it)
+
+    try:
+        wanted = tuple(logtail.parse_status(status) for status in statuses)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--status'") from None
+    keep = logtail.Filter(frozenset(backends), frozenset(servers), wanted, errors)
+    style = logtail.Style(
+        color=logtail.color_wanted(no_color, sys.stdout),
+        utc=utc,
+        arrow=logtail.arrow_for(sys.stdout),
+    )
+    unit_given = click.get_current_context().get_parameter_source("unit") is not (
+        click.core.ParameterSource.DEFAULT
+    )
+    try:
+        lines = logtail.open_lines(
+            path,
+            unit,
+            unit_given=unit_given,
+            follow=follow,
+            last=last,
+            notice=lambda text: click.echo(f"splicelb: {text}", err=True),
+        )
+        sys.exit(logtail.serve(lines, keep, style))
+    except LBError as exc:
+        click.echo(f"splicelb: {exc}", err=True)
+        sys.exit(1)
+
+
 def _admin_command(state: str, summary: str, example: str) -> None:
     @cli.command(name=state, help=f"{summary}\n\n\b\nExample:\n  {example}")
     @config_option

@@ -91,7 +91,7 @@ def test_check_reports_a_missing_file(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help_with_an_example() -> None:
-    for command in ("run", "check", "status", "reload", "drain", "maint", "ready"):
+    for command in ("run", "check", "status", "reload", "drain", "maint", "ready", "tail"):
         result = cli(command, "--help")
         assert result.returncode == 0
         assert "Example" in result.stdout and "splicelb " + command in result.stdout
