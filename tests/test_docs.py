@@ -1,14 +1,16 @@
-"""The documents users read: every config key documented, every link resolves."""
+"""The documents users read: every config key documented, every link resolves, a
+changelog entry for this version, the license setup.cfg declares."""
 
 from __future__ import annotations
 
+import configparser
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lb import config_table
+from lb import __version__, config_table
 from lb.config import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,3 +98,20 @@ def test_every_link_in_the_documents_resolves(document: Path) -> None:
         ):
             broken.append(target)
     assert not broken, f"{document.name}: links that lead nowhere: {broken}"
+
+
+def test_changelog_has_unreleased_and_this_version() -> None:
+    headings = re.findall(r"^## (.+)$", (REPO / "CHANGELOG.md").read_text(), re.M)
+    assert headings[0] == "[Unreleased]"
+    versions = [
+        h for h in headings if re.fullmatch(r"\[[0-9][^]]*\] - [0-9]{4}-[0-9]{2}-[0-9]{2}", h)
+    ]
+    assert versions == headings[1:], "each release heading reads: ## [VERSION] - YYYY-MM-DD"
+    assert any(h.startswith(f"[{__version__}] - ") for h in versions), __version__
+
+
+def test_license_is_the_one_setup_cfg_declares() -> None:
+    setup = configparser.ConfigParser(interpolation=None)
+    setup.read(REPO / "setup.cfg")
+    declared = setup["metadata"]["license"]
+    assert (REPO / "LICENSE").read_text().splitlines()[0] == f"{declared} License"
