@@ -1,4 +1,5 @@
-"""The admin HTTP endpoint, its own process: metrics, the status JSON and the dashboard.
+"""The admin HTTP endpoint, its own process: metrics, the status JSON and the dashboard
+(with its icon).
 
 Read-only by construction: it only reads the pool files of the runtime dir
 (as ``splicelb status`` does) and serves GET requests.  The supervisor binds
@@ -47,6 +48,14 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
     "script-src 'self' 'unsafe-inline'",
 }
+# The dashboard's icon (the page links it; browsers also ask for it by this path
+# on their own): two paths splitting from one, in the header's colours.
+FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+    b'<rect width="32" height="32" rx="6" fill="#24292f"/>'
+    b'<path d="M5 16h8l8-8h6M13 16l8 8h6" fill="none" stroke="#3fb950" stroke-width="3.5"'
+    b' stroke-linecap="round" stroke-linejoin="round"/></svg>'
+)
 # Names of the endpoint when it listens on loopback (or on every address).
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # 421: the request names another server, which is what a foreign Host says; a 403
@@ -135,6 +144,9 @@ def make_app(runtime_dir: str, check: HostCheck, log: Any) -> web.Application:
     async def dashboard(_request: web.Request) -> web.Response:
         return web.Response(body=page, content_type="text/html", charset="utf-8")
 
+    async def favicon(_request: web.Request) -> web.Response:
+        return web.Response(body=FAVICON, content_type="image/svg+xml")
+
     def refuse(request: web.Request, host: str | None) -> web.Response:
         shown = "" if host is None else host[:MAX_LOGGED_HOST_CHARS]
         if shown not in logged and len(logged) < MAX_LOGGED_HOSTS:
@@ -163,6 +175,7 @@ def make_app(runtime_dir: str, check: HostCheck, log: Any) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
     app.router.add_get("/", dashboard)
+    app.router.add_get("/favicon.ico", favicon)
     return app
 
 

@@ -3,7 +3,7 @@
 Reading the pool file needs no answer from any process, so status works even
 while every worker is busy.  The object follows ARCHITECTURE.md's contract
 (``generation``, ``workers``, ``backends`` with ``servers``) and adds a few
-fields (check results, bytes, answers by status).  A server whose health
+fields (check results, bytes, a listener's counters, answers by status).  A server whose health
 record cannot be read (its writer died mid-write) shows health ``unknown``
 and a ``health_reason``; the rest of the status is read as usual.
 
@@ -104,7 +104,9 @@ def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
             "pid": prober_pid if alive(prober_pid) else None,
             "heartbeat_age_s": round(now - d[L.H_PROBER_BEAT], 3),
         },
-        "listeners": pool.names["listeners"],
+        "listeners": [
+            {**listener, **totals.listener(i)} for i, listener in enumerate(pool.names["listeners"])
+        ],
         "backends": backends,
         "answers": {str(status): count for status, count in totals.answers().items()},
     }

@@ -209,7 +209,7 @@ def test_a_foreign_host_is_refused_before_anything_is_read(spies: Spies) -> None
     log = Log()
     answers = serve(
         log,
-        *(get(path, "evil.example") for path in ("/", "/status", "/metrics")),
+        *(get(path, "evil.example") for path in ("/", "/status", "/metrics", "/favicon.ico")),
         get("/status", "evil.example:{port}", method="HEAD"),
         get("/status", "evil.example", method="POST"),
         b"GET http://evil.example/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -218,7 +218,7 @@ def test_a_foreign_host_is_refused_before_anything_is_read(spies: Spies) -> None
         assert status == 421
         assert headers["content-type"] == "text/plain; charset=utf-8"
         check_security_headers(headers)
-    assert [body for _, _, body in answers] == [REFUSED_BODY] * 3 + [b""] + [REFUSED_BODY] * 2
+    assert [body for _, _, body in answers] == [REFUSED_BODY] * 4 + [b""] + [REFUSED_BODY] * 2
     assert (spies.status_reads, spies.metrics_reads) == (0, 0)
     # Each refused name is logged once, for the operator who forgot an admin_hosts entry.
     assert [event for event, _ in log.lines] == ["admin_host_refused"] * 2
@@ -241,6 +241,18 @@ def test_the_endpoints_names_are_served(spies: Spies) -> None:
     assert answers[0][2] == b'{"backends": []}'
     assert b"<title>splicelb</title>" in answers[4][2]
     assert (spies.status_reads, spies.metrics_reads) == (4, 1)
+
+
+def test_the_dashboard_has_an_icon(spies: Spies) -> None:
+    """Browsers ask for /favicon.ico by themselves: it is an answer, not a 404."""
+    ((status, headers, body), (head_status, _, head_body)) = serve(
+        Log(), get("/favicon.ico", "localhost:{port}"), get("/favicon.ico", "localhost", "HEAD")
+    )
+    assert status == 200 and head_status == 200 and head_body == b""
+    assert headers["content-type"] == "image/svg+xml"
+    assert body.startswith(b"<svg ") and body.endswith(b"</svg>")
+    check_security_headers(headers)
+    assert (spies.status_reads, spies.metrics_reads) == (0, 0)
 
 
 def test_without_host_only_http_1_0_is_answered(spies: Spies) -> None:

@@ -166,6 +166,9 @@ def test_totals_go_on_across_reloads_for_the_servers_and_listeners_still_named(
             assert servers["a"]["failed_connects"] == 1
             assert servers["c"]["total"] == 4
             assert status["answers"]["431"] == 2
+            (pub,) = status["listeners"]
+            assert pub["name"] == "pub" and pub["bind"] == "127.0.0.1:1"
+            assert pub["total"] == 6 + 6 and pub["bytes_in"] == 500 + 500
         # Each worker of the serving generation goes on from its slot's count.
         assert {w["slot"]: w["accepted"] for w in after["workers"]} == {0: 3 + 2, 1: 3 + 4}
 
