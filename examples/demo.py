@@ -308,7 +308,7 @@ def run(demo: Demo, workdir: Path, args: argparse.Namespace) -> int:
         print(f"live dashboard: http://{admin}/  metrics: http://{admin}/metrics")
     print(f"config: {config.path} (try: splicelb status -c {config.path})")
     print(f"runtime dir: {config.global_.runtime_dir}")
-    print("each page and echo names the backend that served it; Ctrl-C stops the demo\n")
+    print("each page names the backend server that served it; Ctrl-C stops the demo\n")
     sys.stdout.flush()
     return demo.run_until_stopped(args.seconds)
 
