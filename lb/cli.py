@@ -1,4 +1,10 @@
-"""The ``splicelb`` command line (click)."""
+"""The ``splicelb`` command line (click).
+
+Only ``run`` needs the supervisor, and through it the workers, asyncio, aiohttp
+and the rest: it imports them itself.  The other commands read a file or talk
+to the running instance, and answer in the time the light modules imported
+here take to load (tests/test_cli.py checks what they load).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +26,6 @@ from lb.config import (
 )
 from lb.errors import ConfigError, LBError, NotRunningError
 from lb.status import format_table, read_status
-from lb.supervisor import Supervisor
-from lb.upgrade import read_handoff
 
 EXIT_NOT_RUNNING = 3  # commands that talk to a running instance, when there is none
 UPGRADE_TIMEOUT = 120.0  # seconds `splicelb upgrade` waits for the new generation
@@ -74,6 +78,10 @@ def run(
       splicelb run -c /etc/splicelb/splicelb.toml
     """
     config = _load_or_exit(config_path)
+    # Loaded here, not above: the other commands answer without them (module docstring).
+    from lb.supervisor import Supervisor  # noqa: PLC0415
+    from lb.upgrade import read_handoff  # noqa: PLC0415
+
     handoff = None
     if resume is not None:  # this process was the supervisor a moment ago: same settings
         handoff = read_handoff(resume)
