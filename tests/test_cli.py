@@ -179,6 +179,39 @@ def test_status_shows_a_server_whose_health_record_is_unreadable_as_unknown(
         assert "health record unreadable" in line
 
 
+def test_status_shows_each_listener_with_its_connections(tmp_path: Path) -> None:
+    with live_pool(tmp_path) as (runtime_dir, pool):
+        geo = pool.geometry
+        for listener, (active, total, bytes_in) in enumerate([(3, 7, 900), (0, 2, 40)]):
+            at = geo.listener_counter(0, listener)
+            pool.q[at + L.C_ACTIVE] = active
+            pool.q[at + L.C_TOTAL] = total
+            pool.q[at + L.C_BYTES_IN] = bytes_in
+
+        result = cli("status", "--runtime-dir", runtime_dir, "--json", timeout=30)
+        assert result.returncode == 0, result.stderr
+        public, raw = json.loads(result.stdout)["listeners"]
+        assert public == {
+            "name": "public",
+            "bind": "127.0.0.1:1",
+            "mode": "http",
+            "active": 3,
+            "total": 7,
+            "bytes_in": 900,
+            "bytes_out": 0,
+        }
+        assert (raw["name"], raw["mode"], raw["active"], raw["total"]) == ("raw", "tcp", 0, 2)
+
+        table = cli("status", "--runtime-dir", runtime_dir, timeout=30)
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert [line.split() for line in lines[1:4]] == [
+            ["LISTENER", "BIND", "MODE", "ACTIVE", "TOTAL"],
+            ["public", "127.0.0.1:1", "http", "3", "7"],
+            ["raw", "127.0.0.1:2", "tcp", "0", "2"],
+        ]
+
+
 # -- the control socket, as the command line meets it ----------------------------------------
 
 Behaviour = Callable[[socket.socket, threading.Event], None]
