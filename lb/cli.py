@@ -25,6 +25,7 @@ from lb.config import (
     runtime_dir_of,
 )
 from lb.errors import ConfigError, LBError, NotRunningError
+from lb.rundir import not_writable
 from lb.status import format_table, read_status
 
 EXIT_NOT_RUNNING = 3  # commands that talk to a running instance, when there is none
@@ -97,11 +98,16 @@ def run(
 def check(config_path: str) -> None:
     """Validate the config: exit 0, or 1 with one line per problem.
 
+    Warnings (exit 0) are about this host rather than the file: a runtime_dir
+    this user could not write.
+
     \b
     Example:
       splicelb check -c /etc/splicelb/splicelb.toml
     """
     config = _load_or_exit(config_path)
+    if problem := not_writable(config.global_.runtime_dir):
+        click.echo(f"warning: {problem}", err=True)
     servers = sum(len(b.servers) for b in config.backends)
     click.echo(
         f"{config.path}: OK ({len(config.listeners)} listeners, "

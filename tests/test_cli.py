@@ -83,6 +83,21 @@ balance = "fastest"
     assert any("unknown backend 'chat'" in line for line in lines)
 
 
+def test_check_warns_of_a_runtime_dir_that_cannot_be_created(tmp_path: Path) -> None:
+    """A warning, not a problem: the file is valid; the host is not ready for it."""
+    (tmp_path / "file").write_text("")
+    config = (REPO / "examples" / "splicelb.toml").read_text()
+    path = tmp_path / "splicelb.toml"
+    path.write_text(config.replace('"/tmp/splicelb-demo"', f'"{tmp_path}/file/run"', 1))
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"{path}: OK")
+    assert result.stderr.splitlines() == [
+        f"warning: global.runtime_dir: {tmp_path}/file/run cannot be created:"
+        f" {tmp_path}/file is not a directory"
+    ]
+
+
 def test_check_reports_a_missing_file(tmp_path: Path) -> None:
     result = cli("check", "-c", str(tmp_path / "absent.toml"))
     assert result.returncode == 1
