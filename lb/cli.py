@@ -9,11 +9,13 @@ here take to load (tests/test_cli.py checks what they load).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import NoReturn
 
 import click
+from click.core import ParameterSource
 
 from lb import control
 from lb.config import (
@@ -48,7 +50,16 @@ def _config_error(exc: ConfigError) -> NoReturn:
     sys.exit(1)
 
 
+def _no_default_config(path: str, advice: str) -> None:
+    """Exit 1 with ``advice`` when the config is the default one (not named) and absent."""
+    source = click.get_current_context().get_parameter_source("config_path")
+    if source is ParameterSource.DEFAULT and not os.path.exists(path):
+        click.echo(f"splicelb: no config file at {path} (the default); {advice}", err=True)
+        sys.exit(1)
+
+
 def _load_or_exit(path: str) -> Config:
+    _no_default_config(path, "give one with -c PATH")
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -125,6 +136,10 @@ runtime_dir_option = click.option(
 def _runtime_dir(config_path: str, runtime_dir: str | None) -> str:
     if runtime_dir:
         return runtime_dir
+    _no_default_config(
+        config_path,
+        "give the instance's config with -c PATH, or its runtime dir with --runtime-dir DIR",
+    )
     try:
         return runtime_dir_of(config_path)
     except ConfigError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lb import control
-from lb.config import parse_config
+from lb.config import DEFAULT_CONFIG_PATH, parse_config
 from lb.errors import LBError
 from lb.generation import POOL_LINK, pool_path
 from lb.pool import layout as L
@@ -103,6 +103,35 @@ def test_check_reports_a_missing_file(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "absent.toml" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+TO_THE_INSTANCE = (
+    "give the instance's config with -c PATH, or its runtime dir with --runtime-dir DIR"
+)
+TO_THE_CONFIG = "give one with -c PATH"
+
+
+@pytest.mark.parametrize(
+    ("argv", "advice"),
+    [
+        (["status"], TO_THE_INSTANCE),
+        (["drain", "app/a1"], TO_THE_INSTANCE),
+        (["reload"], TO_THE_INSTANCE),
+        (["check"], TO_THE_CONFIG),
+        (["run"], TO_THE_CONFIG),
+    ],
+    ids=["status", "drain", "reload", "check", "run"],
+)
+def test_a_command_without_c_and_without_the_default_config_says_how_to_give_one(
+    argv: list[str], advice: str
+) -> None:
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        pytest.skip(f"{DEFAULT_CONFIG_PATH} exists on this host")
+    result = cli(*argv)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        f"splicelb: no config file at {DEFAULT_CONFIG_PATH} (the default); {advice}"
+    ]
 
 
 def test_every_command_has_help_with_an_example() -> None:
