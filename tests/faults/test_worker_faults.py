@@ -162,7 +162,9 @@ def test_a_raising_expire_leaves_the_deadlines_running(
     assert set(statuses) <= {408, 500}, statuses
     assert not any(b"injected" in reply for reply in replies)  # the details are the log's
     errors = wait_until(
-        lambda: len(lb.events("worker_error")) >= len(lb.worker_pids()) and lb.events("worker_error"),
+        lambda: (
+            len(lb.events("worker_error")) >= len(lb.worker_pids()) and lb.events("worker_error")
+        ),
         5,
         "worker_error",
     )
