@@ -15,6 +15,9 @@ that other users share.  So before it touches anything there:
   lock is free is stale, whatever process its number names now;
 - every file is created with ``O_EXCL | O_NOFOLLOW`` and mode 0600 (the
   topology in the pool is nobody else's business), then renamed into place.
+
+A user who may not create or write the directory is told what to do, and
+``splicelb check`` warns of it beforehand (:func:`not_writable`).
 """
 
 from __future__ import annotations
