@@ -1,13 +1,21 @@
-"""The ``splicelb`` command line (click)."""
+"""The ``splicelb`` command line (click).
+
+Only ``run`` needs the supervisor, and through it the workers, asyncio, aiohttp
+and the rest: it imports them itself.  The other commands read a file or talk
+to the running instance, and answer in the time the light modules imported
+here take to load (tests/test_cli.py checks what they load).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import NoReturn
 
 import click
+from click.core import ParameterSource
 
 from lb import control
 from lb.config import (
@@ -19,9 +27,8 @@ from lb.config import (
     runtime_dir_of,
 )
 from lb.errors import ConfigError, LBError, NotRunningError
+from lb.rundir import not_writable
 from lb.status import format_table, read_status
-from lb.supervisor import Supervisor
-from lb.upgrade import read_handoff
 
 EXIT_NOT_RUNNING = 3  # commands that talk to a running instance, when there is none
 UPGRADE_TIMEOUT = 120.0  # seconds `splicelb upgrade` waits for the new generation
@@ -43,7 +50,16 @@ def _config_error(exc: ConfigError) -> NoReturn:
     sys.exit(1)
 
 
+def _no_default_config(path: str, advice: str) -> None:
+    """Exit 1 with ``advice`` when the config is the default one (not named) and absent."""
+    source = click.get_current_context().get_parameter_source("config_path")
+    if source is ParameterSource.DEFAULT and not os.path.exists(path):
+        click.echo(f"splicelb: no config file at {path} (the default); {advice}", err=True)
+        sys.exit(1)
+
+
 def _load_or_exit(path: str) -> Config:
+    _no_default_config(path, "give one with -c PATH")
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -74,6 +90,10 @@ def run(
       splicelb run -c /etc/splicelb/splicelb.toml
     """
     config = _load_or_exit(config_path)
+    # Loaded here, not above: the other commands answer without them (module docstring).
+    from lb.supervisor import Supervisor  # noqa: PLC0415
+    from lb.upgrade import read_handoff  # noqa: PLC0415
+
     handoff = None
     if resume is not None:  # this process was the supervisor a moment ago: same settings
         handoff = read_handoff(resume)
@@ -89,11 +109,16 @@ def run(
 def check(config_path: str) -> None:
     """Validate the config: exit 0, or 1 with one line per problem.
 
+    Warnings (exit 0) are about this host rather than the file: a runtime_dir
+    this user could not write.
+
     \b
     Example:
       splicelb check -c /etc/splicelb/splicelb.toml
     """
     config = _load_or_exit(config_path)
+    if problem := not_writable(config.global_.runtime_dir):
+        click.echo(f"warning: {problem}", err=True)
     servers = sum(len(b.servers) for b in config.backends)
     click.echo(
         f"{config.path}: OK ({len(config.listeners)} listeners, "
@@ -111,6 +136,10 @@ runtime_dir_option = click.option(
 def _runtime_dir(config_path: str, runtime_dir: str | None) -> str:
     if runtime_dir:
         return runtime_dir
+    _no_default_config(
+        config_path,
+        "give the instance's config with -c PATH, or its runtime dir with --runtime-dir DIR",
+    )
     try:
         return runtime_dir_of(config_path)
     except ConfigError as exc:

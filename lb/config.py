@@ -140,8 +140,7 @@ class Config:
 _Named = TypeVar("_Named", Listener, Backend, Server)
 
 
-def _parse_global(table: Table | None, problems: list[str]) -> GlobalConfig:
-    t = table or Table({}, "global", problems)
+def _parse_global(t: Table) -> GlobalConfig:
     admin_text = t.string("admin_bind", "127.0.0.1:9900")
     drain_timeout = t.seconds("drain_timeout", 30, allow_zero=True)
     config = GlobalConfig(
@@ -383,7 +382,9 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> Config:
     """Validate an already-parsed TOML document; ConfigError lists every problem."""
     problems: list[str] = []
     root = Table(data, "", problems)
-    global_ = _parse_global(root.table("global"), problems)
+    global_table = root.table("global") or Table({}, "global", problems, root.elsewhere)
+    global_ = _parse_global(global_table)
+    root.elsewhere["[global]"] = global_table.keys_read()  # where a misplaced key may belong
     raw_backends = data["backends"] if isinstance(data.get("backends"), list) else []
     backend_names = {b.get("name") for b in raw_backends if isinstance(b, dict)}
     listeners = _parse_all(

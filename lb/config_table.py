@@ -4,7 +4,9 @@
 value's type and range, records that the key was used, and appends a problem
 line prefixed by the key path (``listeners[0].bind: ...``) to a list shared by
 the whole walk, returning a placeholder so the walk goes on; ``finish``
-reports the keys nobody asked for.  ``lb.config`` builds the config from it.
+reports the keys nobody asked for, pointing a key that belongs in another
+table (``workers`` above ``[global]``) there.  ``lb.config`` builds the
+config from it.
 """
 
 from __future__ import annotations
@@ -84,12 +86,21 @@ def describe(value: Any) -> str:
 class Table:
     """One TOML table being read: typed getters, used-key tracking, problems."""
 
-    __slots__ = ("_used", "data", "path", "problems")
+    __slots__ = ("_used", "data", "elsewhere", "path", "problems")
 
-    def __init__(self, data: dict[str, Any], path: str, problems: list[str]) -> None:
+    def __init__(
+        self,
+        data: dict[str, Any],
+        path: str,
+        problems: list[str],
+        elsewhere: dict[str, frozenset[str]] | None = None,
+    ) -> None:
         self.data = data
         self.path = path
         self.problems = problems
+        # The keys of tables a misplaced key may belong in, by header ("[global]"),
+        # shared by the whole walk: filled in as those tables are read.
+        self.elsewhere = {} if elsewhere is None else elsewhere
         self._used: set[str] = set()
 
     def key_path(self, key: str) -> str:
@@ -171,19 +182,40 @@ class Table:
         found = []
         for path, value in self.items(key, f"an array of tables ([[{key}]])"):
             if isinstance(value, dict):
-                found.append(Table(value, path, self.problems))
+                found.append(Table(value, path, self.problems, self.elsewhere))
             else:
                 self.problems.append(f"{path}: expected a table, got {describe(value)}")
         return found
 
     def table(self, key: str) -> Table | None:
         value = self.get(key, (dict,), f"a table ([{key}])", False)
-        return None if value is None else Table(value, self.key_path(key), self.problems)
+        if value is None:
+            return None
+        return Table(value, self.key_path(key), self.problems, self.elsewhere)
+
+    def keys_read(self) -> frozenset[str]:
+        """The keys a getter asked for: the keys this table may have."""
+        return frozenset(self._used)
 
     def finish(self) -> None:
         """Report every key that no getter asked for."""
         for key in self.data:
             if key not in self._used:
-                close = difflib.get_close_matches(key, self._used, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                self.problem(key, f"unknown key{hint}")
+                where = "" if self.path else " at top level"
+                self.problem(key, f"unknown key{where}{self._hint(key)}")
+
+    def _hint(self, key: str) -> str:
+        """Where an unknown key may belong: a table that has it, else a key like it here,
+        else one like it in another table."""
+        reminder = "" if not self.path else " (a key belongs to the nearest table header above it)"
+        for header, keys in self.elsewhere.items():
+            if key in keys:
+                return f"; did you mean {header} {key}?{reminder}"
+        close = difflib.get_close_matches(key, self._used, n=1)
+        if close:
+            return f" (did you mean '{close[0]}'?)"
+        for header, keys in self.elsewhere.items():
+            close = difflib.get_close_matches(key, keys, n=1)
+            if close:
+                return f"; did you mean {header} {close[0]}?{reminder}"
+        return ""

@@ -26,6 +26,7 @@ from lb.pool.shm import Pool, create_pool, fold
 from lb.sockets import handover_path, handover_socket
 
 POOL_LINK = "pool"
+NAMES_SHOWN = 20  # servers named in the answer to an unknown one; `splicelb status` has them all
 
 
 def pool_path(runtime_dir: str, number: int) -> str:
@@ -83,7 +84,7 @@ class Generation:
             return {"ok": False, "errors": ["admin needs backend, server and state"]}
         index = find_server(self.pool, backend, server)
         if index is None:
-            return {"ok": False, "errors": [f"no server {backend}/{server}"]}
+            return {"ok": False, "errors": [no_such_server(self.pool, backend, server)]}
         before = L.ADMIN_NAMES[self.pool.admin(index)]
         self.pool.set_admin(index, L.ADMIN_NAMES.index(state))
         return {"ok": True, "backend": backend, "server": server, "from": before, "to": state}
@@ -157,3 +158,20 @@ def find_server(pool: Pool, backend: str, server: str) -> int | None:
                 if s["name"] == server:
                     return int(s["index"])
     return None
+
+
+def no_such_server(pool: Pool, backend: str, server: str) -> str:
+    """The answer to a server the pool does not name: the names it could have been."""
+    servers = {
+        b["name"]: [f"{b['name']}/{s['name']}" for s in b["servers"]]
+        for b in pool.names["backends"]
+    }
+    if backend in servers:
+        said, names = f"no server {backend}/{server}; the servers of {backend}:", servers[backend]
+    else:
+        said = f"no server {backend}/{server} (no backend '{backend}'); the servers:"
+        names = [name for names in servers.values() for name in names]
+    shown = ", ".join(names[:NAMES_SHOWN])
+    if len(names) > NAMES_SHOWN:
+        shown += f" and {len(names) - NAMES_SHOWN} more (splicelb status lists them)"
+    return f"{said} {shown}"

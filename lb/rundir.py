@@ -15,6 +15,9 @@ that other users share.  So before it touches anything there:
   lock is free is stale, whatever process its number names now;
 - every file is created with ``O_EXCL | O_NOFOLLOW`` and mode 0600 (the
   topology in the pool is nobody else's business), then renamed into place.
+
+A user who may not create or write the directory is told what to do, and
+``splicelb check`` warns of it beforehand (:func:`not_writable`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ PID_FILE = "splicelb.pid"
 LOCK_TRIES = 5  # a status check holds the lock shared for an instant: try again a moment later
 LOCK_PAUSE = 0.02
 KEY = "global.runtime_dir"
+# What to do when this user may not create or write the runtime dir.
+NOT_YOURS = (
+    "run splicelb as root or as the user the service runs as,"
+    f" or set {KEY} to a directory this user owns"
+)
 
 
 def check_directory(fd: int, path: str) -> None:
@@ -49,6 +57,13 @@ def check_directory(fd: int, path: str) -> None:
         )
 
 
+def _cannot(verb: str, path: str, exc: OSError) -> str:
+    """The problem line for a failed ``verb`` on ``path``, with the fix when it is a permission."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{KEY}: cannot {verb} {path}: permission denied; {NOT_YOURS}"
+    return f"{KEY}: cannot {verb} {path}: {exc.strerror or exc}"
+
+
 def _who(mode: int) -> str:
     return " and ".join(
         name for bit, name in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if mode & bit
@@ -57,21 +72,49 @@ def _who(mode: int) -> str:
 
 def open_directory(path: str) -> int:
     """The runtime dir, created 0700 if missing, opened without following a link, checked."""
-    with contextlib.suppress(FileExistsError):
+    try:
         os.makedirs(path, mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LBError(_cannot("create", path, exc)) from None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             what = "a symlink" if os.path.islink(path) else "not a directory"
             raise LBError(f"{KEY}: {path} is {what}; give a real directory") from None
-        raise LBError(f"{KEY}: cannot open {path}: {exc.strerror}") from None
+        raise LBError(_cannot("open", path, exc)) from None
     try:
         check_directory(fd, path)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def not_writable(path: str) -> str | None:
+    """Why ``splicelb run`` as this user could not write the runtime dir at ``path``, if so.
+
+    Advice for ``splicelb check``, which may be run by another user than the
+    instance: nothing is created or opened.  A missing directory is judged by
+    its nearest existing parent, where ``run`` would create it.
+    """
+    uid, target = os.geteuid(), os.path.abspath(path)
+    parent = target
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if parent != target:
+        if not os.path.isdir(parent):
+            return f"{KEY}: {path} cannot be created: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
+            return (
+                f"{KEY}: {path} does not exist and this user (uid {uid}) may not create it"
+                f" in {parent}; {NOT_YOURS}"
+            )
+    elif os.path.isdir(target) and not os.access(target, os.W_OK | os.X_OK, effective_ids=True):
+        return f"{KEY}: {path} is not writable by this user (uid {uid}); {NOT_YOURS}"
+    return None
 
 
 class RuntimeDir:
@@ -116,7 +159,7 @@ def _lock(dir_fd: int, path: str) -> int:
             dir_fd=dir_fd,
         )
     except OSError as exc:
-        raise LBError(f"{KEY}: cannot open {path}/{PID_FILE}: {exc.strerror}") from None
+        raise LBError(_cannot("open", f"{path}/{PID_FILE}", exc)) from None
     try:
         if not stat.S_ISREG(os.fstat(lock).st_mode):
             raise LBError(f"{KEY}: {path}/{PID_FILE} is not a regular file")

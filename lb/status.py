@@ -19,6 +19,7 @@ import contextlib
 import glob
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from lb.errors import LBError, NotRunningError
@@ -168,10 +169,22 @@ def _server(
 
 
 def format_table(status: dict[str, Any]) -> str:
-    """The human view: one line per server, then the workers."""
+    """The human view: one line per listener, one per server, then the workers."""
     lines = [f"generation {status['generation']}"]
-    header = ("BACKEND", "SERVER", "ADDRESS", "HEALTH", "ADMIN", "ACTIVE", "TOTAL", "LAST CHECK")
-    rows = [header]
+    listeners = [("LISTENER", "BIND", "MODE", "ACTIVE", "TOTAL")]
+    for listener in status["listeners"]:
+        listeners.append(
+            (
+                listener["name"],
+                listener["bind"],
+                listener["mode"],
+                str(listener["active"]),
+                str(listener["total"]),
+            )
+        )
+    lines += _columns(listeners)
+    lines.append("")
+    servers = [("BACKEND", "SERVER", "ADDRESS", "HEALTH", "ADMIN", "ACTIVE", "TOTAL", "LAST CHECK")]
     for backend in status["backends"]:
         for s in backend["servers"]:
             check = s.get("check")
@@ -179,7 +192,7 @@ def format_table(status: dict[str, Any]) -> str:
                 last = f"{check['result']} ({check['latency_ms']:g} ms)"
             else:
                 last = s.get("health_reason", "-")
-            rows.append(
+            servers.append(
                 (
                     backend["name"],
                     s["name"],
@@ -191,10 +204,7 @@ def format_table(status: dict[str, Any]) -> str:
                     last,
                 )
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
+    lines += _columns(servers)
     lines.append("")
     workers = ", ".join(
         f"{w['pid']} (slot {w['slot']}, {w['connections']} conns, {w['state']})"
@@ -204,6 +214,14 @@ def format_table(status: dict[str, Any]) -> str:
     prober = status["prober"]["pid"]
     lines.append(f"prober: {prober if prober else 'not running'}")
     return "\n".join(lines)
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    """The rows (a header first) as lines, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
 
 
 def alive(pid: int) -> bool:

@@ -367,7 +367,26 @@ ROUTE_TO_CHAT = '[[listeners.routes]]\nbackend = "app"\n[[listeners.routes]]\nba
 CASES = [
     # unknown keys, at every level
     (config(global_="wrokers = 2"), "global.wrokers: unknown key (did you mean 'workers'?)"),
-    (config(more="[extra]"), "extra: unknown key"),
+    (config(more="[extra]"), "extra: unknown key at top level"),
+    # a key of [global] in the wrong table: above [global], or after a later header
+    (
+        "workers = 2\n" + config(),
+        "workers: unknown key at top level; did you mean [global] workers?",
+    ),
+    (
+        "maxconns = 2\n" + config(),
+        "maxconns: unknown key at top level; did you mean [global] maxconn?",
+    ),
+    (
+        config(server="drain_timeout = 5"),
+        "backends[0].servers[0].drain_timeout: unknown key; did you mean [global] drain_timeout?"
+        " (a key belongs to the nearest table header above it)",
+    ),
+    (
+        config(listener="workers = 2"),
+        "listeners[0].workers: unknown key; did you mean [global] workers?"
+        " (a key belongs to the nearest table header above it)",
+    ),
     (
         config(listener="tunel_timeout = 1"),
         "listeners[0].tunel_timeout: unknown key (did you mean 'tunnel_timeout'?)",

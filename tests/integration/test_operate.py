@@ -90,7 +90,15 @@ def test_drain_maint_and_ready_against_a_running_instance(
         t.close()
 
     unknown = cli("drain", "-c", cfg, "app/nope")
-    assert unknown.returncode == 1 and unknown.stderr.strip() == "splicelb: no server app/nope"
+    assert (unknown.returncode, unknown.stderr) == (
+        1,
+        "splicelb: no server app/nope; the servers of app: app/echo1, app/echo2\n",
+    )
+    unknown = cli("maint", "-c", cfg, "web/echo1")
+    assert (unknown.returncode, unknown.stderr) == (
+        1,
+        "splicelb: no server web/echo1 (no backend 'web'); the servers: app/echo1, app/echo2\n",
+    )
     malformed = cli("drain", "-c", cfg, "echo1")
     assert malformed.returncode == 2 and "BACKEND/SERVER" in malformed.stderr
     events = lb.events("admin_state")

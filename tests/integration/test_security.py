@@ -8,6 +8,7 @@ be readable by that user).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
+import lb.supervisor  # noqa: F401 (loaded before a child drops to another user: see above)
 from lb.cli import cli as splicelb_cli
+from lb.config import load_config
 from tests.integration import clients
 from tests.integration.harness import (
     EchoBackend,
@@ -157,6 +160,83 @@ def shared_tmp() -> Iterator[Path]:
     shared.chmod(0o1777)
     yield shared
     shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A directory of root's, mode 0755, that every user reaches and may not write into."""
+    top = Path(tempfile.mkdtemp(prefix="slb-open-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def readable_config(directory: Path, runtime: Path) -> Path:
+    """A config every user may read, its runtime dir at ``runtime``."""
+    path = directory / "splicelb.toml"
+    text = config(listener("127.0.0.1:1", "app"), backend("app", [("a1", "127.0.0.1:2")]))
+    path.write_text(text.replace("@RUNTIME@", str(runtime)))
+    path.chmod(0o644)
+    load_config(path)  # loads what reading it needs (the interpreter's files are root's alone)
+    return path
+
+
+NOT_YOURS = (
+    "run splicelb as root or as the user the service runs as,"
+    " or set global.runtime_dir to a directory this user owns"
+)
+
+
+@pytest.mark.parametrize("kind", ["missing", "root's, 0755", "root's, 0700"])
+def test_run_by_a_user_who_may_not_write_the_runtime_dir_names_the_key_and_the_fix(
+    open_tmp: Path, hostile: tuple[int, int], kind: str
+) -> None:
+    runtime = open_tmp / "run"
+    if kind != "missing":
+        runtime.mkdir()
+        runtime.chmod(0o755 if kind == "root's, 0755" else 0o700)
+    path = readable_config(open_tmp, runtime)
+    code, said = as_user(
+        hostile,
+        lambda: splicelb_cli(["run", "-c", str(path), "--log-format", "json"], "splicelb"),
+    )
+    assert code == 1, said
+    [failed] = [json.loads(line) for line in said.splitlines() if "start_failed" in line]
+    what = {
+        "missing": f"cannot create {runtime}",
+        "root's, 0755": f"cannot open {runtime}/splicelb.pid",
+        "root's, 0700": f"cannot open {runtime}",
+    }[kind]
+    assert failed["reason"] == f"global.runtime_dir: {what}: permission denied; {NOT_YOURS}"
+    assert "Errno" not in said
+
+
+@pytest.mark.parametrize("kind", ["missing", "root's, 0755"])
+def test_check_warns_a_user_who_may_not_write_the_runtime_dir(
+    open_tmp: Path, hostile: tuple[int, int], kind: str
+) -> None:
+    runtime = open_tmp / "run" / "splicelb"
+    if kind != "missing":
+        runtime.mkdir(parents=True)
+        runtime.chmod(0o755)
+    path = readable_config(open_tmp, runtime)
+    code, said = as_user(hostile, lambda: splicelb_cli(["check", "-c", str(path)], "splicelb"))
+    assert code == 0, said
+    warning, ok = sorted(said.splitlines(), key=lambda line: not line.startswith("warning:"))
+    assert ok.startswith(f"{path}: OK")
+    if kind == "missing":
+        assert warning == (
+            f"warning: global.runtime_dir: {runtime} does not exist and this user"
+            f" (uid {hostile[0]}) may not create it in {open_tmp}; {NOT_YOURS}"
+        )
+    else:
+        assert warning == (
+            f"warning: global.runtime_dir: {runtime} is not writable by this user"
+            f" (uid {hostile[0]}); {NOT_YOURS}"
+        )
+
+    as_root = cli("check", "-c", str(path))  # root may write anywhere: no warning
+    assert (as_root.returncode, as_root.stderr) == (0, "")
 
 
 def test_links_planted_by_a_local_user_are_never_followed(

@@ -58,7 +58,25 @@ def test_status_shows_servers_workers_and_open_tunnels(
             10,
             "both servers up",
         )
+
+        def table_lines() -> list[list[str]]:
+            result = status("--runtime-dir", str(lb.runtime_dir))
+            assert result.returncode == 0, result.stderr
+            return [line.split() for line in result.stdout.splitlines()]
+
+        table = wait_until(
+            lambda: (t := table_lines()) and t[2][3] == "1" and t,
+            10,
+            "the open tunnel on the listener's line",
+        )
     assert state["generation"] == 1
+    [public] = state["listeners"]
+    assert (public["name"], public["bind"], public["mode"]) == (
+        "public",
+        f"127.0.0.1:{port}",
+        "http",
+    )
+    assert (public["active"], public["total"]) == (1, 1)
     assert sorted(w["pid"] for w in state["workers"]) == sorted(lb.worker_pids())
     assert sum(w["connections"] for w in state["workers"]) == 1
     app, plain = state["backends"]
@@ -71,12 +89,13 @@ def test_status_shows_servers_workers_and_open_tunnels(
     assert plain["servers"][0]["health"] == "unchecked"
     assert plain["servers"][0]["address"] == a.address
 
-    table = status("--runtime-dir", str(lb.runtime_dir))
-    assert table.returncode == 0
-    lines = table.stdout.splitlines()
-    assert lines[1].split()[:5] == ["BACKEND", "SERVER", "ADDRESS", "HEALTH", "ADMIN"]
-    assert any(line.split()[:4] == ["app", "echo1", a.address, "up"] for line in lines)
-    assert any(line.split()[:4] == ["plain", "solo", a.address, "unchecked"] for line in lines)
+    assert table[1:3] == [
+        ["LISTENER", "BIND", "MODE", "ACTIVE", "TOTAL"],
+        ["public", f"127.0.0.1:{port}", "http", "1", "1"],
+    ]
+    assert table[4][:5] == ["BACKEND", "SERVER", "ADDRESS", "HEALTH", "ADMIN"]
+    assert any(line[:4] == ["app", "echo1", a.address, "up"] for line in table)
+    assert any(line[:4] == ["plain", "solo", a.address, "unchecked"] for line in table)
 
 
 def test_status_without_an_instance_says_so_in_one_line(tmp_path: Path) -> None:
