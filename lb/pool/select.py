@@ -36,6 +36,7 @@ INF = float("inf")
 SUSPECT_HOLD_UNCHECKED = 5.0  # seconds a suspect mark holds where no prober checks
 RAMP_FLOOR = 1 / 20  # the share of its weight a server has when its slow start begins
 RAMP_STEPS = 50  # times its share is recomputed over the slow start
+HASH_CACHE_KEYS = 4096  # keys whose server a hash balancer remembers until it is rebuilt
 
 
 Usable = Callable[[int], bool] | None  # None: every eligible server is usable
@@ -199,7 +200,9 @@ class Hash:
     are, so a server that leaves moves only its own keys (each to its next
     server in the key's order) and takes them back when it returns.  With
     equal weights the order of ``u`` is the order of the scores, and the
-    logarithm is skipped.
+    logarithm is skipped.  A key's order is remembered until the next rebuild
+    (a client that opens several connections is hashed once), for up to
+    ``HASH_CACHE_KEYS`` keys, then forgotten all at once.
 
     With a ``balance_factor`` (percent, over 100), a server whose active
     connections (all workers) would exceed its share of ``balance_factor``
@@ -213,18 +216,25 @@ class Hash:
     ) -> None:
         self._weights = weights
         self._salts = {s: blake2b(names[s].encode(), digest_size=16).digest() for s in names}
-        self._pool = pool
+        self._q = pool.q
+        geo = pool.geometry
+        self._active_words = {  # where each worker keeps a server's active count
+            s: [geo.counter(slot, s) + L.C_ACTIVE for slot in range(geo.nslots)] for s in names
+        }
         self._factor = balance_factor / 100
         self.reads_active = balance_factor > 0
         self._servers: list[tuple[int, bytes, float]] = []  # eligible: index, salt, weight
+        self._effective: dict[int, float] = {}
         self._uniform = True  # every eligible server has the same weight
         self._total_weight = 0.0
+        self._cache: dict[Key, tuple[int, ...]] = {}  # key -> its order, while nothing changes
 
     def rebuild(self, eligible: Sequence[int], ramp: Ramp) -> None:
-        weights = effective(self._weights, eligible, ramp)
+        weights = self._effective = effective(self._weights, eligible, ramp)
         self._servers = [(s, self._salts[s], weights[s]) for s in eligible]
         self._uniform = len(set(weights.values())) <= 1
         self._total_weight = sum(weights.values())
+        self._cache.clear()
 
     def scores(self, key: bytes) -> list[tuple[float, int]]:
         """(score, server) for every eligible server; the highest score wins."""
@@ -238,18 +248,28 @@ class Hash:
                 found.append((weight / -log(((hashed >> 12) + 0.5) * 2.0**-52), server))
         return found
 
+    def order(self, key: Key) -> tuple[int, ...]:
+        """The eligible servers in the key's order, its server first."""
+        cache = self._cache
+        order = cache.get(key)
+        if order is None:
+            scores = self.scores(key.encode() if isinstance(key, str) else key)
+            scores.sort(reverse=True)
+            if len(cache) >= HASH_CACHE_KEYS:
+                cache.clear()
+            order = cache[key] = tuple(server for _, server in scores)
+        return order
+
     def pick(self, key: Key, usable: Usable) -> int | None:
-        scores = self.scores(key.encode() if isinstance(key, str) else key)
-        if usable is None and not self._factor:
-            return max(scores)[1] if scores else None
-        scores.sort(reverse=True)
-        order = [server for _, server in scores if usable is None or usable(server)]
-        if self._factor:
+        order = self.order(key)
+        if usable is not None:
+            order = tuple(filter(usable, order))
+        if self._factor and order:
             has_room = self._has_room()
             for server in order:
                 if has_room(server):
                     return server
-        return order[0] if order else None  # every usable server over its bound: the first
+        return order[0] if order else None  # with a bound, all over it: the key's own
 
     def _has_room(self) -> Callable[[int], bool]:
         """Whether a server is within its bound with one more connection.
@@ -259,10 +279,10 @@ class Hash:
         less than one, and the bounds add up to more than the connections, so
         some server always has room.
         """
-        active = self._pool.server_active
-        loads = {server: active(server) for server, _, _ in self._servers}
+        q, words = self._q, self._active_words
+        loads = {s: sum(map(q.__getitem__, words[s])) for s, _, _ in self._servers}
         room = (sum(loads.values()) + 1) * self._factor / self._total_weight
-        weights = {server: weight for server, _, weight in self._servers}
+        weights = self._effective
         return lambda server: loads[server] < max(1.0, room * weights[server])
 
 
