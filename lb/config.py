@@ -381,10 +381,10 @@ def _parse_hash_key(t: Table, balance: str) -> HashKey:
     source, _, name = text.partition(":")
     if problem := _hash_key_problem(text, source, name):
         t.problem("hash_key", problem)
-    elif "hash_key" in t.data and balance not in ("hash", "source"):
-        t.problem("hash_key", f'needs balance = "hash", not "{balance}"')
-    elif balance == "source" and source != "source":
+    elif source != "source" and balance == "source":
         t.problem("hash_key", 'needs balance = "hash" (balance = "source" hashes the address only)')
+    elif source != "source" and balance != "hash":
+        t.problem("hash_key", f'needs balance = "hash", not "{balance}"')
     return HashKey(source, name.lower() if source == "header" else name)
 
 

@@ -267,6 +267,8 @@ def test_source_is_hash_on_the_client_address(tmp_path: Path) -> None:
         assert (backend.balance, backend.hash_key) == ("hash", HashKey("source", ""))
     text = config(backend='balance = "source"\nhash_balance_factor = 125')
     assert load_config(write(tmp_path, text)).backends[0].hash_balance_factor == 125
+    text = config(backend='hash_key = "source"\nhash_balance_factor = 0')  # the defaults
+    assert load_config(write(tmp_path, text)).backends[0].balance == "roundrobin"
 
 
 def test_health_table_defaults(tmp_path: Path) -> None:
