@@ -37,6 +37,7 @@ SUSPECT_HOLD_UNCHECKED = 5.0  # seconds a suspect mark holds where no prober che
 RAMP_FLOOR = 1 / 20  # the share of its weight a server has when its slow start begins
 RAMP_STEPS = 50  # times its share is recomputed over the slow start
 HASH_CACHE_KEYS = 4096  # keys whose server a hash balancer remembers until it is rebuilt
+HASH_CACHE_KEY_LEN = 256  # ... if no longer than this: at most about 2 MB per backend
 
 
 Usable = Callable[[int], bool] | None  # None: every eligible server is usable
@@ -202,7 +203,9 @@ class Hash:
     equal weights the order of ``u`` is the order of the scores, and the
     logarithm is skipped.  A key's order is remembered until the next rebuild
     (a client that opens several connections is hashed once), for up to
-    ``HASH_CACHE_KEYS`` keys, then forgotten all at once.
+    ``HASH_CACHE_KEYS`` keys of up to ``HASH_CACHE_KEY_LEN`` characters (a
+    client chooses its cookies: the memory stays bounded), then forgotten all
+    at once.
 
     With a ``balance_factor`` (percent, over 100), a server whose active
     connections (all workers) would exceed its share of ``balance_factor``
@@ -255,9 +258,11 @@ class Hash:
         if order is None:
             scores = self.scores(key.encode() if isinstance(key, str) else key)
             scores.sort(reverse=True)
-            if len(cache) >= HASH_CACHE_KEYS:
-                cache.clear()
-            order = cache[key] = tuple(server for _, server in scores)
+            order = tuple(server for _, server in scores)
+            if len(key) <= HASH_CACHE_KEY_LEN:
+                if len(cache) >= HASH_CACHE_KEYS:
+                    cache.clear()
+                cache[key] = order
         return order
 
     def pick(self, key: Key, usable: Usable) -> int | None:

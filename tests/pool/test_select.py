@@ -14,6 +14,8 @@ import pytest
 from lb.config import parse_config
 from lb.pool import layout as L
 from lb.pool.select import (
+    HASH_CACHE_KEY_LEN,
+    HASH_CACHE_KEYS,
     BackendPicker,
     Balancer,
     Hash,
@@ -347,3 +349,16 @@ def test_the_clock_is_read_only_while_a_server_ramps(
     for _ in range(100):
         p.pick("c")
     assert len(reads) == before  # the ramp is over
+
+
+def test_remembered_keys_stay_bounded_and_answers_stay_the_same(pool: Pool) -> None:
+    """Clients choose their keys: however many and however long, the memory a balancer
+    keeps for them is bounded, and every key still gets its own server."""
+    balancer = hashing(pool, {0: 1, 1: 2, 2: 3})
+    fresh = hashing(pool, {0: 1, 1: 2, 2: 3})
+    keys = [*KEYS, *(b"x" * 5000 + key for key in KEYS[:100])]
+    assert [balancer.pick(key, None) for key in keys] == [fresh.pick(key, None) for key in keys]
+    assert [balancer.pick(key, None) for key in keys] == [fresh.pick(key, None) for key in keys]
+    remembered = balancer._cache  # what the bound is about
+    assert 0 < len(remembered) <= HASH_CACHE_KEYS
+    assert all(len(key) <= HASH_CACHE_KEY_LEN for key in remembered)
