@@ -92,7 +92,7 @@ def test_a_cookie_keeps_its_session_on_one_server(
     for sid in SESSIONS[:5]:  # its WebSocket goes where its polling requests went
         assert upgraded_by(port, f"sid={sid}") == server_of[sid]
 
-    # No cookie (a first polling request): the source address is hashed instead.
+    # No session cookie (a client before it logs in): its source address is hashed instead.
     by_source = {}
     for i in range(1, 13):
         source = f"127.0.0.{i}"
