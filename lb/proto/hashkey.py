@@ -9,8 +9,12 @@ so finding ``CRLF name:`` in the lowercased head finds exactly the header
 lines of that name, and nothing in the request line or past the head.
 
 A key that is absent or empty gives None: the caller hashes the client's
-address instead (the first request of a socket.io session has no session
-id yet).
+address instead (a client that has no session yet).  Which key keeps a
+session on one server is the operator's choice: one the client sends from
+its first request on (an application's login cookie, a client id); a
+session id that the server hands out in its first answer (socket.io's
+``sid``) is hashed only from the second request, which may then go to
+another server than the first.
 """
 
 from __future__ import annotations
