@@ -33,7 +33,8 @@ DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 10_000
 MAX_WEIGHT = 256
 LISTENER_MODES = ("http", "tcp")
-BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random2", "source")
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random2", "hash", "source")
+HASH_SOURCES = ("source", "header", "cookie", "query")  # hash_key: "source" or "KIND:NAME"
 HEALTH_TYPES = ("http", "https", "tcp")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
@@ -43,6 +44,8 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _HOST_RE = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
 _ORIGIN_RE = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 _STATUS_RE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
+# A query parameter's name as written in the target: no separator, space or control.
+_QUERY_NAME_RE = re.compile(r"[!-~]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +114,27 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class HashKey:
+    """What ``balance = "hash"`` hashes: the client's address (``source``), or the value
+    of a header, cookie or query parameter of the request, if it has one."""
+
+    source: str = "source"  # source | header | cookie | query
+    name: str = ""  # the header (lowercased), cookie or query parameter; "" for source
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     name: str
-    balance: str
+    balance: str  # roundrobin | leastconn | random2 | hash ("source" is loaded as hash)
     connect_timeout: float
     retries: int
     servers: tuple[Server, ...]
     health: HealthCheck | None  # None: servers count as up
     on_reload: str = "handover"  # open tunnels on reload: "handover" to the new workers, or "close"
     on_server_down: str = "keep"  # "close": a server down or in maint has its tunnels closed
+    hash_key: HashKey = HashKey()  # balance = "hash": what is hashed
+    hash_balance_factor: int = 0  # balance = "hash": a server's bound in % of the average; 0 = off
+    slowstart: float = 0.0  # a server back in rotation ramps up to its weight over this; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,19 +375,66 @@ def _parse_all(
 ON_RELOAD = ("handover", "close")
 
 
+def _parse_hash_key(t: Table, balance: str) -> HashKey:
+    """``hash_key``: "source", "header:NAME", "cookie:NAME" or "query:NAME"."""
+    text = t.string("hash_key", "source")
+    source, _, name = text.partition(":")
+    if problem := _hash_key_problem(text, source, name):
+        t.problem("hash_key", problem)
+    elif source != "source" and balance == "source":
+        t.problem("hash_key", 'needs balance = "hash" (balance = "source" hashes the address only)')
+    elif source != "source" and balance != "hash":
+        t.problem("hash_key", f'needs balance = "hash", not "{balance}"')
+    return HashKey(source, name.lower() if source == "header" else name)
+
+
+_EXAMPLE_KEYS = {"header": "X-Session-Id", "cookie": "sid", "query": "sid"}
+
+
+def _hash_key_problem(text: str, source: str, name: str) -> str | None:
+    if source not in HASH_SOURCES:
+        return f"expected source, header:NAME, cookie:NAME or query:NAME; got '{text}'"
+    if source == "source":
+        return None if text == "source" else f"'source' takes no name; got '{text}'"
+    if not name:
+        return f"'{source}:' needs a name, e.g. '{source}:{_EXAMPLE_KEYS[source]}'"
+    if source == "query":
+        if "&" in name or "=" in name or not _QUERY_NAME_RE.fullmatch(name):
+            return f"'{name}' is not a query parameter name (no '&', '=', space or control)"
+    elif not _TOKEN_RE.fullmatch(name):
+        return f"'{name}' is not a valid {source} name (letters, digits and !#$%&'*+-.^_`|~)"
+    return None
+
+
+def _parse_hash_balance_factor(t: Table, balance: str) -> int:
+    factor = t.integer("hash_balance_factor", 0, 0)
+    if factor and factor <= 100:
+        t.problem(
+            "hash_balance_factor",
+            f"must be 0 (off) or more than 100 (a percentage of the average load), got {factor}",
+        )
+    elif factor and balance not in ("hash", "source"):
+        t.problem("hash_balance_factor", f'needs balance = "hash", not "{balance}"')
+    return factor
+
+
 def _parse_backend(t: Table, base_dir: str) -> Backend:
     name = t.name()
     servers = [server for _, server in _parse_all(t, "servers", "server", _parse_server)]
     health = t.table("health")
+    balance = t.choice("balance", "roundrobin", BALANCE_ALGORITHMS)
     backend = Backend(
         name=name,
-        balance=t.choice("balance", "roundrobin", BALANCE_ALGORITHMS),
+        balance="hash" if balance == "source" else balance,  # source: hash_key = "source"
         connect_timeout=t.seconds("connect_timeout", 3),
         retries=t.integer("retries", 2, 0),
         servers=tuple(servers),
         health=None if health is None else _parse_health(health, base_dir),
         on_reload=t.choice("on_reload", "handover", ON_RELOAD),
         on_server_down=t.choice("on_server_down", "keep", ON_SERVER_DOWN),
+        hash_key=_parse_hash_key(t, balance),
+        hash_balance_factor=_parse_hash_balance_factor(t, balance),
+        slowstart=t.seconds("slowstart", 0, allow_zero=True),
     )
     t.finish()
     return backend

@@ -126,8 +126,9 @@ def server_keys(pool: Pool) -> dict[tuple[str, str, str], int]:
 
 
 def carry_over(old: Pool, new: Pool) -> None:
-    """Copy health, admin state and check histograms of the servers both pools know,
-    the instance's restart and reload counts, and the carried totals (by names).
+    """Copy health, admin state (and when it went back to ready: a slow start goes
+    on) and check histograms of the servers both pools know, the instance's restart
+    and reload counts, and the carried totals (by names).
 
     A health record that cannot be read (its writer died mid-write) is not
     carried: that server starts unchecked, as a new one would, until the new
@@ -146,9 +147,7 @@ def carry_over(old: Pool, new: Pool) -> None:
             new.write_record(index, record)
         src, dst = old.geometry.histogram(previous), new.geometry.histogram(index)
         new.q[dst : dst + L.HIST_WORDS] = old.q[src : src + L.HIST_WORDS]
-        admin = old.admin(previous)
-        if admin != L.READY:
-            new.set_admin(index, admin)
+        new.set_admin(index, old.admin(previous), ready_at=old.ready_at(previous))
 
 
 def find_server(pool: Pool, backend: str, server: str) -> int | None:

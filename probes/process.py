@@ -11,7 +11,9 @@ server down, ``rise`` consecutive successes bring a down server up; a server
 never checked yet (``unchecked``, counted as up) takes the first result at
 once.  Every result is published in the server's pool record; a change of
 health bumps the pool's health version so workers recompute their eligible
-servers on their next connection.
+servers on their next connection.  The record keeps when the server last
+came back up from down (a backend's ``slowstart`` ramps from then; a server
+that was never down, as at start, has no ramp).
 
 A worker whose connect to a server failed marks it suspect in its own slot,
 and every worker avoids the server until a check succeeds after the mark
@@ -230,6 +232,7 @@ class Prober:
                 checks=old.checks + 1,
                 text=result.text,
                 ok_at=now if result.ok else old.ok_at,
+                up_at=now if old.health == L.DOWN and health == L.UP else old.up_at,
             ),
         )
         pool.observe_latency(probe.index, result.latency)

@@ -13,6 +13,7 @@ from lb.config import (
     DEFAULT_CONFIG_PATH,
     Backend,
     Config,
+    HashKey,
     HealthCheck,
     Route,
     Server,
@@ -241,6 +242,33 @@ def test_close_spread_max_tunnel_age_and_on_server_down_load(tmp_path: Path) -> 
     assert cfg.backends[0].on_server_down == "close"
     cfg = load_config(write(tmp_path, config(global_="close_spread = 0")))
     assert cfg.global_.close_spread == 0.0  # all at drain_timeout, as before the key
+
+
+def test_hash_keys_and_slow_start_load(tmp_path: Path) -> None:
+    text = config(backend='balance = "hash"\nhash_key = "cookie:sid"\nhash_balance_factor = 150')
+    backend = load_config(write(tmp_path, text)).backends[0]
+    assert (backend.balance, backend.hash_key) == ("hash", HashKey("cookie", "sid"))
+    assert (backend.hash_balance_factor, backend.slowstart) == (150, 0.0)
+    text = config(backend='balance = "hash"\nhash_key = "header:X-Session-Id"\nslowstart = 10')
+    backend = load_config(write(tmp_path, text)).backends[0]
+    assert backend.hash_key == HashKey("header", "x-session-id")  # header names: any case
+    assert backend.slowstart == 10.0
+    text = config(backend='balance = "hash"\nhash_key = "query:sid"')
+    assert load_config(write(tmp_path, text)).backends[0].hash_key == HashKey("query", "sid")
+
+
+def test_source_is_hash_on_the_client_address(tmp_path: Path) -> None:
+    for lines in (
+        'balance = "source"',
+        'balance = "hash"',
+        'balance = "source"\nhash_key = "source"',
+    ):
+        backend = load_config(write(tmp_path, config(backend=lines))).backends[0]
+        assert (backend.balance, backend.hash_key) == ("hash", HashKey("source", ""))
+    text = config(backend='balance = "source"\nhash_balance_factor = 125')
+    assert load_config(write(tmp_path, text)).backends[0].hash_balance_factor == 125
+    text = config(backend='hash_key = "source"\nhash_balance_factor = 0')  # the defaults
+    assert load_config(write(tmp_path, text)).backends[0].balance == "roundrobin"
 
 
 def test_health_table_defaults(tmp_path: Path) -> None:
@@ -525,7 +553,64 @@ CASES = [
     (config(listener='mode = "udp"'), "listeners[0].mode: expected one of http, tcp; got 'udp'"),
     (
         config(backend='balance = "maglev"'),
-        "backends[0].balance: expected one of roundrobin, leastconn, random2, source; got 'maglev'",
+        "backends[0].balance: expected one of roundrobin, leastconn, random2, hash, source;"
+        " got 'maglev'",
+    ),
+    # hash keys, bounded load, slow start
+    (
+        config(backend='balance = "hash"\nhash_key = "cookie"'),
+        "backends[0].hash_key: 'cookie:' needs a name, e.g. 'cookie:sid'",
+    ),
+    (
+        config(backend='balance = "hash"\nhash_key = "body:sid"'),
+        "backends[0].hash_key: expected source, header:NAME, cookie:NAME or query:NAME;"
+        " got 'body:sid'",
+    ),
+    (
+        config(backend='balance = "hash"\nhash_key = "source:x"'),
+        "backends[0].hash_key: 'source' takes no name; got 'source:x'",
+    ),
+    (
+        config(backend='balance = "hash"\nhash_key = "header:X Session"'),
+        "backends[0].hash_key: 'X Session' is not a valid header name"
+        " (letters, digits and !#$%&'*+-.^_`|~)",
+    ),
+    (
+        config(backend='balance = "hash"\nhash_key = "query:a=b"'),
+        "backends[0].hash_key: 'a=b' is not a query parameter name (no '&', '=', space or control)",
+    ),
+    (
+        config(backend='balance = "hash"\nhash_key = 5'),
+        "backends[0].hash_key: expected a string, got integer 5",
+    ),
+    (
+        config(backend='hash_key = "cookie:sid"'),
+        'backends[0].hash_key: needs balance = "hash", not "roundrobin"',
+    ),
+    (
+        config(backend='balance = "source"\nhash_key = "cookie:sid"'),
+        'backends[0].hash_key: needs balance = "hash" (balance = "source" hashes the address only)',
+    ),
+    (
+        config(backend='balance = "hash"\nhash_balance_factor = 100'),
+        "backends[0].hash_balance_factor: must be 0 (off) or more than 100"
+        " (a percentage of the average load), got 100",
+    ),
+    (
+        config(backend='balance = "hash"\nhash_balance_factor = 1.5'),
+        "backends[0].hash_balance_factor: expected an integer, got float 1.5",
+    ),
+    (
+        config(backend='balance = "leastconn"\nhash_balance_factor = 150'),
+        'backends[0].hash_balance_factor: needs balance = "hash", not "leastconn"',
+    ),
+    (
+        config(backend="slowstart = -1"),
+        "backends[0].slowstart: must be a number of seconds >= 0, got -1",
+    ),
+    (
+        config(backend='slowstart = "30s"'),
+        "backends[0].slowstart: expected a number of seconds, got string '30s'",
     ),
     (
         config(health='[backends.health]\ntype = "icmp"'),

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lb.config import parse_config
-from lb.generation import Generation, pool_path
-from lb.pool.shm import create_pool
+from lb.generation import Generation, carry_over, pool_path
+from lb.pool import layout as L
+from lb.pool.shm import HealthRecord, create_pool
 
 
 def generation(tmp_path: Path, servers: dict[str, int]) -> Generation:
@@ -58,3 +59,20 @@ def test_a_long_list_of_servers_is_cut_short(tmp_path: Path) -> None:
         " and 5 more (splicelb status lists them)"
     )
     g.pool.close()
+
+
+def test_a_reload_carries_when_servers_came_back(tmp_path: Path) -> None:
+    """A slow start under way goes on in the new generation's pool."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = generation(tmp_path / "old", {"app": 2})
+    new = generation(tmp_path / "new", {"app": 2})
+    old.pool.set_admin(0, L.MAINT)
+    old.pool.set_admin(0, L.READY, ready_at=100.0)
+    old.pool.write_record(1, HealthRecord(L.UP, 2, 0, 90.0, 1e9, 0.01, 7, "HTTP 200", 90, 80))
+    carry_over(old.pool, new.pool)
+    assert (new.pool.admin(0), new.pool.ready_at(0)) == (L.READY, 100.0)
+    assert new.pool.up_at(1) == 80.0
+    assert new.pool.ready_at(1) == 0.0
+    old.pool.close()
+    new.pool.close()

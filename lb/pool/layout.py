@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 The file holds, in order: a header, a names table (JSON, written once at
-creation), one health record per server, one admin word per server, one
-check latency histogram per server, one slot per worker, and the carried
-block.  Every part has exactly one writer:
+creation), one health record per server, one admin word per server, then
+one admin time per server, one check latency histogram per server, one slot
+per worker, and the carried block.  Every part has exactly one writer:
 
 * header versions: ``health_version`` is bumped by the prober whenever a
   server's health changes, ``admin_version`` by the supervisor whenever an
@@ -21,7 +21,11 @@ block.  Every part has exactly one writer:
   makes it readable again (its first store is odd whatever it found), and a
   prober, when it starts, rewrites the records a predecessor left odd;
 * check latency histograms: the prober (one counter per bucket);
-* admin words: the supervisor (one aligned 8-byte word, never torn);
+* admin words and admin times: the supervisor (one aligned 8-byte word
+  each, never torn).  A server's admin time is when it last went back to
+  ``ready`` from ``drain`` or ``maint`` (monotonic seconds, 0: never); the
+  supervisor stores it before the state and bumps ``admin_version`` last, so
+  a worker that sees the version sees both;
 * worker slots: their worker.  Counters are single aligned 8-byte words
   (an aligned store is atomic on the machines we run on), so a reader may see
   one counter a step ahead of another but never half a number;
@@ -83,7 +87,7 @@ import struct
 from typing import Final
 
 MAGIC: Final = 0x3130424C43494C50  # b"PLICLB01" little-endian, a sanity check
-LAYOUT_VERSION: Final = 4
+LAYOUT_VERSION: Final = 5
 
 # Header: words (8 bytes each) by index.
 H_MAGIC, H_VERSION, H_GENERATION, H_NSERVERS, H_NSLOTS = 0, 1, 2, 3, 4
@@ -97,12 +101,13 @@ HEADER_WORDS: Final = 24
 
 # Server health record (prober-written), words by index.
 R_SEQ, R_HEALTH, R_RISE_COUNT, R_FALL_COUNT, R_CHECKED_AT, R_CHANGED_AT = 0, 1, 2, 3, 4, 5
-R_LATENCY, R_CHECKS, R_OK_AT = 6, 7, 8
-# Doubles: CHECKED_AT and OK_AT (last check, last successful check) are monotonic
-# seconds, CHANGED_AT (last change of health) is wall-clock, LATENCY is seconds.
-R_TEXT_OFF: Final = 9 * 8  # byte offset of the last result text within the record
+R_LATENCY, R_CHECKS, R_OK_AT, R_UP_AT = 6, 7, 8, 9
+# Doubles: CHECKED_AT and OK_AT (last check, last successful check) and UP_AT (last
+# change from down to up; 0: never) are monotonic seconds, CHANGED_AT (last change
+# of health) is wall-clock, LATENCY is seconds.
+R_TEXT_OFF: Final = 10 * 8  # byte offset of the last result text within the record
 TEXT_BYTES: Final = 96  # NUL-padded UTF-8
-RECORD_WORDS: Final = 9 + TEXT_BYTES // 8
+RECORD_WORDS: Final = 10 + TEXT_BYTES // 8
 
 # Health values.
 UNCHECKED, UP, DOWN = 0, 1, 2
@@ -160,6 +165,7 @@ class Geometry:
     """
 
     __slots__ = (
+        "admin_at_off",
         "admin_off",
         "carried_off",
         "carried_words",
@@ -183,7 +189,8 @@ class Geometry:
         self.names_off = HEADER_WORDS
         self.health_off = self.names_off + (names_len + 7) // 8
         self.admin_off = self.health_off + nservers * RECORD_WORDS
-        self.hist_off = self.admin_off + nservers
+        self.admin_at_off = self.admin_off + nservers
+        self.hist_off = self.admin_at_off + nservers
         self.slots_off = self.hist_off + nservers * HIST_WORDS
         self.slot_words = SLOT_HEADER_WORDS + nservers * COUNTER_WORDS + nlisteners * LISTENER_WORDS
         self.carried_off = self.slots_off + nslots * self.slot_words

@@ -50,6 +50,7 @@ class HealthRecord:
     checks: int
     text: str  # last result, e.g. "HTTP 200" or "connection refused"
     ok_at: float = 0.0  # monotonic seconds of the last successful check; 0 if never
+    up_at: float = 0.0  # monotonic seconds of the last change from down to up; 0 if never
 
 
 class Pool:
@@ -136,6 +137,9 @@ class Pool:
     def ok_at(self, server: int) -> float:
         return float(self.d[self.geometry.record(server) + L.R_OK_AT])
 
+    def up_at(self, server: int) -> float:
+        return float(self.d[self.geometry.record(server) + L.R_UP_AT])
+
     def read_record(self, server: int) -> HealthRecord | None:
         """A consistent copy of one record, or None if it stays unreadable.
 
@@ -175,6 +179,7 @@ class Pool:
         d[base + L.R_LATENCY] = record.latency
         q[base + L.R_CHECKS] = record.checks
         d[base + L.R_OK_AT] = record.ok_at
+        d[base + L.R_UP_AT] = record.up_at
         text_at = base * 8 + L.R_TEXT_OFF
         self.raw[text_at : text_at + L.TEXT_BYTES] = text
         q[base + L.R_SEQ] = seq + 1
@@ -206,6 +211,7 @@ class Pool:
             latency=d[base + L.R_LATENCY],
             checks=q[base + L.R_CHECKS],
             ok_at=d[base + L.R_OK_AT],
+            up_at=d[base + L.R_UP_AT],
             text=L.decode_text(bytes(self.raw[text_at : text_at + L.TEXT_BYTES])),
         )
 
@@ -234,9 +240,20 @@ class Pool:
     def admin(self, server: int) -> int:
         return int(self.q[self.geometry.admin_off + server])
 
-    def set_admin(self, server: int, state: int) -> None:
-        self.q[self.geometry.admin_off + server] = state
-        self.q[L.H_ADMIN_VERSION] += 1
+    def ready_at(self, server: int) -> float:
+        """When the server last went back to ``ready`` from drain or maint (0: never)."""
+        return float(self.d[self.geometry.admin_at_off + server])
+
+    def set_admin(self, server: int, state: int, ready_at: float | None = None) -> None:
+        """Set an admin state; going back to ``ready`` records when, unless ``ready_at``
+        says (a reload carries it over)."""
+        geo, q = self.geometry, self.q
+        if ready_at is None and state == L.READY and q[geo.admin_off + server] != L.READY:
+            ready_at = time.monotonic()
+        if ready_at is not None:
+            self.d[geo.admin_at_off + server] = ready_at  # first: see lb.pool.layout
+        q[geo.admin_off + server] = state
+        q[L.H_ADMIN_VERSION] += 1
 
     # -- the carried block (writer: the supervisor) ------------------------------
 

@@ -15,7 +15,9 @@ through at most four steps:
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim;
 2. route and pick: the listener's router names a backend, its picker a server
-   that is up, ``ready``, not suspect and under its ``maxconn``;
+   that is up, ``ready``, not suspect and under its ``maxconn`` (a backend
+   that hashes a header, cookie or query parameter has it read from the head
+   here, once; without it, or in tcp mode, the client's address is hashed);
 3. connect: non-blocking ``connect_ex``, done at once to a server on the same
    host; a refusal or a ``connect_timeout`` marks the server suspect and tries
    another, up to ``retries`` times; the balancer's own limits (no descriptor
@@ -126,6 +128,7 @@ class Connection:
         "expires",
         "fd",
         "finished",
+        "key",
         "listener",
         "loop",
         "pending",
@@ -156,6 +159,7 @@ class Connection:
         self.websocket = False
         self.backend: BackendRuntime | None = None
         self.server = -1
+        self.key: str | bytes = ""  # what a hash balancer hashes: set by _route
         self.tried: list[int] = []
         self.sock: _socket.socket | None = None
         self.tunnel: Tunnel | None = None
@@ -204,7 +208,7 @@ class Connection:
         if not self.listener.router.origin_allowed(event):
             self.answer(403, "origin not allowed")
             return
-        self._route(self.listener.router.backend_for(event))
+        self._route(self.listener.router.backend_for(event), event)
 
     def _head_timeout(self) -> None:
         self._stop_reading()
@@ -212,8 +216,12 @@ class Connection:
 
     # -- 2. route and pick, 3. connect -------------------------------------------
 
-    def _route(self, backend: str) -> None:
-        self.backend = self.ctx.backends[backend]
+    def _route(self, backend: str, head: Head | None = None) -> None:
+        runtime = self.backend = self.ctx.backends[backend]
+        self.key = self.addr[0]  # the client's address, unless the backend hashes a request key
+        if runtime.key_reader is not None and head is not None:
+            assert self.sniffer is not None
+            self.key = runtime.key_reader.read(head, self.sniffer.buffer) or self.key
         self._connect_next()
 
     def _connect_next(self) -> None:
@@ -221,7 +229,7 @@ class Connection:
         assert backend is not None
         server = None
         if len(self.tried) <= backend.retries:
-            server = backend.picker.pick(self.addr[0], self.tried)
+            server = backend.picker.pick(self.key, self.tried)
         if server is None:
             self.answer(503, "no server available")
             return

@@ -12,17 +12,18 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from lb.config import Config
+from lb.config import Backend, Config
 from lb.pool.select import (
     SUSPECT_HOLD_UNCHECKED,
     BackendPicker,
     Balancer,
+    Hash,
     LeastConn,
     Random2,
     RoundRobin,
-    Source,
 )
 from lb.pool.shm import Pool
+from lb.proto.hashkey import KeyReader
 from lb.route import Router
 
 
@@ -49,17 +50,20 @@ class BackendRuntime:
     names: dict[int, str]
     live: frozenset[int]  # servers whose active count other workers read as it changes
     handover: bool  # its tunnels go to the new generation on reload (on_reload = "handover")
+    # balance = "hash" on a header, cookie or query parameter: reads it from the head
+    # (None: the picker gets the client's address)
+    key_reader: KeyReader | None = None
 
 
 def make_balancer(
-    kind: str, weights: dict[int, int], names: dict[int, str], pool: Pool
+    bc: Backend, weights: dict[int, int], names: dict[int, str], pool: Pool
 ) -> Balancer:
-    if kind == "leastconn":
+    if bc.balance == "leastconn":
         return LeastConn(weights, pool)
-    if kind == "random2":
+    if bc.balance == "random2":
         return Random2(weights, pool)
-    if kind == "source":
-        return Source(weights, names)
+    if bc.balance == "hash":
+        return Hash(weights, names, pool, bc.hash_balance_factor)
     return RoundRobin(weights)
 
 
@@ -77,18 +81,23 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
             if bc.health is not None
             else SUSPECT_HOLD_UNCHECKED
         )
-        balancer = make_balancer(bc.balance, weights, names, pool)
+        balancer = make_balancer(bc, weights, names, pool)
         caps = {i: s.maxconn for i, s in pairs if s.maxconn}
         live = frozenset(i for i in ids if balancer.reads_active or i in caps)
         backends[bc.name] = BackendRuntime(
             name=bc.name,
-            picker=BackendPicker(pool, ids, balancer, caps, hold),
+            picker=BackendPicker(pool, ids, balancer, caps, hold, bc.slowstart),
             connect_timeout=bc.connect_timeout,
             retries=bc.retries,
             addresses={i: (s.address.family, s.address.sockaddr) for i, s in pairs},
             names=names,
             live=live,
             handover=bc.on_reload == "handover",
+            key_reader=(
+                KeyReader(bc.hash_key)
+                if bc.balance == "hash" and bc.hash_key.source != "source"
+                else None
+            ),
         )
     return backends
 

@@ -38,6 +38,7 @@ def record_for(n: int) -> HealthRecord:
         checks=n,
         text=f"result {n} " + "x" * (n % 60),
         ok_at=float(n) + 0.5,
+        up_at=float(n) + 0.25,
     )
 
 
@@ -226,4 +227,20 @@ def test_repair_rewrites_a_record_left_mid_write_as_it_stood(tmp_path: Path) -> 
     assert pool.repair_record(2)
     assert read_elsewhere(path, 2)[1] == record_for(8)  # died before its first field
     assert pool.q[L.H_HEALTH_VERSION] == version  # no health changed
+    pool.close()
+
+
+def test_a_server_back_to_ready_from_drain_or_maint_records_when(tmp_path: Path) -> None:
+    pool = create_pool(str(tmp_path / "pool"), parse_config(CONFIG), 1, nslots=1)
+    pool.set_admin(1, L.READY)
+    assert pool.ready_at(1) == 0.0  # ready already: never out of rotation
+    for state in (L.DRAIN, L.MAINT):
+        pool.set_admin(1, state)
+        before = time.monotonic()
+        pool.set_admin(1, L.READY)
+        assert before <= pool.ready_at(1) <= time.monotonic()
+        assert pool.admin(1) == L.READY
+    pool.set_admin(2, L.READY, ready_at=12.5)  # as a reload carries it
+    assert pool.ready_at(2) == 12.5
+    assert pool.ready_at(0) == 0.0
     pool.close()
