@@ -89,6 +89,18 @@ from typing import Final
 MAGIC: Final = 0x3130424C43494C50  # b"PLICLB01" little-endian, a sanity check
 LAYOUT_VERSION: Final = 5
 
+# Older layouts this code still reads: the pools of the generation that an upgrade
+# (``splicelb upgrade``) finds running, written by the code before it.  From
+# OLDEST_READABLE on, the header words, the admin words, the worker slots and the
+# carried block are the same, and each part is found through the offsets the
+# header stores; only what OLDER_RECORDS says differs.  A change to any other part
+# must raise OLDEST_READABLE to the new version (an upgrade across it would then
+# be refused by the new code's check, and the instance go on as it was).
+OLDEST_READABLE: Final = 4
+# version: (words per health record, byte offset of its text, R_UP_AT or -1: none);
+# versions before 5 keep no admin times (ready_at reads 0).
+OLDER_RECORDS: dict[int, tuple[int, int, int]] = {4: (21, 72, -1)}
+
 # Header: words (8 bytes each) by index.
 H_MAGIC, H_VERSION, H_GENERATION, H_NSERVERS, H_NSLOTS = 0, 1, 2, 3, 4
 H_NAMES_OFF, H_NAMES_LEN, H_HEALTH_OFF, H_ADMIN_OFF, H_SLOTS_OFF, H_SLOT_SIZE = 5, 6, 7, 8, 9, 10
@@ -176,9 +188,12 @@ class Geometry:
         "nlisteners",
         "nservers",
         "nslots",
+        "record_words",
         "slot_words",
         "slots_off",
+        "text_off",
         "total_words",
+        "up_at",
     )
 
     def __init__(self, nservers: int, nslots: int, names_len: int, nlisteners: int = 0) -> None:
@@ -186,6 +201,7 @@ class Geometry:
         self.nslots = nslots
         self.names_len = names_len
         self.nlisteners = nlisteners
+        self.record_words, self.text_off, self.up_at = RECORD_WORDS, R_TEXT_OFF, R_UP_AT
         self.names_off = HEADER_WORDS
         self.health_off = self.names_off + (names_len + 7) // 8
         self.admin_off = self.health_off + nservers * RECORD_WORDS
@@ -197,8 +213,24 @@ class Geometry:
         self.carried_words = self.slot_words + nslots
         self.total_words = self.carried_off + self.carried_words
 
+    @classmethod
+    def older(cls, header: list[int], version: int) -> Geometry:
+        """An older layout's geometry (see ``OLDEST_READABLE``), from its header."""
+        geo = cls(header[H_NSERVERS], header[H_NSLOTS], header[H_NAMES_LEN], header[H_NLISTENERS])
+        geo.record_words, geo.text_off, geo.up_at = OLDER_RECORDS.get(
+            version, (RECORD_WORDS, R_TEXT_OFF, R_UP_AT)
+        )
+        geo.health_off, geo.admin_off = header[H_HEALTH_OFF], header[H_ADMIN_OFF]
+        geo.slots_off, geo.slot_words = header[H_SLOTS_OFF], header[H_SLOT_SIZE]
+        geo.admin_at_off = geo.admin_off + geo.nservers if version >= 5 else -1
+        geo.hist_off = geo.slots_off - geo.nservers * HIST_WORDS  # histograms precede slots
+        geo.carried_off = geo.slots_off + geo.nslots * geo.slot_words
+        geo.carried_words = geo.slot_words + geo.nslots
+        geo.total_words = geo.carried_off + geo.carried_words
+        return geo
+
     def record(self, server: int) -> int:
-        return self.health_off + server * RECORD_WORDS
+        return self.health_off + server * self.record_words
 
     def slot(self, slot: int) -> int:
         return self.slots_off + slot * self.slot_words

@@ -63,15 +63,19 @@ class Pool:
         self.q = self.raw.cast("Q")
         self.d = self.raw.cast("d")
         q = self.q
-        if q[L.H_MAGIC] != L.MAGIC or q[L.H_VERSION] != L.LAYOUT_VERSION:
+        self.version = version = q[L.H_VERSION]
+        if q[L.H_MAGIC] != L.MAGIC or not L.OLDEST_READABLE <= version <= L.LAYOUT_VERSION:
             self.close()
             raise LBError(f"{path}: not a splicelb pool file of this version")
-        self.geometry = L.Geometry(
-            nservers=q[L.H_NSERVERS],
-            nslots=q[L.H_NSLOTS],
-            names_len=q[L.H_NAMES_LEN],
-            nlisteners=q[L.H_NLISTENERS],
-        )
+        if version == L.LAYOUT_VERSION:
+            self.geometry = L.Geometry(
+                nservers=q[L.H_NSERVERS],
+                nslots=q[L.H_NSLOTS],
+                names_len=q[L.H_NAMES_LEN],
+                nlisteners=q[L.H_NLISTENERS],
+            )
+        else:  # a generation of the code before an upgrade
+            self.geometry = L.Geometry.older(q[: L.HEADER_WORDS].tolist(), version)
         start = self.geometry.names_off * 8
         self.names: dict[str, Any] = orjson.loads(bytes(self.raw[start : start + q[L.H_NAMES_LEN]]))
 
@@ -138,7 +142,8 @@ class Pool:
         return float(self.d[self.geometry.record(server) + L.R_OK_AT])
 
     def up_at(self, server: int) -> float:
-        return float(self.d[self.geometry.record(server) + L.R_UP_AT])
+        geo = self.geometry
+        return float(self.d[geo.record(server) + geo.up_at]) if geo.up_at >= 0 else 0.0
 
     def read_record(self, server: int) -> HealthRecord | None:
         """A consistent copy of one record, or None if it stays unreadable.
@@ -179,8 +184,9 @@ class Pool:
         d[base + L.R_LATENCY] = record.latency
         q[base + L.R_CHECKS] = record.checks
         d[base + L.R_OK_AT] = record.ok_at
-        d[base + L.R_UP_AT] = record.up_at
-        text_at = base * 8 + L.R_TEXT_OFF
+        if self.geometry.up_at >= 0:
+            d[base + self.geometry.up_at] = record.up_at
+        text_at = base * 8 + self.geometry.text_off
         self.raw[text_at : text_at + L.TEXT_BYTES] = text
         q[base + L.R_SEQ] = seq + 1
         if changed:
@@ -200,8 +206,8 @@ class Pool:
 
     def _copy(self, base: int) -> HealthRecord:
         """The fields of the record at ``base`` as they stand, consistent or not."""
-        q, d = self.q, self.d
-        text_at = base * 8 + L.R_TEXT_OFF
+        q, d, geo = self.q, self.d, self.geometry
+        text_at = base * 8 + geo.text_off
         return HealthRecord(
             health=q[base + L.R_HEALTH],
             rise_count=q[base + L.R_RISE_COUNT],
@@ -211,7 +217,7 @@ class Pool:
             latency=d[base + L.R_LATENCY],
             checks=q[base + L.R_CHECKS],
             ok_at=d[base + L.R_OK_AT],
-            up_at=d[base + L.R_UP_AT],
+            up_at=d[base + geo.up_at] if geo.up_at >= 0 else 0.0,
             text=L.decode_text(bytes(self.raw[text_at : text_at + L.TEXT_BYTES])),
         )
 
@@ -242,7 +248,8 @@ class Pool:
 
     def ready_at(self, server: int) -> float:
         """When the server last went back to ``ready`` from drain or maint (0: never)."""
-        return float(self.d[self.geometry.admin_at_off + server])
+        at = self.geometry.admin_at_off
+        return float(self.d[at + server]) if at >= 0 else 0.0
 
     def set_admin(self, server: int, state: int, ready_at: float | None = None) -> None:
         """Set an admin state; going back to ``ready`` records when, unless ``ready_at``
@@ -250,7 +257,7 @@ class Pool:
         geo, q = self.geometry, self.q
         if ready_at is None and state == L.READY and q[geo.admin_off + server] != L.READY:
             ready_at = time.monotonic()
-        if ready_at is not None:
+        if ready_at is not None and geo.admin_at_off >= 0:
             self.d[geo.admin_at_off + server] = ready_at  # first: see lb.pool.layout
         q[geo.admin_off + server] = state
         q[L.H_ADMIN_VERSION] += 1

@@ -13,6 +13,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from typing import Any
 import psutil
 
 from lb import __version__
+from lb.pool import layout as L
 from tests.integration import clients
 from tests.integration.harness import (
     REPO,
@@ -91,11 +94,13 @@ def workers_of(lb: SpliceLB) -> list[psutil.Process]:
     return [p for p in psutil.Process(lb.pid).children() if p.status() != "zombie"]
 
 
-def tunnels_config(ws_port: int, tcp_port: int, echo: list[str], sha: str) -> str:
+def tunnels_config(
+    ws_port: int, tcp_port: int, echo: list[str], sha: str, app_extra: str = ""
+) -> str:
     return config(
         listener(f"127.0.0.1:{ws_port}", "app")
         + listener(f"127.0.0.1:{tcp_port}", "sha", mode="tcp", name="bulk"),
-        backend("app", [(f"echo{i + 1}", address) for i, address in enumerate(echo)])
+        backend("app", [(f"echo{i + 1}", address) for i, address in enumerate(echo)], app_extra)
         + backend("sha", [("sha", sha)]),
         drain_timeout=2,  # a tunnel left behind would be closed 2 s after its reload
     )
@@ -159,24 +164,47 @@ def test_tunnels_outlive_an_upgrade_to_another_version(
     echo_pair: tuple[EchoBackend, EchoBackend], procs: list[Proc], tmp_path: Path
 ) -> None:
     """splicelb installed in a directory of its own; a new version is installed there while
-    it runs (the same code, another version string), then `splicelb upgrade`."""
+    it runs (the same code, another version string and another layout of its pool's health
+    records), then `splicelb upgrade`."""
     installed = tmp_path / "site"
     for package in ("lb", "probes"):
         shutil.copytree(REPO / package, installed / package)
     sha = ToolServer("sha", "--send", str(8 << 20))
     procs.append(sha)
     ws_port, tcp_port = free_port(), free_port()
-    text = tunnels_config(ws_port, tcp_port, [b.address for b in echo_pair], sha.address)
+    health = '[backends.health]\ntype = "http"\npath = "/healthz"\ninterval = 0.5\n'
+    echo = [b.address for b in echo_pair]
+    text = tunnels_config(ws_port, tcp_port, echo, sha.address, app_extra=health)
     lb = SpliceLB(tmp_path, text, cwd=installed)
     procs.append(lb)
     assert {r["version"] for r in lb.events("worker_start")} == {__version__}
 
+    def status() -> dict[str, Any]:
+        """`splicelb status --json` of the code installed now (it reads its own layout)."""
+        run = [sys.executable, "-m", "lb", "status", "--json", "-c", str(lb.config_path)]
+        done = subprocess.run(
+            run, check=False, cwd=installed, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    def health_of(view: dict[str, Any]) -> dict[str, str]:
+        return {s["name"]: s["health"] for b in view["backends"] for s in b["servers"]}
+
+    wait_until(lambda: set(health_of(status()).values()) == {"up", "unchecked"}, 10, "checks")
+
     def upgrade(lb: SpliceLB) -> float:
         init = installed / "lb" / "__init__.py"
         init.write_text(init.read_text().replace(__version__, NEW_VERSION))
+        new_layout(installed / "lb" / "pool" / "layout.py")
+        before = status()
         done = cli("upgrade", "-c", str(lb.config_path))
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"upgraded: splicelb {NEW_VERSION}, generation 2 is serving" in done.stdout
+        # the new code read the older pool: health carried, totals went on
+        after = status()
+        assert health_of(after) == health_of(before), (health_of(before), health_of(after))
+        assert after["listeners"][0]["total"] >= before["listeners"][0]["total"] > 0
         wait_until(lambda: len(lb.events("handover")) == 2, 20, "2 handovers")
         return time.monotonic()
 
@@ -193,6 +221,27 @@ def test_tunnels_outlive_an_upgrade_to_another_version(
 
 
 NEW_VERSION = "9.9.9+upgrade-test"
+
+
+def new_layout(path: Path) -> None:
+    """The next layout version, with one more word in each health record (before its
+    text), that still reads this code's pools as an older layout."""
+    text, current = path.read_text(), L.LAYOUT_VERSION
+    changes = {
+        f"LAYOUT_VERSION: Final = {current}\n": f"LAYOUT_VERSION: Final = {current + 1}\n",
+        f"R_TEXT_OFF: Final = {L.R_TEXT_OFF // 8} * 8": (
+            f"R_TEXT_OFF: Final = {L.R_TEXT_OFF // 8 + 1} * 8"
+        ),
+        f"RECORD_WORDS: Final = {L.RECORD_WORDS - L.TEXT_BYTES // 8} + TEXT_BYTES // 8": (
+            f"RECORD_WORDS: Final = {L.RECORD_WORDS - L.TEXT_BYTES // 8 + 1} + TEXT_BYTES // 8"
+        ),
+    }
+    for old, new in changes.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    if "OLDER_RECORDS" in text:  # the layouts it reads
+        text += f"\nOLDER_RECORDS[{current}] = ({L.RECORD_WORDS}, {L.R_TEXT_OFF}, {L.R_UP_AT})\n"
+    path.write_text(text)
 
 
 def test_a_worker_killed_in_the_middle_of_a_handover_loses_only_what_it_still_held(
