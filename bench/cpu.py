@@ -33,15 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import select
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
@@ -121,9 +123,14 @@ def traced_wrk(
     tool = Path(binary).name
     out_file = Path(tempfile.mkstemp(prefix=f"{tool}-")[1])
     argv = [binary, *options, "-o", str(out_file), "-p", str(pid)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    traces = tool == "strace"  # says when it has attached; perf records from its start
+    stderr = subprocess.PIPE if traces else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        time.sleep(0.5)
+        if proc.stderr is not None:
+            attached(proc.stderr, pid)
+        else:
+            time.sleep(0.5)
         return wrk(tools, port, seconds, close), out_file
     finally:
         proc.send_signal(signal.SIGINT)  # strace and perf both write their output on it
@@ -132,6 +139,22 @@ def traced_wrk(
         except subprocess.TimeoutExpired:
             proc.kill()
             raise BenchError(f"{tool} did not stop") from None
+
+
+def attached(stderr: IO[bytes], pid: int, timeout: float = 20.0) -> None:
+    """Wait until strace says it has attached to ``pid`` (a loaded machine can take
+    seconds), then leave its other lines to a thread that drains them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([stderr], [], [], max(deadline - time.monotonic(), 0))[0]:
+            break
+        line = stderr.readline()
+        if not line:
+            break
+        if b"attached" in line:
+            threading.Thread(target=stderr.read, daemon=True).start()
+            return
+    raise BenchError(f"strace did not attach to {pid} within {timeout:g} s")
 
 
 def syscalls(
