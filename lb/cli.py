@@ -23,7 +23,9 @@ from lb.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     Config,
+    capacity_warnings,
     load_config,
+    local_ports,
     runtime_dir_of,
 )
 from lb.errors import ConfigError, LBError, NotRunningError
@@ -119,6 +121,9 @@ def check(config_path: str) -> None:
     config = _load_or_exit(config_path)
     if problem := not_writable(config.global_.runtime_dir):
         click.echo(f"warning: {problem}", err=True)
+    ports = local_ports()
+    for warning in capacity_warnings(config, ports) if ports else ():
+        click.echo(f"warning: {warning}", err=True)
     servers = sum(len(b.servers) for b in config.backends)
     click.echo(
         f"{config.path}: OK ({len(config.listeners)} listeners, "

@@ -15,6 +15,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class Backend:
     hash_key: HashKey = HashKey()  # balance = "hash": what is hashed
     hash_balance_factor: int = 0  # balance = "hash": a server's bound in % of the average; 0 = off
     slowstart: float = 0.0  # a server back in rotation ramps up to its weight over this; 0 = off
+    # local addresses to connect from, used in turn (each family its own); () = the kernel's
+    source: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,9 +438,27 @@ def _parse_backend(t: Table, base_dir: str) -> Backend:
         hash_key=_parse_hash_key(t, balance),
         hash_balance_factor=_parse_hash_balance_factor(t, balance),
         slowstart=t.seconds("slowstart", 0, allow_zero=True),
+        source=_parse_source(t),
     )
     t.finish()
     return backend
+
+
+def _parse_source(t: Table) -> tuple[tuple[int, str], ...]:
+    """``source``: IP addresses without port, each once; (family, address) pairs."""
+    found: list[tuple[int, str]] = []
+    for path, value in t.items("source", 'an array of IP addresses, e.g. ["127.0.0.2"]'):
+        try:
+            ip = ipaddress.ip_address(value if isinstance(value, str) else "")
+        except ValueError:
+            t.problems.append(f"{path}: expected an IP address without port, got {value!r}")
+            continue
+        pair = (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))
+        if pair in found:
+            t.problems.append(f"{path}: {ip} is listed twice")
+        else:
+            found.append(pair)
+    return tuple(found)
 
 
 def parse_config(data: dict[str, Any], path: str = "<memory>") -> Config:
@@ -493,3 +514,39 @@ def runtime_dir_of(path: str | os.PathLike[str]) -> str:
     if not isinstance(value, str) or not value:
         return DEFAULT_RUNTIME_DIR
     return value
+
+
+PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def local_ports(path: str = PORT_RANGE) -> tuple[int, int] | None:
+    """This host's ephemeral port range (``net.ipv4.ip_local_port_range``), if readable."""
+    try:
+        with open(path) as file:
+            low, high = (int(x) for x in file.read().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def capacity_warnings(config: Config, ports: tuple[int, int]) -> list[str]:
+    """Backends that cannot hold ``global.maxconn`` tunnels: each tunnel takes a local
+    port toward its server, from each source address (one when the kernel chooses)."""
+    per_address = ports[1] - ports[0] + 1
+    warnings = []
+    for i, backend in enumerate(config.backends):
+        families = [family for family, _ in backend.source]
+        sources = {
+            s.address.family: max(1, families.count(s.address.family)) for s in backend.servers
+        }
+        capacity = sum(per_address * sources[s.address.family] for s in backend.servers)
+        if config.global_.maxconn > capacity:
+            addresses = len(backend.source) or 1
+            warnings.append(
+                f"backends[{i}] ({backend.name}): global.maxconn {config.global_.maxconn} is above"
+                f" the {capacity} tunnels its {len(backend.servers)} servers can take from"
+                f" {addresses} source address{'es' if addresses > 1 else ''} with"
+                f" net.ipv4.ip_local_port_range {ports[0]}-{ports[1]} ({per_address} ports);"
+                " add addresses to its source, widen the port range, or add servers"
+            )
+    return warnings

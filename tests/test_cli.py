@@ -428,3 +428,29 @@ def test_help_check_and_status_load_nothing_only_run_needs(tmp_path: Path) -> No
             run_only_modules_loaded(tmp_path, "status", "--runtime-dir", runtime_dir, "--json")
             == []
         )
+
+
+def test_check_warns_when_maxconn_is_above_what_the_local_ports_allow(tmp_path: Path) -> None:
+    """Each tunnel takes a local port toward its server, per source address: two servers
+    and no source address hold two port ranges' worth; a second address doubles it."""
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = high - low + 1
+    config = (REPO / "examples" / "splicelb.toml").read_text()
+    assert "maxconn = 10000 " in config
+    path = tmp_path / "splicelb.toml"
+    path.write_text(config.replace("maxconn = 10000 ", f"maxconn = {3 * ports} ", 1))
+    result = cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: backends[0] (app): global.maxconn {3 * ports} is above the {2 * ports}"
+        " tunnels its 2 servers can take from 1 source address with"
+        f" net.ipv4.ip_local_port_range {low}-{high} ({ports} ports); add addresses to its"
+        " source, widen the port range, or add servers"
+    ]
+    assert "source = [] " in config
+    sourced = config.replace("maxconn = 10000 ", f"maxconn = {3 * ports} ", 1).replace(
+        "source = [] ", 'source = ["127.0.0.1", "127.0.0.2"] ', 1
+    )
+    path.write_text(sourced)
+    result = cli("check", "-c", str(path))
+    assert (result.returncode, result.stderr) == (0, "")

@@ -762,6 +762,24 @@ CASES = [
         config(backend="on_server_down = true"),
         "backends[0].on_server_down: expected a string, got boolean true",
     ),
+    # source addresses
+    (
+        config(backend='source = ["127.0.0.1:80"]'),
+        "backends[0].source[0]: expected an IP address without port, got '127.0.0.1:80'",
+    ),
+    (
+        config(backend='source = ["10.0.0.1", "10.0.0.01"]'),
+        "backends[0].source[1]: expected an IP address without port, got '10.0.0.01'",
+    ),
+    (
+        config(backend='source = ["::1", "0:0::1"]'),
+        "backends[0].source[1]: ::1 is listed twice",
+    ),
+    (
+        config(backend='source = "127.0.0.2"'),
+        'backends[0].source: expected an array of IP addresses, e.g. ["127.0.0.2"],'
+        " got string '127.0.0.2'",
+    ),
 ]
 
 

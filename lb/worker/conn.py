@@ -62,6 +62,7 @@ READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
 LINGER_BYTES = 256 * 1024  # ... or until it sent this much more
 SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>; not in Python's socket module before 3.12
 ESTABLISHED = b"\x01"  # TCP_ESTABLISHED, as the first byte of TCP_INFO (tcpi_state)
 
 _PHRASES = {
@@ -236,16 +237,21 @@ class Connection:
         self.server = server
         self.tried.append(server)
         family, sockaddr = backend.addresses[server]
-        try:
-            sock = _socket.socket(family, SOCK_TYPE)  # non-blocking from birth: no extra call
-        except OSError as exc:
-            if exc.errno not in LOCAL_ERRNOS:
-                raise
-            self._local_limit(exc.errno, "socket")
-            return
-        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)  # keepalive: the tunnel's
-        self.sock = sock
-        err = sock.connect_ex(sockaddr)
+        sources = backend.sources and backend.sources.get(family)
+        for source in sources.in_turn() if sources else (None,):
+            try:
+                sock = _socket.socket(family, SOCK_TYPE)  # non-blocking from birth: no extra call
+            except OSError as exc:
+                if exc.errno not in LOCAL_ERRNOS:
+                    raise
+                self._local_limit(exc.errno, "socket")
+                return
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)  # keepalive: the tunnel's
+            self.sock = sock
+            err = sock.connect_ex(sockaddr) if source is None else self._connect_from(source)
+            if err != errno.EADDRNOTAVAIL or source is None:
+                break
+            self._close_server()  # this source's ports toward that server are used up: the next
         if err == errno.EINPROGRESS and _has_peer(sock):
             err = 0  # connected already: see _has_peer
         if err == 0:
@@ -258,6 +264,22 @@ class Connection:
             self._local_limit(err, "connect")
         else:
             self._connect_failed(os.strerror(err))
+
+    def _connect_from(self, source: tuple[str, int]) -> int:
+        """Bind the server socket to a source address, then connect (the errno, 0 if done).
+
+        ``IP_BIND_ADDRESS_NO_PORT``: the port is chosen at connect, per destination,
+        so a source address holds a port range's worth of tunnels to each server."""
+        sock = self.sock
+        assert sock is not None and self.server is not None and self.backend is not None
+        sock.setsockopt(_socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        try:
+            sock.bind(source)
+        except OSError as exc:
+            if exc.errno not in LOCAL_ERRNOS:
+                raise
+            return exc.errno or errno.EADDRNOTAVAIL
+        return sock.connect_ex(self.backend.addresses[self.server][1])
 
     def _connect_done(self) -> None:
         assert self.sock is not None

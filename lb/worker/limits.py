@@ -42,7 +42,8 @@ LIMITS = {
     errno.EMFILE: Limit("file descriptors", "LimitNOFILE (systemd) or ulimit -n"),
     errno.ENFILE: Limit("the system's file descriptors", "sysctl fs.file-max"),
     errno.EADDRNOTAVAIL: Limit(
-        "local ports", "sysctl net.ipv4.ip_local_port_range, or more server addresses"
+        "local ports",
+        "sysctl net.ipv4.ip_local_port_range, the backend's source addresses, or more servers",
     ),
     errno.ENOBUFS: Limit("kernel buffer memory", "sysctl net.ipv4.tcp_mem, or memory"),
     errno.ENOMEM: Limit("kernel memory", "memory"),

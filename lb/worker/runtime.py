@@ -53,6 +53,32 @@ class BackendRuntime:
     # balance = "hash" on a header, cookie or query parameter: reads it from the head
     # (None: the picker gets the client's address)
     key_reader: KeyReader | None = None
+    # ``source``: the local addresses to connect from, by family, taken in turn
+    sources: dict[int, Sources] | None = None
+
+
+class Sources:
+    """A backend's source addresses of one family, each taken in turn."""
+
+    __slots__ = ("addresses", "next")
+
+    def __init__(self, addresses: list[tuple[str, int]]) -> None:
+        self.addresses = addresses
+        self.next = 0
+
+    def in_turn(self) -> list[tuple[str, int]]:
+        """Every address, starting with the next one's turn (a connect that finds
+        one's ports used up tries the next)."""
+        i, addresses = self.next, self.addresses
+        self.next = (i + 1) % len(addresses)
+        return addresses[i:] + addresses[:i]
+
+
+def make_sources(source: tuple[tuple[int, str], ...]) -> dict[int, Sources] | None:
+    by_family: dict[int, list[tuple[str, int]]] = {}
+    for family, address in source:
+        by_family.setdefault(family, []).append((address, 0))
+    return {family: Sources(addresses) for family, addresses in by_family.items()} or None
 
 
 def make_balancer(
@@ -98,6 +124,7 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
                 if bc.balance == "hash" and bc.hash_key.source != "source"
                 else None
             ),
+            sources=make_sources(bc.source),
         )
     return backends
 

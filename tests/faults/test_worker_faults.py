@@ -334,3 +334,35 @@ def test_a_used_up_local_port_range_is_the_balancers_limit_not_the_servers(
     assert counted["failed_connects"] == 0
     for sock in held:
         sock.close()
+
+
+def test_source_addresses_each_hold_a_port_range_of_tunnels_to_a_server(
+    namespace: tuple[str, str, str], procs: list[Proc], tmp_path: Path
+) -> None:
+    """The same four local ports, and `source` = two addresses: eight tunnels to the one
+    server, each source address connecting from its own four ports; the ninth has none."""
+    name, _here, there = namespace
+    inside = ("ip", "netns", "exec", name)
+    subprocess.run(
+        [*inside, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40003"], check=True
+    )
+    server = FlakyBackend("a", prefix=inside)
+    procs.append(server)
+    port = free_port()
+    text = config(
+        listener(f"{there}:{port}", "app"),
+        backend("app", [("a", server.address)], 'source = ["127.0.0.1", "127.0.0.2"]'),
+        workers=1,
+    )
+    lb = SpliceLB(tmp_path, text, workers=1, prefix=inside)
+    procs.append(lb)
+    held, statuses = [], []
+    for _ in range(9):  # each kept-alive request holds its tunnel, and a local port
+        sock = socket.create_connection((there, port), timeout=5)
+        sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+        statuses.append(clients.status_of(sock.recv(1000)))
+        held.append(sock)
+    assert statuses == [200] * 8 + [503], statuses
+    assert not lb.events("connect_failed")
+    for sock in held:
+        sock.close()
