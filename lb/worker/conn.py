@@ -13,17 +13,24 @@ backends, and the callbacks through which it reports back.  A connection goes
 through at most four steps:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
-   rejection, within ``head_timeout``; the bytes read are kept verbatim;
+   rejection, within ``head_timeout``; the bytes read are kept verbatim.
+   First, on a listener with ``accept_proxy``, a peer in its
+   ``trusted_proxies`` must send a PROXY header (within the same deadline,
+   in tcp mode too), whose source is the client from then on; a connection
+   that starts with a PROXY header it may not send is closed;
 2. route and pick: the listener's router names a backend, its picker a server
-   that is up, ``ready``, not suspect and under its ``maxconn``;
+   that is up, ``ready``, not suspect and under its ``maxconn``; what the
+   server is to get is built now: the PROXY header of a ``send_proxy``
+   backend, then the head with its forwarded fields (``forwarded_headers``:
+   :mod:`lb.proto.forwarded`) and the bytes after it;
 3. connect: non-blocking ``connect_ex``, done at once to a server on the same
    host; a refusal or a ``connect_timeout`` marks the server suspect and tries
    another, up to ``retries`` times; the balancer's own limits (no descriptor
    for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
    at once, with no server blamed and none tried;
-4. forward the bytes already read, unchanged, with one ``write``, and start a
-   :class:`~lb.worker.splice.Tunnel` (given its close time if its listener has
-   a ``max_tunnel_age``: :class:`~lb.worker.closing.MaxAge`).
+4. send that with one ``send``, and start a :class:`~lb.worker.splice.Tunnel`
+   (given its close time if its listener has a ``max_tunnel_age``:
+   :class:`~lb.worker.closing.MaxAge`).
 
 Whatever happens, the connection ends in exactly one call to
 ``Context.finish`` (one ``event="conn"`` log line): a rejected or unservable
