@@ -245,7 +245,8 @@ class Connection:
             return
         if listener.forwarded:
             end = event.head_len
-            self.request = forwarded_head(head[:end], self.addr[0], listener.trusted) + head[end:]
+            forwarded = forwarded_head(head[:end], self.addr[0], event.host_field, listener.trusted)
+            self.request = forwarded + head[end:]
         else:
             self.request = head
         self._route(listener.router.backend_for(event))
