@@ -294,6 +294,12 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
             t.problem("allowed_origins", why)
         if t.data.get("forwarded_headers") is True:
             t.problem("forwarded_headers", why)
+        if listener.trusted_proxies and not listener.accept_proxy:
+            t.problem(
+                "trusted_proxies",
+                "does nothing on a tcp listener without accept_proxy = true"
+                " (a tcp listener reads no forwarded fields)",
+            )
     if listener.accept_proxy and not listener.trusted_proxies:
         t.problem(
             "accept_proxy",

@@ -748,6 +748,11 @@ CASES = [
         "listeners[0].trusted_proxies: expected an array of strings, got string '10.0.0.0/8'",
     ),
     (
+        config(listener='mode = "tcp"\ntrusted_proxies = ["10.0.0.0/8"]'),
+        "listeners[0].trusted_proxies: does nothing on a tcp listener without accept_proxy ="
+        " true (a tcp listener reads no forwarded fields)",
+    ),
+    (
         config(listener="accept_proxy = true"),
         "listeners[0].accept_proxy: needs trusted_proxies: the peers that send a PROXY header"
         ' (e.g. trusted_proxies = ["10.0.0.0/8"])',
