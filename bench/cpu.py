@@ -26,7 +26,17 @@ what Python costs per request before any feature.  ``--rounds N`` measures
 the balancers N times, alternating their order, and reports the medians, and
 with HAProxy among them each balancer's ``vs_haproxy``: the median of its
 rate's ratio to HAProxy's in the same round (the machine's speed drifts by
-several percent between rounds, which a ratio of medians would take in)."""
+several percent between rounds, which a ratio of medians would take in).
+
+What a feature costs: ``--balancers`` may name splicelb's variants
+(``bench.servers.VARIANTS``), which change its ``http`` listener only:
+``splicelb-http`` reads the head (``mode = "http"``) without forwarded
+fields, ``splicelb-address`` adds them and sends a PROXY v2 header to nginx
+(which reads it: ``listen ... proxy_protocol``).  ``--baseline NAME`` makes
+the within-round ratio one to that balancer (``vs_NAME``), e.g.
+``--balancers splicelb-http,splicelb-address --baseline splicelb-http
+--loads close --rounds 5``: the cost of telling the servers the client's
+address, on new connections per second."""
 
 from __future__ import annotations
 
@@ -315,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--balancers",
         default="splicelb,haproxy",
-        help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy"
-        " (default: splicelb,haproxy)",
+        help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy, splicelb-http,"
+        " splicelb-address (default: splicelb,haproxy)",
     )
     parser.add_argument(
         "--loads", default="keepalive,close", help="wrk loads: keepalive, close or both (default)"
+    )
+    parser.add_argument(
+        "--baseline",
+        default="haproxy",
+        help="the balancer every other one's rate is compared with, round by round (haproxy)",
     )
     args = parser.parse_args(argv)
 
@@ -345,13 +360,14 @@ def main(argv: list[str] | None = None) -> int:
             name: {load: medians(runs) for load, runs in by_load.items()}
             for name, by_load in rows.items()
         }
-        if "haproxy" in rows:  # the machine's speed drifts between rounds: compare within each
+        base = args.baseline
+        if base in rows:  # the machine's speed drifts between rounds: compare within each
             for name, by_load in rows.items():
                 for load, runs in by_load.items():
-                    result[name][load]["vs_haproxy"] = round(
+                    result[name][load][f"vs_{base}"] = round(
                         statistics.median(
-                            row["rate"] / h["rate"]
-                            for row, h in zip(runs, rows["haproxy"][load], strict=True)
+                            row["rate"] / b["rate"]
+                            for row, b in zip(runs, rows[base][load], strict=True)
                         ),
                         3,
                     )

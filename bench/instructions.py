@@ -18,7 +18,9 @@ K`` has K clients connect at once, each making its share of the N
 connections, so that turns carry several connections' events as under
 ``wrk`` (the worker under valgrind is the slowest party, so its batches
 fill).  Work done once per loop turn (the wait, the counters' publication)
-then counts for a fraction of a connection, as it does under load.
+then counts for a fraction of a connection, as it does under load.  ``--mode
+http`` makes the connections' listener an http one (the head is read, routed
+and forwarded with its forwarded fields), to count what that path costs.
 """
 
 from __future__ import annotations
@@ -160,12 +162,14 @@ def part(path: Path, top: int) -> dict[str, Any]:
     return {"total": int(totals.group(1)), "top": functions}
 
 
-def measure(count: int, top: int, tmp: Path, concurrency: int = 1) -> dict[str, Any]:
+def measure(
+    count: int, top: int, tmp: Path, concurrency: int = 1, mode: str = "tcp"
+) -> dict[str, Any]:
     closer, close_port = backend(echo=False)
     echoer, echo_port = backend(echo=True)
     port, echo_front, runtime = free_port(), free_port(), tmp / "run"
     config = tmp / "splicelb.toml"
-    listeners = [("close", port, "tcp", close_port), ("echo", echo_front, "tcp", echo_port)]
+    listeners = [("close", port, mode, close_port), ("echo", echo_front, "tcp", echo_port)]
     # busy_poll_us = 0: count each connection's work, not the polls between clients
     config.write_text(splicelb_toml(runtime, 1, listeners, busy_poll_us=0))
     out = tmp / "callgrind"
@@ -213,6 +217,7 @@ def measure(count: int, top: int, tmp: Path, concurrency: int = 1) -> dict[str, 
     return {
         "count": count,
         "concurrency": concurrency,
+        "mode": mode,
         "per_connection": round(conns["total"] / count),
         "per_round_trip": round(trips["total"] / count),
         "top_per_connection": [(f, round(n / count)) for f, n in conns["top"]],
@@ -236,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="clients connecting at once, as under load (1: one connection at a time)",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("tcp", "http"),
+        default="tcp",
+        help="the connections' listener: tcp (spliced at once, default) or http (head read)",
+    )
     parser.add_argument("--top", type=int, default=15, help="costliest C functions to list (15)")
     args = parser.parse_args(argv)
     if args.concurrency < 1:
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(tmp: Path) -> str:
         if shutil.which("valgrind") is None:
             install_debian(["valgrind"])
-        return json.dumps(measure(args.count, args.top, tmp, args.concurrency), indent=2)
+        return json.dumps(measure(args.count, args.top, tmp, args.concurrency, args.mode), indent=2)
 
     return scratch_main("splicelb-instr-", body)
 

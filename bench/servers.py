@@ -3,6 +3,9 @@
 Every target exposes three front ports: ``bulk`` (to ``iperf3 -s``), ``http``
 (to nginx) and ``ws`` (to the echo backend). The balancers get a config with
 all three listeners; "direct" is the backends' own ports (the physical limit).
+
+Variants of splicelb change only its ``http`` listener, to measure what a
+feature costs against the same listener without it (see ``VARIANTS``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from bench.procs import (
 START_TIMEOUT = 30.0
 HAPROXY_MAXCONN = 9500  # 2 x 9,500 sockets + 2 x MAXPIPES pipe ends fit in 20,000 descriptors
 HAPROXY_MAXPIPES = 256
+
+# splicelb's variants: the http listener's mode, its extra keys, its backend's extra keys
+# and which nginx port that backend uses ("http_pp": nginx's listen ... proxy_protocol).
+VARIANTS = {
+    "splicelb-http": ("http", "forwarded_headers = false", "", "http"),
+    "splicelb-address": ("http", "forwarded_headers = true", 'send_proxy = "v2"', "http_pp"),
+}
 
 
 def listening_ports() -> set[int]:
@@ -142,7 +152,9 @@ def start_backends(tools: dict[str, str], tmp: Path, echo_procs: int) -> Backend
         wait_listening(iperf, [port], "iperf3 -s")
         backends.ports["bulk"] = port
 
-        backends.ports["http"] = start_nginx(tools["nginx"], tmp, backends)
+        backends.ports["http"], backends.ports["http_pp"] = start_nginx(
+            tools["nginx"], tmp, backends
+        )
 
         echo = Proc(
             "echo-backend",
@@ -169,11 +181,12 @@ def start_backends(tools: dict[str, str], tmp: Path, echo_procs: int) -> Backend
     return backends
 
 
-def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
-    """nginx, one worker, as root, everything under ``tmp/nginx``: ``return 200 "ok\\n"``."""
+def start_nginx(nginx: str, tmp: Path, backends: Backends) -> tuple[int, int]:
+    """nginx, one worker, as root, everything under ``tmp/nginx``: ``return 200 "ok\\n"``,
+    on a plain port and on one that reads a PROXY header first (``proxy_protocol``)."""
     prefix = tmp / "nginx"
     prefix.mkdir(exist_ok=True)
-    port = free_port()
+    port, pp_port = free_port(), free_port()
     temp_paths = "\n".join(
         f"    {kind}_temp_path {prefix}/{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -195,6 +208,7 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
         {temp_paths}
             server {{
                 listen {HOST}:{port} backlog=4096;
+                listen {HOST}:{pp_port} backlog=4096 proxy_protocol;
                 location / {{ return 200 "ok\\n"; }}
             }}
         }}
@@ -204,16 +218,22 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
         "nginx", [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", f"{prefix}/error.log"], tmp
     )
     backends.procs.append(proc)
-    wait_listening(proc, [port], "nginx")
-    return port
+    wait_listening(proc, [port, pp_port], "nginx")
+    return port, pp_port
 
 
 def splicelb_toml(
-    runtime: Path, workers: int, listeners: list[tuple[str, int, str, int]], **global_: int
+    runtime: Path,
+    workers: int,
+    listeners: list[tuple[str, int, str, int]],
+    extra: dict[str, tuple[str, str]] | None = None,
+    **global_: int,
 ) -> str:
     """A splicelb config for measuring: ``[global]`` (no admin endpoint, no per-connection
     log lines, and the keys of ``global_``), then for each (name, port, mode, server port)
-    a listener on 127.0.0.1 and a backend of that one server, both called name."""
+    a listener on 127.0.0.1 and a backend of that one server, both called name; ``extra``:
+    lines for the listener and for the backend, by name."""
+    extra = extra or {}
     parts = [
         textwrap.dedent(f"""\
         [global]
@@ -225,6 +245,7 @@ def splicelb_toml(
     ]
     parts += [f"{key} = {value}\n" for key, value in global_.items()]
     for name, port, mode, server_port in listeners:
+        listener_extra, backend_extra = extra.get(name, ("", ""))
         parts.append(
             textwrap.dedent(f"""
             [[listeners]]
@@ -232,9 +253,11 @@ def splicelb_toml(
             bind = "{HOST}:{port}"
             mode = "{mode}"
             default_backend = "{name}"
+            {listener_extra}
 
             [[backends]]
             name = "{name}"
+            {backend_extra}
 
               [[backends.servers]]
               name = "{name}1"
@@ -242,6 +265,22 @@ def splicelb_toml(
             """)
         )
     return "".join(parts)
+
+
+def target_toml(
+    variant: str, runtime: Path, workers: int, ports: dict[str, int], servers: dict[str, int]
+) -> str:
+    """The config of splicelb (or a variant) with the front ``ports`` before the backends'
+    ``servers`` ports."""
+    modes = {"bulk": "tcp", "http": "tcp", "ws": "http"}
+    upstream = {name: servers[name] for name in ports}
+    extra = {}
+    if variant in VARIANTS:
+        modes["http"], listener_extra, backend_extra, server = VARIANTS[variant]
+        upstream["http"] = servers[server]
+        extra["http"] = (listener_extra, backend_extra)
+    listeners = [(name, ports[name], modes[name], upstream[name]) for name in ports]
+    return splicelb_toml(runtime, workers, listeners, extra, maxconn=20000, drain_timeout=1)
 
 
 def splicelb_workdir(tmp: Path, name: str) -> tuple[Path, Path]:
@@ -266,15 +305,16 @@ def splicelb_argv(config: Path, workdir: Path) -> list[str]:
     return unprivileged([sys.executable, "-m", "lb", "run", "-c", str(config)], scratch)
 
 
-def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
+def start_splicelb(
+    workers: int, backends: Backends, tmp: Path, run_id: str, variant: str = "splicelb"
+) -> Target:
+    """splicelb, or one of its ``VARIANTS``."""
     workdir, runtime = splicelb_workdir(tmp, f"splicelb-{run_id}")
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
-    modes = {"bulk": "tcp", "http": "tcp", "ws": "http"}
-    listeners = [(name, ports[name], modes[name], backends.ports[name]) for name in ports]
     config = workdir / "splicelb.toml"
-    config.write_text(splicelb_toml(runtime, workers, listeners, maxconn=20000, drain_timeout=1))
+    config.write_text(target_toml(variant, runtime, workers, ports, backends.ports))
     proc = Proc("splicelb", splicelb_argv(config, workdir), workdir)
-    target = Target("splicelb", ports, proc, workdir, backends)
+    target = Target(variant, ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "splicelb's listeners")
         wait_until(
@@ -396,8 +436,8 @@ def start_target(
     if name == "direct":
         return Target("direct", dict(backends.ports), backends=backends)
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
-    if name == "splicelb":
-        return start_splicelb(workers, backends, tmp, run_id)
+    if name == "splicelb" or name in VARIANTS:
+        return start_splicelb(workers, backends, tmp, run_id, name)
     if name in ("floor", "floor-copy"):
         return start_floor(workers, backends, tmp, run_id, copy=name == "floor-copy")
     processes = name == "haproxy-procs"

@@ -40,6 +40,7 @@ HEALTH_TYPES = ("http", "https", "tcp")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 ON_SERVER_DOWN = ("keep", "close")
+SEND_PROXY = {"v1": 1, "v2": 2}  # PROXY protocol versions a backend may send
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _HOST_RE = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
@@ -87,6 +88,9 @@ class Listener:
     tunnel_timeout: float
     routes: tuple[Route, ...]
     max_tunnel_age: float = 0.0  # tunnels older than this (+/-10%) are closed; 0 = never
+    forwarded_headers: bool = True  # http: X-Forwarded-* and Forwarded in the forwarded head
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs (normalized) whose forwarding is trusted
+    accept_proxy: bool = False  # a PROXY header is required from trusted_proxies (lb.proto.proxy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,7 @@ class Backend:
     slowstart: float = 0.0  # a server back in rotation ramps up to its weight over this; 0 = off
     # local addresses to connect from, used in turn (each family its own); () = the kernel's
     source: tuple[tuple[int, str], ...] = ()
+    send_proxy: int = 0  # PROXY protocol version sent to its servers (and checks); 0 = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +262,33 @@ def _parse_origins(t: Table) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _parse_trusted_proxies(t: Table) -> tuple[str, ...]:
+    networks = []
+    for path, value in t.items("trusted_proxies", "an array of strings"):
+        if not isinstance(value, str):
+            t.problems.append(f"{path}: expected a string, got {describe(value)}")
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(value)))
+        except ValueError:
+            t.problems.append(f"{path}: {_network_problem(value)}")
+    return tuple(networks)
+
+
+def _network_problem(text: str) -> str:
+    """Why ``text`` is not an address or a CIDR network (ipaddress says it less plainly)."""
+    address, _, bits = text.partition("/")
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            return f"expected an IP address or a network such as '10.0.0.0/8', got '{text}'"
+        return f"'{bits}' is not a prefix length for '{address}'"
+    return f"'{text}' has host bits set; did you mean '{network}'?"
+
+
 def _parse_listener(t: Table, backends: set[Any]) -> Listener:
     listener = Listener(
         name=t.name(),
@@ -268,6 +300,9 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         tunnel_timeout=t.seconds("tunnel_timeout", 3600),
         routes=tuple(_parse_route(r, backends) for r in t.tables("routes")),
         max_tunnel_age=t.seconds("max_tunnel_age", 0, allow_zero=True),
+        forwarded_headers=t.get("forwarded_headers", (bool,), "a boolean", False) is not False,
+        trusted_proxies=_parse_trusted_proxies(t),
+        accept_proxy=t.get("accept_proxy", (bool,), "a boolean", False) is True,
     )
     if listener.mode == "tcp":
         why = 'needs mode = "http" (a tcp listener does not read the request)'
@@ -275,6 +310,20 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
             t.problem("routes", why)
         if listener.allowed_origins:
             t.problem("allowed_origins", why)
+        if t.data.get("forwarded_headers") is True:
+            t.problem("forwarded_headers", why)
+        if listener.trusted_proxies and not listener.accept_proxy:
+            t.problem(
+                "trusted_proxies",
+                "does nothing on a tcp listener without accept_proxy = true"
+                " (a tcp listener reads no forwarded fields)",
+            )
+    if listener.accept_proxy and not listener.trusted_proxies:
+        t.problem(
+            "accept_proxy",
+            "needs trusted_proxies: the peers that send a PROXY header"
+            ' (e.g. trusted_proxies = ["10.0.0.0/8"])',
+        )
     t.finish()
     return listener
 
@@ -439,6 +488,7 @@ def _parse_backend(t: Table, base_dir: str) -> Backend:
         hash_balance_factor=_parse_hash_balance_factor(t, balance),
         slowstart=t.seconds("slowstart", 0, allow_zero=True),
         source=_parse_source(t),
+        send_proxy=_parse_send_proxy(t),
     )
     t.finish()
     return backend
@@ -459,6 +509,17 @@ def _parse_source(t: Table) -> tuple[tuple[int, str], ...]:
         else:
             found.append(pair)
     return tuple(found)
+
+
+def _parse_send_proxy(t: Table) -> int:
+    value = t.get("send_proxy", (str,), 'a string ("v1" or "v2")', False)
+    if value is None:
+        return 0
+    if value not in SEND_PROXY:
+        versions = " or ".join(f'"{version}"' for version in SEND_PROXY)
+        t.problem("send_proxy", f"expected {versions} (leave the key out for none), got '{value}'")
+        return 0
+    return SEND_PROXY[value]
 
 
 def parse_config(data: dict[str, Any], path: str = "<memory>") -> Config:

@@ -151,7 +151,7 @@ class Prober:
                     backend=backend.name,
                     reason="health.verify = false: server certificates are not checked",
                 )
-            checker = Checker(health) if health is not None else None
+            checker = Checker(health, backend.send_proxy) if health is not None else None
             for server in backend.servers:
                 if checker is not None and health is not None:
                     probes.append(

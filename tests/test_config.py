@@ -271,6 +271,32 @@ def test_source_is_hash_on_the_client_address(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, text)).backends[0].balance == "roundrobin"
 
 
+def test_client_address_keys_load(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, config()))
+    (listener,), (backend,) = cfg.listeners, cfg.backends
+    assert (listener.forwarded_headers, listener.trusted_proxies) == (True, ())
+    assert (listener.accept_proxy, backend.send_proxy) == (False, 0)
+    text = config(
+        listener="forwarded_headers = false\naccept_proxy = true\n"
+        'trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:DB8::/32"]',
+        backend='send_proxy = "v2"',
+    )
+    cfg = load_config(write(tmp_path, text))
+    (listener,), (backend,) = cfg.listeners, cfg.backends
+    assert listener.forwarded_headers is False
+    assert listener.accept_proxy is True
+    assert listener.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32")
+    assert backend.send_proxy == 2
+    cfg = load_config(write(tmp_path, config(backend='send_proxy = "v1"')))
+    assert cfg.backends[0].send_proxy == 1
+    tcp = config(
+        listener='mode = "tcp"\nforwarded_headers = false\naccept_proxy = true\n'
+        'trusted_proxies = ["::1"]'
+    )
+    cfg = load_config(write(tmp_path, tcp))
+    assert (cfg.listeners[0].accept_proxy, cfg.listeners[0].trusted_proxies) == (True, ("::1/128",))
+
+
 def test_health_table_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, config(health="[backends.health]")))
     assert cfg.backends[0].health == HealthCheck(type="http")
@@ -779,6 +805,64 @@ CASES = [
         config(backend='source = "127.0.0.2"'),
         'backends[0].source: expected an array of IP addresses, e.g. ["127.0.0.2"],'
         " got string '127.0.0.2'",
+    ),
+    # client addresses: send_proxy, forwarded_headers, trusted_proxies, accept_proxy
+    (
+        config(backend='send_proxy = "v3"'),
+        'backends[0].send_proxy: expected "v1" or "v2" (leave the key out for none), got \'v3\'',
+    ),
+    (
+        config(backend="send_proxy = true"),
+        'backends[0].send_proxy: expected a string ("v1" or "v2"), got boolean true',
+    ),
+    (
+        config(backend="send_proxy = 2"),
+        'backends[0].send_proxy: expected a string ("v1" or "v2"), got integer 2',
+    ),
+    (
+        config(listener='forwarded_headers = "yes"'),
+        "listeners[0].forwarded_headers: expected a boolean, got string 'yes'",
+    ),
+    (
+        config(listener='mode = "tcp"\nforwarded_headers = true'),
+        'listeners[0].forwarded_headers: needs mode = "http" (a tcp listener does not read the'
+        " request)",
+    ),
+    (
+        config(listener='trusted_proxies = ["10.0.0.1/8"]'),
+        "listeners[0].trusted_proxies[0]: '10.0.0.1/8' has host bits set;"
+        " did you mean '10.0.0.0/8'?",
+    ),
+    (
+        config(listener='trusted_proxies = ["10.0.0.0/33"]'),
+        "listeners[0].trusted_proxies[0]: '33' is not a prefix length for '10.0.0.0'",
+    ),
+    (
+        config(listener='trusted_proxies = ["127.0.0.1", "lb.example"]'),
+        "listeners[0].trusted_proxies[1]: expected an IP address or a network such as"
+        " '10.0.0.0/8', got 'lb.example'",
+    ),
+    (
+        config(listener="trusted_proxies = [10]"),
+        "listeners[0].trusted_proxies[0]: expected a string, got integer 10",
+    ),
+    (
+        config(listener='trusted_proxies = "10.0.0.0/8"'),
+        "listeners[0].trusted_proxies: expected an array of strings, got string '10.0.0.0/8'",
+    ),
+    (
+        config(listener='mode = "tcp"\ntrusted_proxies = ["10.0.0.0/8"]'),
+        "listeners[0].trusted_proxies: does nothing on a tcp listener without accept_proxy ="
+        " true (a tcp listener reads no forwarded fields)",
+    ),
+    (
+        config(listener="accept_proxy = true"),
+        "listeners[0].accept_proxy: needs trusted_proxies: the peers that send a PROXY header"
+        ' (e.g. trusted_proxies = ["10.0.0.0/8"])',
+    ),
+    (
+        config(listener='accept_proxy = "v2"'),
+        "listeners[0].accept_proxy: expected a boolean, got string 'v2'",
     ),
 ]
 

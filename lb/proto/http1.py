@@ -80,6 +80,7 @@ class Head:
     websocket: bool
     version: str
     head_len: int
+    host_field: bytes | None = None  # the Host field's value as sent (the forwarded head's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +249,7 @@ class HeadSniffer:
             ),
             version=_VERSIONS[version],
             head_len=head_len,
+            host_field=host,
         )
 
 

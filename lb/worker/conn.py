@@ -13,19 +13,26 @@ backends, and the callbacks through which it reports back.  A connection goes
 through at most four steps:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
-   rejection, within ``head_timeout``; the bytes read are kept verbatim;
+   rejection, within ``head_timeout``; the bytes read are kept verbatim.
+   First, on a listener with ``accept_proxy``, a peer in its
+   ``trusted_proxies`` must send a PROXY header (within the same deadline,
+   in tcp mode too), whose source is the client from then on; a connection
+   that starts with a PROXY header it may not send is closed;
 2. route and pick: the listener's router names a backend, its picker a server
    that is up, ``ready``, not suspect and under its ``maxconn`` (a backend
    that hashes a header, cookie or query parameter has it read from the head
    here, once; without it, or in tcp mode, the client's address is hashed);
+   what the server is to get is built now: the PROXY header of a ``send_proxy``
+   backend, then the head with its forwarded fields (``forwarded_headers``:
+   :mod:`lb.proto.forwarded`) and the bytes after it;
 3. connect: non-blocking ``connect_ex``, done at once to a server on the same
    host; a refusal or a ``connect_timeout`` marks the server suspect and tries
    another, up to ``retries`` times; the balancer's own limits (no descriptor
    for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
    at once, with no server blamed and none tried;
-4. forward the bytes already read, unchanged, with one ``write``, and start a
-   :class:`~lb.worker.splice.Tunnel` (given its close time if its listener has
-   a ``max_tunnel_age``: :class:`~lb.worker.closing.MaxAge`).
+4. send that with one ``send``, and start a :class:`~lb.worker.splice.Tunnel`
+   (given its close time if its listener has a ``max_tunnel_age``:
+   :class:`~lb.worker.closing.MaxAge`).
 
 Whatever happens, the connection ends in exactly one call to
 ``Context.finish`` (one ``event="conn"`` log line): a rejected or unservable
@@ -49,7 +56,10 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from lb.proto.forwarded import forwarded_head
 from lb.proto.http1 import Head, HeadSniffer, Reject
+from lb.proto.proxy import NOT_PROXY, ProxyHeader, ProxyReader, ProxyReject, looks_like_proxy
+from lb.proto.proxy import header as proxy_header
 from lb.worker.closing import MaxAge
 from lb.worker.deadlines import Deadlines, Queue
 from lb.worker.limits import LOCAL_ERRNOS
@@ -131,9 +141,12 @@ class Connection:
         "finished",
         "key",
         "listener",
+        "local",
         "loop",
         "pending",
+        "proxy",
         "reading",
+        "request",
         "server",
         "sniffer",
         "sock",
@@ -151,8 +164,10 @@ class Connection:
         self.loop: Loop = ctx.loop
         self.listener = listener
         self.fd = fd  # the client's socket while this connection owns it; -1 once handed on
-        self.addr = addr  # the client's (host, port, ...)
+        self.addr = addr  # the client's (host, port, ...): its peer's, or its PROXY header's
+        self.local: tuple[Any, ...] | None = None  # the address it reached, once asked for
         self.started = monotonic()
+        self.proxy: ProxyReader | None = None  # a trusted peer's PROXY header, while read
         self.sniffer: HeadSniffer | None = None
         self.expires: Callable[[], None] | None = None  # what to do at the deadline
         self.timeouts: Queue | None = None  # the deadline's queue
@@ -166,15 +181,20 @@ class Connection:
         self.tunnel: Tunnel | None = None
         self.bytes_in = 0  # from the client: the head, then what the tunnel moved up
         self.bytes_out = 0  # to the client, through the tunnel
-        self.pending = b""
+        self.request = b""  # what goes to the server before the splice (see _route)
+        self.pending = b""  # what of it is still to send
         self.finished = False
 
     def start(self) -> None:
-        if self.listener.mode == "tcp":
-            self._route(self.listener.default_backend)
+        listener = self.listener
+        if listener.accept_proxy and self.addr[0] in listener.trusted:
+            self.proxy = ProxyReader()  # required before anything else: see _proxy_header
+        elif listener.mode == "tcp":
+            self._route(listener.default_backend)
             return
-        self.sniffer = HeadSniffer()
-        self._arm(self.listener.head_timeout, self._head_timeout)
+        if listener.mode == "http":
+            self.sniffer = HeadSniffer()
+        self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
 
     # -- 1. head ---------------------------------------------------------------
@@ -183,47 +203,128 @@ class Connection:
         try:
             data = os.read(self.fd, READ_SIZE)
         except BlockingIOError:
-            if not self.reading:
-                self.loop.add_reader(self.fd, self._read_head)
-                self.reading = True
+            self._wait_readable()
             return
         except OSError as exc:
-            self._drop(f"client error before the head: {exc.strerror}")
+            self._drop(f"client error before the {self._awaited()}: {exc.strerror}")
             return
         if not data:
-            self._drop("client closed before the head")
+            self._drop(f"client closed before the {self._awaited()}")
             return
-        assert self.sniffer is not None
-        event = self.sniffer.feed(data)
+        if self.proxy is not None:
+            rest = self._proxy_header(data)
+            if rest is None:  # more to come, or the connection is dropped
+                return
+            if self.sniffer is None:  # mode = "tcp": what came after it goes first
+                self._stop_reading()
+                self._disarm()
+                self.bytes_in += len(rest)
+                self.request = rest
+                self._route(self.listener.default_backend)
+                return
+            if not rest:
+                self._wait_readable()
+                return
+            data = rest
+        sniffer = self.sniffer
+        assert sniffer is not None
+        event = sniffer.feed(data)
         if not isinstance(event, (Head, Reject)):  # NEED_DATA
-            if not self.reading:
-                self.loop.add_reader(self.fd, self._read_head)
-                self.reading = True
+            self._wait_readable()
             return
         self._stop_reading()
         self._disarm()
         if isinstance(event, Reject):
+            if looks_like_proxy(sniffer.buffer):
+                self._drop(self._untrusted_proxy())
+                return
             self.answer(event.status, event.reason)
             return
         self.websocket = event.websocket
-        if not self.listener.router.origin_allowed(event):
+        head = sniffer.buffer
+        self.bytes_in += len(head)
+        self.sniffer = None  # release it: from here on, only what is forwarded is kept
+        listener = self.listener
+        if not listener.router.origin_allowed(event):
             self.answer(403, "origin not allowed")
             return
-        self._route(self.listener.router.backend_for(event), event)
+        if listener.forwarded:
+            end = event.head_len
+            forwarded = forwarded_head(head[:end], self.addr[0], event.host_field, listener.trusted)
+            self.request = forwarded + head[end:]
+        else:
+            self.request = head
+        self._route(listener.router.backend_for(event), event, head)
+
+    def _wait_readable(self) -> None:
+        if not self.reading:
+            self.loop.add_reader(self.fd, self._read_head)
+            self.reading = True
+
+    def _awaited(self) -> str:
+        return "PROXY header" if self.proxy is not None else "head"
+
+    def _proxy_header(self, data: bytes) -> bytes | None:
+        """Read a trusted peer's PROXY header: the bytes after it once it is complete (its
+        source is the client from then on), else None (more to come, or dropped)."""
+        proxy = self.proxy
+        assert proxy is not None
+        event = proxy.feed(data)
+        if isinstance(event, ProxyHeader):
+            self.proxy = None
+            self.bytes_in += event.length
+            if event.source is not None:  # else LOCAL or UNKNOWN: the peer's own addresses
+                self.addr, self.local = event.source, event.destination
+            return proxy.rest
+        if isinstance(event, ProxyReject):
+            if event.reason == NOT_PROXY:
+                self._drop("accept_proxy: a peer in trusted_proxies sent no PROXY header")
+            else:
+                self._drop(f"accept_proxy: invalid PROXY header: {event.reason}")
+            return None
+        self._wait_readable()
+        return None
+
+    def _untrusted_proxy(self) -> str:
+        """Why a connection that starts with a PROXY header it may not send is closed."""
+        if self.listener.accept_proxy:
+            return "PROXY header from a peer not in trusted_proxies"
+        return "PROXY header on a listener without accept_proxy"
 
     def _head_timeout(self) -> None:
         self._stop_reading()
-        self.answer(408, f"request head not complete within {self.listener.head_timeout:g} s")
+        timeout = self.listener.head_timeout
+        if self.proxy is not None:
+            self._drop(f"accept_proxy: no PROXY header within {timeout:g} s")
+            return
+        self.answer(408, f"request head not complete within {timeout:g} s")
 
     # -- 2. route and pick, 3. connect -------------------------------------------
 
-    def _route(self, backend: str, head: Head | None = None) -> None:
+    def _route(self, backend: str, head: Head | None = None, raw: bytes = b"") -> None:
+        """Connect to a server of ``backend``, to send it ``request`` (the forwarded head
+        and what came after it, or a tcp client's first bytes) behind its PROXY header;
+        ``head`` and ``raw`` (the bytes it was read from) for a backend that hashes a key."""
         runtime = self.backend = self.ctx.backends[backend]
         self.key = self.addr[0]  # the client's address, unless the backend hashes a request key
         if runtime.key_reader is not None and head is not None:
-            assert self.sniffer is not None
-            self.key = runtime.key_reader.read(head, self.sniffer.buffer) or self.key
+            self.key = runtime.key_reader.read(head, raw) or self.key
+        if runtime.send_proxy:
+            source, destination = self.addr, self.local or self._local_address()
+            self.request = proxy_header(runtime.send_proxy, source, destination) + self.request
         self._connect_next()
+
+    def _local_address(self) -> tuple[Any, ...]:
+        """The address the client reached: the listener's, unless it binds a wildcard."""
+        local = self.listener.local
+        if local is None:
+            sock = _socket.socket(fileno=self.fd)
+            try:
+                local = sock.getsockname()
+            finally:
+                sock.detach()
+        self.local = local
+        return local
 
     def _connect_next(self) -> None:
         backend = self.backend
@@ -318,18 +419,15 @@ class Connection:
     def _connected(self) -> None:
         sock = self.sock
         assert sock is not None
-        if self.sniffer is None:  # mode = "tcp": nothing read yet, nothing to forward
+        if not self.request:  # mode = "tcp", no PROXY header: nothing to send first
             self.sock = None
             self._open_tunnel(sock.detach())
             return
-        head = self.sniffer.buffer
-        self.bytes_in = len(head)
-        self.sniffer = None  # release the head: an idle tunnel keeps no buffers
-        self.pending = head
+        self.pending = self.request
         self._send_pending()
 
     def _send_pending(self) -> None:
-        """Forward the bytes read so far; one ``send`` takes them all but on a full buffer."""
+        """Send the request; one ``send`` takes it all but on a full buffer."""
         sock = self.sock
         assert sock is not None and self.backend is not None
         try:
@@ -337,7 +435,7 @@ class Connection:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            if len(self.pending) < self.bytes_in:  # the server has part of it: no retry
+            if len(self.pending) < len(self.request):  # the server has part of it: no retry
                 self._abort_connect(f"server reset: {exc.strerror}")
             else:
                 self._connect_failed(f"send failed: {exc.strerror}")
@@ -350,6 +448,7 @@ class Connection:
             return
         self._disarm()
         self.sock = None
+        self.request = b""  # an idle tunnel keeps no buffers
         self._open_tunnel(sock.detach())
 
     def _open_tunnel(self, server_fd: int) -> None:
@@ -399,16 +498,25 @@ class Connection:
         except OSError:
             sent = 0
         Linger(self.loop, fd)
-        self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
+        self._count_unread()
         self._finish(status, reason, sent)
 
     def _drop(self, reason: str, status: int | None = None) -> None:
         self._stop_reading()
         self._disarm()
-        self.bytes_in = len(self.sniffer.buffer) if self.sniffer is not None else 0
+        self._count_unread()
         fd, self.fd = self.fd, -1
         self.loop.close(fd)
         self._finish(status, reason, 0)
+
+    def _count_unread(self) -> None:
+        """Count in ``bytes_in`` what the readers hold: the client is no longer read."""
+        if self.proxy is not None:
+            self.bytes_in += len(self.proxy.buffer)
+            self.proxy = None
+        if self.sniffer is not None:
+            self.bytes_in += len(self.sniffer.buffer)
+            self.sniffer = None
 
     def _finish(self, status: int | None, reason: str, bytes_out: int) -> None:
         if not self.finished:

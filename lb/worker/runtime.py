@@ -25,6 +25,10 @@ from lb.pool.select import (
 from lb.pool.shm import Pool
 from lb.proto.hashkey import KeyReader
 from lb.route import Router
+from lb.trusted import TrustedProxies
+
+NO_TRUSTED = TrustedProxies(())
+WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass(slots=True)
@@ -38,6 +42,10 @@ class ListenerRuntime:
     tunnel_timeout: float
     socks: list[socket.socket]  # all of the listener's: socket k belongs to slot k mod workers
     tally_at: int  # where its counters start in the worker's tally (see Tally)
+    forwarded: bool = False  # mode = "http" with forwarded_headers: see lb.proto.forwarded
+    accept_proxy: bool = False  # its trusted peers must send a PROXY header first
+    trusted: TrustedProxies = NO_TRUSTED
+    local: tuple[Any, ...] | None = None  # its bind address; None: a wildcard (ask the socket)
 
 
 @dataclass(slots=True)
@@ -55,6 +63,7 @@ class BackendRuntime:
     key_reader: KeyReader | None = None
     # ``source``: the local addresses to connect from, by family, taken in turn
     sources: dict[int, Sources] | None = None
+    send_proxy: int = 0  # the PROXY protocol version its servers get first; 0: none
 
 
 class Sources:
@@ -125,6 +134,7 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
                 else None
             ),
             sources=make_sources(bc.source),
+            send_proxy=bc.send_proxy,
         )
     return backends
 
@@ -144,6 +154,10 @@ def build_listeners(
             tunnel_timeout=lc.tunnel_timeout,
             socks=sockets[lc.name],
             tally_at=tally_at[i],
+            forwarded=lc.mode == "http" and lc.forwarded_headers,
+            accept_proxy=lc.accept_proxy,
+            trusted=TrustedProxies(lc.trusted_proxies),
+            local=None if lc.bind.sockaddr[0] in WILDCARDS else lc.bind.sockaddr,
         )
         for i, lc in enumerate(config.listeners)
     ]

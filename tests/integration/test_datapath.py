@@ -163,8 +163,14 @@ def test_half_close_in_each_mode(procs: list[Proc], start_lb: Callable[..., Spli
         )
     )
     body = os.urandom(300_000)
-    request = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-    assert clients.exchange(http_port, request, half_close=True) == request
+    head = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
+    forwarded = (
+        b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: x\r\n"
+        b'Forwarded: for=127.0.0.1;proto=http;host="x"\r\n'
+    )
+    # The server gets the head with its forwarded fields, then every byte after it as sent.
+    reply = clients.exchange(http_port, head + b"\r\n" + body, half_close=True)
+    assert reply == head + forwarded + b"\r\n" + body
     assert clients.exchange(tcp_port, body, half_close=True) == body
 
 
@@ -183,11 +189,12 @@ def in_each_mode(
     workers: int = 2,
 ) -> tuple[SpliceLB, int, int]:
     """A balancer in front of one server, through an http and a tcp listener: the
-    balancer and the two listeners' ports."""
+    balancer and the two listeners' ports.  The server gets the bytes as the client sent
+    them in either mode (no forwarded fields)."""
     http_port, tcp_port = free_port(), free_port()
     lb = start_lb(
         config(
-            listener(f"127.0.0.1:{http_port}", name)
+            listener(f"127.0.0.1:{http_port}", name, extra="forwarded_headers = false")
             + listener(f"127.0.0.1:{tcp_port}", name, mode="tcp", name="raw"),
             backend(name, [(name, f"127.0.0.1:{server_port}")], extra=extra),
             workers=workers,
