@@ -21,7 +21,8 @@ through at most four steps:
    another, up to ``retries`` times; the balancer's own limits (no descriptor
    for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
    at once, with no server blamed and none tried;
-4. forward the bytes already read, unchanged, with one ``write``, and start a
+4. forward the bytes already read, with one ``write`` (the head as it was
+   routed: the sniffer's ``forward``), and start a
    :class:`~lb.worker.splice.Tunnel` (given its close time if its listener has
    a ``max_tunnel_age``: :class:`~lb.worker.closing.MaxAge`).
 
@@ -126,6 +127,7 @@ class Connection:
         "expires",
         "fd",
         "finished",
+        "forwarding",
         "listener",
         "loop",
         "pending",
@@ -162,6 +164,7 @@ class Connection:
         self.bytes_in = 0  # from the client: the head, then what the tunnel moved up
         self.bytes_out = 0  # to the client, through the tunnel
         self.pending = b""
+        self.forwarding = 0  # bytes to forward before the tunnel: the server has part if fewer
         self.finished = False
 
     def start(self) -> None:
@@ -288,15 +291,16 @@ class Connection:
     def _connected(self) -> None:
         sock = self.sock
         assert sock is not None
-        if self.sniffer is None:  # mode = "tcp": nothing read yet, nothing to forward
+        if self.sniffer is not None:  # http, first server: forward the head as routed
+            self.bytes_in = len(self.sniffer.buffer)
+            self.pending = self.sniffer.forward
+            self.forwarding = len(self.pending)
+            self.sniffer = None  # release the head: an idle tunnel keeps no buffers
+        elif not self.pending:  # mode = "tcp": nothing read yet, nothing to forward
             self.sock = None
             self._open_tunnel(sock.detach())
             return
-        head = self.sniffer.buffer
-        self.bytes_in = len(head)
-        self.sniffer = None  # release the head: an idle tunnel keeps no buffers
-        self.pending = head
-        self._send_pending()
+        self._send_pending()  # (or again, to the next server, after a failed send)
 
     def _send_pending(self) -> None:
         """Forward the bytes read so far; one ``send`` takes them all but on a full buffer."""
@@ -307,7 +311,7 @@ class Connection:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            if len(self.pending) < self.bytes_in:  # the server has part of it: no retry
+            if len(self.pending) < self.forwarding:  # the server has part of it: no retry
                 self._abort_connect(f"server reset: {exc.strerror}")
             else:
                 self._connect_failed(f"send failed: {exc.strerror}")
