@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lb.config import parse_config
 from lb.proto.http1 import Head, HeadSniffer, Reject
 from lb.route import Router
+from tests.proto.test_http1 import EXPECTED, FIXTURES, needs_fixtures
 
 
 def router(routes: list[dict[str, object]], origins: list[str] | None = None) -> Router:
@@ -77,6 +78,22 @@ def test_origin_allowlist_applies_to_upgrades_only() -> None:
     plain = b"GET / HTTP/1.1\r\nHost: x\r\nOrigin: https://evil.example\r\n\r\n"
     assert r.origin_allowed(head(plain))
     assert router([]).origin_allowed(head(UPGRADE + b"Origin: https://evil.example\r\n\r\n"))
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_captured_head_is_routed_by_its_host_and_path(name: str) -> None:
+    """Heads real clients sent take the routes of their host and path, and a listed Origin."""
+    _, _, path, host, origin, websocket = EXPECTED[name]
+    sniffer = HeadSniffer()
+    event = sniffer.feed((FIXTURES / name).read_bytes())
+    assert isinstance(event, Head)
+    by_path = router([{"path_prefix": path, "backend": "chat"}])
+    assert by_path.backend_for(event) == "chat"
+    by_host = router([{"host": host, "websocket": websocket, "backend": "api"}], [origin or "null"])
+    assert by_host.backend_for(event) == "api"
+    assert by_host.origin_allowed(event)
+    assert sniffer.forward == sniffer.buffer  # forwarded as it came
 
 
 # ---------------------------------------------------------------- routes that cannot be escaped
