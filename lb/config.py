@@ -17,12 +17,14 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lb.config_table import Address, Table, describe
-from lb.errors import ConfigError
+from lb.errors import ConfigError, ProtocolError
+from lb.proto.uri import normalize_host, normalize_path
 
 DEFAULT_CONFIG_PATH = "/etc/splicelb/splicelb.toml"
 DEFAULT_RUNTIME_DIR = "/run/splicelb"
@@ -45,6 +47,9 @@ SEND_PROXY = {"v1": 1, "v2": 2}  # PROXY protocol versions a backend may send
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _HOST_RE = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")
 _ORIGIN_RE = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+# What a path prefix may hold: RFC 3986 path characters, but ";" (path parameters are
+# left out of routing, see lb.route).
+_PREFIX_RE = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,=:@/]*")
 _STATUS_RE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
 # A query parameter's name as written in the target: no separator, space or control.
 _QUERY_NAME_RE = re.compile(r"[!-~]+")
@@ -73,8 +78,8 @@ class Route:
 
     backend: str
     websocket: bool | None = None
-    host: str | None = None  # lowercased, without port
-    path_prefix: str | None = None
+    host: str | None = None  # in normal form (lb.proto.uri): lowercased, without port
+    path_prefix: str | None = None  # in normal form (lb.proto.uri)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +244,37 @@ def _parse_route(t: Table, backends: set[Any]) -> Route:
     host = t.get("host", (str,), "a string", False)
     prefix = t.get("path_prefix", (str,), "a string", False)
     if host is not None:
-        host = host.lower()
-        if not _HOST_RE.fullmatch(host):
-            t.problem("host", f"expected a host name without port, got '{host}'")
-    if prefix is not None and not prefix.startswith("/"):
-        t.problem("path_prefix", f"must start with '/', got '{prefix}'")
+        problem = _host_name_problem(host)
+        normal = None if problem else normalize_host(host)
+        if normal is None:
+            t.problem("host", problem or f"expected a host name without port, got '{host}'")
+        host = normal
+    if prefix is not None and (problem := _prefix_problem(prefix)):
+        t.problem("path_prefix", problem)
     route = Route(_backend_ref(t, "backend", backends), websocket, host, prefix)
     t.finish()
     return route
+
+
+def _prefix_problem(prefix: str) -> str | None:
+    """What is wrong with a ``path_prefix``, if anything: requests are routed on their path
+    in normal form, so a prefix in any other form could never match."""
+    if not prefix.startswith("/"):
+        return f"must start with '/', got '{prefix}'"
+    if "?" in prefix or "#" in prefix:
+        return f"a query or fragment is not part of the path, got '{prefix}'"
+    if ";" in prefix:
+        return f"path parameters (';') are left out of routing: leave them out, got '{prefix}'"
+    if not _PREFIX_RE.fullmatch(prefix):
+        escaped = urllib.parse.quote(prefix, safe="-._~%!$&'()*+,=:@/")
+        return f"characters outside a URI path must be %XX escapes: write '{escaped}'"
+    try:
+        normal = normalize_path(prefix)
+    except ProtocolError as exc:
+        return f"{exc.reason}, got '{prefix}'"
+    if normal != prefix:
+        return f"requests are routed on their normalized path: write '{normal}'"
+    return None
 
 
 def _parse_origins(t: Table) -> tuple[str, ...]:

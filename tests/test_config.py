@@ -297,6 +297,20 @@ def test_client_address_keys_load(tmp_path: Path) -> None:
     assert (cfg.listeners[0].accept_proxy, cfg.listeners[0].trusted_proxies) == (True, ("::1/128",))
 
 
+@pytest.mark.parametrize(
+    ("written", "host"),
+    [
+        ("Chat.Example.COM", "chat.example.com"),
+        ("chat.example.com.", "chat.example.com"),
+        ("[0:0::1]", "[::1]"),
+    ],
+)
+def test_a_route_host_is_kept_in_normal_form(tmp_path: Path, written: str, host: str) -> None:
+    route = f'[[listeners.routes]]\nbackend = "app"\nhost = "{written}"\npath_prefix = "/ws/"'
+    cfg = load_config(write(tmp_path, config(route=route)))
+    assert cfg.listeners[0].routes == (Route("app", host=host, path_prefix="/ws/"),)
+
+
 def test_health_table_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, config(health="[backends.health]")))
     assert cfg.backends[0].health == HealthCheck(type="http")
@@ -709,6 +723,43 @@ CASES = [
         config(route='[[listeners.routes]]\nbackend = "app"\nhost = "chat.example.com:443"'),
         "listeners[0].routes[0].host: expected a host name without port, "
         "got 'chat.example.com:443'",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\nhost = "chat..example.com"'),
+        "listeners[0].routes[0].host: expected a host name without port, got 'chat..example.com'",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\nhost = "[::1::]"'),
+        "listeners[0].routes[0].host: '::1::' is not an IPv6 address",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\npath_prefix = "/%61dmin"'),
+        "listeners[0].routes[0].path_prefix: requests are routed on their normalized path:"
+        " write '/admin'",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\npath_prefix = "/api//v1/./x"'),
+        "listeners[0].routes[0].path_prefix: requests are routed on their normalized path:"
+        " write '/api/v1/x'",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\npath_prefix = "/../admin"'),
+        "listeners[0].routes[0].path_prefix: path goes above the root ('..'), got '/../admin'",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\npath_prefix = "/api?v=1"'),
+        "listeners[0].routes[0].path_prefix: a query or fragment is not part of the path,"
+        " got '/api?v=1'",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\npath_prefix = "/api;v=1"'),
+        "listeners[0].routes[0].path_prefix: path parameters (';') are left out of routing:"
+        " leave them out, got '/api;v=1'",
+    ),
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\npath_prefix = "/café"'),
+        "listeners[0].routes[0].path_prefix: characters outside a URI path must be %XX"
+        " escapes: write '/caf%C3%A9'",
     ),
     (
         config(route="[[listeners.routes]]\nwebsocket = true"),

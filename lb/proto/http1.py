@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The worker feeds whatever ``recv`` returned to :meth:`HeadSniffer.feed` and
 gets one of three answers: ``NEED_DATA``, a :class:`Head` (route it and forward
-``buffer`` unchanged), or a :class:`Reject` (answer its status and close).
+``forward``), or a :class:`Reject` (answer its status and close).
 No sockets, clock or loop live here; the 408 timeout is the worker's.
 
 Invariants that make it correct and O(total bytes):
@@ -22,6 +22,12 @@ Invariants that make it correct and O(total bytes):
 * On top of llhttp, Python checks only what llhttp does not: the request line
   once its CRLF is in (single spaces, HTTP/1.0 or 1.1 only), duplicate
   Host/Origin, Host present in 1.1, Host syntax, target form.  These run once.
+* Routes see the path and host in normal form (:mod:`lb.proto.uri`), and the
+  server gets the head they saw: ``forward`` is ``buffer`` except when the
+  target was not in normal form, rare enough that only then is a head built:
+  the request line carries the normal path, and an absolute-form target
+  becomes origin-form with its authority as the one Host field (RFC 9112
+  section 3.2.2: the authority overrides Host, so routing used it).
 
 Decisions, stricter than RFC 9112 allows but never than real clients need:
 CRLF only (a bare LF or CR is a 400); no empty lines before the request line;
@@ -41,19 +47,18 @@ from typing import Final
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from httptools.parser.errors import HttpParserInvalidMethodError, HttpParserInvalidURLError
 
+from lb.errors import ProtocolError
+from lb.proto.uri import HOST_PATTERN, ip_literal, normalize_path
+
 MAX_HEAD_BYTES: Final = 16384
 """A head (request line + headers + blank line) larger than this is a 431."""
 
 _TERMINATOR: Final = b"\r\n\r\n"
 _VERSIONS: Final = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
 
-# RFC 3986 host (IP-literal or reg-name; IPv4 is a reg-name), optional port, and
-# the trailing whitespace llhttp leaves in a value.  "%" is allowed without
-# checking its two hex digits: a single character class keeps the match cheap.
-_HOST_RE: Final = re.compile(
-    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?[ \t]*"
-)
-_ABSOLUTE_RE: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?]*)(/[^?]*)?(?:\?.*)?", re.S)
+# A host (lb.proto.uri), optional port, and the trailing whitespace llhttp leaves in a value.
+_HOST_RE: Final = re.compile(HOST_PATTERN.encode() + rb"?(?::[0-9]*)?[ \t]*")
+_ABSOLUTE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/?]*)(/[^?]*)?(\?.*)?", re.S)
 
 
 class NeedData:
@@ -70,7 +75,17 @@ NEED_DATA: Final[NeedData] = NeedData()
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """A complete, valid request head: what routing needs, as the client sent it."""
+    """A complete, valid request head: what routing needs.
+
+    ``target`` is as the client sent it; ``path`` (without the query) and
+    ``host`` (without the port) are in the normal form of :mod:`lb.proto.uri`,
+    taken from an absolute-form target when there is one.  ``websocket``: a
+    WebSocket handshake (GET with ``Upgrade: websocket`` and ``Connection:
+    upgrade``); ``upgrade``: the request has an ``Upgrade`` field, whatever
+    its method and ``Connection``: servers that check less than a handshake
+    needs upgrade it all the same (without the field no server can: it names
+    the protocol to switch to).
+    """
 
     method: str
     target: str
@@ -78,6 +93,7 @@ class Head:
     host: str
     origin: str | None
     websocket: bool
+    upgrade: bool
     version: str
     head_len: int
     host_field: bytes | None = None  # the Host field's value as sent (the forwarded head's)
@@ -135,7 +151,7 @@ class _Fields:
 class HeadSniffer:
     """Feed bytes as they arrive; get NEED_DATA, a Head, or a Reject."""
 
-    __slots__ = ("_buf", "_done", "_fields", "_head_len", "_line", "_parser")
+    __slots__ = ("_buf", "_done", "_fields", "_head_len", "_line", "_parser", "_rewritten")
 
     def __init__(self) -> None:
         self._buf: bytes | bytearray = b""
@@ -144,11 +160,21 @@ class HeadSniffer:
         self._line: list[bytes] | None = None  # method, target, version once checked
         self._head_len = 0
         self._done = False
+        self._rewritten: bytes | None = None  # the head as routed, if not the client's
 
     @property
     def buffer(self) -> bytes:
-        """Every byte fed so far, to be forwarded unchanged to the backend."""
+        """Every byte fed so far."""
         return self._buf if isinstance(self._buf, bytes) else bytes(self._buf)
+
+    @property
+    def forward(self) -> bytes:
+        """What the server gets: ``buffer``, with the head as it was routed (see the module's
+        docstring) once a Head is returned."""
+        buf = self._buf
+        if self._rewritten is not None:
+            return self._rewritten + buf[self._head_len :]
+        return buf if isinstance(buf, bytes) else bytes(buf)
 
     @property
     def trailing(self) -> bytes:
@@ -210,36 +236,33 @@ class HeadSniffer:
         if b"#" in target or not target.isascii():
             return self._reject(400, "invalid request-target")
 
-        if host is None:
-            hostname = ""
-        else:
+        hostname = ""
+        if host is not None:
             m = _HOST_RE.fullmatch(host)
-            if m is None:
-                return self._reject(400, "invalid Host header")
-            hostname = m[1].decode("ascii").lower()
+            if m is not None and m[2] is not None:  # a name: the usual case, inline
+                hostname = m[2].decode("ascii").lower()
+            else:
+                name = _hostname(host)  # an IP literal, none, or invalid
+                if name is None:
+                    return self._reject(400, "invalid Host header")
+                hostname = name
 
-        if target[0] == 0x2F:  # "/": origin-form, the usual case
-            query = target.find(b"?")
-            path = target if query < 0 else target[:query]
-        elif target == b"*":
-            if method != b"OPTIONS":
-                return self._reject(400, "asterisk-form target without OPTIONS")
-            path = target
-        else:  # absolute-form: its authority replaces Host (RFC 9112 section 3.2.2)
-            url = _ABSOLUTE_RE.fullmatch(target)
-            authority = _HOST_RE.fullmatch(url[1]) if url else None
-            if url is None or authority is None or not authority[1]:
-                return self._reject(400, "invalid absolute-form request-target")
-            hostname = authority[1].decode("ascii").lower()
-            path = url[2] or b"/"
-
+        # The usual case inline: origin-form, the path in normal form (see normalize_path).
+        text = target.decode("ascii")
+        query = text.find("?")
+        path = text if query < 0 else text[:query]
+        if text[0] != "/" or "%" in path or "\\" in path or "//" in path or "/." in path:
+            routed = self._unusual_target(method, text, path, version, head_len)
+            if isinstance(routed, Reject):
+                return routed
+            path, hostname = routed[0], routed[1] or hostname
         origin = fields.origin
         self._head_len = head_len
         self._done = True
         return Head(
             method=method.decode("ascii"),
-            target=target.decode("ascii"),
-            path=path.decode("ascii"),
+            target=text,
+            path=path,
             host=hostname,
             origin=None if origin is None else origin.strip(b" \t").decode("latin-1"),
             websocket=(
@@ -247,10 +270,76 @@ class HeadSniffer:
                 and _has_token(fields.upgrade, b"websocket")
                 and _has_token(fields.connection, b"upgrade")
             ),
+            upgrade=fields.upgrade is not None,
             version=_VERSIONS[version],
             head_len=head_len,
             host_field=host,
         )
+
+    def _unusual_target(
+        self, method: bytes, target: str, path: str, version: bytes, head_len: int
+    ) -> tuple[str, str | None] | Reject:
+        """For a target not in the usual form, given its ``path`` (before any query): the path
+        routes see, and the host of an absolute-form target (None for the others).  The head
+        to forward is rebuilt if the target it carries changes."""
+        try:
+            path, forward_target, authority = _normal_target(method, target, path)
+        except ProtocolError as exc:
+            return self._reject(exc.status, exc.reason)
+        hostname = None
+        if authority is not None:  # absolute-form: its authority replaces Host (RFC 9112 3.2.2)
+            hostname = _hostname(authority)
+            if not hostname:
+                return self._reject(400, "invalid absolute-form request-target")
+        if forward_target is not target:
+            request_line = b" ".join((method, forward_target.encode("ascii"), version))
+            self._rewritten = _rewrite_head(bytes(self._buf[:head_len]), request_line, authority)
+        return path, hostname
+
+
+def _normal_target(method: bytes, target: str, path: str) -> tuple[str, str, bytes | None]:
+    """The path routes see, the target to forward (``target`` itself if unchanged) and, for
+    an absolute-form target, its authority (else None), given ``path``: the target without
+    its query.  Raises ProtocolError if the target is refused."""
+    if target[0] == "/":
+        normal = normalize_path(path)
+        return normal, target if normal is path else normal + target[len(path) :], None
+    if target == "*":
+        if method != b"OPTIONS":
+            raise ProtocolError(400, "asterisk-form target without OPTIONS")
+        return target, target, None
+    url = _ABSOLUTE_RE.fullmatch(target)
+    if url is None:
+        raise ProtocolError(400, "invalid absolute-form request-target")
+    authority = url[1].encode("ascii")
+    if url[2] is None and url[3] is None and method == b"OPTIONS":
+        return "*", "*", authority  # RFC 9112 section 3.2.4
+    path = normalize_path(url[2] or "/")
+    return path, path + (url[3] or ""), authority
+
+
+def _hostname(value: bytes) -> str | None:
+    """The normal form of the host in a Host value or an authority ("" if it has none), or
+    None if it is invalid."""
+    m = _HOST_RE.fullmatch(value)
+    if m is None:
+        return None
+    name = m[2]
+    if name is not None:
+        return name.decode("ascii").lower()
+    return "" if m[1] is None else ip_literal(m[1].decode("ascii"))
+
+
+def _rewrite_head(head: bytes, request_line: bytes, host: bytes | None) -> bytes:
+    """``head`` with ``request_line`` for its own and, given ``host``, one Host field with
+    that value for the client's (llhttp has checked it: CRLF lines, no folding, no space
+    before a colon, so a field is a line and its name what precedes the colon)."""
+    line_end = head.index(b"\r\n")
+    if host is None:
+        return request_line + head[line_end:]
+    block = head[line_end + 2 : -4]
+    fields = [f for f in block.split(b"\r\n") if f[:5].lower() != b"host:"] if block else []
+    return b"\r\n".join([request_line, b"Host: " + host, *fields, b"", b""])
 
 
 def _split_request_line(line: bytes) -> list[bytes] | str:

@@ -30,8 +30,9 @@ through at most four steps:
    another, up to ``retries`` times; the balancer's own limits (no descriptor
    for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
    at once, with no server blamed and none tried;
-4. send that with one ``send``, and start a :class:`~lb.worker.splice.Tunnel`
-   (given its close time if its listener has a ``max_tunnel_age``:
+4. send that with one ``send`` (the head as it was routed: the sniffer's
+   ``forward``), and start a :class:`~lb.worker.splice.Tunnel` (given its
+   close time if its listener has a ``max_tunnel_age``:
    :class:`~lb.worker.closing.MaxAge`).
 
 Whatever happens, the connection ends in exactly one call to
@@ -241,7 +242,7 @@ class Connection:
             self.answer(event.status, event.reason)
             return
         self.websocket = event.websocket
-        head = sniffer.buffer
+        head, forward = sniffer.buffer, sniffer.forward  # forward: the head as routed
         self.bytes_in += len(head)
         self.sniffer = None  # release it: from here on, only what is forwarded is kept
         listener = self.listener
@@ -249,11 +250,12 @@ class Connection:
             self.answer(403, "origin not allowed")
             return
         if listener.forwarded:
-            end = event.head_len
-            forwarded = forwarded_head(head[:end], self.addr[0], event.host_field, listener.trusted)
-            self.request = forwarded + head[end:]
+            end = len(forward) - (len(head) - event.head_len)  # the same bytes follow the head
+            host = event.host_field if forward == head else event.host.encode()
+            forwarded = forwarded_head(forward[:end], self.addr[0], host, listener.trusted)
+            self.request = forwarded + forward[end:]
         else:
-            self.request = head
+            self.request = forward
         self._route(listener.router.backend_for(event), event, head)
 
     def _wait_readable(self) -> None:

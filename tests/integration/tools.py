@@ -11,6 +11,8 @@ connection.  They bind 127.0.0.1 only.
   ``closed``) once the balancer ends it.
 * ``flood``: sends without pause and never reads; once nothing more has gone
   out for half a second (the client stopped reading), resets the connection.
+* ``head``: reads one request head, answers 200 with that head as its body,
+  closes, and reports the head: what a server was sent.
 """
 
 from __future__ import annotations
@@ -113,7 +115,28 @@ def serve_flood(conn: socket.socket, _send: int) -> dict[str, object]:
     return {"sent": sent, "ended": "reset"}  # the close that follows sends the reset
 
 
-SERVE = {"sha": serve_sha, "halfclose": serve_halfclose, "stall": serve_stall, "flood": serve_flood}
+def serve_head(conn: socket.socket, _send: int) -> dict[str, object]:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    head = head.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(head), head)
+    )
+    return {"head": head.decode("latin-1")}
+
+
+SERVE = {
+    "sha": serve_sha,
+    "halfclose": serve_halfclose,
+    "stall": serve_stall,
+    "flood": serve_flood,
+    "head": serve_head,
+}
 
 
 def main() -> None:

@@ -83,6 +83,8 @@ SYNTHETIC = [
     b"Connection: Upgrade\r\nOrigin: https://app.example\r\n\r\n",
     b"POST /p?q=1 HTTP/1.1\r\nHost: [::1]:80\r\nContent-Length: 3\r\n\r\nabc",
     b"GET / HTTP/1.0\r\n\r\n",
+    b"GET /a/./%62//c/../%c3%a9?q=/../%2F HTTP/1.1\r\nHost: A.example.\r\n\r\n",
+    b"GET http://Admin.example.:81/x/%2e%2e/admin?q HTTP/1.1\r\nHost: b\r\nX: y\r\n\r\n",
 ]
 
 
@@ -172,6 +174,7 @@ def test_fixture_parses(name: str) -> None:
     assert result.version == "1.1"
     assert result.head_len == data.index(b"\r\n\r\n") + 4
     assert sniffer.buffer == data
+    assert sniffer.forward == data  # real clients send normal paths: nothing is rewritten
     assert sniffer.trailing == data[result.head_len :]
 
 
@@ -278,6 +281,24 @@ def test_llhttp_sees_each_head_byte_once() -> None:
         (request(b"Host: a b"), "invalid Host header"),
         (request(b"Host: [::1"), "invalid Host header"),
         (request(b"Host: a:https"), "invalid Host header"),
+        (request(b"Host: a..example"), "invalid Host header"),
+        (request(b"Host: a.example.."), "invalid Host header"),
+        (request(b"Host: .a.example"), "invalid Host header"),
+        (request(b"Host: %61.example"), "invalid Host header"),
+        (request(b"Host: [::1::]"), "invalid Host header"),
+        (request(b"Host: a", line=b"GET http://a..b/ HTTP/1.1"), "absolute-form"),
+        (request(b"Host: a", line=b"GET http://%61/ HTTP/1.1"), "absolute-form"),
+        (request(b"Host: a", line=b"GET http:///x HTTP/1.1"), "absolute-form"),
+        (request(b"Host: a", line=b"GET /../admin HTTP/1.1"), "above the root"),
+        (request(b"Host: a", line=b"GET /x/%2e%2e/%2e%2e/admin HTTP/1.1"), "above the root"),
+        (request(b"Host: a", line=b"GET http://a/../x HTTP/1.1"), "above the root"),
+        (request(b"Host: a", line=b"GET /a%zz HTTP/1.1"), "percent-escape"),
+        (request(b"Host: a", line=b"GET /a%4 HTTP/1.1"), "percent-escape"),
+        (request(b"Host: a", line=b"GET /a%00 HTTP/1.1"), "NUL"),
+        (request(b"Host: a", line=b"GET /%2Fadmin HTTP/1.1"), "encoded '/'"),
+        (request(b"Host: a", line=b"GET /%5cadmin HTTP/1.1"), "encoded '\\'"),
+        (request(b"Host: a", line=b"GET /\\admin HTTP/1.1"), "'\\' in path"),
+        (request(b"Host: a", line=b"GET /x/..;/admin HTTP/1.1"), "parameters on a '.' or '..'"),
         (request(b"Host : a"), "header"),
         (request(b"Host: a", b"X-A b: c"), "header"),
         (request(b"Host: a", b"X-\x00: c"), "header"),
@@ -385,6 +406,9 @@ def test_need_data_until_the_blank_line() -> None:
         (b"a.example:", "a.example"),
         (b"a.example  ", "a.example"),
         (b"", ""),
+        (b"Internal.Example.com.", "internal.example.com"),  # fully qualified: the same host
+        (b"internal.example.com.:8443", "internal.example.com"),
+        (b"[0:0::1]:80", "[::1]"),
     ],
 )
 def test_host(host: bytes, expected: str) -> None:
@@ -392,14 +416,69 @@ def test_host(host: bytes, expected: str) -> None:
 
 
 def test_absolute_form_takes_host_and_path_from_the_target() -> None:
-    got = head(request(b"Host: other", line=b"GET http://Example.com:8080/ws?x=1 HTTP/1.1"))
+    got = head(request(b"Host: other", line=b"GET http://Example.com.:8080/ws?x=1 HTTP/1.1"))
     assert (got.host, got.path, got.target) == (
         "example.com",
         "/ws",
-        "http://Example.com:8080/ws?x=1",
+        "http://Example.com.:8080/ws?x=1",
     )
     got = head(request(b"Host: other", line=b"GET http://[::1]:9000 HTTP/1.1"))
     assert (got.host, got.path) == ("[::1]", "/")
+
+
+def test_absolute_form_is_forwarded_in_origin_form_with_the_authority_as_host() -> None:
+    """The server must read the request as it was routed: by the target's authority, not
+    by the client's Host (RFC 9112 section 3.2.2)."""
+    data = (
+        b"GET http://Internal.example:8080/a/./%62?x=/../y HTTP/1.1\r\n"
+        b"X-Before: 1\r\nhost: public.example\r\nX-After: 2\r\n\r\nbody"
+    )
+    sniffer = HeadSniffer()
+    got = sniffer.feed(data)
+    assert isinstance(got, Head)
+    assert (got.host, got.path) == ("internal.example", "/a/b")
+    assert sniffer.forward == (
+        b"GET /a/b?x=/../y HTTP/1.1\r\nHost: Internal.example:8080\r\n"
+        b"X-Before: 1\r\nX-After: 2\r\n\r\nbody"
+    )
+    assert sniffer.buffer == data  # what the client sent, as counted
+    sniffer = HeadSniffer()
+    assert isinstance(sniffer.feed(b"GET http://a.example HTTP/1.0\r\n\r\n"), Head)
+    assert sniffer.forward == b"GET / HTTP/1.0\r\nHost: a.example\r\n\r\n"
+    sniffer = HeadSniffer()
+    assert isinstance(sniffer.feed(request(b"Host: b", line=b"OPTIONS http://a HTTP/1.1")), Head)
+    assert sniffer.forward == b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"  # RFC 9112 3.2.4
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "forwarded"),
+    [
+        (b"/%61dmin", "/admin", b"/admin"),
+        (b"//admin", "/admin", b"/admin"),
+        (b"/./admin", "/admin", b"/admin"),
+        (b"/admin/../x?q=/admin/../", "/x", b"/x?q=/admin/../"),  # the query is not the path
+        (b"/caf%c3%a9/", "/caf%C3%A9/", b"/caf%C3%A9/"),
+        (b"/admin?%61", "/admin", b"/admin?%61"),
+    ],
+)
+def test_the_path_is_routed_and_forwarded_in_normal_form(
+    target: bytes, path: str, forwarded: bytes
+) -> None:
+    data = request(b"Host: a", b"Upgrade: websocket", line=b"GET " + target + b" HTTP/1.1")
+    sniffer = HeadSniffer()
+    got = sniffer.feed(data + b"\x81\x80")
+    assert isinstance(got, Head)
+    assert (got.path, got.target) == (path, target.decode())
+    rewritten = data.replace(b" " + target + b" ", b" " + forwarded + b" ", 1)
+    assert sniffer.forward == rewritten + b"\x81\x80"  # the bytes after the head follow
+    assert sniffer.buffer == data + b"\x81\x80"
+
+
+def test_a_normal_head_is_forwarded_as_it_came() -> None:
+    data = request(b"Host: a", line=b"GET /a/b.c/~d?e=/../f HTTP/1.1") + b"rest"
+    sniffer = HeadSniffer()
+    assert isinstance(sniffer.feed(data), Head)
+    assert sniffer.forward is sniffer.buffer
 
 
 def test_asterisk_form() -> None:
@@ -410,6 +489,13 @@ def test_asterisk_form() -> None:
 def test_origin_is_stripped_and_optional() -> None:
     assert head(request(b"Host: a", b"Origin:   https://a.example  ")).origin == (
         "https://a.example"
+    )
+    # Only spaces and tabs are optional whitespace; a no-break space or NEL is content.
+    assert head(request(b"Host: a", b"Origin: https://a.example\xa0")).origin == (
+        "https://a.example\xa0"
+    )
+    assert head(request(b"Host: a", b"Origin: \x85https://a.example")).origin == (
+        "\x85https://a.example"
     )
     assert head(request(b"Host: a", b"Origin: null")).origin == "null"
     assert head(request(b"Host: a")).origin is None
@@ -440,6 +526,27 @@ def test_origin_is_stripped_and_optional() -> None:
 )
 def test_websocket_detection(fields: tuple[bytes, ...], line: bytes, websocket: bool) -> None:
     assert head(request(b"Host: a", *fields, line=line)).websocket is websocket
+
+
+@pytest.mark.parametrize(
+    ("fields", "line", "upgrade"),
+    [
+        ((b"Upgrade: websocket", b"Connection: Upgrade"), b"GET /ws HTTP/1.1", True),
+        ((b"Upgrade: websocket", b"Connection: Upgrade"), b"HEAD /ws HTTP/1.1", True),
+        ((b"Upgrade: websocket", b"Connection: Upgrade"), b"OPTIONS /ws HTTP/1.1", True),
+        ((b"Upgrade: websocket", b"Connection: Upgrade"), b"POST /ws HTTP/1.1", True),
+        ((b"Upgrade: websocket",), b"GET /ws HTTP/1.1", True),  # lenient servers upgrade it
+        ((b"Upgrade: h2c", b"Connection: Upgrade"), b"GET /ws HTTP/1.1", True),
+        # Without Upgrade there is no protocol to switch to: no server can upgrade it.
+        ((b"Connection: keep-alive, UPGRADE",), b"GET /ws HTTP/1.1", False),
+        ((b"Connection: keep-alive",), b"GET /ws HTTP/1.1", False),
+        ((), b"POST /ws HTTP/1.1", False),
+    ],
+)
+def test_any_request_that_asks_to_upgrade(
+    fields: tuple[bytes, ...], line: bytes, upgrade: bool
+) -> None:
+    assert head(request(b"Host: a", *fields, line=line)).upgrade is upgrade
 
 
 def test_post_upgrade_keeps_its_body() -> None:
@@ -510,6 +617,28 @@ fuzz_inputs = st.one_of(st.binary(max_size=300), mutated_heads())
 @given(data=fuzz_inputs)
 def test_fuzz_never_raises_and_is_sane(data: bytes) -> None:
     assert_sane(data, sniff(data))
+
+
+@FUZZ
+@given(data=fuzz_inputs)
+def test_fuzz_what_is_forwarded_reads_as_what_was_routed(data: bytes) -> None:
+    """The server reads the forwarded head as routing did (same path, host, upgrade), and
+    the forwarded head is in normal form: sniffing it again changes nothing."""
+    sniffer = HeadSniffer()
+    routed = sniffer.feed(data)
+    if not isinstance(routed, Head):
+        return
+    again = HeadSniffer()
+    seen = again.feed(sniffer.forward)
+    assert isinstance(seen, Head), seen
+    assert (seen.path, seen.host, seen.websocket, seen.upgrade, seen.origin) == (
+        routed.path,
+        routed.host,
+        routed.websocket,
+        routed.upgrade,
+        routed.origin,
+    )
+    assert again.forward == sniffer.forward
 
 
 @FUZZ

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import _socket
+import errno
 import select
 import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from lb.config import parse_config
+from lb.route import Router
+from lb.worker import conn as conn_module
 from lb.worker.conn import Connection, Context
 from lb.worker.deadlines import Deadlines
 from lb.worker.loop import Loop
@@ -132,3 +138,76 @@ def test_a_stale_event_for_a_closed_server_socket_never_reaches_the_next_one(
 
 def timerfd(loop: Loop) -> int:
     return loop._timerfd.fd  # type: ignore[attr-defined]
+
+
+class ResetOnSend(_socket.socket):
+    """A server socket whose first send fails as if the server had reset at once."""
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+
+def test_a_head_no_server_took_goes_to_the_next_server_as_routed(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first server resets before taking a byte: the next one gets the whole head, in
+    the form it was routed in (the path in normal form)."""
+    servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    sockets += servers
+    made: list[_socket.socket] = []
+
+    def make_socket(family: int, kind: int) -> _socket.socket:
+        made.append((ResetOnSend if not made else _socket.socket)(family, kind))
+        return made[-1]
+
+    monkeypatch.setattr(conn_module, "_socket", SimpleNamespace(**vars(_socket)))
+    monkeypatch.setattr(conn_module._socket, "socket", make_socket)
+    worker = Worker()
+    loop = Loop(on_error=lambda exc: pytest.fail(repr(exc)))
+    deadlines = Deadlines(loop, 0.01, lambda exc: pytest.fail(repr(exc)))
+    backend = BackendRuntime(
+        name="app",
+        picker=InOrder([0, 1]),  # type: ignore[arg-type]
+        connect_timeout=5.0,
+        retries=1,
+        addresses={i: (socket.AF_INET, s.getsockname()) for i, s in enumerate(servers)},
+        names={0: "a", 1: "b"},
+        live=frozenset(),
+        handover=True,
+    )
+    ctx = Context(
+        loop=loop,
+        pump=Pump(loop, PipePool(), deadlines),
+        deadlines=deadlines,
+        backends={"app": backend},
+        finish=worker.finish,
+        tunnel_opened=lambda server, at, head: None,
+        count_bytes=lambda server, at, up, down: None,
+        connect_failed=worker.connect_failed,
+        local_limit=lambda err, where: None,
+    )
+    config = parse_config(
+        {
+            "listeners": [{"name": "t", "bind": "127.0.0.1:1", "default_backend": "app"}],
+            "backends": [{"name": "app", "servers": [{"name": "a", "address": "127.0.0.1:2"}]}],
+        }
+    )
+    router = Router(config.listeners[0])
+    listener = ListenerRuntime(0, "t", "http", router, "app", 5.0, 60.0, [], 0)
+    client, ours = socket.socketpair()
+    sockets.append(client)
+    client.sendall(b"GET /%61/./b HTTP/1.1\r\nHost: x\r\n\r\nbody")
+    conn = Connection(ctx, listener, ours.detach(), ("127.0.0.1", 1))
+    conn.start()
+    assert worker.failed == [0]
+    assert conn.tunnel is not None and conn.server == 1
+    accepted, _ = servers[1].accept()
+    sockets.append(accepted)
+    accepted.settimeout(5)
+    got = b""
+    while not got.endswith(b"body"):
+        got += accepted.recv(65536)
+    assert got == b"GET /a/b HTTP/1.1\r\nHost: x\r\n\r\nbody"
+    assert conn.bytes_in == len(b"GET /%61/./b HTTP/1.1\r\nHost: x\r\n\r\nbody")
+    conn.abort("test over")
+    loop.shutdown()
