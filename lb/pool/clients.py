@@ -1,0 +1,288 @@
+"""Per-client limits that every worker shares: a table of client entries in the live pool.
+
+A listener with ``client_maxconn`` (open connections per client) or
+``client_rate`` and ``client_burst`` (new connections per second, a token
+bucket) has a table of its own at the end of the pool file; all of a pool's
+tables together take at most ``CLIENT_TABLE_BYTES`` (1 MiB), fixed when the
+pool is created: the table never grows.  A client is its address, an IPv6
+one by its /64 (one host usually holds a whole /64); an IPv4-mapped IPv6
+address is its IPv4 address.
+
+Theory of operation
+-------------------
+Workers are processes, and Python has no atomic read-modify-write on shared
+memory: two workers that add one to the same word at once may store the same
+sum, and a count that loses a step keeps its error for ever.  So no word here
+is ever read, changed and written back by two workers; each needs only that
+an aligned 8-byte (or 4-byte) store is seen whole (see :mod:`lb.pool.layout`):
+
+* an entry is a key word, the rate's state (``E_TAT``), then one 4-byte count
+  of open connections per worker slot.  A worker adds to and takes from its
+  own count only, one for each connection it admitted and counted there (it
+  remembers where: its *ticket*), so the counts never drift; a client's open
+  connections are the sum of its entry's counts.  A worker that starts in a
+  slot zeroes the slot's counts first: its predecessor's connections died
+  with it;
+* the rate is GCRA, the token bucket kept as one time (the *theoretical
+  arrival time*: when the bucket will be full again, plus one interval): a new
+  connection is admitted if that time, moved on by one interval, is less than
+  ``client_burst`` intervals ahead of now, and is then stored.  Two workers
+  that admit the same client at the same instant may both store the same
+  time: a token is lost, never a debt (the time only says when the bucket is
+  full again, so an error goes away as it refills);
+* a key is found by linear probing over at most ``CLIENT_PROBES`` entries
+  from the place its hash gives (a multiplier drawn when the pool is made, so
+  that clients cannot choose to collide).  An entry is taken by storing the
+  key, one word: an empty one (key 0), or, when none is left in reach, one
+  that is *stale*: no open connection, and a bucket full again for
+  ``STALE_AFTER`` seconds.  Entries are never emptied, so a search stops at
+  the first empty entry: its key cannot be further on.  A stale entry's rate
+  state says "full", which is right for its new client.
+
+How exact it is: a client may go over ``client_maxconn`` by up to
+``workers - 1`` when its connections arrive at several workers in the same
+instant (each sees the sum before the others' additions), as a server's
+``maxconn`` may; the same race admits a connection over the rate now and
+then.  Two workers that take the same entry in the same instant for two
+clients leave one client's connection counted under the other until it ends.
+A worker that stops between finding an entry and counting in it (for more
+than ``STALE_AFTER``) may count in an entry that another client took
+meanwhile: the same error, as short.
+
+When no entry is free within reach, the client is not limited (and the
+operator is told once): a full table never refuses anyone it cannot count.
+
+On reload, the new generation's pool starts with empty tables: a tunnel
+handed over to one of its workers is counted there as it is adopted
+(:meth:`ClientTable.adopt`, never refused), one that stays with an old worker
+is not, so a client may hold up to its limit in new connections beside its
+old ones that drain.
+
+Cost per new connection: a cached parse of the address, a hash, usually one
+probe, the sum of one entry's counts and two stores; per end, one store.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import monotonic
+
+from lb.pool import layout as L
+from lb.pool.shm import Pool
+
+STALE_AFTER = 1.0  # seconds with a full bucket and no open connection before an entry is reused
+CONN_RETRY_AFTER = 1  # seconds a client over client_maxconn is told to wait (a guess: none is due)
+KEYS_CACHED = 4096  # client addresses whose entry a worker remembers (a search costs a few µs)
+UNCOUNTED = -1  # the ticket of a connection that no count holds
+_MASK = (1 << 64) - 1
+_COUNTS = 2 * L.ENTRY_HEADER_WORDS  # where an entry's counts start, in 4-byte units
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_V4_MARK = 0xFFFF << 48  # an IPv4 key is the address under ffff::/16, a multicast prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A new connection over its client's limit: why (the conn line's reason) and when to
+    try again (``Retry-After``, whole seconds)."""
+
+    reason: str
+    retry_after: int
+
+
+def client_key(host: str) -> int:
+    """The key of a client address as accept gives it: an IPv6 address's /64 prefix, an
+    IPv4 address (or an IPv4-mapped one) under a prefix no client has; never 0 (empty).
+
+    Stored inverted, so that the prefix of ``::1``, 0, is a key like any other."""
+    if ":" not in host:
+        return ~(_V4_MARK | int.from_bytes(socket.inet_aton(host), "big")) & _MASK
+    raw = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    if raw[:12] == _V4_MAPPED:
+        return ~(_V4_MARK | int.from_bytes(raw[12:], "big")) & _MASK
+    return ~int.from_bytes(raw[:8], "big") & _MASK or 1  # ffff:ffff:ffff:ffff::/64: multicast
+
+
+class ClientTable:
+    """One listener's client limits over its table in a pool, as one worker counts in it.
+
+    ``admit`` a new connection (a ticket, or a :class:`Refusal`), ``adopt`` a tunnel
+    handed over (a ticket, never refused), ``release`` a ticket when its connection ends.
+    """
+
+    __slots__ = (
+        "base",
+        "burst",
+        "column",
+        "d",
+        "entries",
+        "entry_words",
+        "full",
+        "i",
+        "interval",
+        "known",
+        "maxconn",
+        "nslots",
+        "on_full",
+        "over_maxconn",
+        "q",
+        "rate",
+        "rate_reason",
+        "seed",
+        "tolerance",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        table: int,
+        slot: int,
+        maxconn: int,
+        rate: float,
+        burst: int,
+        on_full: Callable[[int], None],
+    ) -> None:
+        """``on_full(entries)`` is called the first time a client finds no room."""
+        geo = pool.geometry
+        if not 0 <= table < geo.client_tables:
+            raise ValueError(f"the pool has no client table {table}")
+        self.q, self.d, self.i = pool.q, pool.d, pool.i
+        self.base = geo.client_table(table)
+        self.entries = geo.client_entries
+        self.entry_words = geo.entry_words
+        self.nslots = geo.nslots
+        self.column = _COUNTS + slot  # this worker's count within an entry, in 4-byte units
+        self.seed = pool.q[L.H_CLIENT_SEED]
+        self.maxconn = maxconn
+        self.rate = rate
+        self.burst = burst
+        self.interval = 1 / rate if rate else 0.0
+        # GCRA: admitted while the bucket's time, moved on by one interval, is at most
+        # ``burst`` intervals ahead of now.
+        self.tolerance = (burst - 1) * self.interval
+        self.over_maxconn = Refusal(f"client limit: {maxconn} open connections", CONN_RETRY_AFTER)
+        self.rate_reason = f"client rate: {rate:g}/s"
+        self.on_full = on_full
+        self.full = False  # told the operator already
+        # By client address: its key and the entry this worker last found it in.
+        self.known: dict[str, tuple[int, int]] = {}
+
+    def reset(self) -> None:
+        """Zero this worker's counts in every entry: a predecessor in the slot left its own
+        (its connections died with it).  Before the worker admits anything."""
+        words = self.entry_words * 2  # in 4-byte units
+        start = self.base * 2 + self.column
+        count = self.entries + L.CLIENT_PROBES - 1
+        self.i[start : start + count * words : words] = array("I", bytes(4 * count))
+
+    def admit(self, host: str, now: float) -> int | Refusal:
+        """Count a new connection from ``host`` (at ``now``, monotonic) against its
+        client's limits: a ticket for ``release`` (``UNCOUNTED`` if no count holds it),
+        or why it is refused."""
+        known = self.known.get(host)
+        if known is not None and self.q[known[1]] == known[0]:
+            entry = known[1]  # where this worker last found it, and still its own
+        else:
+            entry = self._place(host, now)
+            if entry < 0:
+                return UNCOUNTED  # no room: not limited (see the module's docstring)
+        maxconn, counts = self.maxconn, 2 * entry + _COUNTS
+        if maxconn and sum(self.i[counts : counts + self.nslots]) >= maxconn:
+            return self.over_maxconn
+        d, tat, interval = self.d, entry + L.E_TAT, self.interval
+        if interval:
+            due = d[tat]
+            ahead = due - now  # below 0: the bucket is full
+            if ahead > self.tolerance:
+                return Refusal(self.rate_reason, max(1, math.ceil(ahead - self.tolerance)))
+            d[tat] = (due if ahead > 0 else now) + interval
+        else:
+            d[tat] = now  # seen: not stale for a while
+        if not maxconn:
+            return UNCOUNTED
+        ticket = 2 * entry + self.column
+        self.i[ticket] += 1
+        return ticket
+
+    def adopt(self, host: str) -> int:
+        """Count a tunnel handed over from an older generation: open here now, whatever
+        the limit (it is not a new connection: no token is taken)."""
+        if not self.maxconn:
+            return UNCOUNTED
+        entry = self._place(host, monotonic())
+        if entry < 0:
+            return UNCOUNTED
+        ticket = 2 * entry + self.column
+        self.i[ticket] += 1
+        return ticket
+
+    def release(self, ticket: int) -> None:
+        """The connection of ``ticket`` ended (never called with ``UNCOUNTED``)."""
+        i = self.i
+        count = i[ticket]
+        if count:  # never below zero, even if a reset came between (it never does)
+            i[ticket] = count - 1
+
+    def open_connections(self, host: str) -> int:
+        """The open connections counted for ``host``'s client (for tests and readers)."""
+        entry = self._find(client_key(host))
+        if entry < 0:
+            return 0
+        counts = 2 * entry + _COUNTS
+        return sum(self.i[counts : counts + self.nslots])
+
+    def _home(self, key: int) -> int:
+        """The word where the search for ``key`` starts: its hash scaled to the places."""
+        return self.base + (((key * self.seed) & _MASK) * self.entries >> 64) * self.entry_words
+
+    def _find(self, key: int) -> int:
+        """The entry (its first word) that holds ``key``, or -1."""
+        q, at, step = self.q, self._home(key), self.entry_words
+        for _ in range(L.CLIENT_PROBES):
+            found = q[at]
+            if found == key:
+                return at
+            if not found:
+                return -1
+            at += step
+        return -1
+
+    def _place(self, host: str, now: float) -> int:
+        """The entry of ``host``'s client (taken for it if need be), remembered; or -1."""
+        key = client_key(host)
+        entry = self._entry(key, now)
+        if entry >= 0:
+            known = self.known
+            if len(known) >= KEYS_CACHED:
+                known.clear()
+            known[host] = (key, entry)
+        return entry
+
+    def _entry(self, key: int, now: float) -> int:
+        """The entry of ``key``, taken for it if it has none; -1 if none is free in reach."""
+        q, home, step = self.q, self._home(key), self.entry_words
+        at = home
+        for _ in range(L.CLIENT_PROBES):
+            found = q[at]
+            if found == key:
+                return at
+            if not found:  # the key is not further on: take this one
+                q[at] = key
+                return at
+            at += step
+        stale = now - STALE_AFTER
+        d, i, nslots = self.d, self.i, self.nslots
+        at = home
+        for _ in range(L.CLIENT_PROBES):
+            counts = 2 * at + _COUNTS
+            if d[at + L.E_TAT] < stale and not any(i[counts : counts + nslots]):
+                q[at] = key
+                return at
+            at += step
+        if not self.full:
+            self.full = True
+            self.on_full(self.entries)
+        return -1
