@@ -10,7 +10,9 @@ sets its deadline in the worker's :class:`~lb.worker.deadlines.Deadlines`,
 which calls :meth:`Connection.expire` when it comes due.  A connection knows
 the worker only through its :class:`Context`: the loop, the deadlines, the
 backends, and the callbacks through which it reports back.  A connection goes
-through at most four steps:
+through at most four steps, after its client's limits (a listener's
+``client_maxconn`` and ``client_rate``: :mod:`lb.pool.clients`), which answer
+429 (http, before the head is read) or close (tcp) a connection over one:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim;
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from lb.pool.clients import UNCOUNTED, ClientTable
 from lb.proto.http1 import Head, HeadSniffer, Reject
 from lb.worker.closing import MaxAge
 from lb.worker.deadlines import Deadlines, Queue
@@ -66,19 +69,23 @@ _PHRASES = {
     400: "Bad Request",
     403: "Forbidden",
     408: "Request Timeout",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
 
-def response(status: int, text: str) -> bytes:
-    """A short HTTP/1.1 answer of the balancer's own, closing the connection."""
+def response(status: int, text: str, retry_after: int = 0) -> bytes:
+    """A short HTTP/1.1 answer of the balancer's own, closing the connection;
+    ``retry_after``: seconds the client is told to wait (``Retry-After``), if any."""
     body = f"{status} {_PHRASES[status]}: {text}\n".encode()
+    retry = f"Retry-After: {retry_after}\r\n" if retry_after else ""
     return (
         f"HTTP/1.1 {status} {_PHRASES[status]}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
+        f"{retry}"
         "Connection: close\r\n\r\n"
     ).encode() + body
 
@@ -134,6 +141,7 @@ class Connection:
         "sniffer",
         "sock",
         "started",
+        "ticket",
         "timeouts",
         "tried",
         "tunnel",
@@ -163,14 +171,29 @@ class Connection:
         self.bytes_out = 0  # to the client, through the tunnel
         self.pending = b""
         self.finished = False
+        self.ticket = UNCOUNTED  # where its client's count holds it (lb.pool.clients)
 
     def start(self) -> None:
+        clients = self.listener.clients
+        if clients is not None and not self.admit(clients):
+            return
         if self.listener.mode == "tcp":
             self._route(self.listener.default_backend)
             return
         self.sniffer = HeadSniffer()
         self._arm(self.listener.head_timeout, self._head_timeout)
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
+
+    def admit(self, clients: ClientTable) -> bool:
+        """Count the connection against its client's limits, by ``addr`` (the client's
+        address, whatever told it); over a limit it is answered 429 (http: before its
+        head is read) or closed (tcp), and False returned."""
+        ticket = clients.admit(self.addr[0], self.started)
+        if isinstance(ticket, int):
+            self.ticket = ticket
+            return True
+        self.answer(429, ticket.reason, retry_after=ticket.retry_after)
+        return False
 
     # -- 1. head ---------------------------------------------------------------
 
@@ -357,7 +380,7 @@ class Connection:
 
     # -- answers and endings -----------------------------------------------------
 
-    def answer(self, status: int, reason: str, text: str = "") -> None:
+    def answer(self, status: int, reason: str, text: str = "", retry_after: int = 0) -> None:
         """Answer with the balancer's own response (http) or just close (tcp); the
         response says ``text`` (default: the ``reason`` that is logged)."""
         if self.listener.mode == "tcp":
@@ -365,7 +388,7 @@ class Connection:
             return
         fd, self.fd = self.fd, -1
         try:
-            sent = os.write(fd, response(status, text or reason))
+            sent = os.write(fd, response(status, text or reason, retry_after))
         except OSError:
             sent = 0
         Linger(self.loop, fd)

@@ -60,6 +60,7 @@ from lb import __version__
 from lb import log as lblog
 from lb.config import Config
 from lb.pool import layout as L
+from lb.pool.clients import UNCOUNTED
 from lb.pool.shm import Pool
 from lb.worker.accept import HEARTBEAT_INTERVAL, Acceptor
 from lb.worker.closing import Closer, Departures, MaxAge
@@ -74,6 +75,7 @@ from lb.worker.runtime import (
     ListenerRuntime,
     build_backends,
     build_listeners,
+    client_tables,
     format_peer,
 )
 from lb.worker.splice import Pump, Tunnel
@@ -140,8 +142,9 @@ class Worker:
         self.departures = Departures(pool, close_on_down, self.closer, config.global_.close_spread)
         live = {server for backend in self.backends.values() for server in backend.live}
         self.tally = Tally(pool, slot, loop, live)
+        self.clients = client_tables(config, pool, slot, self._client_table_full)
         self.listeners: list[ListenerRuntime] = build_listeners(
-            config, sockets, self.tally.listener_ats
+            config, sockets, self.tally.listener_ats, self.clients
         )
         self.acceptor = Acceptor(
             loop, pool, self.tally, self.listeners, slot, workers, maxconn, self._accepted, log
@@ -173,6 +176,9 @@ class Worker:
     def run(self) -> int:
         loop = self.loop
         self.tally.start(self.generation)
+        for table in self.clients:  # a predecessor in this slot left counts of its own
+            if table is not None:
+                table.reset()
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.add_signal_handler(signal.SIGUSR1, self.close_spread)
@@ -371,6 +377,7 @@ class Worker:
         conn.finished = True
         self.closer.forget(conn)  # its max age, its close on this worker's drain: the adopter's
         self.tally.finished(conn.listener.tally_at, conn.server, None, 0, 0)
+        self._release_client(conn)
         self.handed += 1
         if self._drained():
             self._handover_done()
@@ -405,6 +412,8 @@ class Worker:
         )
         conn.tunnel = tunnel
         self.tally.adopted_tunnel(server, listener.tally_at)
+        if listener.clients is not None:  # counted against its client here from now on
+            conn.ticket = listener.clients.adopt(conn.addr[0])
         self.connections.add(conn)
         tunnel.resume(*flows_of(state, fds))
         if self.ctx.max_age is not None:  # its age counts from when it first opened
@@ -480,6 +489,8 @@ class Worker:
         self.tally.finished(
             conn.listener.tally_at, conn.server if spliced else -1, status, conn.bytes_in, bytes_out
         )
+        if conn.ticket >= 0:
+            self._release_client(conn)
         log_conn = self.log_conn
         if log_conn is not None:
             log_conn(
@@ -502,6 +513,22 @@ class Worker:
             acceptor.resume()  # below the cap again
         if self.receiver is not None and self.receiver.channels:
             self.receiver.release()
+
+    def _release_client(self, conn: Connection) -> None:
+        """The connection no longer counts against its client's limit here."""
+        ticket, conn.ticket = conn.ticket, UNCOUNTED
+        if ticket >= 0:
+            clients = conn.listener.clients
+            assert clients is not None  # a ticket comes from its listener's table
+            clients.release(ticket)
+
+    def _client_table_full(self, listener: str, entries: int) -> None:
+        self.log.warning(
+            "client_table_full",
+            listener=listener,
+            entries=entries,
+            effect="clients the table has no room for are not limited",
+        )
 
     def _connect_failed(self, conn: Connection, why: str) -> None:
         """Passive health: mark the server suspect so every worker avoids it."""

@@ -8,11 +8,14 @@ counts other workers read as they change (see :mod:`lb.worker.tally`).
 
 from __future__ import annotations
 
+import functools
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lb.config import Config
+from lb.pool.clients import ClientTable
 from lb.pool.select import (
     SUSPECT_HOLD_UNCHECKED,
     BackendPicker,
@@ -37,6 +40,7 @@ class ListenerRuntime:
     tunnel_timeout: float
     socks: list[socket.socket]  # all of the listener's: socket k belongs to slot k mod workers
     tally_at: int  # where its counters start in the worker's tally (see Tally)
+    clients: ClientTable | None = None  # its client limits, if it has any
 
 
 @dataclass(slots=True)
@@ -94,9 +98,13 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
 
 
 def build_listeners(
-    config: Config, sockets: dict[str, list[socket.socket]], tally_at: list[int]
+    config: Config,
+    sockets: dict[str, list[socket.socket]],
+    tally_at: list[int],
+    clients: list[ClientTable | None] | None = None,
 ) -> list[ListenerRuntime]:
-    """``tally_at``: where each listener's counters start in the tally, by listener index."""
+    """``tally_at``: where each listener's counters start in the tally, by listener index;
+    ``clients``: their client limits (see ``client_tables``), by listener index."""
     return [
         ListenerRuntime(
             index=i,
@@ -108,9 +116,34 @@ def build_listeners(
             tunnel_timeout=lc.tunnel_timeout,
             socks=sockets[lc.name],
             tally_at=tally_at[i],
+            clients=clients[i] if clients else None,
         )
         for i, lc in enumerate(config.listeners)
     ]
+
+
+def client_tables(
+    config: Config, pool: Pool, slot: int, on_full: Callable[[str, int], None]
+) -> list[ClientTable | None]:
+    """Each listener's client limits as the worker in ``slot`` counts them (None: it has
+    none), in the pool's tables, one per listener that has limits, in the config's order;
+    ``on_full(listener, entries)`` when its table is first found full."""
+    tables: list[ClientTable | None] = []
+    for lc in config.listeners:
+        if not lc.limits_clients:
+            tables.append(None)
+            continue
+        table = ClientTable(
+            pool,
+            sum(1 for t in tables if t is not None),
+            slot,
+            lc.client_maxconn,
+            lc.client_rate,
+            lc.client_burst,
+            functools.partial(on_full, lc.name),
+        )
+        tables.append(table)
+    return tables
 
 
 def format_peer(addr: tuple[Any, ...]) -> str:
