@@ -23,21 +23,23 @@ an aligned 8-byte (or 4-byte) store is seen whole (see :mod:`lb.pool.layout`):
   connections are the sum of its entry's counts.  A worker that starts in a
   slot zeroes the slot's counts first: its predecessor's connections died
   with it;
-* the rate is GCRA, the token bucket kept as one time (the *theoretical
-  arrival time*: when the bucket will be full again, plus one interval): a new
-  connection is admitted if that time, moved on by one interval, is less than
-  ``client_burst`` intervals ahead of now, and is then stored.  Two workers
-  that admit the same client at the same instant may both store the same
-  time: a token is lost, never a debt (the time only says when the bucket is
-  full again, so an error goes away as it refills);
+* the rate is GCRA, a token bucket kept as one time (the *theoretical
+  arrival time*): when the client's bucket will be full again.  A new
+  connection is admitted if that time is at most ``client_burst - 1``
+  intervals (of ``1 / client_rate`` s) ahead of now, and the time then moves
+  on by one interval.  Two workers that admit the same client at the same
+  instant may both store the same time: a token is lost to the bucket, never
+  owed (the time says when the bucket is full again: an error is gone once it
+  has refilled);
 * a key is found by linear probing over at most ``CLIENT_PROBES`` entries
   from the place its hash gives (a multiplier drawn when the pool is made, so
   that clients cannot choose to collide).  An entry is taken by storing the
   key, one word: an empty one (key 0), or, when none is left in reach, one
-  that is *stale*: no open connection, and a bucket full again for
-  ``STALE_AFTER`` seconds.  Entries are never emptied, so a search stops at
-  the first empty entry: its key cannot be further on.  A stale entry's rate
-  state says "full", which is right for its new client.
+  that is *stale*: no open connection and, if the listener has a rate, a
+  bucket full again for ``STALE_AFTER`` seconds (without one the time is
+  never written).  Entries are never emptied, so a search stops at the first
+  empty entry: its key cannot be further on.  A stale entry's time says
+  "full", which is right for its new client.
 
 How exact it is: a client may go over ``client_maxconn`` by up to
 ``workers - 1`` when its connections arrive at several workers in the same
@@ -45,9 +47,9 @@ instant (each sees the sum before the others' additions), as a server's
 ``maxconn`` may; the same race admits a connection over the rate now and
 then.  Two workers that take the same entry in the same instant for two
 clients leave one client's connection counted under the other until it ends.
-A worker that stops between finding an entry and counting in it (for more
-than ``STALE_AFTER``) may count in an entry that another client took
-meanwhile: the same error, as short.
+A worker preempted between finding its client's entry and counting in it
+(with a rate: for more than ``STALE_AFTER``) may count in an entry that
+another client took meanwhile: the same error, as short.
 
 When no entry is free within reach, the client is not limited (and the
 operator is told once): a full table never refuses anyone it cannot count.
@@ -58,8 +60,14 @@ handed over to one of its workers is counted there as it is adopted
 is not, so a client may hold up to its limit in new connections beside its
 old ones that drain.
 
-Cost per new connection: a cached parse of the address, a hash, usually one
-probe, the sum of one entry's counts and two stores; per end, one store.
+Cost per new connection, once a worker has seen the client: a dictionary
+lookup (where it last found the client), one word read to check that the
+entry is still the client's, the workers' counts (item by item for up to
+two workers, else one slice), the bucket's time read and stored, and the
+worker's count stored; per end of connection one read and one store.  Each
+read or store through a ``memoryview`` costs a few hundred instructions of
+the interpreter, so the code reads no word twice.  What it costs per
+connection is measured in ``docs/benchmark.md``.
 """
 
 from __future__ import annotations
@@ -74,12 +82,17 @@ from time import monotonic
 from lb.pool import layout as L
 from lb.pool.shm import Pool
 
-STALE_AFTER = 1.0  # seconds with a full bucket and no open connection before an entry is reused
+STALE_AFTER = 1.0  # seconds an entry keeps a client whose bucket is full, without a connection
 CONN_RETRY_AFTER = 1  # seconds a client over client_maxconn is told to wait (a guess: none is due)
 KEYS_CACHED = 4096  # client addresses whose entry a worker remembers (a search costs a few µs)
 UNCOUNTED = -1  # the ticket of a connection that no count holds
 _MASK = (1 << 64) - 1
 _COUNTS = 2 * L.ENTRY_HEADER_WORDS  # where an entry's counts start, in 4-byte units
+_LOW = (1 << 32) - 1
+_TAT = L.E_TAT
+# Where a worker found a client: its entry (first word), its key, and its ticket (where the
+# worker counts the client's connections, in 4-byte units).
+Place = tuple[int, int, int]
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _V4_MARK = 0xFFFF << 48  # an IPv4 key is the address under ffff::/16, a multicast prefix
 
@@ -115,8 +128,8 @@ class ClientTable:
 
     __slots__ = (
         "base",
-        "burst",
         "column",
+        "count_words",
         "d",
         "entries",
         "entry_words",
@@ -129,7 +142,6 @@ class ClientTable:
         "on_full",
         "over_maxconn",
         "q",
-        "rate",
         "rate_reason",
         "seed",
         "tolerance",
@@ -153,12 +165,11 @@ class ClientTable:
         self.base = geo.client_table(table)
         self.entries = geo.client_entries
         self.entry_words = geo.entry_words
+        self.count_words = geo.entry_words - L.ENTRY_HEADER_WORDS  # two counts a word
         self.nslots = geo.nslots
         self.column = _COUNTS + slot  # this worker's count within an entry, in 4-byte units
         self.seed = pool.q[L.H_CLIENT_SEED]
         self.maxconn = maxconn
-        self.rate = rate
-        self.burst = burst
         self.interval = 1 / rate if rate else 0.0
         # GCRA: admitted while the bucket's time, moved on by one interval, is at most
         # ``burst`` intervals ahead of now.
@@ -167,8 +178,8 @@ class ClientTable:
         self.rate_reason = f"client rate: {rate:g}/s"
         self.on_full = on_full
         self.full = False  # told the operator already
-        # By client address: its key and the entry this worker last found it in.
-        self.known: dict[str, tuple[int, int]] = {}
+        # By client address: where this worker last found its client (see _place).
+        self.known: dict[str, Place] = {}
 
     def reset(self) -> None:
         """Zero this worker's counts in every entry: a predecessor in the slot left its own
@@ -181,30 +192,37 @@ class ClientTable:
     def admit(self, host: str, now: float) -> int | Refusal:
         """Count a new connection from ``host`` (at ``now``, monotonic) against its
         client's limits: a ticket for ``release`` (``UNCOUNTED`` if no count holds it),
-        or why it is refused."""
-        known = self.known.get(host)
-        if known is not None and self.q[known[1]] == known[0]:
-            entry = known[1]  # where this worker last found it, and still its own
-        else:
-            entry = self._place(host, now)
-            if entry < 0:
+        or why it is refused.  The hot path: every word it reads or stores costs."""
+        place = self.known.get(host)
+        if place is None or self.q[place[0]] != place[1]:  # unknown here, or taken since
+            place = self._place(host, now)
+            if place is None:
                 return UNCOUNTED  # no room: not limited (see the module's docstring)
-        maxconn, counts = self.maxconn, 2 * entry + _COUNTS
-        if maxconn and sum(self.i[counts : counts + self.nslots]) >= maxconn:
-            return self.over_maxconn
-        d, tat, interval = self.d, entry + L.E_TAT, self.interval
+        entry, _, ticket = place
+        maxconn, i, mine = self.maxconn, self.i, 0
+        if maxconn:
+            mine = i[ticket]
+            # Its open connections, all workers': item by item for up to two (a slice
+            # costs three times as much); the other's count is the next or previous word.
+            nslots = self.nslots
+            if nslots <= 2:
+                held = mine if nslots == 1 else mine + i[ticket ^ 1]
+            else:
+                counts = 2 * entry + _COUNTS
+                held = sum(i[counts : counts + nslots])
+            if held >= maxconn:
+                return self.over_maxconn
+        interval = self.interval
         if interval:
+            d, tat = self.d, entry + _TAT
             due = d[tat]
             ahead = due - now  # below 0: the bucket is full
             if ahead > self.tolerance:
                 return Refusal(self.rate_reason, max(1, math.ceil(ahead - self.tolerance)))
             d[tat] = (due if ahead > 0 else now) + interval
-        else:
-            d[tat] = now  # seen: not stale for a while
         if not maxconn:
             return UNCOUNTED
-        ticket = 2 * entry + self.column
-        self.i[ticket] += 1
+        i[ticket] = mine + 1
         return ticket
 
     def adopt(self, host: str) -> int:
@@ -212,12 +230,11 @@ class ClientTable:
         the limit (it is not a new connection: no token is taken)."""
         if not self.maxconn:
             return UNCOUNTED
-        entry = self._place(host, monotonic())
-        if entry < 0:
+        place = self._place(host, monotonic())
+        if place is None:
             return UNCOUNTED
-        ticket = 2 * entry + self.column
-        self.i[ticket] += 1
-        return ticket
+        self.i[place[2]] += 1
+        return place[2]
 
     def release(self, ticket: int) -> None:
         """The connection of ``ticket`` ended (never called with ``UNCOUNTED``)."""
@@ -229,10 +246,26 @@ class ClientTable:
     def open_connections(self, host: str) -> int:
         """The open connections counted for ``host``'s client (for tests and readers)."""
         entry = self._find(client_key(host))
+        return 0 if entry < 0 else self._open(entry)
+
+    def _open(self, entry: int) -> int:
+        """The sum of the entry's counts: of its words (two counts each, far from
+        overflowing the low half into the high one), then of their halves."""
+        q, at = self.q, entry + L.ENTRY_HEADER_WORDS
+        words = q[at] if self.count_words == 1 else sum(q[at : at + self.count_words])
+        return int((words & _LOW) + (words >> 32))
+
+    def _place(self, host: str, now: float) -> Place | None:
+        """Where ``host``'s client is (its entry taken if need be), remembered; or None."""
+        key = client_key(host)
+        entry = self._entry(key, now)
         if entry < 0:
-            return 0
-        counts = 2 * entry + _COUNTS
-        return sum(self.i[counts : counts + self.nslots])
+            return None
+        known = self.known
+        if len(known) >= KEYS_CACHED:
+            known.clear()
+        place = known[host] = (entry, key, 2 * entry + self.column)
+        return place
 
     def _home(self, key: int) -> int:
         """The word where the search for ``key`` starts: its hash scaled to the places."""
@@ -250,17 +283,6 @@ class ClientTable:
             at += step
         return -1
 
-    def _place(self, host: str, now: float) -> int:
-        """The entry of ``host``'s client (taken for it if need be), remembered; or -1."""
-        key = client_key(host)
-        entry = self._entry(key, now)
-        if entry >= 0:
-            known = self.known
-            if len(known) >= KEYS_CACHED:
-                known.clear()
-            known[host] = (key, entry)
-        return entry
-
     def _entry(self, key: int, now: float) -> int:
         """The entry of ``key``, taken for it if it has none; -1 if none is free in reach."""
         q, home, step = self.q, self._home(key), self.entry_words
@@ -273,12 +295,10 @@ class ClientTable:
                 q[at] = key
                 return at
             at += step
-        stale = now - STALE_AFTER
-        d, i, nslots = self.d, self.i, self.nslots
+        stale, d = now - STALE_AFTER, self.d
         at = home
         for _ in range(L.CLIENT_PROBES):
-            counts = 2 * at + _COUNTS
-            if d[at + L.E_TAT] < stale and not any(i[counts : counts + nslots]):
+            if d[at + L.E_TAT] < stale and not self._open(at):
                 q[at] = key
                 return at
             at += step

@@ -195,6 +195,14 @@ class Connection:
         self.answer(429, ticket.reason, retry_after=ticket.retry_after)
         return False
 
+    def release_client(self) -> None:
+        """Its client's count no longer holds it: it ended, or went to another worker."""
+        ticket, self.ticket = self.ticket, UNCOUNTED
+        if ticket >= 0:
+            clients = self.listener.clients
+            assert clients is not None  # a ticket comes from its listener's table
+            clients.release(ticket)
+
     # -- 1. head ---------------------------------------------------------------
 
     def _read_head(self) -> None:

@@ -60,7 +60,6 @@ from lb import __version__
 from lb import log as lblog
 from lb.config import Config
 from lb.pool import layout as L
-from lb.pool.clients import UNCOUNTED
 from lb.pool.shm import Pool
 from lb.worker.accept import HEARTBEAT_INTERVAL, Acceptor
 from lb.worker.closing import Closer, Departures, MaxAge
@@ -377,7 +376,7 @@ class Worker:
         conn.finished = True
         self.closer.forget(conn)  # its max age, its close on this worker's drain: the adopter's
         self.tally.finished(conn.listener.tally_at, conn.server, None, 0, 0)
-        self._release_client(conn)
+        conn.release_client()  # the adopter counts it against its client from now on
         self.handed += 1
         if self._drained():
             self._handover_done()
@@ -490,7 +489,7 @@ class Worker:
             conn.listener.tally_at, conn.server if spliced else -1, status, conn.bytes_in, bytes_out
         )
         if conn.ticket >= 0:
-            self._release_client(conn)
+            conn.release_client()
         log_conn = self.log_conn
         if log_conn is not None:
             log_conn(
@@ -513,14 +512,6 @@ class Worker:
             acceptor.resume()  # below the cap again
         if self.receiver is not None and self.receiver.channels:
             self.receiver.release()
-
-    def _release_client(self, conn: Connection) -> None:
-        """The connection no longer counts against its client's limit here."""
-        ticket, conn.ticket = conn.ticket, UNCOUNTED
-        if ticket >= 0:
-            clients = conn.listener.clients
-            assert clients is not None  # a ticket comes from its listener's table
-            clients.release(ticket)
 
     def _client_table_full(self, listener: str, entries: int) -> None:
         self.log.warning(

@@ -147,15 +147,30 @@ def test_a_full_table_limits_nobody_it_has_no_room_for(tmp_path: Path) -> None:
     assert [worker.admit("198.51.100.1", NOW) for _ in range(3)] == [UNCOUNTED] * 3
     assert warned == [1]
     assert all(isinstance(worker.admit(host, NOW), Refusal) for host in hosts)  # still held
-    # an entry that has been idle a while is taken by the next new client
+    # a client with nothing open any more leaves its entry to the next new client
     first = tickets[0]
     assert isinstance(first, int)
     worker.release(first)
-    assert worker.admit("198.51.100.1", NOW + STALE_AFTER / 2) == UNCOUNTED  # not yet
-    assert worker.admit("198.51.100.1", NOW + STALE_AFTER * 2) != UNCOUNTED
-    assert isinstance(worker.admit("198.51.100.1", NOW + STALE_AFTER * 2), Refusal)
-    assert worker.open_connections(hosts[0]) == 0  # its old client lost the entry
+    assert worker.admit("198.51.100.1", NOW) != UNCOUNTED
+    assert isinstance(worker.admit("198.51.100.1", NOW), Refusal)
+    assert worker.open_connections(hosts[0]) == 0
+    assert isinstance(worker.admit(hosts[0], NOW), int)  # not limited: no room again
+    assert isinstance(worker.admit(hosts[0], NOW), int)
     assert warned == [1]
+    pool.close()
+
+
+def test_a_client_keeps_its_entry_while_its_bucket_refills(tmp_path: Path) -> None:
+    pool = tiny_pool(tmp_path / "pool")
+    worker = table(pool, rate=1, burst=1)
+    hosts = [f"192.0.2.{n}" for n in range(L.CLIENT_PROBES)]
+    assert [worker.admit(host, NOW) for host in hosts] == [UNCOUNTED] * len(hosts)
+    assert all(isinstance(worker.admit(host, NOW), Refusal) for host in hosts)
+    # their buckets are full again at NOW + 1: the entries are taken STALE_AFTER later
+    newcomer = "198.51.100.1"
+    assert [worker.admit(newcomer, NOW + 1 + STALE_AFTER / 2) for _ in range(2)] == [UNCOUNTED] * 2
+    assert worker.admit(newcomer, NOW + 1 + STALE_AFTER * 2) == UNCOUNTED
+    assert isinstance(worker.admit(newcomer, NOW + 1 + STALE_AFTER * 2), Refusal)
     pool.close()
 
 
