@@ -26,7 +26,15 @@ what Python costs per request before any feature.  ``--rounds N`` measures
 the balancers N times, alternating their order, and reports the medians, and
 with HAProxy among them each balancer's ``vs_haproxy``: the median of its
 rate's ratio to HAProxy's in the same round (the machine's speed drifts by
-several percent between rounds, which a ratio of medians would take in)."""
+several percent between rounds, which a ratio of medians would take in).
+
+A variant of splicelb measures the cost of a feature: ``splicelb-limits`` is
+splicelb with client limits on every listener (``client_maxconn`` and
+``client_rate``, set too high to refuse anyone, see
+:data:`bench.servers.SPLICELB_VARIANTS`).  Measured with ``splicelb`` itself,
+each variant gets ``vs_splicelb``, its rate's ratio to splicelb's in the same
+round: ``--balancers splicelb,splicelb-limits --loads close --rounds 6`` gives
+what the limits cost on new connections per second."""
 
 from __future__ import annotations
 
@@ -280,6 +288,13 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def versus(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> float:
+    """The median, over the rounds, of a balancer's rate over ``baseline``'s rate in the
+    same round."""
+    ratios: list[float] = [r["rate"] / b["rate"] for r, b in zip(runs, baseline, strict=True)]
+    return round(statistics.median(ratios), 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (5)")
@@ -292,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--balancers",
         default="splicelb,haproxy",
-        help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy"
+        help="balancers: splicelb, splicelb-limits, haproxy, haproxy-procs, floor, floor-copy"
         " (default: splicelb,haproxy)",
     )
     parser.add_argument(
@@ -322,16 +337,16 @@ def main(argv: list[str] | None = None) -> int:
             name: {load: medians(runs) for load, runs in by_load.items()}
             for name, by_load in rows.items()
         }
-        if "haproxy" in rows:  # the machine's speed drifts between rounds: compare within each
-            for name, by_load in rows.items():
-                for load, runs in by_load.items():
-                    result[name][load]["vs_haproxy"] = round(
-                        statistics.median(
-                            row["rate"] / h["rate"]
-                            for row, h in zip(runs, rows["haproxy"][load], strict=True)
-                        ),
-                        3,
-                    )
+        # The machine's speed drifts between rounds: compare within each.
+        for baseline, names_compared in (
+            ("haproxy", list(rows)),
+            ("splicelb", [name for name in rows if name.startswith("splicelb-")]),
+        ):
+            if baseline not in rows:
+                continue
+            for name in names_compared:
+                for load, runs in rows[name].items():
+                    result[name][load][f"vs_{baseline}"] = versus(runs, rows[baseline][load])
         return json.dumps(result, indent=2)
 
     return scratch_main("splicelb-cpu-", body)

@@ -32,6 +32,11 @@ from bench.procs import (
 )
 
 START_TIMEOUT = 30.0
+# splicelb as measured, and its variants: the lines each adds to every listener.  The
+# client limits are set too high to refuse anyone (every client of the benchmark is
+# 127.0.0.1): what a run measures is their cost on each new connection.
+CLIENT_LIMITS = "client_maxconn = 1000000\nclient_rate = 1000000000\nclient_burst = 1000000000\n"
+SPLICELB_VARIANTS = {"splicelb": "", "splicelb-limits": CLIENT_LIMITS}
 HAPROXY_MAXCONN = 9500  # 2 x 9,500 sockets + 2 x MAXPIPES pipe ends fit in 20,000 descriptors
 HAPROXY_MAXPIPES = 256
 
@@ -209,11 +214,16 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> int:
 
 
 def splicelb_toml(
-    runtime: Path, workers: int, listeners: list[tuple[str, int, str, int]], **global_: int
+    runtime: Path,
+    workers: int,
+    listeners: list[tuple[str, int, str, int]],
+    listener_extra: str = "",
+    **global_: int,
 ) -> str:
     """A splicelb config for measuring: ``[global]`` (no admin endpoint, no per-connection
     log lines, and the keys of ``global_``), then for each (name, port, mode, server port)
-    a listener on 127.0.0.1 and a backend of that one server, both called name."""
+    a listener on 127.0.0.1 (with the lines of ``listener_extra``) and a backend of that
+    one server, both called name."""
     parts = [
         textwrap.dedent(f"""\
         [global]
@@ -232,7 +242,11 @@ def splicelb_toml(
             bind = "{HOST}:{port}"
             mode = "{mode}"
             default_backend = "{name}"
-
+            """)
+        )
+        parts.append(listener_extra)
+        parts.append(
+            textwrap.dedent(f"""
             [[backends]]
             name = "{name}"
 
@@ -266,15 +280,21 @@ def splicelb_argv(config: Path, workdir: Path) -> list[str]:
     return unprivileged([sys.executable, "-m", "lb", "run", "-c", str(config)], scratch)
 
 
-def start_splicelb(workers: int, backends: Backends, tmp: Path, run_id: str) -> Target:
-    workdir, runtime = splicelb_workdir(tmp, f"splicelb-{run_id}")
+def start_splicelb(
+    workers: int, backends: Backends, tmp: Path, run_id: str, variant: str = "splicelb"
+) -> Target:
+    """splicelb, or one of its ``SPLICELB_VARIANTS``."""
+    workdir, runtime = splicelb_workdir(tmp, f"{variant}-{run_id}")
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
     modes = {"bulk": "tcp", "http": "tcp", "ws": "http"}
     listeners = [(name, ports[name], modes[name], backends.ports[name]) for name in ports]
     config = workdir / "splicelb.toml"
-    config.write_text(splicelb_toml(runtime, workers, listeners, maxconn=20000, drain_timeout=1))
-    proc = Proc("splicelb", splicelb_argv(config, workdir), workdir)
-    target = Target("splicelb", ports, proc, workdir, backends)
+    extra = SPLICELB_VARIANTS[variant]
+    config.write_text(
+        splicelb_toml(runtime, workers, listeners, extra, maxconn=20000, drain_timeout=1)
+    )
+    proc = Proc(variant, splicelb_argv(config, workdir), workdir)
+    target = Target(variant, ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "splicelb's listeners")
         wait_until(
@@ -396,8 +416,8 @@ def start_target(
     if name == "direct":
         return Target("direct", dict(backends.ports), backends=backends)
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
-    if name == "splicelb":
-        return start_splicelb(workers, backends, tmp, run_id)
+    if name in SPLICELB_VARIANTS:
+        return start_splicelb(workers, backends, tmp, run_id, name)
     if name in ("floor", "floor-copy"):
         return start_floor(workers, backends, tmp, run_id, copy=name == "floor-copy")
     processes = name == "haproxy-procs"
