@@ -716,8 +716,7 @@ CASES = [
     ),
     (
         config(listener='client_rate = "20/s"'),
-        "listeners[0].client_rate: expected a number of connections per second, "
-        "got string '20/s'",
+        "listeners[0].client_rate: expected a number of connections per second, got string '20/s'",
     ),
     (
         config(listener="client_rate = 20\nclient_burst = 0"),

@@ -174,7 +174,10 @@ class ClientTable:
         # GCRA: admitted while the bucket's time, moved on by one interval, is at most
         # ``burst`` intervals ahead of now.
         self.tolerance = (burst - 1) * self.interval
-        self.over_maxconn = Refusal(f"client limit: {maxconn} open connections", CONN_RETRY_AFTER)
+        plural = "s" if maxconn != 1 else ""
+        self.over_maxconn = Refusal(
+            f"client limit: {maxconn} open connection{plural}", CONN_RETRY_AFTER
+        )
         self.rate_reason = f"client rate: {rate:g}/s"
         self.on_full = on_full
         self.full = False  # told the operator already

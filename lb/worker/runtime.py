@@ -127,15 +127,19 @@ def client_tables(
 ) -> list[ClientTable | None]:
     """Each listener's client limits as the worker in ``slot`` counts them (None: it has
     none), in the pool's tables, one per listener that has limits, in the config's order;
-    ``on_full(listener, entries)`` when its table is first found full."""
+    ``on_full(listener, entries)`` when its table is first found full.  A pool made
+    before client tables existed (a worker of a generation started by the previous
+    release, replaced after an upgrade) has none: its listeners are not limited."""
     tables: list[ClientTable | None] = []
+    made = pool.geometry.client_tables
     for lc in config.listeners:
-        if not lc.limits_clients:
+        number = sum(1 for t in tables if t is not None)
+        if not lc.limits_clients or number >= made:
             tables.append(None)
             continue
         table = ClientTable(
             pool,
-            sum(1 for t in tables if t is not None),
+            number,
             slot,
             lc.client_maxconn,
             lc.client_rate,
