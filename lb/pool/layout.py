@@ -223,9 +223,9 @@ class Geometry:
         self.client_entries = client_entries
         self.entry_words = entry_words(nslots)
         # A table's entries: the places, and the CLIENT_PROBES - 1 a search may go past them.
-        self.table_words = (client_entries + CLIENT_PROBES - 1) * self.entry_words
-        if not client_tables:
-            self.table_words = 0
+        self.table_words = (
+            (client_entries + CLIENT_PROBES - 1) * self.entry_words if client_tables else 0
+        )
         self.total_words = self.clients_off + client_tables * self.table_words
 
     def record(self, server: int) -> int:

@@ -390,7 +390,8 @@ class Connection:
 
     def answer(self, status: int, reason: str, text: str = "", retry_after: int = 0) -> None:
         """Answer with the balancer's own response (http) or just close (tcp); the
-        response says ``text`` (default: the ``reason`` that is logged)."""
+        response says ``text`` (default: the ``reason`` that is logged), and
+        ``Retry-After`` if ``retry_after`` is given."""
         if self.listener.mode == "tcp":
             self._drop(reason, status)
             return
