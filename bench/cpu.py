@@ -36,7 +36,9 @@ fields, ``splicelb-address`` adds them and sends a PROXY v2 header to nginx
 the within-round ratio one to that balancer (``vs_NAME``), e.g.
 ``--balancers splicelb-http,splicelb-address --baseline splicelb-http
 --loads close --rounds 5``: the cost of telling the servers the client's
-address, on new connections per second."""
+address, on new connections per second; ``splicelb-limits`` has client
+limits set too high to refuse anyone (``--balancers splicelb,splicelb-limits
+--baseline splicelb``: what counting clients costs)."""
 
 from __future__ import annotations
 
@@ -313,6 +315,13 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def versus(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> float:
+    """The median, over the rounds, of a balancer's rate over ``baseline``'s rate in the
+    same round."""
+    ratios: list[float] = [r["rate"] / b["rate"] for r, b in zip(runs, baseline, strict=True)]
+    return round(statistics.median(ratios), 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="seconds per wrk run (5)")
@@ -326,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "--balancers",
         default="splicelb,haproxy",
         help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy, splicelb-http,"
-        " splicelb-address (default: splicelb,haproxy)",
+        " splicelb-address, splicelb-limits (default: splicelb,haproxy)",
     )
     parser.add_argument(
         "--loads", default="keepalive,close", help="wrk loads: keepalive, close or both (default)"
@@ -364,13 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if base in rows:  # the machine's speed drifts between rounds: compare within each
             for name, by_load in rows.items():
                 for load, runs in by_load.items():
-                    result[name][load][f"vs_{base}"] = round(
-                        statistics.median(
-                            row["rate"] / b["rate"]
-                            for row, b in zip(runs, rows[base][load], strict=True)
-                        ),
-                        3,
-                    )
+                    result[name][load][f"vs_{base}"] = versus(runs, rows[base][load])
         return json.dumps(result, indent=2)
 
     return scratch_main("splicelb-cpu-", body)

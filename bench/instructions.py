@@ -20,7 +20,9 @@ connections, so that turns carry several connections' events as under
 fill).  Work done once per loop turn (the wait, the counters' publication)
 then counts for a fraction of a connection, as it does under load.  ``--mode
 http`` makes the connections' listener an http one (the head is read, routed
-and forwarded with its forwarded fields), to count what that path costs.
+and forwarded with its forwarded fields), to count what that path costs.  With
+``--limits`` the listeners have client limits (set too high to refuse anyone):
+the difference is what the limits cost per connection.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from bench.procs import (
     scratch_main,
     wait_until,
 )
-from bench.servers import listening_ports, splicelb_toml
+from bench.servers import CLIENT_LIMITS, listening_ports, splicelb_toml
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
@@ -163,7 +165,12 @@ def part(path: Path, top: int) -> dict[str, Any]:
 
 
 def measure(
-    count: int, top: int, tmp: Path, concurrency: int = 1, mode: str = "tcp"
+    count: int,
+    top: int,
+    tmp: Path,
+    concurrency: int = 1,
+    mode: str = "tcp",
+    limits: bool = False,
 ) -> dict[str, Any]:
     closer, close_port = backend(echo=False)
     echoer, echo_port = backend(echo=True)
@@ -171,7 +178,8 @@ def measure(
     config = tmp / "splicelb.toml"
     listeners = [("close", port, mode, close_port), ("echo", echo_front, "tcp", echo_port)]
     # busy_poll_us = 0: count each connection's work, not the polls between clients
-    config.write_text(splicelb_toml(runtime, 1, listeners, busy_poll_us=0))
+    extra = {name: (CLIENT_LIMITS, "") for name, *_ in listeners} if limits else None
+    config.write_text(splicelb_toml(runtime, 1, listeners, extra, busy_poll_us=0))
     out = tmp / "callgrind"
     out.mkdir()
     valgrind = [
@@ -218,6 +226,7 @@ def measure(
         "count": count,
         "concurrency": concurrency,
         "mode": mode,
+        "client_limits": limits,
         "per_connection": round(conns["total"] / count),
         "per_round_trip": round(trips["total"] / count),
         "top_per_connection": [(f, round(n / count)) for f, n in conns["top"]],
@@ -248,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the connections' listener: tcp (spliced at once, default) or http (head read)",
     )
     parser.add_argument("--top", type=int, default=15, help="costliest C functions to list (15)")
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="with client limits on the listeners (set too high to refuse): what they cost",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
@@ -255,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     def body(tmp: Path) -> str:
         if shutil.which("valgrind") is None:
             install_debian(["valgrind"])
-        return json.dumps(measure(args.count, args.top, tmp, args.concurrency, args.mode), indent=2)
+        result = measure(args.count, args.top, tmp, args.concurrency, args.mode, args.limits)
+        return json.dumps(result, indent=2)
 
     return scratch_main("splicelb-instr-", body)
 

@@ -96,6 +96,14 @@ class Listener:
     forwarded_headers: bool = True  # http: X-Forwarded-* and Forwarded in the forwarded head
     trusted_proxies: tuple[str, ...] = ()  # CIDRs (normalized) whose forwarding is trusted
     accept_proxy: bool = False  # a PROXY header is required from trusted_proxies (lb.proto.proxy)
+    # Per client address (an IPv6 one by its /64), shared by all workers (lb.pool.clients):
+    client_maxconn: int = 0  # open connections; 0 = no limit
+    client_rate: float = 0.0  # new connections per second; 0 = no limit
+    client_burst: int = 0  # new connections at once, the bucket's size (0 only without a rate)
+
+    @property
+    def limits_clients(self) -> bool:
+        return bool(self.client_maxconn or self.client_rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +339,9 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         forwarded_headers=t.get("forwarded_headers", (bool,), "a boolean", False) is not False,
         trusted_proxies=_parse_trusted_proxies(t),
         accept_proxy=t.get("accept_proxy", (bool,), "a boolean", False) is True,
+        client_maxconn=t.integer("client_maxconn", 0, 0),
+        client_rate=(rate := _parse_client_rate(t)),
+        client_burst=_parse_client_burst(t, rate),
     )
     if listener.mode == "tcp":
         why = 'needs mode = "http" (a tcp listener does not read the request)'
@@ -354,6 +365,26 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         )
     t.finish()
     return listener
+
+
+def _parse_client_rate(t: Table) -> float:
+    """New connections per second per client; 0: no limit."""
+    rate = t.get("client_rate", (int, float), "a number of connections per second", False)
+    if rate is None:
+        return 0.0
+    if not math.isfinite(rate) or rate < 0:
+        t.problem("client_rate", f"must be a number of connections per second >= 0, got {rate}")
+        return 0.0
+    return float(rate)
+
+
+def _parse_client_burst(t: Table, rate: float) -> int:
+    """How many new connections a client may open at once (the bucket's size); default
+    one second's worth of ``client_rate``, at least 1; it needs a rate to refill it."""
+    burst = t.integer("client_burst", max(1, math.ceil(rate)) if rate else 0, 1)
+    if "client_burst" in t.data and not rate:
+        t.problem("client_burst", "needs client_rate (the rate at which the burst refills)")
+    return burst
 
 
 def _parse_status(value: Any) -> tuple[int, int] | str:

@@ -311,6 +311,34 @@ def test_a_route_host_is_kept_in_normal_form(tmp_path: Path, written: str, host:
     assert cfg.listeners[0].routes == (Route("app", host=host, path_prefix="/ws/"),)
 
 
+def test_client_limits_are_off_by_default(tmp_path: Path) -> None:
+    (listener,) = load_config(write(tmp_path, config())).listeners
+    assert (listener.client_maxconn, listener.client_rate, listener.client_burst) == (0, 0.0, 0)
+    assert not listener.limits_clients
+
+
+@pytest.mark.parametrize(
+    ("lines", "maxconn", "rate", "burst"),
+    [
+        ("client_maxconn = 10", 10, 0.0, 0),
+        ("client_rate = 20", 0, 20.0, 20),  # burst: a second's worth
+        ("client_rate = 0.5", 0, 0.5, 1),  # ... at least one
+        ("client_rate = 2.5\nclient_burst = 40\nclient_maxconn = 100", 100, 2.5, 40),
+        ("client_rate = 0", 0, 0.0, 0),
+    ],
+)
+def test_client_limits_load(
+    tmp_path: Path, lines: str, maxconn: int, rate: float, burst: int
+) -> None:
+    (listener,) = load_config(write(tmp_path, config(listener=lines))).listeners
+    assert (listener.client_maxconn, listener.client_rate, listener.client_burst) == (
+        maxconn,
+        rate,
+        burst,
+    )
+    assert listener.limits_clients == bool(maxconn or rate)
+
+
 def test_health_table_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, config(health="[backends.health]")))
     assert cfg.backends[0].health == HealthCheck(type="http")
@@ -830,6 +858,39 @@ CASES = [
     (
         config(listener="max_tunel_age = 60"),
         "listeners[0].max_tunel_age: unknown key (did you mean 'max_tunnel_age'?)",
+    ),
+    # client limits
+    (
+        config(listener="client_maxconn = -1"),
+        "listeners[0].client_maxconn: must be >= 0, got -1",
+    ),
+    (
+        config(listener="client_maxconn = 1.5"),
+        "listeners[0].client_maxconn: expected an integer, got float 1.5",
+    ),
+    (
+        config(listener="client_rate = -2"),
+        "listeners[0].client_rate: must be a number of connections per second >= 0, got -2",
+    ),
+    (
+        config(listener="client_rate = inf"),
+        "listeners[0].client_rate: must be a number of connections per second >= 0, got inf",
+    ),
+    (
+        config(listener='client_rate = "20/s"'),
+        "listeners[0].client_rate: expected a number of connections per second, got string '20/s'",
+    ),
+    (
+        config(listener="client_rate = 20\nclient_burst = 0"),
+        "listeners[0].client_burst: must be >= 1, got 0",
+    ),
+    (
+        config(listener="client_burst = 50"),
+        "listeners[0].client_burst: needs client_rate (the rate at which the burst refills)",
+    ),
+    (
+        config(listener="client_max_conn = 10"),
+        "listeners[0].client_max_conn: unknown key (did you mean 'client_maxconn'?)",
     ),
     (
         config(backend='on_server_down = "drop"'),

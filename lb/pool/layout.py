@@ -35,7 +35,10 @@ per worker, and the carried block.  Every part has exactly one writer:
   listener; the active words stay zero: an open connection is never carried),
   followed by one accepted count per slot; ``K_FOLDS`` is the number of the
   last fold it holds (folds are numbered 1, 2, ... over the instance's life);
-* ``H_FOLDED``: the supervisor, once, when the generation has finished.
+* ``H_FOLDED``: the supervisor, once, when the generation has finished;
+* the client tables (one per listener with a client limit, at the end of the
+  file): every worker, each word written as a whole, and each open count by
+  one worker only; :mod:`lb.pool.clients` says why that is enough.
 
 Totals that outlive reloads
 ---------------------------
@@ -66,6 +69,10 @@ generation created after the reader listed the files, unless it is the
 current one, is counted from the next read on: a total late, never one that
 falls.  Each total is a sum of words that only grow: it never goes backwards
 while the instance runs.
+
+Parts added since this layout version are found through header words that a
+file of an earlier release holds as zero (``H_CLIENT_TABLES``): such a file
+still opens, and has none of them.
 
 Everything is 8-byte aligned and addressed through ``memoryview.cast("Q")``
 and ``cast("d")`` views, so a single counter update is one index store.
@@ -109,6 +116,8 @@ H_PROBER_PID, H_PROBER_BEAT = 13, 14  # BEAT is a double (monotonic seconds)
 H_NLISTENERS, H_RESTARTS, H_RELOADS = 15, 16, 17
 H_HANDOVER_TO = 18  # a retiring generation's workers hand their tunnels to this one (0: none)
 H_FOLDED = 19  # the fold that put this finished generation's slots in the carried totals (0: none)
+H_CLIENT_TABLES, H_CLIENT_ENTRIES = 20, 21  # client tables, and entries in each (0: none)
+H_CLIENT_SEED = 22  # the odd multiplier that spreads clients over a table, drawn at creation
 HEADER_WORDS: Final = 24
 
 # Server health record (prober-written), words by index.
@@ -135,7 +144,8 @@ S_PID, S_GENERATION, S_BEAT, S_STATE, S_CONNECTIONS, S_ACCEPTED = 0, 1, 2, 3, 4,
 S_SUSPECT_VERSION: Final = 6
 S_ADOPTED: Final = 7  # tunnels this worker adopted from an older generation (handover)
 S_ANSWERS: Final = 8  # up to 8 words: counts of the statuses in ANSWER_STATUSES
-ANSWER_STATUSES: Final = (400, 403, 408, 431, 500, 503, 0)  # 0: any other
+# 0: any other.  A status is added at the end, in a word earlier files hold as zero (all 8 used).
+ANSWER_STATUSES: Final = (400, 403, 408, 431, 500, 503, 0, 429)
 SLOT_HEADER_WORDS: Final = 16
 
 # Worker slot state values.
@@ -167,6 +177,13 @@ LISTENER_TOTALS: Final = (C_TOTAL, C_BYTES_IN, C_BYTES_OUT)
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 HIST_WORDS: Final = len(LATENCY_BUCKETS) + 2
 
+# Client tables (lb.pool.clients): all of a pool's together take at most CLIENT_TABLE_BYTES.
+CLIENT_TABLE_BYTES: Final = 1 << 20
+# A client entry: words by index, then one 4-byte count of open connections per worker slot.
+E_KEY, E_TAT = 0, 1  # TAT is a double (monotonic seconds)
+ENTRY_HEADER_WORDS: Final = 2
+CLIENT_PROBES: Final = 16  # entries a client is looked for in, from the place its hash gives
+
 _TEXT = struct.Struct(f"{TEXT_BYTES}s")
 
 
@@ -181,6 +198,10 @@ class Geometry:
         "admin_off",
         "carried_off",
         "carried_words",
+        "client_entries",
+        "client_tables",
+        "clients_off",
+        "entry_words",
         "health_off",
         "hist_off",
         "names_len",
@@ -191,12 +212,21 @@ class Geometry:
         "record_words",
         "slot_words",
         "slots_off",
+        "table_words",
         "text_off",
         "total_words",
         "up_at",
     )
 
-    def __init__(self, nservers: int, nslots: int, names_len: int, nlisteners: int = 0) -> None:
+    def __init__(
+        self,
+        nservers: int,
+        nslots: int,
+        names_len: int,
+        nlisteners: int = 0,
+        client_tables: int = 0,
+        client_entries: int = 0,
+    ) -> None:
         self.nservers = nservers
         self.nslots = nslots
         self.names_len = names_len
@@ -211,12 +241,27 @@ class Geometry:
         self.slot_words = SLOT_HEADER_WORDS + nservers * COUNTER_WORDS + nlisteners * LISTENER_WORDS
         self.carried_off = self.slots_off + nslots * self.slot_words
         self.carried_words = self.slot_words + nslots
-        self.total_words = self.carried_off + self.carried_words
+        self.clients_off = self.carried_off + self.carried_words
+        self.client_tables = client_tables
+        self.client_entries = client_entries
+        self.entry_words = entry_words(nslots)
+        # A table's entries: the places, and the CLIENT_PROBES - 1 a search may go past them.
+        self.table_words = (
+            (client_entries + CLIENT_PROBES - 1) * self.entry_words if client_tables else 0
+        )
+        self.total_words = self.clients_off + client_tables * self.table_words
 
     @classmethod
     def older(cls, header: list[int], version: int) -> Geometry:
         """An older layout's geometry (see ``OLDEST_READABLE``), from its header."""
-        geo = cls(header[H_NSERVERS], header[H_NSLOTS], header[H_NAMES_LEN], header[H_NLISTENERS])
+        geo = cls(
+            header[H_NSERVERS],
+            header[H_NSLOTS],
+            header[H_NAMES_LEN],
+            header[H_NLISTENERS],
+            header[H_CLIENT_TABLES],
+            header[H_CLIENT_ENTRIES],
+        )
         geo.record_words, geo.text_off, geo.up_at = OLDER_RECORDS.get(
             version, (RECORD_WORDS, R_TEXT_OFF, R_UP_AT)
         )
@@ -226,7 +271,8 @@ class Geometry:
         geo.hist_off = geo.slots_off - geo.nservers * HIST_WORDS  # histograms precede slots
         geo.carried_off = geo.slots_off + geo.nslots * geo.slot_words
         geo.carried_words = geo.slot_words + geo.nslots
-        geo.total_words = geo.carried_off + geo.carried_words
+        geo.clients_off = geo.carried_off + geo.carried_words
+        geo.total_words = geo.clients_off + geo.client_tables * geo.table_words
         return geo
 
     def record(self, server: int) -> int:
@@ -255,6 +301,24 @@ class Geometry:
 
     def histogram(self, server: int) -> int:
         return self.hist_off + server * HIST_WORDS
+
+    def client_table(self, table: int) -> int:
+        return self.clients_off + table * self.table_words
+
+
+def entry_words(nslots: int) -> int:
+    """The words of a client entry: its header, then a 4-byte count per worker slot."""
+    return ENTRY_HEADER_WORDS + (nslots + 1) // 2
+
+
+def client_entries(tables: int, nslots: int) -> int:
+    """The places a client's hash may send it to in each of ``tables`` client tables: as
+    many as fit in ``CLIENT_TABLE_BYTES`` with the ``CLIENT_PROBES - 1`` entries that
+    follow the last place (a search never wraps around)."""
+    if not tables:
+        return 0
+    fit = CLIENT_TABLE_BYTES // (tables * entry_words(nslots) * 8)
+    return max(1, fit - (CLIENT_PROBES - 1))
 
 
 def encode_text(text: str) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import secrets
 import time
 from array import array
 from collections.abc import Iterable
@@ -62,6 +63,7 @@ class Pool:
         self.raw = memoryview(mm)
         self.q = self.raw.cast("Q")
         self.d = self.raw.cast("d")
+        self.i = self.raw.cast("I")  # the client tables' open counts (4 bytes each)
         q = self.q
         self.version = version = q[L.H_VERSION]
         if q[L.H_MAGIC] != L.MAGIC or not L.OLDEST_READABLE <= version <= L.LAYOUT_VERSION:
@@ -73,6 +75,8 @@ class Pool:
                 nslots=q[L.H_NSLOTS],
                 names_len=q[L.H_NAMES_LEN],
                 nlisteners=q[L.H_NLISTENERS],
+                client_tables=q[L.H_CLIENT_TABLES],
+                client_entries=q[L.H_CLIENT_ENTRIES],
             )
         else:  # a generation of the code before an upgrade
             self.geometry = L.Geometry.older(q[: L.HEADER_WORDS].tolist(), version)
@@ -80,11 +84,27 @@ class Pool:
         self.names: dict[str, Any] = orjson.loads(bytes(self.raw[start : start + q[L.H_NAMES_LEN]]))
 
     @classmethod
-    def create(cls, path: str, names: dict[str, Any], nservers: int, nslots: int) -> Pool:
-        """Write a new pool file atomically (temp file, then rename) and map it."""
+    def create(
+        cls,
+        path: str,
+        names: dict[str, Any],
+        nservers: int,
+        nslots: int,
+        client_tables: int = 0,
+        client_entries: int | None = None,
+    ) -> Pool:
+        """Write a new pool file atomically (temp file, then rename) and map it.
+
+        ``client_tables``: how many listeners limit their clients (lb.pool.clients), each
+        a table of ``client_entries`` places (default: as many as fit the layout's bound).
+        """
         blob = orjson.dumps(names)
         nlisteners = len(names.get("listeners", ()))
-        geo = L.Geometry(nservers, nslots, len(blob), nlisteners)
+        if client_entries is None:
+            client_entries = L.client_entries(client_tables, nslots)
+        if not client_tables:
+            client_entries = 0
+        geo = L.Geometry(nservers, nslots, len(blob), nlisteners, client_tables, client_entries)
         size = geo.total_words * 8
         tmp = f"{path}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
@@ -102,6 +122,8 @@ class Pool:
                 q[L.H_HEALTH_OFF], q[L.H_ADMIN_OFF] = geo.health_off, geo.admin_off
                 q[L.H_SLOTS_OFF], q[L.H_SLOT_SIZE] = geo.slots_off, geo.slot_words
                 q[L.H_NLISTENERS] = nlisteners
+                q[L.H_CLIENT_TABLES], q[L.H_CLIENT_ENTRIES] = client_tables, client_entries
+                q[L.H_CLIENT_SEED] = secrets.randbits(64) | 1
                 mm[geo.names_off * 8 : geo.names_off * 8 + len(blob)] = blob
                 q.release()
             os.rename(tmp, path)
@@ -126,7 +148,7 @@ class Pool:
         return cls(path, mm)
 
     def close(self) -> None:
-        for view in (self.q, self.d, self.raw):
+        for view in (self.q, self.d, self.i, self.raw):
             view.release()
         self._mm.close()
 
@@ -407,10 +429,11 @@ class Totals:
         return {name: self.words[at + word] for name, word in L.LISTENER_COUNTERS}
 
     def answers(self) -> dict[int, int]:
-        """The balancer's own answers by status (those counted as "other" left out)."""
+        """The balancer's own answers by status, in order (those counted as "other" left
+        out)."""
         return {
             status: self.words[L.S_ANSWERS + i]
-            for i, status in enumerate(L.ANSWER_STATUSES)
+            for i, status in sorted(enumerate(L.ANSWER_STATUSES), key=lambda pair: pair[1])
             if status
         }
 
@@ -477,4 +500,5 @@ def names_table(config: Config, generation: int) -> dict[str, Any]:
 
 def create_pool(path: str, config: Config, generation: int, nslots: int) -> Pool:
     names = names_table(config, generation)
-    return Pool.create(path, names, names["nservers"], nslots)
+    tables = sum(1 for lc in config.listeners if lc.limits_clients)
+    return Pool.create(path, names, names["nservers"], nslots, tables)

@@ -10,7 +10,9 @@ sets its deadline in the worker's :class:`~lb.worker.deadlines.Deadlines`,
 which calls :meth:`Connection.expire` when it comes due.  A connection knows
 the worker only through its :class:`Context`: the loop, the deadlines, the
 backends, and the callbacks through which it reports back.  A connection goes
-through at most four steps:
+through at most four steps, after its client's limits (a listener's
+``client_maxconn`` and ``client_rate``: :mod:`lb.pool.clients`), which answer
+429 (http, before the head is read) or close (tcp) a connection over one:
 
 1. head (``mode = "http"`` only): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim.
@@ -57,6 +59,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from lb.pool.clients import UNCOUNTED, ClientTable
 from lb.proto.forwarded import forwarded_head
 from lb.proto.http1 import Head, HeadSniffer, Reject
 from lb.proto.proxy import NOT_PROXY, ProxyHeader, ProxyReader, ProxyReject, looks_like_proxy
@@ -80,19 +83,23 @@ _PHRASES = {
     400: "Bad Request",
     403: "Forbidden",
     408: "Request Timeout",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
 
-def response(status: int, text: str) -> bytes:
-    """A short HTTP/1.1 answer of the balancer's own, closing the connection."""
+def response(status: int, text: str, retry_after: int = 0) -> bytes:
+    """A short HTTP/1.1 answer of the balancer's own, closing the connection;
+    ``retry_after``: seconds the client is told to wait (``Retry-After``), if any."""
     body = f"{status} {_PHRASES[status]}: {text}\n".encode()
+    retry = f"Retry-After: {retry_after}\r\n" if retry_after else ""
     return (
         f"HTTP/1.1 {status} {_PHRASES[status]}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
+        f"{retry}"
         "Connection: close\r\n\r\n"
     ).encode() + body
 
@@ -152,6 +159,7 @@ class Connection:
         "sniffer",
         "sock",
         "started",
+        "ticket",
         "timeouts",
         "tried",
         "tunnel",
@@ -185,18 +193,44 @@ class Connection:
         self.request = b""  # what goes to the server before the splice (see _route)
         self.pending = b""  # what of it is still to send
         self.finished = False
+        self.ticket = UNCOUNTED  # where its client's count holds it (lb.pool.clients)
 
     def start(self) -> None:
         listener = self.listener
         if listener.accept_proxy and self.addr[0] in listener.trusted:
-            self.proxy = ProxyReader()  # required before anything else: see _proxy_header
-        elif listener.mode == "tcp":
-            self._route(listener.default_backend)
-            return
+            # required before anything else (see _proxy_header); its client's limits
+            # are counted once it has said who the client is
+            self.proxy = ProxyReader()
+        else:
+            clients = listener.clients
+            if clients is not None and not self.admit(clients):
+                return
+            if listener.mode == "tcp":
+                self._route(listener.default_backend)
+                return
         if listener.mode == "http":
             self.sniffer = HeadSniffer()
         self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
+
+    def admit(self, clients: ClientTable) -> bool:
+        """Count the connection against its client's limits, by ``addr`` (the client's
+        address, whatever told it); over a limit it is answered 429 (http: before its
+        head is read) or closed (tcp), and False returned."""
+        ticket = clients.admit(self.addr[0], self.started)
+        if isinstance(ticket, int):
+            self.ticket = ticket
+            return True
+        self.answer(429, ticket.reason, retry_after=ticket.retry_after)
+        return False
+
+    def release_client(self) -> None:
+        """Its client's count no longer holds it: it ended, or went to another worker."""
+        ticket, self.ticket = self.ticket, UNCOUNTED
+        if ticket >= 0:
+            clients = self.listener.clients
+            assert clients is not None  # a ticket comes from its listener's table
+            clients.release(ticket)
 
     # -- 1. head ---------------------------------------------------------------
 
@@ -277,6 +311,9 @@ class Connection:
             self.bytes_in += event.length
             if event.source is not None:  # else LOCAL or UNKNOWN: the peer's own addresses
                 self.addr, self.local = event.source, event.destination
+            clients = self.listener.clients
+            if clients is not None and not self.admit(clients):
+                return None
             return proxy.rest
         if isinstance(event, ProxyReject):
             if event.reason == NOT_PROXY:
@@ -488,15 +525,16 @@ class Connection:
 
     # -- answers and endings -----------------------------------------------------
 
-    def answer(self, status: int, reason: str, text: str = "") -> None:
+    def answer(self, status: int, reason: str, text: str = "", retry_after: int = 0) -> None:
         """Answer with the balancer's own response (http) or just close (tcp); the
-        response says ``text`` (default: the ``reason`` that is logged)."""
+        response says ``text`` (default: the ``reason`` that is logged), and
+        ``Retry-After`` if ``retry_after`` is given."""
         if self.listener.mode == "tcp":
             self._drop(reason, status)
             return
         fd, self.fd = self.fd, -1
         try:
-            sent = os.write(fd, response(status, text or reason))
+            sent = os.write(fd, response(status, text or reason, retry_after))
         except OSError:
             sent = 0
         Linger(self.loop, fd)

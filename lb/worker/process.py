@@ -74,6 +74,7 @@ from lb.worker.runtime import (
     ListenerRuntime,
     build_backends,
     build_listeners,
+    client_tables,
     format_peer,
 )
 from lb.worker.splice import Pump, Tunnel
@@ -140,8 +141,9 @@ class Worker:
         self.departures = Departures(pool, close_on_down, self.closer, config.global_.close_spread)
         live = {server for backend in self.backends.values() for server in backend.live}
         self.tally = Tally(pool, slot, loop, live)
+        self.clients = client_tables(config, pool, slot, self._client_table_full)
         self.listeners: list[ListenerRuntime] = build_listeners(
-            config, sockets, self.tally.listener_ats
+            config, sockets, self.tally.listener_ats, self.clients
         )
         self.acceptor = Acceptor(
             loop, pool, self.tally, self.listeners, slot, workers, maxconn, self._accepted, log
@@ -173,6 +175,9 @@ class Worker:
     def run(self) -> int:
         loop = self.loop
         self.tally.start(self.generation)
+        for table in self.clients:  # a predecessor in this slot left counts of its own
+            if table is not None:
+                table.reset()
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.add_signal_handler(signal.SIGUSR1, self.close_spread)
@@ -371,6 +376,7 @@ class Worker:
         conn.finished = True
         self.closer.forget(conn)  # its max age, its close on this worker's drain: the adopter's
         self.tally.finished(conn.listener.tally_at, conn.server, None, 0, 0)
+        conn.release_client()  # the adopter counts it against its client from now on
         self.handed += 1
         if self._drained():
             self._handover_done()
@@ -405,6 +411,8 @@ class Worker:
         )
         conn.tunnel = tunnel
         self.tally.adopted_tunnel(server, listener.tally_at)
+        if listener.clients is not None:  # counted against its client here from now on
+            conn.ticket = listener.clients.adopt(conn.addr[0])
         self.connections.add(conn)
         tunnel.resume(*flows_of(state, fds))
         if self.ctx.max_age is not None:  # its age counts from when it first opened
@@ -480,6 +488,8 @@ class Worker:
         self.tally.finished(
             conn.listener.tally_at, conn.server if spliced else -1, status, conn.bytes_in, bytes_out
         )
+        if conn.ticket >= 0:
+            conn.release_client()
         log_conn = self.log_conn
         if log_conn is not None:
             log_conn(
@@ -502,6 +512,14 @@ class Worker:
             acceptor.resume()  # below the cap again
         if self.receiver is not None and self.receiver.channels:
             self.receiver.release()
+
+    def _client_table_full(self, listener: str, entries: int) -> None:
+        self.log.warning(
+            "client_table_full",
+            listener=listener,
+            entries=entries,
+            effect="clients the table has no room for are not limited",
+        )
 
     def _connect_failed(self, conn: Connection, why: str) -> None:
         """Passive health: mark the server suspect so every worker avoids it."""

@@ -8,11 +8,14 @@ counts other workers read as they change (see :mod:`lb.worker.tally`).
 
 from __future__ import annotations
 
+import functools
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lb.config import Backend, Config
+from lb.pool.clients import ClientTable
 from lb.pool.select import (
     SUSPECT_HOLD_UNCHECKED,
     BackendPicker,
@@ -46,6 +49,7 @@ class ListenerRuntime:
     accept_proxy: bool = False  # its trusted peers must send a PROXY header first
     trusted: TrustedProxies = NO_TRUSTED
     local: tuple[Any, ...] | None = None  # its bind address; None: a wildcard (ask the socket)
+    clients: ClientTable | None = None  # its client limits, if it has any
 
 
 @dataclass(slots=True)
@@ -140,9 +144,13 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
 
 
 def build_listeners(
-    config: Config, sockets: dict[str, list[socket.socket]], tally_at: list[int]
+    config: Config,
+    sockets: dict[str, list[socket.socket]],
+    tally_at: list[int],
+    clients: list[ClientTable | None] | None = None,
 ) -> list[ListenerRuntime]:
-    """``tally_at``: where each listener's counters start in the tally, by listener index."""
+    """``tally_at``: where each listener's counters start in the tally, by listener index;
+    ``clients``: their client limits (see ``client_tables``), by listener index."""
     return [
         ListenerRuntime(
             index=i,
@@ -158,9 +166,38 @@ def build_listeners(
             accept_proxy=lc.accept_proxy,
             trusted=TrustedProxies(lc.trusted_proxies),
             local=None if lc.bind.sockaddr[0] in WILDCARDS else lc.bind.sockaddr,
+            clients=clients[i] if clients else None,
         )
         for i, lc in enumerate(config.listeners)
     ]
+
+
+def client_tables(
+    config: Config, pool: Pool, slot: int, on_full: Callable[[str, int], None]
+) -> list[ClientTable | None]:
+    """Each listener's client limits as the worker in ``slot`` counts them (None: it has
+    none), in the pool's tables, one per listener that has limits, in the config's order;
+    ``on_full(listener, entries)`` when its table is first found full.  A pool made
+    before client tables existed (a worker of a generation started by the previous
+    release, replaced after an upgrade) has none: its listeners are not limited."""
+    tables: list[ClientTable | None] = []
+    made = pool.geometry.client_tables
+    for lc in config.listeners:
+        number = sum(1 for t in tables if t is not None)
+        if not lc.limits_clients or number >= made:
+            tables.append(None)
+            continue
+        table = ClientTable(
+            pool,
+            number,
+            slot,
+            lc.client_maxconn,
+            lc.client_rate,
+            lc.client_burst,
+            functools.partial(on_full, lc.name),
+        )
+        tables.append(table)
+    return tables
 
 
 def format_peer(addr: tuple[Any, ...]) -> str:

@@ -32,7 +32,7 @@ from lb.worker.loop import Loop
 
 PUBLISH_DELAY = 0.01  # longest the slot's counters lag behind the worker's tally
 _ANSWER_INDEX = {status: i for i, status in enumerate(L.ANSWER_STATUSES)}
-_OTHER_ANSWER = len(L.ANSWER_STATUSES) - 1
+_OTHER_ANSWER = L.ANSWER_STATUSES.index(0)
 
 
 class Tally:

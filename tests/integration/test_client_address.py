@@ -548,3 +548,40 @@ def test_health_checks_reach_a_server_that_requires_proxy(
     }
     # nginx took the checks' header (LOCAL, UNKNOWN: no address to log) and answered them.
     assert wait_until(server.logged, 10, "nginx's access log")[0] == '- 127.0.0.1 "-"'
+
+
+def test_client_limits_count_the_client_a_proxy_names_not_the_proxy(
+    mirror: Mirror, start_lb: Callable[..., SpliceLB]
+) -> None:
+    """Behind an L4 balancer every connection comes from its address: the limit must hold
+    each client named in the PROXY headers, not the balancer."""
+    port = free_port()
+    extra = f'accept_proxy = true\ntrusted_proxies = ["{OTHER}"]\nclient_maxconn = 1'
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{port}", "app", extra=extra),
+            backend("app", [("m1", mirror.address)]),
+            workers=1,
+        ),
+        workers=1,
+    )
+
+    def held_by(client: str) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), 10, source_address=(OTHER, 0))
+        sock.sendall(f"PROXY TCP4 {client} 198.51.100.1 51000 443\r\n".encode())
+        sock.sendall(b"GET /who HTTP/1.1\r\nHost: a\r\n\r\n")  # kept alive: the tunnel stays
+        return sock
+
+    first, second = held_by("203.0.113.9"), held_by("203.0.113.10")  # one each: both served
+    try:
+        assert body(first.recv(65536)).startswith(b"GET /who")
+        assert body(second.recv(65536)).startswith(b"GET /who")
+        with held_by("203.0.113.9") as third:  # the first client's second: over its limit
+            assert clients.status_of(clients.read_all(third)) == 429
+    finally:
+        first.close()
+        second.close()
+    [refused] = wait_until(
+        lambda: [c for c in lb.conns() if c["status"] == 429], 5, "the refused conn line"
+    )
+    assert refused["client"] == "203.0.113.9:51000"

@@ -1,0 +1,45 @@
+"""splicelb's variants in the benchmark: what each adds to the config, and how bench/cpu.py
+compares one with another round by round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.cpu import versus
+from bench.servers import VARIANTS, splicelb_toml
+from lb.config import Config, parse_config, read_toml
+
+LISTENERS = [("bulk", 8001, "tcp", 9001), ("http", 8002, "tcp", 9002), ("ws", 8003, "http", 9003)]
+WRK_CONNECTIONS = 32  # bench/cpu.py's wrk -c
+
+
+def config_of(variant: str | None, tmp_path: Path) -> Config:
+    """The config of splicelb (None) or of a variant: its http listener changed."""
+    listeners, extra = list(LISTENERS), {}
+    if variant is not None:
+        mode, listener_extra, backend_extra, _server = VARIANTS[variant]
+        listeners[1] = ("http", 8002, mode, 9002)
+        extra["http"] = (listener_extra, backend_extra)
+    path = tmp_path / "splicelb.toml"
+    path.write_text(splicelb_toml(tmp_path / "run", 1, listeners, extra))
+    return parse_config(read_toml(path))
+
+
+def test_splicelb_limits_limits_the_measured_listener_and_refuses_none_of_the_benchmark(
+    tmp_path: Path,
+) -> None:
+    plain = config_of(None, tmp_path)
+    limited = config_of("splicelb-limits", tmp_path)
+    assert not any(lc.limits_clients for lc in plain.listeners)
+    [lc] = [lc for lc in limited.listeners if lc.name == "http"]
+    # both limits, each far above what one client of the benchmark does
+    assert lc.client_maxconn > 100 * WRK_CONNECTIONS
+    assert lc.client_rate >= 1e6 and lc.client_burst >= 1e6
+
+
+def test_a_variant_is_compared_with_its_baseline_round_by_round() -> None:
+    """The median of the rounds' ratios, not the ratio of the medians (the machine's speed
+    drifts between rounds)."""
+    variant = [{"rate": 95}, {"rate": 190}, {"rate": 50}]
+    baseline = [{"rate": 100}, {"rate": 200}, {"rate": 40}]
+    assert versus(variant, baseline) == 0.95
