@@ -21,9 +21,15 @@ through at most four steps:
    another, up to ``retries`` times; the balancer's own limits (no descriptor
    for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
    at once, with no server blamed and none tried;
-4. forward the bytes already read, unchanged, with one ``write``, and start a
-   :class:`~lb.worker.splice.Tunnel` (given its close time if its listener has
-   a ``max_tunnel_age``: :class:`~lb.worker.closing.MaxAge`).
+4. forward the bytes already read with one ``write`` (the head through
+   :meth:`Connection.forward_head`, the one place where a head may be changed on
+   its way), and start a :class:`~lb.worker.splice.Tunnel` (given its close
+   time if its listener has a ``max_tunnel_age``:
+   :class:`~lb.worker.closing.MaxAge`).  Unless the first request asks to
+   upgrade, the tunnel's client side reads the requests that follow
+   (:mod:`lb.worker.requests`): each is judged by :meth:`Connection.judge`, as
+   the first was, and goes to the server only if it routes to the
+   connection's server and passes the checks.
 
 Whatever happens, the connection ends in exactly one call to
 ``Context.finish`` (one ``event="conn"`` log line): a rejected or unservable
@@ -53,14 +59,16 @@ from lb.worker.deadlines import Deadlines, Queue
 from lb.worker.limits import LOCAL_ERRNOS
 from lb.worker.limits import reason as limit_reason
 from lb.worker.loop import FAILED, Loop
+from lb.worker.requests import RequestFlow, RequestStream
 from lb.worker.runtime import BackendRuntime, ListenerRuntime
-from lb.worker.splice import Pump, Tunnel, shutdown_write
+from lb.worker.splice import Flow, Pump, Tunnel, shutdown_write
 
 READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
 LINGER_BYTES = 256 * 1024  # ... or until it sent this much more
 SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 ESTABLISHED = b"\x01"  # TCP_ESTABLISHED, as the first byte of TCP_INFO (tcpi_state)
+ORIGIN_REFUSED = Reject(403, "origin not allowed")
 
 _PHRASES = {
     400: "Bad Request",
@@ -126,14 +134,19 @@ class Connection:
         "expires",
         "fd",
         "finished",
+        "head",
         "listener",
         "loop",
         "pending",
         "reading",
+        "refused",
+        "requests",
+        "sent_any",
         "server",
         "sniffer",
         "sock",
         "started",
+        "stream",
         "timeouts",
         "tried",
         "tunnel",
@@ -162,6 +175,11 @@ class Connection:
         self.bytes_in = 0  # from the client: the head, then what the tunnel moved up
         self.bytes_out = 0  # to the client, through the tunnel
         self.pending = b""
+        self.sent_any = False  # the server has taken some of the first send: no retry
+        self.head: Head | None = None  # the first request's, once judged
+        self.stream: RequestStream | None = None  # the requests after it, until the tunnel
+        self.requests: RequestFlow | None = None  # ... then the tunnel's side that reads them
+        self.refused = ""  # why a later request was not forwarded
         self.finished = False
 
     def start(self) -> None:
@@ -201,10 +219,45 @@ class Connection:
             self.answer(event.status, event.reason)
             return
         self.websocket = event.websocket
-        if not self.listener.router.origin_allowed(event):
-            self.answer(403, "origin not allowed")
+        verdict = self.judge(event)
+        if isinstance(verdict, Reject):
+            self.answer(verdict.status, verdict.reason)
             return
-        self._route(self.listener.router.backend_for(event))
+        self.head = event
+        self.backend = verdict
+        self._connect_next()
+
+    def judge(self, event: Head | Reject) -> BackendRuntime | Reject:
+        """A sniffed head, routed and checked: the one judgement of every request on the
+        listener, the first of a connection and each one after it (a Reject passes)."""
+        if isinstance(event, Reject):
+            return event
+        router = self.listener.router
+        if not router.origin_allowed(event):
+            return ORIGIN_REFUSED
+        return self.ctx.backends[router.backend_for(event)]
+
+    def next_request(self, event: Head | Reject) -> str | None:
+        """A later request on this kept-alive connection: None to forward it to this
+        connection's server, else why it is not (see lb.worker.requests).
+
+        A request for this connection's backend stays on its server: with every
+        balance there is, that server is as good a choice as a new pick (``source``
+        would pick it again: the client's address has not changed).
+        """
+        verdict = self.judge(event)
+        if isinstance(verdict, Reject):
+            return f"{verdict.reason} ({verdict.status})"
+        if verdict is not self.backend:
+            return f"routed to backend {verdict.name}"
+        return None
+
+    def forward_head(self, head: Head, raw: bytes) -> bytes:
+        """What goes to the server for a head the client sent as ``raw``: the head as it
+        came.  Every forwarded head goes through here, the first of a connection and each
+        later one; it must be a function of the head and of the connection, for a head
+        that repeats on a connection goes as the bytes made for it the first time."""
+        return raw
 
     def _head_timeout(self) -> None:
         self._stop_reading()
@@ -288,15 +341,31 @@ class Connection:
     def _connected(self) -> None:
         sock = self.sock
         assert sock is not None
-        if self.sniffer is None:  # mode = "tcp": nothing read yet, nothing to forward
+        if self.head is None:  # mode = "tcp": nothing read yet, nothing to forward
             self.sock = None
             self._open_tunnel(sock.detach())
             return
-        head = self.sniffer.buffer
-        self.bytes_in = len(head)
-        self.sniffer = None  # release the head: an idle tunnel keeps no buffers
-        self.pending = head
+        if self.sniffer is not None:  # else a retry: the same bytes to another server
+            self._first_send()
         self._send_pending()
+
+    def _first_send(self) -> None:
+        """What goes to the server first: the head, and whatever the client sent after it,
+        judged request by request unless the head asks to upgrade."""
+        sniffer, head = self.sniffer, self.head
+        assert sniffer is not None and head is not None
+        self.sniffer = None  # release the head: an idle tunnel keeps no buffers
+        buffer = sniffer.buffer
+        self.bytes_in = size = len(buffer)
+        length = head.head_len
+        raw = buffer if length == size else buffer[:length]
+        out = self.forward_head(head, raw)
+        if sniffer.upgrade:  # a tunnel at once: see lb.worker.requests
+            self.pending = out if length == size else out + buffer[length:]
+            return
+        stream = self.stream = RequestStream(self)
+        stream.first(head, raw, (sniffer.body, sniffer.keep_alive, sniffer.upgrade), out)
+        self.pending = out if length == size else b"".join([out, *stream.feed(buffer[length:])])
 
     def _send_pending(self) -> None:
         """Forward the bytes read so far; one ``send`` takes them all but on a full buffer."""
@@ -307,11 +376,13 @@ class Connection:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            if len(self.pending) < self.bytes_in:  # the server has part of it: no retry
+            if self.sent_any:  # the server has part of it: no retry
                 self._abort_connect(f"server reset: {exc.strerror}")
             else:
                 self._connect_failed(f"send failed: {exc.strerror}")
             return
+        if sent:
+            self.sent_any = True
         self.pending = self.pending[sent:]
         if self.pending:
             if self.expires is None:
@@ -323,13 +394,53 @@ class Connection:
         self._open_tunnel(sock.detach())
 
     def _open_tunnel(self, server_fd: int) -> None:
+        stream = self.stream
         tunnel = self.tunnel = Tunnel(
-            self.ctx.pump, self, self.fd, server_fd, self.listener.tunnel_timeout
+            self.ctx.pump,
+            self,
+            self.fd,
+            server_fd,
+            self.listener.tunnel_timeout,
+            up=Flow if stream is None else RequestFlow,
         )
         self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
         if self.ctx.max_age is not None:  # its close time, if its listener has a max age
             self.ctx.max_age.opened(self, self.listener.index, tunnel.active_at)
-        tunnel.start(speculate=self.listener.mode == "tcp")
+        if stream is None:
+            tunnel.start(speculate=self.listener.mode == "tcp")
+            return
+        self.stream = None
+        requests = self.read_requests(tunnel, stream)
+        tunnel.start(speculate=False)
+        requests.settle()  # what the first read asks for, beyond its requests forwarded
+
+    def read_requests(self, tunnel: Tunnel, stream: RequestStream) -> RequestFlow:
+        """The tunnel's client side reads the requests that follow (its up flow is a
+        RequestFlow: made so by whoever made the tunnel)."""
+        requests = tunnel.up
+        assert isinstance(requests, RequestFlow)
+        requests.attach(stream, self, self.listener.head_timeout)
+        self.requests = requests
+        return requests
+
+    def request_refused(self, reason: str) -> None:
+        """A later request was not forwarded: that is why the tunnel closes, when it does."""
+        self.refused = reason
+
+    def request_upgraded(self, head: Head) -> None:
+        """A later request asked to upgrade and went to the server: the tunnel splices both
+        ways from now on."""
+        self.requests = None
+        self.websocket = self.websocket or head.websocket
+
+    def handed_over(self) -> None:
+        """Its tunnel went to another process (see lb.worker.handover)."""
+        self._forget_requests()
+
+    def _forget_requests(self) -> None:
+        requests, self.requests = self.requests, None
+        if requests is not None:
+            requests.forget()  # no reference cycle is left: reference counting frees it all
 
     def _request_timeout(self) -> None:
         self._abort_connect("server took no request")
@@ -347,6 +458,10 @@ class Connection:
 
     def tunnel_closed(self, reason: str, up: int, down: int) -> None:
         """The one call a tunnel makes when it closes, with its last bytes' counts."""
+        if self.requests is not None:
+            self._forget_requests()
+        if self.refused:  # why it closed: a request was not forwarded
+            reason = self.refused
         if up or down:
             self.tunnel_moved(up, down)
         if self.ctx.max_age is not None:  # its close time, if it has one, goes with it
@@ -381,6 +496,7 @@ class Connection:
         self._finish(status, reason, 0)
 
     def _finish(self, status: int | None, reason: str, bytes_out: int) -> None:
+        self.stream = None  # it refers to this connection: no cycle is left behind
         if not self.finished:
             self.finished = True
             self.ctx.finish(self, status, reason, bytes_out)

@@ -317,6 +317,28 @@ class FlakyBackend(Proc):
             assert reply.read().decode() == mode
 
 
+RECORDER = Path(__file__).with_name("recorder.py")
+
+
+class Recorder(Proc):
+    """tests/integration/recorder.py: a backend that reports every request it receives."""
+
+    def __init__(self, name: str, *options: str) -> None:
+        self.name = name
+        self.port = free_port()
+        argv = [sys.executable, str(RECORDER), "--name", name, "--port", str(self.port)]
+        super().__init__([*argv, *options])
+        wait_until(lambda: any("listening" in ln for ln in self.lines), 15, f"recorder {name}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def requests(self) -> list[dict[str, Any]]:
+        """What it received so far, one record per request."""
+        return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+
+
 @contextlib.contextmanager
 def network_namespace() -> Iterator[tuple[str, str, str]]:
     """A network namespace joined to ours by a veth pair: (name, our address, its address).
