@@ -24,9 +24,11 @@ from tests.integration.harness import (
     Recorder,
     SpliceLB,
     backend,
+    cli,
     config,
     free_port,
     listener,
+    wait_until,
 )
 from tests.integration.tools import pattern, pattern_sha
 
@@ -298,3 +300,32 @@ def test_after_a_request_without_keep_alive_nothing_more_is_forwarded(
     [line] = ended(lb)
     assert line["reason"] == "server closed", line
     assert [r["path"] for r in a.requests()] == ["/last"]
+
+
+def test_a_kept_alive_connection_handed_over_on_reload_still_has_its_requests_judged(
+    start_lb: Callable[..., SpliceLB], recorders: tuple[Recorder, Recorder]
+) -> None:
+    """The new generation's worker takes the connection between two requests, over the
+    same server connection, and judges the next ones as the old worker did."""
+    lb, port = start(start_lb, recorders)
+    a, b = recorders
+    with connect(port) as sock:
+        answers = Answers(sock)
+        sock.sendall(get("/before"))
+        assert answers.next() is not None
+        done = cli("reload", "-c", str(lb.config_path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        [handover] = wait_until(lambda: lb.events("handover"), 20, "the handover")
+        assert handover["tunnels"] == 1, handover
+        sock.sendall(get("/after"))
+        after = answers.next()
+        assert after is not None and after["path"] == "/after"
+        sock.sendall(get("/elsewhere", host="b.test"))
+        assert answers.next() is None
+    [line] = ended(lb)
+    assert line["generation"] == 2, line
+    assert line["reason"] == "request 3 not forwarded: routed to backend b", line
+    seen = a.requests()
+    assert [r["path"] for r in seen] == ["/before", "/after"]
+    assert seen[0]["peer"] == seen[1]["peer"]
+    assert b.requests() == []
