@@ -146,8 +146,11 @@ class RequestStream:
     def first(self, head: Head, raw: bytes, framing: Framing, forwarded: bytes) -> None:
         """The connection's first request, which it judged and forwarded itself."""
         self.requests = 1
-        self._remember(head, raw, framing, forwarded)
-        self._begin(framing)
+        self.head, self.last, self.framing, self.forwarded = head, raw, framing, forwarded
+        if framing == PLAIN:
+            self.repeat = raw
+        else:
+            self._begin(framing)
 
     def refuse(self, why: str) -> None:
         """The next request is not forwarded, nor anything after it."""
@@ -273,10 +276,11 @@ class RequestFlow(Flow):
 
     def forget(self) -> None:
         """The tunnel closed, went to another process, or splices on without this flow:
-        drop the deadline, the stream and the connection (no reference cycle is left)."""
-        self._disarm()
-        if hasattr(self, "stream"):
-            del self.stream, self.owner
+        drop the deadline, the stream and the connection (no reference cycle is left).
+        Called once: by the connection, or as it splices on."""
+        if self.deadline is not None:
+            self._disarm()
+        del self.stream, self.owner
 
     @property
     def idle(self) -> bool:
@@ -312,7 +316,8 @@ class RequestFlow(Flow):
             if self.ended:  # refused already: only a reset matters now
                 tunnel.loop.watch_failure(self.src, self.on_failure)
             else:
-                self._disarm()
+                if self.deadline is not None:
+                    self._disarm()
                 self._end()
             return
         self.nbytes += len(data)
