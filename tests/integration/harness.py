@@ -338,6 +338,12 @@ class Recorder(Proc):
         """What it received so far, one record per request."""
         return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
 
+    def wait_requests(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        """What it received, once it has said so for ``count`` requests (it says so before
+        it answers, but its lines are read by a thread of ours)."""
+        wait_until(lambda: len(self.requests()) >= count, timeout, f"{count} requests")
+        return self.requests()
+
 
 @contextlib.contextmanager
 def network_namespace() -> Iterator[tuple[str, str, str]]:

@@ -128,7 +128,7 @@ def test_a_later_request_for_another_backend_is_not_forwarded(
         assert answers.next() is None  # closed after the first answer, the second unanswered
     [line] = ended(lb)
     assert line["reason"] == "request 2 not forwarded: routed to backend b", line
-    assert [r["path"] for r in a.requests()] == ["/one"]
+    assert [r["path"] for r in a.wait_requests(1)] == ["/one"]
     assert b.requests() == []
     with connect(port) as sock:  # the client's retry, on a new connection: routed afresh
         answers = Answers(sock)
@@ -152,7 +152,7 @@ def test_requests_for_the_same_backend_are_answered_on_one_connection(
         assert answers.next() is None
     [line] = ended(lb)
     assert line["status"] is None and line["server"] == "a1", line
-    seen = a.requests()
+    seen = a.wait_requests(4)
     assert [r["path"] for r in seen] == ["/1", "/2", "/2", "/3"]
     assert len({r["peer"] for r in seen}) == 1  # over one connection to the server
 
@@ -183,7 +183,7 @@ def test_a_chunked_body_is_framed_and_the_request_after_it_judged(
         assert answers.next() is None
     [line] = ended(lb)
     assert line["reason"] == "request 3 not forwarded: routed to backend b", line
-    assert [r["path"] for r in a.requests()] == ["/upload", "/second"]
+    assert [r["path"] for r in a.wait_requests(2)] == ["/upload", "/second"]
     assert b.requests() == []
 
 
@@ -213,7 +213,7 @@ def test_pipelined_requests_are_judged_in_turn(
     assert paths == [("a", "/1", 0), ("a", "/2", 3000), ("a", "/3", 7), ("a", "/4", 0)]
     [line] = ended(lb)
     assert line["reason"] == "request 5 not forwarded: routed to backend b", line
-    assert [r["path"] for r in a.requests()] == ["/1", "/2", "/3", "/4"]
+    assert [r["path"] for r in a.wait_requests(4)] == ["/1", "/2", "/3", "/4"]
     assert b.requests() == []
 
 
@@ -231,7 +231,7 @@ def test_an_upgrade_as_a_later_request_is_checked_against_allowed_origins(
         assert answers.next() is None  # no 101: closed, the upgrade never forwarded
     [line] = ended(lb)
     assert line["reason"] == "request 2 not forwarded: origin not allowed (403)", line
-    assert [(r["path"], r["upgrade"]) for r in a.requests()] == [("/page", False)]
+    assert [(r["path"], r["upgrade"]) for r in a.wait_requests(1)] == [("/page", False)]
     with connect(port) as sock:  # from an allowed Origin: upgraded, and a WebSocket after
         answers = Answers(sock)
         sock.sendall(get("/page"))
@@ -239,7 +239,7 @@ def test_an_upgrade_as_a_later_request_is_checked_against_allowed_origins(
         sock.sendall(clients.upgrade_request(host="a.test", extra=f"Origin: {GOOD_ORIGIN}\r\n"))
         assert answers.next() == {"status": 101}
         assert clients.ws_ping(sock, b"after the upgrade")
-    assert [(r["path"], r["upgrade"]) for r in a.requests()][1:] == [
+    assert [(r["path"], r["upgrade"]) for r in a.wait_requests(3)][1:] == [
         ("/page", False),
         ("/ws", True),
     ]
@@ -260,7 +260,7 @@ def test_a_later_head_that_does_not_complete_in_time_is_not_forwarded(
         assert answers.next() is None
     [line] = ended(lb)
     assert line["reason"] == "request 2 not forwarded: request head not complete within 1 s"
-    assert [r["path"] for r in a.requests()] == ["/one"]
+    assert [r["path"] for r in a.wait_requests(1)] == ["/one"]
 
 
 def test_a_large_upload_arrives_whole_and_the_connection_goes_on(
@@ -299,7 +299,7 @@ def test_after_a_request_without_keep_alive_nothing_more_is_forwarded(
         assert answers.next() is None
     [line] = ended(lb)
     assert line["reason"] == "server closed", line
-    assert [r["path"] for r in a.requests()] == ["/last"]
+    assert [r["path"] for r in a.wait_requests(1)] == ["/last"]
 
 
 def test_a_kept_alive_connection_handed_over_on_reload_still_has_its_requests_judged(
@@ -325,7 +325,7 @@ def test_a_kept_alive_connection_handed_over_on_reload_still_has_its_requests_ju
     [line] = ended(lb)
     assert line["generation"] == 2, line
     assert line["reason"] == "request 3 not forwarded: routed to backend b", line
-    seen = a.requests()
+    seen = a.wait_requests(2)
     assert [r["path"] for r in seen] == ["/before", "/after"]
     assert seen[0]["peer"] == seen[1]["peer"]
     assert b.requests() == []

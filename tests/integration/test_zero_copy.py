@@ -167,7 +167,7 @@ def test_an_upload_on_a_kept_alive_http_connection_moves_by_splice(
     totals = traced_bytes(out.read_text())
     print("bytes by system call:", totals)
     copied = sum(totals.get(name, 0) for name in COPYING)
-    # Each body spliced in and out of a pipe; of the first, what came with its head was
-    # read (the first read of a connection takes what is there).
-    assert totals.get("splice", 0) >= 2 * (2 * size - 64 * 1024)
+    # Each body spliced in and out of a pipe, but for what came with its head in one read
+    # (at most 16 KiB with the first head, 64 KiB with a later one).
+    assert totals.get("splice", 0) >= 2 * (2 * size - 80 * 1024)
     assert copied < 256 * 1024, totals
