@@ -124,7 +124,7 @@ def cpu_share(worker: psutil.Process, since: tuple[float, float]) -> float:
 
 
 def measure(values: list[int], seconds: float, tmp: Path) -> list[dict[str, object]]:
-    echoer, echo_port = backend(echo=True)
+    echoer, echo_port = backend("echo")
     pusher, push_port = push_backend()
     rows: list[dict[str, object]] = []
 

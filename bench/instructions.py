@@ -1,12 +1,18 @@
 """User-space instructions a worker spends per connection and per round trip (callgrind).
 
-``python -m bench.instructions`` runs ``splicelb run`` (1 worker, one ``mode =
-"tcp"`` listener) under valgrind's callgrind with instrumentation off, and
-turns it on in the worker only while a client makes N sequential connections
-(each a ``Connection: close`` request answered by a one-line backend) and then
-N 64-byte round trips over one kept-alive connection to an echo backend.  It
-prints the instructions per connection and per round trip, and the C
-functions that take most of them.
+``python -m bench.instructions`` runs ``splicelb run`` (1 worker, two ``mode =
+"tcp"`` listeners and two ``mode = "http"`` ones) under valgrind's callgrind
+with instrumentation off, and turns it on in the worker only while a client
+makes N sequential connections (each a ``Connection: close`` request
+answered by a one-line backend), then N 64-byte round trips over one
+kept-alive connection to an echo backend, then N small requests over
+kept-alive connections through an http listener, to a backend that answers
+each with a one-line keep-alive response (every request is read, routed and
+forwarded by the worker; the answers are spliced), then N connections as
+the first but through an http listener (the head sniffed and routed).  It
+prints the instructions per connection, per round trip, per kept-alive
+request and per http connection, and the C functions that take most of
+them.
 
 Instruction counts, unlike times, do not depend on what else the machine is
 doing: the same code gives the same count, so a change to the hot path can be
@@ -23,6 +29,9 @@ http`` makes the connections' listener an http one (the head is read, routed
 and forwarded with its forwarded fields), to count what that path costs.  With
 ``--limits`` the listeners have client limits (set too high to refuse anyone):
 the difference is what the limits cost per connection.
+The
+kept-alive requests are made the same way: K connections at once, each
+sending its share of the N requests one after the other (``wrk -cK``).
 """
 
 from __future__ import annotations
@@ -53,35 +62,39 @@ from bench.servers import CLIENT_LIMITS, listening_ports, splicelb_toml
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+KEEPALIVE_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # what wrk sends
+KEEPALIVE_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
 MESSAGE = b"x" * 64
 BOOT_TIMEOUT = 180.0  # the interpreter's start-up under valgrind is slow
 ANNOTATED = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$")
 
 
-def serve(listener: socket.socket, echo: bool) -> None:
-    """A blocking backend: echo, or answer once and close (a thread per connection)."""
+def serve(listener: socket.socket, kind: str) -> None:
+    """A blocking backend (a thread per connection): see :func:`answer`."""
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             return  # closed: the run is over
-        threading.Thread(target=answer, args=(conn, echo), daemon=True).start()
+        threading.Thread(target=answer, args=(conn, kind), daemon=True).start()
 
 
-def answer(conn: socket.socket, echo: bool) -> None:
+def answer(conn: socket.socket, kind: str) -> None:
+    """``close``: answer once and close; ``echo``: send back what comes; ``keepalive``:
+    answer every request head that comes, keeping the connection."""
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not echo:
+        if kind == "close":
             conn.recv(65536)
             conn.sendall(RESPONSE)
             return
         while data := conn.recv(65536):
-            conn.sendall(data)
+            conn.sendall(data if kind == "echo" else KEEPALIVE_RESPONSE * data.count(b"\r\n\r\n"))
 
 
-def backend(echo: bool) -> tuple[socket.socket, int]:
+def backend(kind: str) -> tuple[socket.socket, int]:
     listener = socket.create_server((HOST, 0))
-    threading.Thread(target=serve, args=(listener, echo), daemon=True).start()
+    threading.Thread(target=serve, args=(listener, kind), daemon=True).start()
     return listener, int(listener.getsockname()[1])
 
 
@@ -110,6 +123,36 @@ def connections(port: int, count: int, concurrency: int = 1) -> None:
             sock.sendall(REQUEST)
             while sock.recv(65536):
                 pass
+
+
+def kept_alive_requests(port: int, count: int, concurrency: int = 1) -> None:
+    """``count`` requests, each answered before the next, over ``concurrency`` kept-alive
+    connections at once."""
+    shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+    errors: list[BaseException] = []
+
+    def client(share: int) -> None:
+        try:
+            with socket.create_connection((HOST, port), timeout=30) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for _ in range(share):
+                    sock.sendall(KEEPALIVE_REQUEST)
+                    got = b""
+                    while len(got) < len(KEEPALIVE_RESPONSE):
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise BenchError("the kept-alive connection closed")
+                        got += chunk
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise BenchError(f"a client failed: {errors[0]!r}")
 
 
 def round_trips(sock: socket.socket, count: int) -> None:
@@ -172,11 +215,19 @@ def measure(
     mode: str = "tcp",
     limits: bool = False,
 ) -> dict[str, Any]:
-    closer, close_port = backend(echo=False)
-    echoer, echo_port = backend(echo=True)
-    port, echo_front, runtime = free_port(), free_port(), tmp / "run"
+    closer, close_port = backend("close")
+    echoer, echo_port = backend("echo")
+    answerer, answer_port = backend("keepalive")
+    port, echo_front, http_front = free_port(), free_port(), free_port()
+    http_port = free_port()
+    runtime = tmp / "run"
     config = tmp / "splicelb.toml"
-    listeners = [("close", port, mode, close_port), ("echo", echo_front, "tcp", echo_port)]
+    listeners = [
+        ("close", port, mode, close_port),
+        ("echo", echo_front, "tcp", echo_port),
+        ("keepalive", http_front, "http", answer_port),
+        ("closehttp", http_port, "http", close_port),
+    ]
     # busy_poll_us = 0: count each connection's work, not the polls between clients
     extra = {name: (CLIENT_LIMITS, "") for name, *_ in listeners} if limits else None
     config.write_text(splicelb_toml(runtime, 1, listeners, extra, busy_poll_us=0))
@@ -196,32 +247,42 @@ def measure(
 
         def up() -> int | None:
             lb.check_alive()
-            if not {port, echo_front} <= listening_ports():
+            if not {port, echo_front, http_front, http_port} <= listening_ports():
                 return None
             return worker_pid(runtime)
 
         pid = wait_until(up, BOOT_TIMEOUT, "splicelb to start under valgrind")
         connections(port, 20)  # warm up: imports, caches, the pipe pool
+        connections(http_port, 20)
         with socket.create_connection((HOST, echo_front), timeout=30) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             round_trips(sock, 50)
-            log(f"worker {pid}: {count} connections, {concurrency} at a time, then round trips")
+            kept_alive_requests(http_front, 50, concurrency)
+            log(
+                f"worker {pid}: {count} connections, {concurrency} at a time, then round trips, "
+                "then kept-alive requests, then http connections"
+            )
             callgrind_control("--instr=on", str(pid))
             started = time.monotonic()
             connections(port, count, concurrency)
             callgrind_control("--dump=connections", str(pid))
             round_trips(sock, count)
             callgrind_control("--dump=round trips", str(pid))
+            kept_alive_requests(http_front, count, concurrency)
+            callgrind_control("--dump=kept-alive requests", str(pid))
+            connections(http_port, count, concurrency)
+            callgrind_control("--dump=http connections", str(pid))
             callgrind_control("--instr=off", str(pid))
             log(f"measured in {time.monotonic() - started:.1f} s")
     finally:
         lb.kill()
         closer.close()
         echoer.close()
+        answerer.close()
     dumps = sorted(out.glob(f"cg.{pid}.*"), key=lambda p: int(p.suffix[1:]))
-    if len(dumps) < 2:
-        raise BenchError(f"expected two callgrind dumps of worker {pid}, found {dumps}")
-    conns, trips = part(dumps[0], top), part(dumps[1], top)
+    if len(dumps) < 4:
+        raise BenchError(f"expected four callgrind dumps of worker {pid}, found {dumps}")
+    conns, trips, requests, http_conns = (part(dump, top) for dump in dumps[:4])
     return {
         "count": count,
         "concurrency": concurrency,
@@ -229,8 +290,12 @@ def measure(
         "client_limits": limits,
         "per_connection": round(conns["total"] / count),
         "per_round_trip": round(trips["total"] / count),
+        "per_kept_alive_request": round(requests["total"] / count),
+        "per_http_connection": round(http_conns["total"] / count),
         "top_per_connection": [(f, round(n / count)) for f, n in conns["top"]],
         "top_per_round_trip": [(f, round(n / count)) for f, n in trips["top"]],
+        "top_per_kept_alive_request": [(f, round(n / count)) for f, n in requests["top"]],
+        "top_per_http_connection": [(f, round(n / count)) for f, n in http_conns["top"]],
     }
 
 
@@ -241,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "--count",
         type=int,
         default=2000,
-        help="connections, and round trips, to count (2000)",
+        help="connections, round trips and kept-alive requests to count (2000)",
     )
     parser.add_argument(
         "-c",

@@ -1,11 +1,17 @@
-"""Sans-I/O sniffer for the first HTTP/1.x request head on a connection.
+"""Sans-I/O sniffer for HTTP/1.x request heads, and where their bodies end.
 
 Theory of operation
 -------------------
 The worker feeds whatever ``recv`` returned to :meth:`HeadSniffer.feed` and
 gets one of three answers: ``NEED_DATA``, a :class:`Head` (route it and forward
 ``forward``), or a :class:`Reject` (answer its status and close).
-No sockets, clock or loop live here; the 408 timeout is the worker's.
+No sockets, clock or loop live here; the 408 timeout is the worker's.  A
+sniffer judges one head: the worker takes a new one for each request of a
+kept-alive connection.  After a Head it also says how the request's body is
+framed (``body``: a Content-Length, ``CHUNKED`` or none), whether the
+connection stays open after it (``keep_alive``) and whether it asks to
+switch protocols (``upgrade``); a chunked body's end is found by
+:class:`ChunkedBody`.
 
 Invariants that make it correct and O(total bytes):
 
@@ -35,7 +41,21 @@ llhttp's method table (an unknown token method is a 400, like a non-token);
 any duplicate Content-Length, even an equal one, is a 400; so are CONNECT, a
 fragment in the target, ``*`` with any method but OPTIONS, and userinfo in an
 absolute-form target.  After ``feed`` has returned a Head or a Reject, calling
-it again raises RuntimeError: the sniffer is done with the connection.
+it again raises RuntimeError: the sniffer is done with that head.
+
+Framing follows llhttp (strict): it rejects a request with both
+Content-Length and Transfer-Encoding, or with a Transfer-Encoding whose last
+coding is not chunked, so a valid head with Transfer-Encoding has a chunked
+body.  ``upgrade`` is llhttp's own verdict (``Connection: upgrade`` and an
+``Upgrade`` header): what a server built on it switches protocols for.
+``keep_alive`` is RFC 9112 section 9.3's: HTTP/1.1 unless ``Connection:
+close``, HTTP/1.0 only with ``Connection: keep-alive``.
+
+A chunked body ends right after a CRLF CRLF (the empty line that ends its
+trailer section; a chunk's data may hold the same bytes).
+:class:`ChunkedBody` has llhttp parse the body and feeds it up to each CRLF
+CRLF in turn, so that when llhttp reports the message complete, the end of
+what it was fed is the end of the body: the position llhttp does not give.
 """
 
 from __future__ import annotations
@@ -52,6 +72,9 @@ from lb.proto.uri import HOST_PATTERN, ip_literal, normalize_path
 
 MAX_HEAD_BYTES: Final = 16384
 """A head (request line + headers + blank line) larger than this is a 431."""
+
+CHUNKED: Final = -1
+"""``HeadSniffer.body`` of a request whose body is chunked."""
 
 _TERMINATOR: Final = b"\r\n\r\n"
 _VERSIONS: Final = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
@@ -97,6 +120,8 @@ class Head:
     version: str
     head_len: int
     host_field: bytes | None = None  # the Host field's value as sent (the forwarded head's)
+    routed: bytes | None = None  # the head as routed, where that is not as sent (a target
+    # rewritten: see the module's docstring); what servers get in place of the client's
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +139,24 @@ class _Fields:
     cycle (the parser holds bound methods of its protocol object).
     """
 
-    __slots__ = ("complete", "connection", "host", "origin", "problem", "upgrade")
+    __slots__ = (
+        "complete",
+        "connection",
+        "content_length",
+        "host",
+        "origin",
+        "problem",
+        "transfer_encoding",
+        "upgrade",
+    )
 
     def __init__(self) -> None:
         self.host: bytes | None = None
         self.origin: bytes | None = None
         self.upgrade: bytes | None = None
         self.connection: bytes | None = None
+        self.content_length: bytes | None = None  # llhttp rejects a second one
+        self.transfer_encoding: bytes | None = None
         self.problem: str | None = None
         self.complete = False
 
@@ -138,6 +174,10 @@ class _Fields:
             self.upgrade = value if self.upgrade is None else self.upgrade + b"," + value
         elif key == b"connection":
             self.connection = value if self.connection is None else self.connection + b"," + value
+        elif key == b"content-length":
+            self.content_length = value
+        elif key == b"transfer-encoding":
+            self.transfer_encoding = value
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -149,9 +189,25 @@ class _Fields:
 
 
 class HeadSniffer:
-    """Feed bytes as they arrive; get NEED_DATA, a Head, or a Reject."""
+    """Feed bytes as they arrive; get NEED_DATA, a Head, or a Reject.
 
-    __slots__ = ("_buf", "_done", "_fields", "_head_len", "_line", "_parser", "_rewritten")
+    After a Head: ``body`` is the request's Content-Length (0 without one) or
+    ``CHUNKED``, ``keep_alive`` whether the client may send another request
+    after it, ``upgrade`` whether it asks to switch protocols.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_done",
+        "_fields",
+        "_head_len",
+        "_line",
+        "_parser",
+        "_rewritten",
+        "body",
+        "keep_alive",
+        "upgrade",
+    )
 
     def __init__(self) -> None:
         self._buf: bytes | bytearray = b""
@@ -161,6 +217,9 @@ class HeadSniffer:
         self._head_len = 0
         self._done = False
         self._rewritten: bytes | None = None  # the head as routed, if not the client's
+        self.body = 0
+        self.keep_alive = False
+        self.upgrade = False
 
     @property
     def buffer(self) -> bytes:
@@ -209,7 +268,7 @@ class HeadSniffer:
             try:
                 self._parser.feed_data(data if head_len >= len(buf) else data[: head_len - start])
             except HttpParserUpgrade:
-                pass  # llhttp stops at the end of an upgrade head; that is all we fed it
+                self.upgrade = True  # llhttp stops at the end of an upgrade head: all we fed it
             except HttpParserError as exc:
                 return self._reject(400, self._fields.problem or _describe(exc))
 
@@ -259,6 +318,14 @@ class HeadSniffer:
         origin = fields.origin
         self._head_len = head_len
         self._done = True
+        if fields.transfer_encoding is not None:  # chunked: llhttp rejects any other
+            self.body = CHUNKED
+        elif fields.content_length is not None:
+            self.body = int(fields.content_length)  # digits (llhttp), maybe trailing blanks
+        if version == b"HTTP/1.1":
+            self.keep_alive = not _has_token(fields.connection, b"close")
+        else:
+            self.keep_alive = _has_token(fields.connection, b"keep-alive")
         return Head(
             method=method.decode("ascii"),
             target=text,
@@ -274,6 +341,7 @@ class HeadSniffer:
             version=_VERSIONS[version],
             head_len=head_len,
             host_field=host,
+            routed=self._rewritten,
         )
 
     def _unusual_target(
@@ -342,6 +410,75 @@ def _rewrite_head(head: bytes, request_line: bytes, host: bytes | None) -> bytes
     return b"\r\n".join([request_line, b"Host: " + host, *fields, b"", b""])
 
 
+class _Complete:
+    """llhttp callback target of a :class:`ChunkedBody`: the message's end."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self) -> None:
+        self.complete = False
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+# What puts a ChunkedBody's parser where a chunked request's body starts.
+_CHUNKED_HEAD: Final = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class ChunkedBody:
+    """Feed a chunked request body as it arrives; learn where it ends (see the module's
+    docstring).  Its bytes are judged by llhttp: a malformed body is a Reject."""
+
+    __slots__ = ("_done", "_parser", "_tail")
+
+    def __init__(self) -> None:
+        self._done = _Complete()
+        self._parser = HttpRequestParser(self._done)
+        self._parser.feed_data(_CHUNKED_HEAD)
+        self._tail = b""  # the last bytes fed, up to 3: a CRLF CRLF may straddle two feeds
+
+    def feed(self, data: bytes) -> int | Reject:
+        """How many bytes of ``data`` belong to the body: ``len(data)`` or fewer when it
+        ends within them (what follows is the next request), -1 when it goes on after."""
+        if self._done.complete:
+            raise RuntimeError("ChunkedBody.feed() called after the body ended")
+        view = memoryview(data)
+        start = 0
+        try:
+            for end in _ends(self._tail, data):
+                self._parser.feed_data(view[start:end])
+                if self._done.complete:
+                    return end
+                start = end
+            if start < len(data):
+                self._parser.feed_data(view[start:])
+        except HttpParserError as exc:
+            message = str(exc)
+            return Reject(400, f"malformed chunked body: {message[:1].lower()}{message[1:]}")
+        if self._done.complete:  # defensive: the body cannot end but after a CRLF CRLF
+            return Reject(400, "malformed chunked body")
+        self._tail = (self._tail + data[-3:])[-3:]
+        return -1
+
+
+def _ends(tail: bytes, data: bytes) -> list[int]:
+    """The offsets in ``data`` just past each CRLF CRLF, counting one that begins in
+    ``tail`` (the bytes fed before ``data``)."""
+    ends = []
+    if tail:  # 4 bytes fit in neither tail nor data[:3]: what is found here straddles
+        joined = tail + data[:3]
+        at = joined.find(_TERMINATOR)
+        while at >= 0:
+            ends.append(at + 4 - len(tail))
+            at = joined.find(_TERMINATOR, at + 1)
+    at = data.find(_TERMINATOR)
+    while at >= 0:
+        ends.append(at + 4)
+        at = data.find(_TERMINATOR, at + 1)
+    return ends
+
+
 def _split_request_line(line: bytes) -> list[bytes] | str:
     """Method, target, version of a request line, or why it is rejected.
 
@@ -358,10 +495,16 @@ def _split_request_line(line: bytes) -> list[bytes] | str:
 
 
 def _has_token(value: bytes | None, token: bytes) -> bool:
-    """Whether a comma-separated header value lists ``token`` (case-insensitive)."""
+    """Whether a comma-separated header value lists ``token`` (lower case; the value's
+    case does not matter)."""
     if value is None:
         return False
-    return any(item.strip(b" \t").lower() == token for item in value.split(b","))
+    value = value.lower()
+    if value == token:  # the usual value: one token
+        return True
+    if token not in value:
+        return False
+    return any(item.strip(b" \t") == token for item in value.split(b","))
 
 
 def _describe(exc: HttpParserError) -> str:

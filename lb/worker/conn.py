@@ -32,10 +32,16 @@ through at most four steps, after its client's limits (a listener's
    another, up to ``retries`` times; the balancer's own limits (no descriptor
    for the socket, no local port: :mod:`lb.worker.limits`) are answered 503
    at once, with no server blamed and none tried;
-4. send that with one ``send`` (the head as it was routed: the sniffer's
-   ``forward``), and start a :class:`~lb.worker.splice.Tunnel` (given its
-   close time if its listener has a ``max_tunnel_age``:
-   :class:`~lb.worker.closing.MaxAge`).
+4. send, with one ``write``, the PROXY header of a ``send_proxy`` backend, the
+   head through :meth:`Connection.forward_head` (the one place where a head is
+   changed on its way: its target as routed, its forwarded fields) and the
+   bytes read after it, and start a :class:`~lb.worker.splice.Tunnel` (given
+   its close time if its listener has a ``max_tunnel_age``:
+   :class:`~lb.worker.closing.MaxAge`).  Unless the first request asks to
+   upgrade, the tunnel's client side reads the requests that follow
+   (:mod:`lb.worker.requests`): each is judged by :meth:`Connection.judge`, as
+   the first was, and goes to the server only if it routes to the
+   connection's server and passes the checks.
 
 Whatever happens, the connection ends in exactly one call to
 ``Context.finish`` (one ``event="conn"`` log line): a rejected or unservable
@@ -69,8 +75,9 @@ from lb.worker.deadlines import Deadlines, Queue
 from lb.worker.limits import LOCAL_ERRNOS
 from lb.worker.limits import reason as limit_reason
 from lb.worker.loop import FAILED, Loop
+from lb.worker.requests import RequestFlow, RequestStream
 from lb.worker.runtime import BackendRuntime, ListenerRuntime
-from lb.worker.splice import Pump, Tunnel, shutdown_write
+from lb.worker.splice import Flow, Pump, Tunnel, shutdown_write
 
 READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
@@ -78,6 +85,7 @@ LINGER_BYTES = 256 * 1024  # ... or until it sent this much more
 SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>; not in Python's socket module before 3.12
 ESTABLISHED = b"\x01"  # TCP_ESTABLISHED, as the first byte of TCP_INFO (tcpi_state)
+ORIGIN_REFUSED = Reject(403, "origin not allowed")
 
 _PHRASES = {
     400: "Bad Request",
@@ -147,6 +155,7 @@ class Connection:
         "expires",
         "fd",
         "finished",
+        "head",
         "key",
         "listener",
         "local",
@@ -154,11 +163,14 @@ class Connection:
         "pending",
         "proxy",
         "reading",
-        "request",
+        "refused",
+        "requests",
+        "sent_any",
         "server",
         "sniffer",
         "sock",
         "started",
+        "stream",
         "ticket",
         "timeouts",
         "tried",
@@ -190,8 +202,12 @@ class Connection:
         self.tunnel: Tunnel | None = None
         self.bytes_in = 0  # from the client: the head, then what the tunnel moved up
         self.bytes_out = 0  # to the client, through the tunnel
-        self.request = b""  # what goes to the server before the splice (see _route)
-        self.pending = b""  # what of it is still to send
+        self.pending = b""
+        self.sent_any = False  # the server has taken some of the first send: no retry
+        self.head: Head | None = None  # the first request's, once judged
+        self.stream: RequestStream | None = None  # the requests after it, until the tunnel
+        self.requests: RequestFlow | None = None  # ... then the tunnel's side that reads them
+        self.refused = ""  # why a later request was not forwarded
         self.finished = False
         self.ticket = UNCOUNTED  # where its client's count holds it (lb.pool.clients)
 
@@ -206,7 +222,7 @@ class Connection:
             if clients is not None and not self.admit(clients):
                 return
             if listener.mode == "tcp":
-                self._route(listener.default_backend)
+                self._route(self.ctx.backends[listener.default_backend])
                 return
         if listener.mode == "http":
             self.sniffer = HeadSniffer()
@@ -254,8 +270,8 @@ class Connection:
                 self._stop_reading()
                 self._disarm()
                 self.bytes_in += len(rest)
-                self.request = rest
-                self._route(self.listener.default_backend)
+                self.pending = rest
+                self._route(self.ctx.backends[self.listener.default_backend])
                 return
             if not rest:
                 self._wait_readable()
@@ -276,21 +292,12 @@ class Connection:
             self.answer(event.status, event.reason)
             return
         self.websocket = event.websocket
-        head, forward = sniffer.buffer, sniffer.forward  # forward: the head as routed
-        self.bytes_in += len(head)
-        self.sniffer = None  # release it: from here on, only what is forwarded is kept
-        listener = self.listener
-        if not listener.router.origin_allowed(event):
-            self.answer(403, "origin not allowed")
+        verdict = self.judge(event)
+        if isinstance(verdict, Reject):
+            self.answer(verdict.status, verdict.reason)
             return
-        if listener.forwarded:
-            end = len(forward) - (len(head) - event.head_len)  # the same bytes follow the head
-            host = event.host_field if forward == head else event.host.encode()
-            forwarded = forwarded_head(forward[:end], self.addr[0], host, listener.trusted)
-            self.request = forwarded + forward[end:]
-        else:
-            self.request = forward
-        self._route(listener.router.backend_for(event), event, head)
+        self.head = event
+        self._route(verdict, event, sniffer.buffer)
 
     def _wait_readable(self) -> None:
         if not self.reading:
@@ -330,6 +337,55 @@ class Connection:
             return "PROXY header from a peer not in trusted_proxies"
         return "PROXY header on a listener without accept_proxy"
 
+    def judge(self, event: Head | Reject) -> BackendRuntime | Reject:
+        """A sniffed head, routed and checked: the one judgement of every request on the
+        listener, the first of a connection and each one after it (a Reject passes)."""
+        if isinstance(event, Reject):
+            return event
+        router = self.listener.router
+        if not router.origin_allowed(event):
+            return ORIGIN_REFUSED
+        return self.ctx.backends[router.backend_for(event)]
+
+    def next_request(self, event: Head | Reject, raw: bytes) -> str | None:
+        """A later request on this kept-alive connection (``raw``: its head as sent): None
+        to forward it to this connection's server, else why it is not (see
+        lb.worker.requests).
+
+        A request for this connection's backend stays on its server: with every
+        balance there is, that server is as good a choice as a new pick (``source``
+        would pick it again: the client's address has not changed), but for a backend
+        that hashes a request's key: a request with another key is not forwarded (its
+        retry, on a new connection, goes where its key does).
+        """
+        verdict = self.judge(event)
+        if isinstance(verdict, Reject):
+            return f"{verdict.reason} ({verdict.status})"
+        if verdict is not self.backend:
+            return f"routed to backend {verdict.name}"
+        reader = verdict.key_reader
+        if (
+            reader is not None
+            and isinstance(event, Head)
+            and (reader.read(event, raw) or self.addr[0]) != self.key
+        ):
+            return "its hash key is not the connection's"
+        return None
+
+    def forward_head(self, head: Head, raw: bytes) -> bytes:
+        """What goes to the server for a head the client sent as ``raw``: the head as it
+        was routed (an absolute-form or unnormalized target rewritten), with its
+        forwarded fields.  Every forwarded head goes through here, the first of a
+        connection and each later one; it must be a function of the head and of the
+        connection, for a head that repeats on a connection goes as the bytes made for
+        it the first time."""
+        routed = raw if head.routed is None else head.routed
+        listener = self.listener
+        if not listener.forwarded:
+            return routed
+        host = head.host_field if head.routed is None else head.host.encode()
+        return forwarded_head(routed, self.addr[0], host, listener.trusted)
+
     def _head_timeout(self) -> None:
         self._stop_reading()
         timeout = self.listener.head_timeout
@@ -340,18 +396,25 @@ class Connection:
 
     # -- 2. route and pick, 3. connect -------------------------------------------
 
-    def _route(self, backend: str, head: Head | None = None, raw: bytes = b"") -> None:
-        """Connect to a server of ``backend``, to send it ``request`` (the forwarded head
-        and what came after it, or a tcp client's first bytes) behind its PROXY header;
-        ``head`` and ``raw`` (the bytes it was read from) for a backend that hashes a key."""
-        runtime = self.backend = self.ctx.backends[backend]
+    def _route(self, backend: BackendRuntime, head: Head | None = None, raw: bytes = b"") -> None:
+        """Connect to a server of ``backend``; ``head`` and ``raw`` (the bytes it was read
+        from) for a backend that hashes a request's key.  In tcp mode what the server gets
+        first (a PROXY header, what came after the client's) is ``pending`` already."""
+        self.backend = backend
         self.key = self.addr[0]  # the client's address, unless the backend hashes a request key
-        if runtime.key_reader is not None and head is not None:
-            self.key = runtime.key_reader.read(head, raw) or self.key
-        if runtime.send_proxy:
-            source, destination = self.addr, self.local or self._local_address()
-            self.request = proxy_header(runtime.send_proxy, source, destination) + self.request
+        if backend.key_reader is not None and head is not None:
+            self.key = backend.key_reader.read(head, raw) or self.key
+        if head is None and backend.send_proxy:
+            self.pending = self._proxy_prefix() + self.pending
         self._connect_next()
+
+    def _proxy_prefix(self) -> bytes:
+        """The PROXY header a ``send_proxy`` backend's server gets first (b"" for others)."""
+        backend = self.backend
+        if backend is None or not backend.send_proxy:
+            return b""
+        source, destination = self.addr, self.local or self._local_address()
+        return proxy_header(backend.send_proxy, source, destination)
 
     def _local_address(self) -> tuple[Any, ...]:
         """The address the client reached: the listener's, unless it binds a wildcard."""
@@ -458,12 +521,33 @@ class Connection:
     def _connected(self) -> None:
         sock = self.sock
         assert sock is not None
-        if not self.request:  # mode = "tcp", no PROXY header: nothing to send first
+        if self.head is None and not self.pending:  # mode = "tcp", nothing to send first
             self.sock = None
             self._open_tunnel(sock.detach())
             return
-        self.pending = self.request
+        if self.sniffer is not None:  # else tcp, or a retry: the same bytes to another server
+            self._first_send()
         self._send_pending()
+
+    def _first_send(self) -> None:
+        """What goes to the server first: the head, and whatever the client sent after it,
+        judged request by request unless the head asks to upgrade."""
+        sniffer, head = self.sniffer, self.head
+        assert sniffer is not None and head is not None
+        self.sniffer = None  # release the head: an idle tunnel keeps no buffers
+        buffer = sniffer.buffer
+        size = len(buffer)
+        self.bytes_in += size  # after a PROXY header's, if there was one
+        length = head.head_len
+        raw = buffer if length == size else buffer[:length]
+        forwarded = self.forward_head(head, raw)
+        out = self._proxy_prefix() + forwarded  # a PROXY header: before the first head only
+        if sniffer.upgrade:  # a tunnel at once: see lb.worker.requests
+            self.pending = out if length == size else out + buffer[length:]
+            return
+        stream = self.stream = RequestStream(self)
+        stream.first(head, raw, (sniffer.body, sniffer.keep_alive, sniffer.upgrade), forwarded)
+        self.pending = out if length == size else b"".join([out, *stream.feed(buffer[length:])])
 
     def _send_pending(self) -> None:
         """Send the request; one ``send`` takes it all but on a full buffer."""
@@ -474,11 +558,13 @@ class Connection:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            if len(self.pending) < len(self.request):  # the server has part of it: no retry
+            if self.sent_any:  # the server has part of it: no retry
                 self._abort_connect(f"server reset: {exc.strerror}")
             else:
                 self._connect_failed(f"send failed: {exc.strerror}")
             return
+        if sent:
+            self.sent_any = True
         self.pending = self.pending[sent:]
         if self.pending:
             if self.expires is None:
@@ -487,17 +573,56 @@ class Connection:
             return
         self._disarm()
         self.sock = None
-        self.request = b""  # an idle tunnel keeps no buffers
         self._open_tunnel(sock.detach())
 
     def _open_tunnel(self, server_fd: int) -> None:
+        stream = self.stream
         tunnel = self.tunnel = Tunnel(
-            self.ctx.pump, self, self.fd, server_fd, self.listener.tunnel_timeout
+            self.ctx.pump,
+            self,
+            self.fd,
+            server_fd,
+            self.listener.tunnel_timeout,
+            up=Flow if stream is None else RequestFlow,
         )
         self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
         if self.ctx.max_age is not None:  # its close time, if its listener has a max age
             self.ctx.max_age.opened(self, self.listener.index, tunnel.active_at)
-        tunnel.start(speculate=self.listener.mode == "tcp")
+        if stream is None:
+            tunnel.start(speculate=self.listener.mode == "tcp")
+            return
+        self.stream = None
+        requests = self.read_requests(tunnel, stream)
+        tunnel.start(speculate=False)
+        requests.settle()  # what the first read asks for, beyond its requests forwarded
+
+    def read_requests(self, tunnel: Tunnel, stream: RequestStream) -> RequestFlow:
+        """The tunnel's client side reads the requests that follow (its up flow is a
+        RequestFlow: made so by whoever made the tunnel)."""
+        requests = tunnel.up
+        assert isinstance(requests, RequestFlow)
+        requests.attach(stream, self, self.listener.head_timeout)
+        self.requests = requests
+        return requests
+
+    def request_refused(self, reason: str) -> None:
+        """A later request was not forwarded: that is why the tunnel closes, when it does."""
+        self.refused = reason
+
+    def request_upgraded(self, head: Head) -> None:
+        """A later request asked to upgrade and went to the server: the tunnel splices both
+        ways from now on."""
+        self.requests = None
+        self.websocket = self.websocket or head.websocket
+
+    def handed_over(self) -> None:
+        """Its tunnel went to another process (see lb.worker.handover)."""
+        self._forget_requests()
+
+    def _forget_requests(self) -> None:
+        requests, self.requests = self.requests, None
+        if requests is not None:
+            requests.forget()  # no reference cycle is left: reference counting frees it all
 
     def _request_timeout(self) -> None:
         self._abort_connect("server took no request")
@@ -515,6 +640,10 @@ class Connection:
 
     def tunnel_closed(self, reason: str, up: int, down: int) -> None:
         """The one call a tunnel makes when it closes, with its last bytes' counts."""
+        if self.requests is not None:
+            self._forget_requests()
+        if self.refused:  # why it closed: a request was not forwarded
+            reason = self.refused
         if up or down:
             self.tunnel_moved(up, down)
         if self.ctx.max_age is not None:  # its close time, if it has one, goes with it
@@ -559,6 +688,7 @@ class Connection:
             self.sniffer = None
 
     def _finish(self, status: int | None, reason: str, bytes_out: int) -> None:
+        self.stream = None  # it refers to this connection: no cycle is left behind
         if not self.finished:
             self.finished = True
             self.ctx.finish(self, status, reason, bytes_out)

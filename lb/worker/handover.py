@@ -31,10 +31,20 @@ and its idle deadline goes on from its last byte.  Bytes that arrive in
 between wait in the kernel's socket buffers and the pipes keep theirs in
 order: neither peer sees anything but a pause of a few milliseconds.
 
+A tunnel whose client side reads HTTP requests (:mod:`lb.worker.requests`)
+goes between two requests, when it holds no byte of one: its state says so
+(``requests``: how many so far), and the adopter reads and judges the next
+requests by its own config.  One in the middle of a request is looked at again on the following
+turns, for up to a second (``HANDOVER_PATIENCE``); one whose last request
+closes it or was refused stays.  A receiver of this version's first form
+ignores ``requests``, and splices that client's later requests unjudged, as
+it did its own.
+
 Not handed over: connections before their tunnel (they finish in the old
-worker), tunnels of a backend with ``on_reload = "close"``, and what no new
-worker would take (none understands the version, or they are gone): those
-drain as on stop.  A worker killed in the middle of a handover loses only
+worker), tunnels of a backend with ``on_reload = "close"``, the request
+readers above that are not between two requests, and what no new worker
+would take (none understands the version, or they are gone): those drain as
+on stop.  A worker killed in the middle of a handover loses only
 the tunnels it still held: a message the kernel has taken is the new
 worker's.
 """
@@ -379,6 +389,7 @@ def state_of(conn: Connection) -> tuple[bytes, list[int]]:
         "client": list(conn.addr[:2]),
         "started": conn.started,
         "websocket": conn.websocket,
+        "requests": conn.requests.stream.requests if conn.requests else 0,  # ... so far
         "bytes_in": conn.bytes_in,
         "bytes_out": conn.bytes_out,
         "active_at": tunnel.active_at,

@@ -69,6 +69,7 @@ from lb.worker.handover import BATCH, Receiver, Sender, State, flows_of, state_o
 from lb.worker.limits import Episode
 from lb.worker.loop import Loop, Timer
 from lb.worker.pipes import PipePool, plan_for_worker
+from lb.worker.requests import RequestFlow, RequestStream
 from lb.worker.runtime import (
     BackendRuntime,
     ListenerRuntime,
@@ -77,7 +78,7 @@ from lb.worker.runtime import (
     client_tables,
     format_peer,
 )
-from lb.worker.splice import Pump, Tunnel
+from lb.worker.splice import Flow, Pump, Tunnel
 from lb.worker.tally import Tally
 
 DEADLINE_GRID = 0.05  # head and connect timeouts fire at most this late
@@ -316,6 +317,7 @@ class Worker:
         if sender is None:
             return
         sent, waiting, busy = 0, False, False
+        patient = time.monotonic() - self.handover_started < HANDOVER_PATIENCE
         for conn in list(self.connections):
             tunnel, backend = conn.tunnel, conn.backend
             if tunnel is None or tunnel.closed:
@@ -323,6 +325,10 @@ class Worker:
                 continue
             assert backend is not None
             if not backend.handover:
+                continue
+            requests = conn.requests
+            if requests is not None and not requests.idle:  # only between two requests
+                waiting = waiting or (patient and not requests.ending)
                 continue
             if sent >= BATCH:
                 busy = True
@@ -335,6 +341,7 @@ class Worker:
                 busy = True
                 break
             tunnel.detach()
+            conn.handed_over()
             self._handed(conn)
             sent += 1
         else:
@@ -406,10 +413,26 @@ class Worker:
         conn.websocket = bool(state["websocket"])
         conn.bytes_in, conn.bytes_out = int(state["bytes_in"]), int(state["bytes_out"])
         idle = listener.tunnel_timeout if listener.index >= 0 else float(state["idle_timeout"])
+        # Its client side reads requests (and counts them on), judged by this generation's
+        # config, if it did and its listener is here in http mode (gone, or tcp now:
+        # nothing to judge them by).
+        judged = listener.index >= 0 and listener.mode == "http"
+        requests = int(state.get("requests", 0)) if judged else 0
         tunnel = Tunnel(
-            self.pump, conn, fds[0], fds[1], idle, float(state["active_at"]), state["keepalive"]
+            self.pump,
+            conn,
+            fds[0],
+            fds[1],
+            idle,
+            float(state["active_at"]),
+            state["keepalive"],
+            up=RequestFlow if requests else Flow,
         )
         conn.tunnel = tunnel
+        if requests:
+            stream = RequestStream(conn)
+            stream.requests = requests
+            conn.read_requests(tunnel, stream)
         self.tally.adopted_tunnel(server, listener.tally_at)
         if listener.clients is not None:  # counted against its client here from now on
             conn.ticket = listener.clients.adopt(conn.addr[0])

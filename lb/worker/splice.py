@@ -221,7 +221,7 @@ class Flow:
         except BlockingIOError:
             return
         except OSError as exc:
-            tunnel.close(_reason(exc, self.src_name), reset=True)
+            tunnel.close(failure_reason(exc, self.src_name), reset=True)
             return
         if n == 0:
             self._end()
@@ -239,7 +239,7 @@ class Flow:
             m = 0
         except OSError as exc:
             self.pipe, self.queued = free.pop(), n
-            tunnel.close(_reason(exc, self.dst_name), reset=True)
+            tunnel.close(failure_reason(exc, self.dst_name), reset=True)
             return
         if m == n:  # the pipe is empty again, and still in the pool
             if last:
@@ -259,7 +259,7 @@ class Flow:
         except BlockingIOError:
             return
         except OSError as exc:
-            tunnel.close(_reason(exc, self.dst_name), reset=True)
+            tunnel.close(failure_reason(exc, self.dst_name), reset=True)
             return
         self.queued -= m
         tunnel.active_at = monotonic()
@@ -276,7 +276,7 @@ class Flow:
         tunnel = self.tunnel
         if tunnel.loop.events & ERR:
             err = socket_error(self.src) or errno.ECONNRESET
-            tunnel.close(_reason(OSError(err, os.strerror(err)), self.src_name), reset=True)
+            tunnel.close(failure_reason(OSError(err, os.strerror(err)), self.src_name), reset=True)
         else:  # shut down both ways, cleanly: nothing more can come from it
             tunnel.loop.remove_reader(self.src)
 
@@ -312,7 +312,7 @@ FlowState = tuple[bool, int, Pipe | None]  # ended, bytes queued in its pipe, th
 _CLOSED = {side: f"{side} closed" for side in ("client", "server")}  # built once, not per tunnel
 
 
-def _reason(exc: OSError, side: str) -> str:
+def failure_reason(exc: OSError, side: str) -> str:
     """Why a tunnel ends on an error, naming the side that failed."""
     if exc.errno in (errno.ECONNRESET, errno.EPIPE):
         return f"{side} reset"
@@ -348,14 +348,17 @@ class Tunnel:
         idle_timeout: float,
         active_at: float = 0.0,
         keepalive: bool = False,
+        up: type[Flow] = Flow,
     ) -> None:
         """A new tunnel; ``active_at`` and ``keepalive``: one adopted from another process,
-        its last byte's time and whether its server socket has keepalive already."""
+        its last byte's time and whether its server socket has keepalive already; ``up``:
+        the class of its client-to-server flow (one that reads HTTP requests:
+        :mod:`lb.worker.requests`)."""
         self.pump = pump
         self.loop = pump.loop
         self.free = pump.free
         self.owner: TunnelOwner | None = owner
-        self.up = Flow(self, client, server, "client")
+        self.up = up(self, client, server, "client")
         self.down = Flow(self, server, client, "server")
         self.closed = False
         self.keepalive = keepalive  # on its server socket, KEEPALIVE_AFTER after it opened

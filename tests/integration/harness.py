@@ -317,6 +317,34 @@ class FlakyBackend(Proc):
             assert reply.read().decode() == mode
 
 
+RECORDER = Path(__file__).with_name("recorder.py")
+
+
+class Recorder(Proc):
+    """tests/integration/recorder.py: a backend that reports every request it receives."""
+
+    def __init__(self, name: str, *options: str) -> None:
+        self.name = name
+        self.port = free_port()
+        argv = [sys.executable, str(RECORDER), "--name", name, "--port", str(self.port)]
+        super().__init__([*argv, *options])
+        wait_until(lambda: any("listening" in ln for ln in self.lines), 15, f"recorder {name}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def requests(self) -> list[dict[str, Any]]:
+        """What it received so far, one record per request."""
+        return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+
+    def wait_requests(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        """What it received, once it has said so for ``count`` requests (it says so before
+        it answers, but its lines are read by a thread of ours)."""
+        wait_until(lambda: len(self.requests()) >= count, timeout, f"{count} requests")
+        return self.requests()
+
+
 @contextlib.contextmanager
 def network_namespace() -> Iterator[tuple[str, str, str]]:
     """A network namespace joined to ours by a veth pair: (name, our address, its address).

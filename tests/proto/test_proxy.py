@@ -334,7 +334,12 @@ def test_feed_after_decision_raises() -> None:
 
 
 addresses4 = st.ip_addresses(v=4).map(str)
-addresses6 = st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed))
+# IPv4-mapped ones are sent as the IPv4 address they are (see the test below)
+addresses6 = (
+    st.ip_addresses(v=6)
+    .filter(lambda a: a.ipv4_mapped is None)
+    .map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed))
+)
 ports = st.integers(min_value=0, max_value=65535)
 
 
@@ -392,3 +397,12 @@ def test_looks_like_proxy() -> None:
     assert not looks_like_proxy(REQUEST)
     assert not looks_like_proxy(b"PROXY")  # not yet: a method could start so
     assert not looks_like_proxy(V2_SIGNATURE[:11])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_ipv4_client_of_a_dual_stack_listener_is_sent_as_ipv4(version: int) -> None:
+    source, destination = ("::ffff:192.0.2.7", 5000), ("::ffff:10.0.0.1", 80)
+    sent = header(version, source, destination)
+    assert read(sent + b"x") == ProxyHeader(
+        version, len(sent), ("192.0.2.7", 5000), ("10.0.0.1", 80)
+    )
