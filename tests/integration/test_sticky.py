@@ -104,6 +104,35 @@ def test_a_cookie_keeps_its_session_on_one_server(
     assert len(workers) == 2  # both workers served, and agreed
 
 
+def test_a_later_request_with_another_key_is_not_forwarded_on_the_connection(
+    three: list[EchoBackend], start_lb: Callable[..., SpliceLB]
+) -> None:
+    """A kept-alive connection is on its first request's server: a later request with
+    another session is not forwarded there (its retry, on a new connection, goes where its
+    key does); the same session goes on."""
+    port = free_port()
+    lb = start_lb(
+        config(
+            listener(f"127.0.0.1:{port}", "app"),
+            backend(
+                "app",
+                [(s.name, s.address) for s in three],
+                extra='balance = "hash"\nhash_key = "cookie:sid"',
+            ),
+        ),
+        workers=1,
+    )
+    request = "GET /whoami HTTP/1.1\r\nHost: x\r\nCookie: sid={}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for sid in ("a", "a"):
+            s.sendall(request.format(sid).encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.sendall(request.format("b").encode())
+        assert clients.read_all(s) == b""  # closed, nothing of it forwarded
+    [line] = wait_until(lambda: lb.conns(), 10, "the conn line")
+    assert line["reason"] == "request 3 not forwarded: its hash key is not the connection's"
+
+
 # --- slow start -----------------------------------------------------------------------
 
 
