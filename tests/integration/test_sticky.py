@@ -129,7 +129,7 @@ def test_a_later_request_with_another_key_is_not_forwarded_on_the_connection(
             assert s.recv(4096).startswith(b"HTTP/1.1 200")
         s.sendall(request.format("b").encode())
         assert clients.read_all(s) == b""  # closed, nothing of it forwarded
-    [line] = wait_until(lambda: lb.conns(), 10, "the conn line")
+    [line] = wait_until(lb.conns, 10, "the conn line")
     assert line["reason"] == "request 3 not forwarded: its hash key is not the connection's"
 
 
