@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +99,31 @@ def backend(kind: str) -> tuple[socket.socket, int]:
     return listener, int(listener.getsockname()[1])
 
 
+def at_once(count: int, concurrency: int, client: Callable[[int], None]) -> None:
+    """``client(share)`` in ``concurrency`` threads at once, the shares of ``count`` each;
+    the first error any of them met is raised."""
+    shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+    errors: list[BaseException] = []
+
+    def run(share: int) -> None:
+        try:
+            client(share)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise BenchError(f"a client failed: {errors[0]!r}")
+
+
 def connections(port: int, count: int, concurrency: int = 1) -> None:
     """``count`` connections, each a request read to its end, ``concurrency`` at a time."""
     if concurrency > 1:
-        shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
-        errors: list[BaseException] = []
-
-        def client(share: int) -> None:
-            try:
-                connections(port, share)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=client, args=(share,)) for share in shares]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise BenchError(f"a client failed: {errors[0]!r}")
+        at_once(count, concurrency, lambda share: connections(port, share))
         return
     for _ in range(count):
         with socket.create_connection((HOST, port), timeout=30) as sock:
@@ -128,31 +135,20 @@ def connections(port: int, count: int, concurrency: int = 1) -> None:
 def kept_alive_requests(port: int, count: int, concurrency: int = 1) -> None:
     """``count`` requests, each answered before the next, over ``concurrency`` kept-alive
     connections at once."""
-    shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
-    errors: list[BaseException] = []
 
     def client(share: int) -> None:
-        try:
-            with socket.create_connection((HOST, port), timeout=30) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                for _ in range(share):
-                    sock.sendall(KEEPALIVE_REQUEST)
-                    got = b""
-                    while len(got) < len(KEEPALIVE_RESPONSE):
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            raise BenchError("the kept-alive connection closed")
-                        got += chunk
-        except BaseException as exc:
-            errors.append(exc)
+        with socket.create_connection((HOST, port), timeout=30) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(share):
+                sock.sendall(KEEPALIVE_REQUEST)
+                got = b""
+                while len(got) < len(KEEPALIVE_RESPONSE):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise BenchError("the kept-alive connection closed")
+                    got += chunk
 
-    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise BenchError(f"a client failed: {errors[0]!r}")
+    at_once(count, concurrency, client)
 
 
 def round_trips(sock: socket.socket, count: int) -> None:

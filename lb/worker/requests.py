@@ -65,7 +65,6 @@ from typing import Protocol
 
 from lb.proto.http1 import CHUNKED, ChunkedBody, Head, HeadSniffer, NeedData, Reject
 from lb.worker.deadlines import Queue
-from lb.worker.limits import LOCAL_ERRNOS
 from lb.worker.pipes import PIPE_SIZE
 from lb.worker.splice import (
     SPLICE_FLAGS,
@@ -417,14 +416,8 @@ class RequestFlow(Flow):
         ``splice``: as :meth:`Flow.on_readable`, but counted."""
         tunnel = self.tunnel
         free = tunnel.free
-        if not free:
-            try:
-                free.append(tunnel.pump.pipes.new())
-            except OSError as exc:
-                if exc.errno not in LOCAL_ERRNOS:
-                    raise
-                tunnel.pump.starve(self, exc)
-                return
+        if not free and not self.new_pipe():
+            return
         pipe = free[-1]
         try:
             n = splice(self.src, pipe[1], min(stream.left, PIPE_SIZE), None, None, SPLICE_FLAGS)

@@ -201,20 +201,27 @@ class Flow:
     def dst_name(self) -> str:
         return "server" if self.src_name == "client" else "client"
 
+    def new_pipe(self) -> bool:
+        """Put a new pipe on the tunnel's free list; False if none can be had for now
+        (the balancer's own limit: the flow waits, starved, until one is free)."""
+        tunnel = self.tunnel
+        try:
+            tunnel.free.append(tunnel.pump.pipes.new())
+        except OSError as exc:
+            if exc.errno not in LOCAL_ERRNOS:
+                raise
+            tunnel.pump.starve(self, exc)
+            return False
+        return True
+
     def on_readable(self) -> None:
         tunnel = self.tunnel
         free = tunnel.free
         # Borrow the pool's top pipe (we read only with an empty pipe) and take it
         # out only if bytes stay in it: a pop and an append per read would make
         # the list shrink and grow again.
-        if not free:
-            try:
-                free.append(tunnel.pump.pipes.new())
-            except OSError as exc:
-                if exc.errno not in LOCAL_ERRNOS:
-                    raise
-                tunnel.pump.starve(self, exc)
-                return
+        if not free and not self.new_pipe():
+            return
         pipe = free[-1]
         try:
             n = splice(self.src, pipe[1], PIPE_SIZE, None, None, SPLICE_FLAGS)
