@@ -21,10 +21,12 @@ def test_every_variant_is_a_valid_config(variant: str) -> None:
     backend = config.backend("http")
     others = [(lc.name, lc.mode) for lc in config.listeners if lc.name != "http"]
     assert others == [("bulk", "tcp"), ("ws", "http")]
-    if variant == "splicelb":
+    if variant in ("splicelb", "splicelb-limits"):
         assert http.mode == "tcp"
+        assert http.limits_clients is (variant == "splicelb-limits")
     else:
         assert http.mode == "http"
         assert http.forwarded_headers is (variant == "splicelb-address")
+        assert not http.limits_clients
     expected = (2, 9012) if variant == "splicelb-address" else (0, 9002)
     assert (backend.send_proxy, backend.servers[0].address.port) == expected
