@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
-from lb.pool.clients import UNCOUNTED, ClientTable
+from lb.pool.clients import UNCOUNTED
 from lb.proto.forwarded import forwarded_head
 from lb.proto.http1 import Head, HeadSniffer, Reject
 from lb.proto.proxy import NOT_PROXY, ProxyHeader, ProxyReader, ProxyReject, looks_like_proxy
@@ -110,6 +110,21 @@ def response(status: int, text: str, retry_after: int = 0) -> bytes:
         f"{retry}"
         "Connection: close\r\n\r\n"
     ).encode() + body
+
+
+def _connect_from(sock: _socket.socket, source: tuple[str, int], sockaddr: Any) -> int:
+    """Bind ``sock`` to a source address, then connect it (the errno, 0 if done).
+
+    ``IP_BIND_ADDRESS_NO_PORT``: the port is chosen at connect, per destination, so a
+    source address holds a port range's worth of tunnels to each server."""
+    sock.setsockopt(_socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    try:
+        sock.bind(source)
+    except OSError as exc:
+        if exc.errno not in LOCAL_ERRNOS:
+            raise
+        return exc.errno or errno.EADDRNOTAVAIL
+    return sock.connect_ex(sockaddr)
 
 
 def _has_peer(sock: _socket.socket) -> bool:
@@ -218,8 +233,7 @@ class Connection:
             # are counted once it has said who the client is
             self.proxy = ProxyReader()
         else:
-            clients = listener.clients
-            if clients is not None and not self.admit(clients):
+            if not self.admit():
                 return
             if listener.mode == "tcp":
                 self._route(self.ctx.backends[listener.default_backend])
@@ -229,10 +243,13 @@ class Connection:
         self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
 
-    def admit(self, clients: ClientTable) -> bool:
-        """Count the connection against its client's limits, by ``addr`` (the client's
-        address, whatever told it); over a limit it is answered 429 (http: before its
-        head is read) or closed (tcp), and False returned."""
+    def admit(self) -> bool:
+        """Count the connection against its listener's client limits, if it has any, by
+        ``addr`` (the client's address, whatever told it); over a limit it is answered 429
+        (http: before its head is read) or closed (tcp), and False returned."""
+        clients = self.listener.clients
+        if clients is None:
+            return True
         ticket = clients.admit(self.addr[0], self.started)
         if isinstance(ticket, int):
             self.ticket = ticket
@@ -318,8 +335,7 @@ class Connection:
             self.bytes_in += event.length
             if event.source is not None:  # else LOCAL or UNKNOWN: the peer's own addresses
                 self.addr, self.local = event.source, event.destination
-            clients = self.listener.clients
-            if clients is not None and not self.admit(clients):
+            if not self.admit():
                 return None
             return proxy.rest
         if isinstance(event, ProxyReject):
@@ -363,11 +379,10 @@ class Connection:
             return f"{verdict.reason} ({verdict.status})"
         if verdict is not self.backend:
             return f"routed to backend {verdict.name}"
-        reader = verdict.key_reader
         if (
-            reader is not None
+            verdict.key_reader is not None
             and isinstance(event, Head)
-            and (reader.read(event, raw) or self.addr[0]) != self.key
+            and self._key(verdict, event, raw) != self.key
         ):
             return "its hash key is not the connection's"
         return None
@@ -401,12 +416,19 @@ class Connection:
         from) for a backend that hashes a request's key.  In tcp mode what the server gets
         first (a PROXY header, what came after the client's) is ``pending`` already."""
         self.backend = backend
-        self.key = self.addr[0]  # the client's address, unless the backend hashes a request key
-        if backend.key_reader is not None and head is not None:
-            self.key = backend.key_reader.read(head, raw) or self.key
+        self.key = self._key(backend, head, raw)
         if head is None and backend.send_proxy:
             self.pending = self._proxy_prefix() + self.pending
         self._connect_next()
+
+    def _key(self, backend: BackendRuntime, head: Head | None, raw: bytes) -> str | bytes:
+        """What ``backend``'s picker hashes for a request: its key, if the backend reads
+        one and the request has it, else the client's address."""
+        client = str(self.addr[0])
+        reader = backend.key_reader
+        if reader is not None and head is not None:
+            return reader.read(head, raw) or client
+        return client
 
     def _proxy_prefix(self) -> bytes:
         """The PROXY header a ``send_proxy`` backend's server gets first (b"" for others)."""
@@ -451,7 +473,11 @@ class Connection:
                 return
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)  # keepalive: the tunnel's
             self.sock = sock
-            err = sock.connect_ex(sockaddr) if source is None else self._connect_from(source)
+            err = (
+                sock.connect_ex(sockaddr)
+                if source is None
+                else _connect_from(sock, source, sockaddr)
+            )
             if err != errno.EADDRNOTAVAIL or source is None:
                 break
             self._close_server()  # this source's ports toward that server are used up: the next
@@ -467,22 +493,6 @@ class Connection:
             self._local_limit(err, "connect")
         else:
             self._connect_failed(os.strerror(err))
-
-    def _connect_from(self, source: tuple[str, int]) -> int:
-        """Bind the server socket to a source address, then connect (the errno, 0 if done).
-
-        ``IP_BIND_ADDRESS_NO_PORT``: the port is chosen at connect, per destination,
-        so a source address holds a port range's worth of tunnels to each server."""
-        sock = self.sock
-        assert sock is not None and self.server is not None and self.backend is not None
-        sock.setsockopt(_socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        try:
-            sock.bind(source)
-        except OSError as exc:
-            if exc.errno not in LOCAL_ERRNOS:
-                raise
-            return exc.errno or errno.EADDRNOTAVAIL
-        return sock.connect_ex(self.backend.addresses[self.server][1])
 
     def _connect_done(self) -> None:
         assert self.sock is not None
