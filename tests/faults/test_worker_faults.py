@@ -297,11 +297,12 @@ def test_accept_paused_is_logged_once_per_episode(
     still_serves(lb, port)
 
 
-def test_a_used_up_local_port_range_is_the_balancers_limit_not_the_servers(
-    namespace: tuple[str, str, str], procs: list[Proc], tmp_path: Path
-) -> None:
-    """In a namespace of its own, with four local ports: a fifth tunnel to the server
-    has no port to connect from."""
+def four_local_ports(
+    namespace: tuple[str, str, str], procs: list[Proc], tmp_path: Path, backend_extra: str = ""
+) -> tuple[SpliceLB, Callable[[int], tuple[list[int], list[socket.socket]]]]:
+    """splicelb and one server in a namespace of its own with four local ports, and what
+    opens ``n`` tunnels through it, each held by a kept-alive request: their statuses and
+    sockets."""
     name, _here, there = namespace
     inside = ("ip", "netns", "exec", name)
     subprocess.run(
@@ -311,16 +312,32 @@ def test_a_used_up_local_port_range_is_the_balancers_limit_not_the_servers(
     procs.append(server)
     port = free_port()
     text = config(
-        listener(f"{there}:{port}", "app"), backend("app", [("a", server.address)]), workers=1
+        listener(f"{there}:{port}", "app"),
+        backend("app", [("a", server.address)], backend_extra),
+        workers=1,
     )
     lb = SpliceLB(tmp_path, text, workers=1, prefix=inside)
     procs.append(lb)
-    held, statuses = [], []
-    for _ in range(8):  # each kept-alive request holds its tunnel, and a local port
-        sock = socket.create_connection((there, port), timeout=5)
-        sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
-        statuses.append(clients.status_of(sock.recv(1000)))
-        held.append(sock)
+
+    def tunnels(n: int) -> tuple[list[int], list[socket.socket]]:
+        held, statuses = [], []
+        for _ in range(n):  # each kept-alive request holds its tunnel, and a local port
+            sock = socket.create_connection((there, port), timeout=5)
+            sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+            statuses.append(clients.status_of(sock.recv(1000)))
+            held.append(sock)
+        return statuses, held
+
+    return lb, tunnels
+
+
+def test_a_used_up_local_port_range_is_the_balancers_limit_not_the_servers(
+    namespace: tuple[str, str, str], procs: list[Proc], tmp_path: Path
+) -> None:
+    """In a namespace of its own, with four local ports: a fifth tunnel to the server
+    has no port to connect from."""
+    lb, tunnels = four_local_ports(namespace, procs, tmp_path)
+    statuses, held = tunnels(8)
     assert statuses.count(200) >= 2 and statuses[-1] == 503, statuses
     refused = [c for c in lb.conns() if c["status"] == 503]
     assert all(
@@ -341,27 +358,10 @@ def test_source_addresses_each_hold_a_port_range_of_tunnels_to_a_server(
 ) -> None:
     """The same four local ports, and `source` = two addresses: eight tunnels to the one
     server, each source address connecting from its own four ports; the ninth has none."""
-    name, _here, there = namespace
-    inside = ("ip", "netns", "exec", name)
-    subprocess.run(
-        [*inside, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40003"], check=True
+    lb, tunnels = four_local_ports(
+        namespace, procs, tmp_path, 'source = ["127.0.0.1", "127.0.0.2"]'
     )
-    server = FlakyBackend("a", prefix=inside)
-    procs.append(server)
-    port = free_port()
-    text = config(
-        listener(f"{there}:{port}", "app"),
-        backend("app", [("a", server.address)], 'source = ["127.0.0.1", "127.0.0.2"]'),
-        workers=1,
-    )
-    lb = SpliceLB(tmp_path, text, workers=1, prefix=inside)
-    procs.append(lb)
-    held, statuses = [], []
-    for _ in range(9):  # each kept-alive request holds its tunnel, and a local port
-        sock = socket.create_connection((there, port), timeout=5)
-        sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
-        statuses.append(clients.status_of(sock.recv(1000)))
-        held.append(sock)
+    statuses, held = tunnels(9)
     assert statuses == [200] * 8 + [503], statuses
     assert not lb.events("connect_failed")
     for sock in held:
