@@ -656,10 +656,9 @@ def capacity_warnings(config: Config, ports: tuple[int, int]) -> list[str]:
     warnings = []
     for i, backend in enumerate(config.backends):
         families = [family for family, _ in backend.source]
-        sources = {
-            s.address.family: max(1, families.count(s.address.family)) for s in backend.servers
-        }
-        capacity = sum(per_address * sources[s.address.family] for s in backend.servers)
+        capacity = sum(
+            per_address * max(1, families.count(s.address.family)) for s in backend.servers
+        )
         if config.global_.maxconn > capacity:
             addresses = len(backend.source) or 1
             warnings.append(
