@@ -38,7 +38,11 @@ the within-round ratio one to that balancer (``vs_NAME``), e.g.
 --loads close --rounds 5``: the cost of telling the servers the client's
 address, on new connections per second; ``splicelb-limits`` has client
 limits set too high to refuse anyone (``--balancers splicelb,splicelb-limits
---baseline splicelb``: what counting clients costs)."""
+--baseline splicelb``: what counting clients costs).  ``NAME@REV`` runs a
+variant with the code of an earlier commit: ``--balancers
+splicelb-http-defaults@REV,splicelb-http-defaults --baseline
+splicelb-http-defaults@REV --loads keepalive`` is a change's cost to kept-alive
+requests through an http listener with its default keys."""
 
 from __future__ import annotations
 
@@ -335,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "--balancers",
         default="splicelb,haproxy",
         help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy, splicelb-http,"
-        " splicelb-address, splicelb-limits (default: splicelb,haproxy)",
+        " splicelb-http-defaults, splicelb-address, splicelb-limits; NAME@REV: splicelb or a"
+        " variant with the code of commit REV (default: splicelb,haproxy)",
     )
     parser.add_argument(
         "--loads", default="keepalive,close", help="wrk loads: keepalive, close or both (default)"

@@ -213,7 +213,9 @@ class Proc:
         logdir: Path,
         stdin: int | None = subprocess.DEVNULL,
         stdout: int | IO[bytes] | None = None,
+        code: Path = REPO,
     ) -> None:
+        """``code``: the tree whose ``lb`` (and ``bench``) the child imports."""
         self.name = name
         self.log_path = logdir / f"{name}.log"
         self._log = self.log_path.open("ab")
@@ -224,8 +226,8 @@ class Proc:
             stderr=self._log,
             start_new_session=True,
             preexec_fn=die_with_parent,  # noqa: PLW1509  (no threads here)
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
+            cwd=code,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(code)},
         )
         Proc.live.append(self)
 

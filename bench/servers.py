@@ -5,7 +5,9 @@ Every target exposes three front ports: ``bulk`` (to ``iperf3 -s``), ``http``
 all three listeners; "direct" is the backends' own ports (the physical limit).
 
 Variants of splicelb change only its ``http`` listener, to measure what a
-feature costs against the same listener without it (see ``VARIANTS``).
+feature costs against the same listener without it (see ``VARIANTS``).  A name
+``VARIANT@REV`` runs that variant with the code of commit ``REV`` (``git archive``
+into the run's directory), to measure a change against the code before it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.procs import (
     HOST,
+    REPO,
     BenchError,
     Proc,
     free_port,
@@ -35,9 +38,6 @@ from bench.procs import (
 )
 
 START_TIMEOUT = 30.0
-# splicelb as measured, and its variants: the lines each adds to every listener.  The
-# client limits are set too high to refuse anyone (every client of the benchmark is
-# 127.0.0.1): what a run measures is their cost on each new connection.
 HAPROXY_MAXCONN = 9500  # 2 x 9,500 sockets + 2 x MAXPIPES pipe ends fit in 20,000 descriptors
 HAPROXY_MAXPIPES = 256
 
@@ -47,6 +47,7 @@ HAPROXY_MAXPIPES = 256
 CLIENT_LIMITS = "client_maxconn = 1000000\nclient_rate = 1000000000\nclient_burst = 1000000000"
 VARIANTS = {
     "splicelb-http": ("http", "forwarded_headers = false", "", "http"),
+    "splicelb-http-defaults": ("http", "", "", "http"),
     "splicelb-address": ("http", "forwarded_headers = true", 'send_proxy = "v2"', "http_pp"),
     "splicelb-limits": ("tcp", CLIENT_LIMITS, "", "http"),
 }
@@ -311,15 +312,38 @@ def splicelb_argv(config: Path, workdir: Path) -> list[str]:
     return unprivileged([sys.executable, "-m", "lb", "run", "-c", str(config)], scratch)
 
 
+def checkout(rev: str, tmp: Path) -> Path:
+    """The tree of commit ``rev`` under ``tmp`` (once per run), readable by all."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if commit.returncode != 0:
+        raise BenchError(f"{rev!r} is not a commit of {REPO}: {commit.stderr.strip()}")
+    tree = tmp / f"code-{commit.stdout.strip()[:12]}"
+    if not tree.exists():
+        tree.mkdir(mode=0o755)
+        archive = subprocess.Popen(
+            ["git", "-C", str(REPO), "archive", commit.stdout.strip()], stdout=subprocess.PIPE
+        )
+        subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
+        if archive.wait() != 0:
+            raise BenchError(f"git archive {rev} failed")
+    return tree
+
+
 def start_splicelb(
     workers: int, backends: Backends, tmp: Path, run_id: str, variant: str = "splicelb"
 ) -> Target:
-    """splicelb, or one of its ``VARIANTS``."""
+    """splicelb, or one of its ``VARIANTS``, optionally ``@REV``."""
+    name, _, rev = variant.partition("@")
+    code = checkout(rev, tmp) if rev else REPO
     workdir, runtime = splicelb_workdir(tmp, f"splicelb-{run_id}")
-    ports = {name: free_port() for name in ("bulk", "http", "ws")}
+    ports = {port: free_port() for port in ("bulk", "http", "ws")}
     config = workdir / "splicelb.toml"
-    config.write_text(target_toml(variant, runtime, workers, ports, backends.ports))
-    proc = Proc("splicelb", splicelb_argv(config, workdir), workdir)
+    config.write_text(target_toml(name, runtime, workers, ports, backends.ports))
+    proc = Proc("splicelb", splicelb_argv(config, workdir), workdir, code=code)
     target = Target(variant, ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "splicelb's listeners")
@@ -442,7 +466,7 @@ def start_target(
     if name == "direct":
         return Target("direct", dict(backends.ports), backends=backends)
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
-    if name == "splicelb" or name in VARIANTS:
+    if name.partition("@")[0] in ("splicelb", *VARIANTS):
         return start_splicelb(workers, backends, tmp, run_id, name)
     if name in ("floor", "floor-copy"):
         return start_floor(workers, backends, tmp, run_id, copy=name == "floor-copy")
