@@ -28,7 +28,10 @@ then counts for a fraction of a connection, as it does under load.  ``--mode
 http`` makes the connections' listener an http one (the head is read, routed
 and forwarded with its forwarded fields), to count what that path costs.  With
 ``--limits`` the listeners have client limits (set too high to refuse anyone):
-the difference is what the limits cost per connection.
+the difference is what the limits cost per connection; with ``--no-forwarded``
+the http listeners add no forwarded fields (with and without: what they cost).
+``--code REV`` counts the worker of an earlier commit (``git archive``), to
+measure a change against the code before it.
 The
 kept-alive requests are made the same way: K connections at once, each
 sending its share of the N requests one after the other (``wrk -cK``).
@@ -51,6 +54,7 @@ from typing import Any
 
 from bench.procs import (
     HOST,
+    REPO,
     BenchError,
     Proc,
     free_port,
@@ -59,7 +63,7 @@ from bench.procs import (
     scratch_main,
     wait_until,
 )
-from bench.servers import CLIENT_LIMITS, listening_ports, splicelb_toml
+from bench.servers import CLIENT_LIMITS, checkout, listening_ports, splicelb_toml
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
@@ -210,6 +214,8 @@ def measure(
     concurrency: int = 1,
     mode: str = "tcp",
     limits: bool = False,
+    forwarded: bool = True,
+    code: str = "",
 ) -> dict[str, Any]:
     closer, close_port = backend("close")
     echoer, echo_port = backend("echo")
@@ -225,7 +231,14 @@ def measure(
         ("closehttp", http_port, "http", close_port),
     ]
     # busy_poll_us = 0: count each connection's work, not the polls between clients
-    extra = {name: (CLIENT_LIMITS, "") for name, *_ in listeners} if limits else None
+    keys = [CLIENT_LIMITS] if limits else []
+    extra = {
+        name: (
+            "\n".join(keys + ([] if forwarded or kind == "tcp" else ["forwarded_headers = false"])),
+            "",
+        )
+        for name, _, kind, _ in listeners
+    }
     config.write_text(splicelb_toml(runtime, 1, listeners, extra, busy_poll_us=0))
     out = tmp / "callgrind"
     out.mkdir()
@@ -237,7 +250,10 @@ def measure(
         f"--callgrind-out-file={out}/cg.%p",
     ]
     lb = Proc(
-        "splicelb-callgrind", [*valgrind, sys.executable, "-m", "lb", "run", "-c", str(config)], tmp
+        "splicelb-callgrind",
+        [*valgrind, sys.executable, "-m", "lb", "run", "-c", str(config)],
+        tmp,
+        code=checkout(code, tmp) if code else REPO,
     )
     try:
 
@@ -284,6 +300,8 @@ def measure(
         "concurrency": concurrency,
         "mode": mode,
         "client_limits": limits,
+        "forwarded_headers": forwarded,
+        "code": code or "this tree",
         "per_connection": round(conns["total"] / count),
         "per_round_trip": round(trips["total"] / count),
         "per_kept_alive_request": round(requests["total"] / count),
@@ -323,6 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with client limits on the listeners (set too high to refuse): what they cost",
     )
+    parser.add_argument(
+        "--no-forwarded",
+        dest="forwarded",
+        action="store_false",
+        help="http listeners without forwarded fields: with and without is what they cost",
+    )
+    parser.add_argument(
+        "--code", default="", help="count the worker of commit CODE (git archive) instead"
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
@@ -330,7 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     def body(tmp: Path) -> str:
         if shutil.which("valgrind") is None:
             install_debian(["valgrind"])
-        result = measure(args.count, args.top, tmp, args.concurrency, args.mode, args.limits)
+        result = measure(
+            args.count,
+            args.top,
+            tmp,
+            args.concurrency,
+            args.mode,
+            args.limits,
+            args.forwarded,
+            args.code,
+        )
         return json.dumps(result, indent=2)
 
     return scratch_main("splicelb-instr-", body)

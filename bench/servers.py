@@ -317,6 +317,7 @@ def checkout(rev: str, tmp: Path) -> Path:
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
         capture_output=True,
+        check=False,
         text=True,
     )
     if commit.returncode != 0:

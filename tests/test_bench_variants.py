@@ -3,10 +3,14 @@ compares one with another round by round."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import pytest
+
 from bench.cpu import versus
-from bench.servers import VARIANTS, splicelb_toml
+from bench.procs import REPO, BenchError
+from bench.servers import VARIANTS, checkout, splicelb_toml
 from lb.config import Config, parse_config, read_toml
 
 LISTENERS = [("bulk", 8001, "tcp", 9001), ("http", 8002, "tcp", 9002), ("ws", 8003, "http", 9003)]
@@ -43,3 +47,38 @@ def test_a_variant_is_compared_with_its_baseline_round_by_round() -> None:
     variant = [{"rate": 95}, {"rate": 190}, {"rate": 50}]
     baseline = [{"rate": 100}, {"rate": 200}, {"rate": 40}]
     assert versus(variant, baseline) == 0.95
+
+
+def test_a_balancer_at_an_earlier_commit_runs_that_commits_code(tmp_path: Path) -> None:
+    """``NAME@REV``: the tree ``bench.servers.checkout`` gives holds the commit's files,
+    not this tree's, and a name that is no commit is refused before anything starts."""
+    first = subprocess.run(
+        ["git", "-C", str(REPO), "rev-list", "--max-parents=0", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[0]
+    tree = checkout(first, tmp_path)
+    assert tree == checkout(first, tmp_path)  # once per run
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", first],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file()) == sorted(
+        listed
+    )
+    with pytest.raises(BenchError, match="not a commit"):
+        checkout("no-such-commit", tmp_path)
+
+
+def test_the_defaults_variant_adds_no_key_an_earlier_config_would_refuse(tmp_path: Path) -> None:
+    """``splicelb-http-defaults@REV`` runs old code: its config may hold no key that came
+    later, only an http listener with its defaults."""
+    mode, listener_extra, backend_extra, _server = VARIANTS["splicelb-http-defaults"]
+    assert (mode, listener_extra, backend_extra) == ("http", "", "")
+    [lc] = [
+        lc for lc in config_of("splicelb-http-defaults", tmp_path).listeners if lc.name == "http"
+    ]
+    assert lc.mode == "http" and lc.forwarded_headers
