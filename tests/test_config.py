@@ -618,7 +618,10 @@ CASES = [
         config(global_='log_format = "text"'),
         "global.log_format: expected one of json, console; got 'text'",
     ),
-    (config(listener='mode = "udp"'), "listeners[0].mode: expected one of http, tcp, tls; got 'udp'"),
+    (
+        config(listener='mode = "udp"'),
+        "listeners[0].mode: expected one of http, tcp, tls; got 'udp'",
+    ),
     (
         config(backend='balance = "maglev"'),
         "backends[0].balance: expected one of roundrobin, leastconn, random2, hash, source;"

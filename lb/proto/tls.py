@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from lb.proto.http1 import NEED_DATA, NeedData
+from lb.proto.events import NEED_DATA, NeedData
 
 MAX_HELLO_BYTES: Final = 16384
 """What the reader holds at most: the records that carry the ClientHello, headers included."""
