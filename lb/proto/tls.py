@@ -203,87 +203,103 @@ def _parse(message: bytes, records_end: int) -> ClientHello | HelloReject:
     if problem := _message_problem(message):
         return HelloReject(problem)
     try:
-        server_name, alpn = _body(memoryview(message)[HANDSHAKE_HEADER:])
+        server_name, alpn = _body(message)
     except _Malformed as exc:
         return HelloReject(f"malformed ClientHello: {exc}")
     return ClientHello(server_name, alpn, records_end)
 
 
-class _Cursor:
-    """Reads the length-prefixed vectors of a TLS structure, each within its bounds."""
-
-    __slots__ = ("at", "data", "what")
-
-    def __init__(self, data: memoryview, what: str) -> None:
-        self.data = data
-        self.at = 0
-        self.what = what
-
-    def take(self, size: int, what: str) -> memoryview:
-        end = self.at + size
-        if end > len(self.data):
-            raise _Malformed(f"{what} runs past the end of the {self.what}")
-        chunk = self.data[self.at : end]
-        self.at = end
-        return chunk
-
-    def vector(self, prefix: int, what: str) -> memoryview:
-        size = int.from_bytes(self.take(prefix, f"{what}'s length"), "big")
-        return self.take(size, what)
-
-    def left(self) -> int:
-        return len(self.data) - self.at
+def _vector(data: bytes, at: int, end: int, prefix: int, what: str, parent: str) -> int:
+    """Where the vector at ``at`` (its length in ``prefix`` bytes, then its bytes) ends,
+    checked to end by ``end``, the end of ``parent``."""
+    if at + prefix > end:
+        raise _Malformed(f"{what}'s length runs past the end of the {parent}")
+    size = data[at] if prefix == 1 else data[at] << 8 | data[at + 1]
+    stop = at + prefix + size
+    if stop > end:
+        raise _Malformed(f"{what} runs past the end of the {parent}")
+    return stop
 
 
-def _body(body: memoryview) -> tuple[str | None, tuple[str, ...]]:
-    hello = _Cursor(body, "ClientHello")
-    hello.take(2 + 32, "version and random")
-    if len(hello.vector(1, "session id")) > 32:
+def _body(data: bytes) -> tuple[str | None, tuple[str, ...]]:
+    """The server name and ALPN protocols of a ClientHello message (``data``, its handshake
+    header included).  Offsets, not slices: one pass, no copy but of the name."""
+    end = len(data)
+    at = HANDSHAKE_HEADER + 2 + 32  # legacy_version, random
+    if at > end:
+        raise _Malformed("version and random runs past the end of the ClientHello")
+    stop = _vector(data, at, end, 1, "session id", "ClientHello")
+    if stop - at - 1 > 32:
         raise _Malformed("session id longer than 32 bytes")
-    suites = hello.vector(2, "cipher suites")
-    if not suites or len(suites) % 2:
-        raise _Malformed(f"cipher suites of {len(suites)} bytes")
-    if not hello.vector(1, "compression methods"):
+    at, stop = stop, _vector(data, stop, end, 2, "cipher suites", "ClientHello")
+    suites = stop - at - 2
+    if not suites or suites % 2:
+        raise _Malformed(f"cipher suites of {suites} bytes")
+    at, stop = stop, _vector(data, stop, end, 1, "compression methods", "ClientHello")
+    if stop - at == 1:
         raise _Malformed("no compression method")
+    if stop == end:  # no extensions at all: an old client, and no SNI
+        return None, ()
+    at, stop = stop + 2, _vector(data, stop, end, 2, "extensions", "ClientHello")
+    if stop != end:
+        raise _Malformed(f"{end - stop} bytes after the extensions")
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
-    if not hello.left():  # no extensions at all: an old client, and no SNI
-        return None, ()
-    extensions = _Cursor(hello.vector(2, "extensions"), "extensions")
-    if hello.left():
-        raise _Malformed(f"{hello.left()} bytes after the extensions")
     seen: set[int] = set()
-    while extensions.left():
-        kind = int.from_bytes(extensions.take(2, "extension type"), "big")
-        data = extensions.vector(2, f"extension {kind}")
+    while at < end:
+        if at + 4 > end:
+            what = "extension type" if at + 2 > end else "extension's length"
+            raise _Malformed(f"{what} runs past the end of the extensions")
+        kind = data[at] << 8 | data[at + 1]
+        stop = at + 4 + (data[at + 2] << 8 | data[at + 3])
+        if stop > end:
+            raise _Malformed(f"extension {kind} runs past the end of the extensions")
         if kind in seen:
             raise _Malformed(f"extension {kind} twice")
         seen.add(kind)
         if kind == _SERVER_NAME:
-            server_name = _server_name(data)
+            server_name = _server_name(data, at + 4, stop)
         elif kind == _ALPN:
-            alpn = _alpn(data)
+            alpn = _alpn(data, at + 4, stop)
+        at = stop
     return server_name, alpn
 
 
-def _server_name(data: memoryview) -> str | None:
-    """The host_name of a server_name extension (RFC 6066 section 3)."""
-    outer = _Cursor(data, "server_name extension")
-    names = _Cursor(outer.vector(2, "server name list"), "server name list")
-    if outer.left():
+def _server_name(data: bytes, at: int, end: int) -> str | None:
+    """The host_name of a server_name extension (RFC 6066 section 3) in ``data[at:end]``."""
+    stop = _vector(data, at, end, 2, "server name list", "server_name extension")
+    if stop != end:
         raise _Malformed("bytes after the server name list")
+    at += 2
     host: str | None = None
-    while names.left():
-        kind = names.take(1, "name type")[0]
-        name = bytes(names.vector(2, "server name"))
-        if kind != _HOST_NAME:
-            continue  # no other type is defined; the RFC says to ignore unknown ones
-        if host is not None:
-            raise _Malformed("two host names in server_name")
-        host = normalize_server_name(name)
-        if host is None:
-            raise _Malformed(f"server name {name[:64]!r} is not a DNS host name")
+    while at < stop:
+        kind = data[at]
+        name_end = _vector(data, at + 1, stop, 2, "server name", "server name list")
+        if kind == _HOST_NAME:  # no other type is defined; the RFC says to ignore others
+            if host is not None:
+                raise _Malformed("two host names in server_name")
+            name = data[at + 3 : name_end]
+            host = normalize_server_name(name)
+            if host is None:
+                raise _Malformed(f"server name {name[:64]!r} is not a DNS host name")
+        at = name_end
     return host
+
+
+def _alpn(data: bytes, at: int, end: int) -> tuple[str, ...]:
+    """The protocols of an application_layer_protocol_negotiation extension (RFC 7301)."""
+    stop = _vector(data, at, end, 2, "ALPN protocol list", "ALPN extension")
+    if stop != end:
+        raise _Malformed("bytes after the ALPN protocol list")
+    at += 2
+    found = []
+    while at < stop:
+        name_end = _vector(data, at, stop, 1, "ALPN protocol", "ALPN protocol list")
+        if name_end == at + 1:
+            raise _Malformed("empty ALPN protocol name")
+        found.append(data[at + 1 : name_end].decode("latin-1"))
+        at = name_end
+    return tuple(found)
 
 
 def normalize_server_name(name: bytes) -> str | None:
@@ -296,18 +312,3 @@ def normalize_server_name(name: bytes) -> str | None:
     if not name or len(name) > MAX_NAME or not _NAME_RE.fullmatch(name):
         return None
     return name.decode("ascii")
-
-
-def _alpn(data: memoryview) -> tuple[str, ...]:
-    """The protocols of an application_layer_protocol_negotiation extension (RFC 7301)."""
-    outer = _Cursor(data, "ALPN extension")
-    protocols = _Cursor(outer.vector(2, "ALPN protocol list"), "ALPN protocol list")
-    if outer.left():
-        raise _Malformed("bytes after the ALPN protocol list")
-    found = []
-    while protocols.left():
-        name = protocols.vector(1, "ALPN protocol")
-        if not name:
-            raise _Malformed("empty ALPN protocol name")
-        found.append(bytes(name).decode("latin-1"))
-    return tuple(found)
