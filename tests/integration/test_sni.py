@@ -522,3 +522,22 @@ def test_status_names_the_tls_listener(passthrough: Callable[..., tuple[SpliceLB
     assert "tls" in done.stdout
     lb.signal(signal.SIGTERM)
     assert lb.wait(30) == 0
+
+
+def test_a_client_over_client_maxconn_is_closed_before_its_hello_is_read(
+    tmp_path: Path, passthrough: Callable[..., tuple[SpliceLB, int]]
+) -> None:
+    lb, port = passthrough(listener_extra="client_maxconn = 1")
+    with connect(port) as first:
+        client = TLSOverSocket(first, client_context(tmp_path), "a.example")
+        hello = client.hello()
+        first.sendall(hello[:100])  # counted from its accept, hello or not
+        with connect(port) as second:
+            second.sendall(hello)
+            assert assert_closed_soon(second, 5) < TLS_HEAD_TIMEOUT
+        line = conn_of(lb, "client limit: 1 open connection")
+        assert (line["status"], line["backend"], line["bytes_out"]) == (429, None, 0)
+        first.sendall(hello[100:])  # the first is served all the same
+        client.finish_handshake()
+        assert client.get().startswith(b"HTTP/1.0 200 ok")
+    no_worker_error(lb)
