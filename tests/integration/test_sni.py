@@ -363,8 +363,12 @@ def test_hello_in_pieces_reaches_its_backend_unchanged(
         (b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n", "not TLS: plain text"),
         (bytes.fromhex("802e0103010015"), "SSLv2-style record header"),
         (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", "is of type 2, not ClientHello"),
+        (
+            b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\r\n",
+            "PROXY header on a listener without accept_proxy",
+        ),
     ],
-    ids=["garbage", "plain http", "sslv2", "server hello"],
+    ids=["garbage", "plain http", "sslv2", "server hello", "proxy header"],
 )
 def test_what_is_not_a_client_hello_is_closed_at_once(
     passthrough: Callable[..., tuple[SpliceLB, int]], data: bytes, reason: str
