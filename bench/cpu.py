@@ -42,7 +42,12 @@ limits set too high to refuse anyone (``--balancers splicelb,splicelb-limits
 variant with the code of an earlier commit: ``--balancers
 splicelb-http-defaults@REV,splicelb-http-defaults --baseline
 splicelb-http-defaults@REV --loads keepalive`` is a change's cost to kept-alive
-requests through an http listener with its default keys."""
+requests through an http listener with its default keys.
+
+TLS passthrough: ``--balancers splicelb-tls,haproxy-tls --baseline haproxy-tls
+--loads close`` measures new TLS connections per second (ECDHE P-256 with nginx,
+which does the handshakes) through a listener that routes on the server name,
+``wrk`` asking for ``https://localhost:PORT/``."""
 
 from __future__ import annotations
 
@@ -74,7 +79,7 @@ from bench.procs import (
     scratch_main,
     tcp_segments_sent,
 )
-from bench.servers import Target, start_backends, start_target
+from bench.servers import TLS_BALANCERS, TLS_NAME, Target, start_backends, start_target
 
 STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
 # A line of `perf report --sort dso,sym`: "  10.21%  [kernel.kallsyms]  [k] tcp_ack".
@@ -107,11 +112,13 @@ def busiest_pid(target: Target) -> int:
     return pid
 
 
-def wrk(tools: dict[str, str], port: int, seconds: int, close: bool) -> int:
+def wrk(tools: dict[str, str], port: int, seconds: int, close: bool, tls: bool = False) -> int:
+    """Requests ``wrk`` made in ``seconds``; ``tls``: over TLS, to the name ``TLS_NAME``."""
     argv = [tools["wrk"], "-t2", "-c32", "-d", f"{seconds}s"]
     if close:
         argv += ["-H", "Connection: close"]
-    out = run_tool([*argv, f"http://{HOST}:{port}/"], seconds + 60, "wrk")
+    url = f"https://{TLS_NAME}:{port}/" if tls else f"http://{HOST}:{port}/"
+    out = run_tool([*argv, url], seconds + 60, "wrk")
     total = WRK_TOTAL.search(out)
     if total is None:
         raise BenchError(f"wrk printed no total: {out}")
@@ -134,6 +141,7 @@ def traced_wrk(
     port: int,
     seconds: int,
     close: bool,
+    tls: bool = False,
 ) -> tuple[int, Path]:
     """Run ``wrk`` while the tracer ``binary`` records ``pid``: (requests, its output file)."""
     tool = Path(binary).name
@@ -147,7 +155,7 @@ def traced_wrk(
             attached(proc.stderr, pid)
         else:
             time.sleep(0.5)
-        return wrk(tools, port, seconds, close), out_file
+        return wrk(tools, port, seconds, close, tls), out_file
     finally:
         proc.send_signal(signal.SIGINT)  # strace and perf both write their output on it
         try:
@@ -174,12 +182,12 @@ def attached(stderr: IO[bytes], pid: int, timeout: float = 20.0) -> None:
 
 
 def syscalls(
-    pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
+    pid: int, tools: dict[str, str], port: int, seconds: int, close: bool, tls: bool = False
 ) -> tuple[dict[str, float], dict[str, float]]:
     """System calls per request of ``pid`` under ``wrk`` (strace -c), and of those the
     ones that failed (``accept4`` that finds the queue empty, say)."""
     strace = tracer("strace")
-    requests, out_file = traced_wrk(strace, ["-c", "-f"], pid, tools, port, seconds, close)
+    requests, out_file = traced_wrk(strace, ["-c", "-f"], pid, tools, port, seconds, close, tls)
     counts: dict[str, float] = {}
     errors: dict[str, float] = {}
     for line in out_file.read_text().splitlines():
@@ -193,12 +201,12 @@ def syscalls(
 
 
 def profile(
-    pid: int, tools: dict[str, str], port: int, seconds: int, close: bool
+    pid: int, tools: dict[str, str], port: int, seconds: int, close: bool, tls: bool = False
 ) -> dict[str, Any]:
     """Where ``pid``'s CPU goes under ``wrk``: perf's cpu-clock samples by binary and symbol."""
     options = ["record", "-q", "-e", "cpu-clock", "-F", "2000"]
     perf = tracer("perf")
-    _, data = traced_wrk(perf, options, pid, tools, port, seconds, close)
+    _, data = traced_wrk(perf, options, pid, tools, port, seconds, close, tls)
     report = subprocess.run(
         [perf, "report", "-i", str(data), "--stdio", "-q", "--sort", "dso,sym"],
         capture_output=True,
@@ -277,13 +285,14 @@ def measure(
 ) -> dict[str, Any]:
     target = start_target(name, tools, workers, backends, tmp, f"cpu-{name}{run_id}")
     result: dict[str, Any] = {}
+    tls = name.partition("@")[0] in TLS_BALANCERS
     try:
         port = target.ports["http"]
         for label in loads:
             close = label == "close"
-            wrk(tools, port, 1, close)  # warm up
+            wrk(tools, port, 1, close, tls)  # warm up
             u0, s0, g0, m0 = *target.cpu_seconds(), tcp_segments_sent(), psutil.cpu_times()
-            requests = wrk(tools, port, seconds, close)
+            requests = wrk(tools, port, seconds, close, tls)
             u1, s1, g1, m1 = *target.cpu_seconds(), tcp_segments_sent(), psutil.cpu_times()
             machine = machine_split(m0, m1)
             row: dict[str, Any] = {
@@ -297,11 +306,11 @@ def measure(
             }
             if "strace" in tracers:
                 row["syscalls"], row["syscall_errors"] = syscalls(
-                    busiest_pid(target), tools, port, seconds, close
+                    busiest_pid(target), tools, port, seconds, close, tls
                 )
                 row["syscalls_total"] = round(sum(row["syscalls"].values()), 1)
             if "perf" in tracers:
-                row["profile"] = profile(busiest_pid(target), tools, port, seconds, close)
+                row["profile"] = profile(busiest_pid(target), tools, port, seconds, close, tls)
             result[label] = row
             log(f"  {name:8} {label:9} {json.dumps(row)}")
     finally:
@@ -339,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         "--balancers",
         default="splicelb,haproxy",
         help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy, splicelb-http,"
-        " splicelb-http-defaults, splicelb-address, splicelb-limits; NAME@REV: splicelb or a"
+        " splicelb-http-defaults, splicelb-address, splicelb-limits, splicelb-tls, haproxy-tls"
+        " (TLS passthrough by SNI; compare the two); NAME@REV: splicelb or a"
         " variant with the code of commit REV (default: splicelb,haproxy)",
     )
     parser.add_argument(

@@ -5,7 +5,12 @@ Every target exposes three front ports: ``bulk`` (to ``iperf3 -s``), ``http``
 all three listeners; "direct" is the backends' own ports (the physical limit).
 
 Variants of splicelb change only its ``http`` listener, to measure what a
-feature costs against the same listener without it (see ``VARIANTS``).  A name
+feature costs against the same listener without it (see ``VARIANTS``).
+``splicelb-tls`` and ``haproxy-tls`` make it a TLS passthrough listener that
+routes on the ClientHello's server name (``mode = "tls"``; HAProxy's
+``req.ssl_sni`` after ``tcp-request inspect-delay``) to nginx's TLS port
+(``https``: a self-signed ECDSA P-256 certificate for ``localhost``, made at
+start): clients connect to ``https://localhost:PORT/`` (``TLS_NAME``).  A name
 ``VARIANT@REV`` runs that variant with the code of commit ``REV`` (``git archive``
 into the run's directory), to measure a change against the code before it.
 """
@@ -45,12 +50,27 @@ HAPROXY_MAXPIPES = 256
 # and which nginx port that backend uses ("http_pp": nginx's listen ... proxy_protocol).
 # Client limits too high to refuse anyone of the benchmark: what counting clients costs.
 CLIENT_LIMITS = "client_maxconn = 1000000\nclient_rate = 1000000000\nclient_burst = 1000000000"
+TLS_NAME = "localhost"  # the server name TLS clients send: a name that resolves to HOST
+# Two routes that the benchmark's name does not take, then its own: what routing costs.
+SNI_ROUTES = f"""
+[[listeners.routes]]
+sni = "other.example"
+backend = "http"
+[[listeners.routes]]
+sni = "*.example.com"
+backend = "http"
+[[listeners.routes]]
+sni = "{TLS_NAME}"
+backend = "http"
+"""
 VARIANTS = {
     "splicelb-http": ("http", "forwarded_headers = false", "", "http"),
     "splicelb-http-defaults": ("http", "", "", "http"),
     "splicelb-address": ("http", "forwarded_headers = true", 'send_proxy = "v2"', "http_pp"),
     "splicelb-limits": ("tcp", CLIENT_LIMITS, "", "http"),
+    "splicelb-tls": ("tls", SNI_ROUTES, "", "https"),
 }
+TLS_BALANCERS = ("splicelb-tls", "haproxy-tls")  # their http port takes TLS (to nginx's https)
 
 
 def listening_ports() -> set[int]:
@@ -159,9 +179,11 @@ def start_backends(tools: dict[str, str], tmp: Path, echo_procs: int) -> Backend
         wait_listening(iperf, [port], "iperf3 -s")
         backends.ports["bulk"] = port
 
-        backends.ports["http"], backends.ports["http_pp"] = start_nginx(
-            tools["nginx"], tmp, backends
-        )
+        (
+            backends.ports["http"],
+            backends.ports["http_pp"],
+            backends.ports["https"],
+        ) = start_nginx(tools["nginx"], tmp, backends)
 
         echo = Proc(
             "echo-backend",
@@ -188,12 +210,32 @@ def start_backends(tools: dict[str, str], tmp: Path, echo_procs: int) -> Backend
     return backends
 
 
-def start_nginx(nginx: str, tmp: Path, backends: Backends) -> tuple[int, int]:
+def start_nginx(nginx: str, tmp: Path, backends: Backends) -> tuple[int, int, int]:
     """nginx, one worker, as root, everything under ``tmp/nginx``: ``return 200 "ok\\n"``,
-    on a plain port and on one that reads a PROXY header first (``proxy_protocol``)."""
+    on a plain port, on one that reads a PROXY header first (``proxy_protocol``) and on
+    a TLS one (a self-signed P-256 certificate for ``TLS_NAME``)."""
     prefix = tmp / "nginx"
     prefix.mkdir(exist_ok=True)
-    port, pp_port = free_port(), free_port()
+    port, pp_port, tls_port = free_port(), free_port(), free_port()
+    cert, key = prefix / "cert.pem", prefix / "key.pem"
+    subprocess.run(
+        [
+            *(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ),
+            *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2"),
+            *("-subj", f"/CN={TLS_NAME}", "-addext", f"subjectAltName=DNS:{TLS_NAME}"),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     temp_paths = "\n".join(
         f"    {kind}_temp_path {prefix}/{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -216,6 +258,9 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> tuple[int, int]:
             server {{
                 listen {HOST}:{port} backlog=4096;
                 listen {HOST}:{pp_port} backlog=4096 proxy_protocol;
+                listen {HOST}:{tls_port} backlog=4096 ssl;
+                ssl_certificate {cert};
+                ssl_certificate_key {key};
                 location / {{ return 200 "ok\\n"; }}
             }}
         }}
@@ -225,8 +270,8 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> tuple[int, int]:
         "nginx", [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", f"{prefix}/error.log"], tmp
     )
     backends.procs.append(proc)
-    wait_listening(proc, [port, pp_port], "nginx")
-    return port, pp_port
+    wait_listening(proc, [port, pp_port, tls_port], "nginx")
+    return port, pp_port, tls_port
 
 
 def splicelb_toml(
@@ -319,6 +364,7 @@ def checkout(rev: str, tmp: Path) -> Path:
         capture_output=True,
         check=False,
         text=True,
+        check=False,
     )
     if commit.returncode != 0:
         raise BenchError(f"{rev!r} is not a commit of {REPO}: {commit.stderr.strip()}")
@@ -382,11 +428,13 @@ def start_haproxy(
     run_id: str,
     busy_polling: bool = False,
     processes: bool = False,
+    tls: bool = False,
 ) -> Target:
     """HAProxy as the issue sets it up; ``busy_polling`` adds its global ``busy-polling``
     (its threads never sleep), to compare with splicelb's ``busy_poll_us``; ``processes``
     runs ``workers`` HAProxy processes of one thread each on the same ports (HAProxy binds
-    with ``SO_REUSEPORT``), laid out as splicelb's workers are."""
+    with ``SO_REUSEPORT``), laid out as splicelb's workers are; ``tls``: the ``http`` port
+    routes TLS on its server name to nginx's TLS port, as ``splicelb-tls`` does."""
     workdir = tmp / f"haproxy-{run_id}"
     workdir.mkdir()
     ports = {name: free_port() for name in ("bulk", "http", "ws")}
@@ -408,6 +456,9 @@ def start_haproxy(
             timeout server 1h
         """)
     for name, port in ports.items():
+        if tls and name == "http":
+            cfg += haproxy_sni_frontend(port, backends.ports["https"])
+            continue
         cfg += textwrap.dedent(f"""
             listen {name}
                 bind {HOST}:{port}
@@ -420,7 +471,7 @@ def start_haproxy(
         one = " ".join(shlex.quote(a) for a in argv)
         argv = ["sh", "-c", f"for i in $(seq {workers}); do {one} & done; wait"]
     proc = Proc("haproxy", argv, workdir)
-    target = Target("haproxy", ports, proc, workdir, backends)
+    target = Target("haproxy-tls" if tls else "haproxy", ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "haproxy's listeners")
         if processes:
@@ -433,6 +484,24 @@ def start_haproxy(
         target.stop()
         raise
     return target
+
+
+def haproxy_sni_frontend(port: int, server_port: int) -> str:
+    """HAProxy's SNI passthrough with the routes of ``SNI_ROUTES``: wait for the whole
+    ClientHello (``req.ssl_hello_type``), then route on ``req.ssl_sni``."""
+    return textwrap.dedent(f"""
+        frontend http
+            bind {HOST}:{port}
+            tcp-request inspect-delay 5s
+            tcp-request content accept if {{ req.ssl_hello_type 1 }}
+            use_backend https if {{ req.ssl_sni -i other.example }}
+            use_backend https if {{ req.ssl_sni -m end .example.com }}
+            use_backend https if {{ req.ssl_sni -i {TLS_NAME} }}
+            default_backend https
+
+        backend https
+            server https1 {HOST}:{server_port}
+        """)
 
 
 def start_floor(
@@ -472,6 +541,7 @@ def start_target(
     if name in ("floor", "floor-copy"):
         return start_floor(workers, backends, tmp, run_id, copy=name == "floor-copy")
     processes = name == "haproxy-procs"
+    tls = name == "haproxy-tls"
     return start_haproxy(
-        tools["haproxy"], workers, backends, tmp, run_id, haproxy_busy_polling, processes
+        tools["haproxy"], workers, backends, tmp, run_id, haproxy_busy_polling, processes, tls
     )

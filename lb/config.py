@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from lb.config_table import Address, Table, describe
 from lb.errors import ConfigError, ProtocolError
+from lb.proto.tls import normalize_server_name
 from lb.proto.uri import normalize_host, normalize_path
 
 DEFAULT_CONFIG_PATH = "/etc/splicelb/splicelb.toml"
@@ -35,7 +36,8 @@ MAX_WORKERS = 256
 DEFAULT_BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 10_000
 MAX_WEIGHT = 256
-LISTENER_MODES = ("http", "tcp")
+LISTENER_MODES = ("http", "tcp", "tls")
+DEFAULT_TLS_HEAD_TIMEOUT = 5.0
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random2", "hash", "source")
 HASH_SOURCES = ("source", "header", "cookie", "query")  # hash_key: "source" or "KIND:NAME"
 HEALTH_TYPES = ("http", "https", "tcp")
@@ -80,13 +82,14 @@ class Route:
     websocket: bool | None = None
     host: str | None = None  # in normal form (lb.proto.uri): lowercased, without port
     path_prefix: str | None = None  # in normal form (lb.proto.uri)
+    sni: str | None = None  # mode = "tls": a server name or "*.domain", lowercased, no final dot
 
 
 @dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     bind: Address
-    mode: str  # "http" | "tcp"
+    mode: str  # "http" | "tcp" | "tls"
     default_backend: str
     allowed_origins: tuple[str, ...]  # lowercased, no trailing "/"; empty = any
     head_timeout: float
@@ -100,6 +103,12 @@ class Listener:
     client_maxconn: int = 0  # open connections; 0 = no limit
     client_rate: float = 0.0  # new connections per second; 0 = no limit
     client_burst: int = 0  # new connections at once, the bucket's size (0 only without a rate)
+    tls_head_timeout: float = DEFAULT_TLS_HEAD_TIMEOUT  # mode = "tls": the whole ClientHello's
+
+    @property
+    def first_bytes_timeout(self) -> float:
+        """What bounds the read before routing (a PROXY header, then the head or the hello)."""
+        return self.tls_head_timeout if self.mode == "tls" else self.head_timeout
 
     @property
     def limits_clients(self) -> bool:
@@ -247,10 +256,26 @@ def _backend_ref(t: Table, key: str, backends: set[Any]) -> str:
     return name
 
 
-def _parse_route(t: Table, backends: set[Any]) -> Route:
+def _parse_route(t: Table, backends: set[Any], mode: str) -> Route:
     websocket = t.get("websocket", (bool,), "a boolean", False)
     host = t.get("host", (str,), "a string", False)
     prefix = t.get("path_prefix", (str,), "a string", False)
+    sni = t.get("sni", (str,), "a string", False)
+    if sni is not None:
+        normal_sni = _normal_sni(sni)
+        if isinstance(normal_sni, str) and mode != "tls":
+            t.problem("sni", 'needs mode = "tls" (only a tls listener reads the server name)')
+        elif not isinstance(normal_sni, str):
+            t.problem("sni", normal_sni.reason)
+        sni = normal_sni if isinstance(normal_sni, str) else None
+    if mode == "tls":
+        for key in ("websocket", "host", "path_prefix"):
+            if key in t.data:
+                t.problem(
+                    key,
+                    'needs mode = "http" (a tls listener does not read the request;'
+                    " route on the server name with sni)",
+                )
     if host is not None:
         problem = _host_name_problem(host)
         normal = None if problem else normalize_host(host)
@@ -259,9 +284,30 @@ def _parse_route(t: Table, backends: set[Any]) -> Route:
         host = normal
     if prefix is not None and (problem := _prefix_problem(prefix)):
         t.problem("path_prefix", problem)
-    route = Route(_backend_ref(t, "backend", backends), websocket, host, prefix)
+    route = Route(_backend_ref(t, "backend", backends), websocket, host, prefix, sni)
     t.finish()
     return route
+
+
+@dataclass(frozen=True, slots=True)
+class _SniProblem:
+    reason: str
+
+
+def _normal_sni(text: str) -> str | _SniProblem:
+    """An ``sni`` route's name as routes compare it: lower case, without a trailing dot;
+    ``*.`` before a name matches one more label."""
+    wildcard = text.startswith("*.")
+    name = normalize_server_name(text[2 if wildcard else 0 :].encode("utf-8", "replace"))
+    if name is None:
+        return _SniProblem(
+            f"expected a host name, or '*.' and a domain (one label more), got '{text}'"
+        )
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return "*." + name if wildcard else name
+    return _SniProblem(f"clients send no server name for an IP address, got '{text}'")
 
 
 def _prefix_problem(prefix: str) -> str | None:
@@ -329,12 +375,12 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
     listener = Listener(
         name=t.name(),
         bind=t.address("bind"),
-        mode=t.choice("mode", "http", LISTENER_MODES),
+        mode=(mode := t.choice("mode", "http", LISTENER_MODES)),
         default_backend=_backend_ref(t, "default_backend", backends),
         allowed_origins=_parse_origins(t),
         head_timeout=t.seconds("head_timeout", 5),
         tunnel_timeout=t.seconds("tunnel_timeout", 3600),
-        routes=tuple(_parse_route(r, backends) for r in t.tables("routes")),
+        routes=tuple(_parse_route(r, backends, mode) for r in t.tables("routes")),
         max_tunnel_age=t.seconds("max_tunnel_age", 0, allow_zero=True),
         forwarded_headers=t.get("forwarded_headers", (bool,), "a boolean", False) is not False,
         trusted_proxies=_parse_trusted_proxies(t),
@@ -342,10 +388,18 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         client_maxconn=t.integer("client_maxconn", 0, 0),
         client_rate=(rate := _parse_client_rate(t)),
         client_burst=_parse_client_burst(t, rate),
+        tls_head_timeout=t.seconds("tls_head_timeout", DEFAULT_TLS_HEAD_TIMEOUT),
     )
-    if listener.mode == "tcp":
-        why = 'needs mode = "http" (a tcp listener does not read the request)'
-        if listener.routes:
+    if listener.mode != "tls" and "tls_head_timeout" in t.data:
+        t.problem("tls_head_timeout", 'needs mode = "tls" (the ClientHello\'s deadline)')
+    if listener.mode == "tls" and "head_timeout" in t.data:
+        t.problem(
+            "head_timeout",
+            'a mode = "tls" listener reads no HTTP head: its ClientHello has tls_head_timeout',
+        )
+    if listener.mode != "http":
+        why = f'needs mode = "http" (a {listener.mode} listener does not read the request)'
+        if listener.routes and listener.mode == "tcp":
             t.problem("routes", why)
         if listener.allowed_origins:
             t.problem("allowed_origins", why)
@@ -354,8 +408,8 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         if listener.trusted_proxies and not listener.accept_proxy:
             t.problem(
                 "trusted_proxies",
-                "does nothing on a tcp listener without accept_proxy = true"
-                " (a tcp listener reads no forwarded fields)",
+                f"does nothing on a {listener.mode} listener without accept_proxy = true"
+                f" (a {listener.mode} listener reads no forwarded fields)",
             )
     if listener.accept_proxy and not listener.trusted_proxies:
         t.problem(

@@ -328,28 +328,31 @@ class ConnLog:
         bytes_out: int,
         duration_ms: float,
         reason: str,
+        sni: str | bool | None = False,
     ) -> None:
-        line = orjson.dumps(
-            {
-                "timestamp": self._clock.now(),
-                "level": "info",
-                "event": "conn",
-                "pid": self._pid,
-                "role": self._role,
-                "generation": self._generation,
-                "client": client,
-                "listener": listener,
-                "backend": backend,
-                "server": server,
-                "websocket": websocket,
-                "status": status,
-                "bytes_in": bytes_in,
-                "bytes_out": bytes_out,
-                "duration_ms": duration_ms,
-                "reason": reason,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        """``sni``: the server name a tls listener's client asked for (None: none); False
+        on other listeners, whose lines have no ``sni`` field."""
+        fields = {
+            "timestamp": self._clock.now(),
+            "level": "info",
+            "event": "conn",
+            "pid": self._pid,
+            "role": self._role,
+            "generation": self._generation,
+            "client": client,
+            "listener": listener,
+            "backend": backend,
+            "server": server,
+            "websocket": websocket,
+            "status": status,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "duration_ms": duration_ms,
+            "reason": reason,
+        }
+        if sni is not False:
+            fields["sni"] = sni
+        line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
         sink = self._sink  # Sink.write, inlined: this runs once per connection
         put = sink.put  # an attribute load, cheaper than a method lookup on a slot
         try:
@@ -369,7 +372,13 @@ def conn_logger(logger: Any, role: str, generation: int, *, level: str, fmt: str
     if fmt == "json":
         assert _sink is not None, "configure() opens the sink"
         return ConnLog(role, generation, _sink)
-    return lambda **fields: logger.info("conn", **fields)
+
+    def console(sni: str | bool | None = False, **fields: Any) -> None:
+        if sni is not False:
+            fields["sni"] = sni
+        logger.info("conn", **fields)
+
+    return console
 
 
 def configure(

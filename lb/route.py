@@ -1,9 +1,10 @@
-"""Routing a request head to a backend, and the Origin allowlist.
+"""Routing a request head to a backend, and the Origin allowlist; a TLS server name too.
 
-Pure functions of the listener's config and the sniffed head: no I/O.  The
-head's path and host are in normal form (:mod:`lb.proto.uri`), and so are the
-routes' (the config refuses others), so comparing them is comparing what the
-server will read.
+Pure functions of the listener's config and the sniffed head (or ClientHello):
+no I/O.  The head's path and host are in normal form (:mod:`lb.proto.uri`),
+and so are the routes' (the config refuses others), so comparing them is
+comparing what the server will read; server names are compared lowercased and
+without a trailing dot on both sides (:func:`lb.proto.tls.normalize_server_name`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Router:
     them (Tomcat, Jetty) do, so ``/admin;x/y`` is under ``/admin``.
     """
 
-    __slots__ = ("_allowed_origins", "_by_path", "_default", "_routes")
+    __slots__ = ("_allowed_origins", "_by_path", "_default", "_routes", "_sni_routes")
 
     def __init__(self, listener: Listener) -> None:
         self._routes = tuple(
@@ -38,6 +39,16 @@ class Router:
         self._by_path = any(r.path_prefix is not None for r in listener.routes)
         self._default = listener.default_backend
         self._allowed_origins = frozenset(listener.allowed_origins)
+        # mode = "tls": (exact name, or None; the suffix a wildcard's one label precedes)
+        self._sni_routes = tuple(
+            (
+                None if r.sni is None or r.sni.startswith("*.") else r.sni,
+                r.sni[1:] if r.sni is not None and r.sni.startswith("*.") else None,
+                r.sni is None,
+                r.backend,
+            )
+            for r in listener.routes
+        )
 
     def backend_for(self, head: Head) -> str:
         path = head.path
@@ -51,6 +62,31 @@ class Router:
             if prefixes is not None and path != prefixes[0] and not path.startswith(prefixes[1]):
                 continue
             return backend
+        return self._default
+
+    def backend_for_sni(self, server_name: str | None) -> str:
+        """The backend of a ClientHello's server name (normalized; None: it sent none).
+
+        An ``sni`` route matches the name exactly, or, as ``*.example.com``, any name
+        of one more label (``a.example.com``, not ``example.com`` nor
+        ``a.b.example.com``), as a wildcard certificate does; a route without ``sni``
+        matches every hello, one without a name included.
+        """
+        for exact, suffix, any_name, backend in self._sni_routes:
+            if any_name:
+                return backend
+            if server_name is None:
+                continue
+            if exact is not None:
+                if exact == server_name:
+                    return backend
+            elif (
+                suffix is not None
+                and server_name.endswith(suffix)
+                and "." not in server_name[: -len(suffix)]
+                and len(server_name) > len(suffix)
+            ):
+                return backend
         return self._default
 
     def origin_allowed(self, head: Head) -> bool:

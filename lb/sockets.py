@@ -105,10 +105,11 @@ def bind_listener(listener: Listener, path: str) -> socket.socket:
 def configure(sock: socket.socket, listener: Listener) -> None:
     """Options that may change on reload; accepted sockets inherit them."""
     set_keepalive(sock)
-    # http: wake the worker only once the client has sent something (HAProxy's
-    # defer-accept); a client that sends nothing is still accepted after about
-    # a second and then gets its 408 after head_timeout.
-    defer = max(1, math.ceil(min(listener.head_timeout, 1.0))) if listener.mode == "http" else 0
+    # http and tls (the client speaks first): wake the worker only once the client has
+    # sent something (HAProxy's defer-accept); a client that sends nothing is still
+    # accepted after about a second and then gets its 408 (or close) after its timeout.
+    timeout = listener.first_bytes_timeout
+    defer = max(1, math.ceil(min(timeout, 1.0))) if listener.mode != "tcp" else 0
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.servers import VARIANTS, target_toml
+from bench.servers import TLS_NAME, VARIANTS, haproxy_sni_frontend, target_toml
 from lb.config import parse_config
+from lb.route import Router
 
 PORTS = {"bulk": 8001, "http": 8002, "ws": 8003}
-SERVERS = {"bulk": 9001, "http": 9002, "http_pp": 9012, "ws": 9003}
+SERVERS = {"bulk": 9001, "http": 9002, "http_pp": 9012, "https": 9022, "ws": 9003}
 
 
 @pytest.mark.parametrize("variant", ["splicelb", *VARIANTS])
@@ -24,9 +25,20 @@ def test_every_variant_is_a_valid_config(variant: str) -> None:
     if variant in ("splicelb", "splicelb-limits"):
         assert http.mode == "tcp"
         assert http.limits_clients is (variant == "splicelb-limits")
+    elif variant == "splicelb-tls":  # routes on the server name the clients send
+        assert http.mode == "tls"
+        assert [r.sni for r in http.routes][-1] == TLS_NAME
+        assert Router(http).backend_for_sni(TLS_NAME) == "http"
     else:
         assert http.mode == "http"
-        assert http.forwarded_headers is (variant == "splicelb-address")
+        assert http.forwarded_headers is (variant in ("splicelb-address", "splicelb-http-defaults"))
         assert not http.limits_clients
-    expected = (2, 9012) if variant == "splicelb-address" else (0, 9002)
-    assert (backend.send_proxy, backend.servers[0].address.port) == expected
+    ports = {"splicelb-address": (2, 9012), "splicelb-tls": (0, 9022)}
+    assert (backend.send_proxy, backend.servers[0].address.port) == ports.get(variant, (0, 9002))
+
+
+def test_haproxy_tls_routes_on_the_same_name() -> None:
+    frontend = haproxy_sni_frontend(8002, 9022)
+    assert "tcp-request content accept if { req.ssl_hello_type 1 }" in frontend
+    assert f"use_backend https if {{ req.ssl_sni -i {TLS_NAME} }}" in frontend
+    assert "server https1 127.0.0.1:9022" in frontend

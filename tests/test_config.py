@@ -618,7 +618,10 @@ CASES = [
         config(global_='log_format = "text"'),
         "global.log_format: expected one of json, console; got 'text'",
     ),
-    (config(listener='mode = "udp"'), "listeners[0].mode: expected one of http, tcp; got 'udp'"),
+    (
+        config(listener='mode = "udp"'),
+        "listeners[0].mode: expected one of http, tcp, tls; got 'udp'",
+    ),
     (
         config(backend='balance = "maglev"'),
         "backends[0].balance: expected one of roundrobin, leastconn, random2, hash, source;"
@@ -976,7 +979,106 @@ CASES = [
         config(listener='accept_proxy = "v2"'),
         "listeners[0].accept_proxy: expected a boolean, got string 'v2'",
     ),
+    # mode = "tls": SNI routes
+    (
+        config(route='[[listeners.routes]]\nbackend = "app"\nsni = "a.example"'),
+        'listeners[0].routes[0].sni: needs mode = "tls" (only a tls listener reads the server'
+        " name)",
+    ),
+    (
+        config(
+            listener='mode = "tls"', route='[[listeners.routes]]\nbackend = "app"\nhost = "a.b"'
+        ),
+        'listeners[0].routes[0].host: needs mode = "http" (a tls listener does not read the'
+        " request; route on the server name with sni)",
+    ),
+    (
+        config(
+            listener='mode = "tls"',
+            route='[[listeners.routes]]\nbackend = "app"\nsni = "a.b"\npath_prefix = "/x"',
+        ),
+        'listeners[0].routes[0].path_prefix: needs mode = "http" (a tls listener does not read'
+        " the request; route on the server name with sni)",
+    ),
+    (
+        config(
+            listener='mode = "tls"', route='[[listeners.routes]]\nbackend = "app"\nsni = "a.*.b"'
+        ),
+        "listeners[0].routes[0].sni: expected a host name, or '*.' and a domain (one label more),"
+        " got 'a.*.b'",
+    ),
+    (
+        config(listener='mode = "tls"', route='[[listeners.routes]]\nbackend = "app"\nsni = "*"'),
+        "listeners[0].routes[0].sni: expected a host name, or '*.' and a domain (one label more),"
+        " got '*'",
+    ),
+    (
+        config(
+            listener='mode = "tls"', route='[[listeners.routes]]\nbackend = "app"\nsni = "a.b:443"'
+        ),
+        "listeners[0].routes[0].sni: expected a host name, or '*.' and a domain (one label more),"
+        " got 'a.b:443'",
+    ),
+    (
+        config(
+            listener='mode = "tls"', route='[[listeners.routes]]\nbackend = "app"\nsni = "10.0.0.1"'
+        ),
+        "listeners[0].routes[0].sni: clients send no server name for an IP address, got '10.0.0.1'",
+    ),
+    (
+        config(listener='mode = "tls"', route='[[listeners.routes]]\nbackend = "app"\nsni = 1'),
+        "listeners[0].routes[0].sni: expected a string, got integer 1",
+    ),
+    (
+        config(listener='mode = "tls"\nallowed_origins = ["https://a.com"]'),
+        'listeners[0].allowed_origins: needs mode = "http" '
+        "(a tls listener does not read the request)",
+    ),
+    (
+        config(listener='mode = "tls"\nforwarded_headers = true'),
+        'listeners[0].forwarded_headers: needs mode = "http" '
+        "(a tls listener does not read the request)",
+    ),
+    (
+        config(listener='mode = "tls"\nhead_timeout = 3'),
+        'listeners[0].head_timeout: a mode = "tls" listener reads no HTTP head: its ClientHello'
+        " has tls_head_timeout",
+    ),
+    (
+        config(listener="tls_head_timeout = 3"),
+        'listeners[0].tls_head_timeout: needs mode = "tls" (the ClientHello\'s deadline)',
+    ),
+    (
+        config(listener='mode = "tls"\ntls_head_timeout = 0'),
+        "listeners[0].tls_head_timeout: must be a number of seconds > 0, got 0",
+    ),
+    (
+        config(listener='mode = "tls"\ntrusted_proxies = ["10.0.0.0/8"]'),
+        "listeners[0].trusted_proxies: does nothing on a tls listener without accept_proxy ="
+        " true (a tls listener reads no forwarded fields)",
+    ),
 ]
+
+
+def test_tls_listener_with_sni_routes_loads(tmp_path: Path) -> None:
+    text = config(
+        listener='mode = "tls"\ntls_head_timeout = 2.5\naccept_proxy = true\n'
+        'trusted_proxies = ["10.0.0.0/8"]\nclient_maxconn = 5',
+        route='[[listeners.routes]]\nsni = "Chat.Example.COM."\nbackend = "app"\n'
+        '[[listeners.routes]]\nsni = "*.Example.com"\nbackend = "app"',
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    listener = load_config(path).listeners[0]
+    assert (listener.mode, listener.tls_head_timeout, listener.first_bytes_timeout) == (
+        "tls",
+        2.5,
+        2.5,
+    )
+    assert [r.sni for r in listener.routes] == ["chat.example.com", "*.example.com"]
+    assert [(r.host, r.path_prefix, r.websocket) for r in listener.routes] == [
+        (None, None, None)
+    ] * 2
 
 
 @pytest.mark.parametrize(("text", "line"), CASES, ids=[line.split(":")[0] for _, line in CASES])
@@ -1013,7 +1115,7 @@ def test_several_problems_are_all_reported(tmp_path: Path) -> None:
         "global.workers: must be between 1 and 256, got 0",
         "global.wrokers: unknown key (did you mean 'workers'?)",
         "listeners[0].bind: expected host:port or [v6]:port, got '8080'",
-        "listeners[0].mode: expected one of http, tcp; got 'udp'",
+        "listeners[0].mode: expected one of http, tcp, tls; got 'udp'",
         "listeners[0].routes[0].backend: unknown backend 'chat'",
         "backends[0].servers[0].address: port 70000 is out of range (1-65535)",
         "backends[0].health.timeout: must be a number of seconds > 0, got -1",

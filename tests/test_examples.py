@@ -21,6 +21,7 @@ from aiohttp import web
 from lb.config import Config, load_config
 from lb.config_table import parse_address
 from lb.proto.http1 import Head, HeadSniffer
+from lb.proto.tls import normalize_server_name
 from lb.route import Router
 from probes.checks import Checker, CheckResult
 
@@ -30,7 +31,14 @@ UNIT = REPO / "systemd" / "splicelb.service"
 LIMITS = REPO / "examples" / "systemd" / "limits.conf"
 INSTALLED = "/usr/local/bin/splicelb"  # where the README installs the command
 # The set-ups users asked for, each with its own example.
-SET_UPS = {"splicelb.toml", "tcp.toml", "routing.toml", "https-health.toml", "dual-stack.toml"}
+SET_UPS = {
+    "splicelb.toml",
+    "tcp.toml",
+    "routing.toml",
+    "https-health.toml",
+    "dual-stack.toml",
+    "sni.toml",
+}
 
 
 def ca_files(example: Path) -> list[str]:
@@ -136,6 +144,23 @@ def test_routing_example_routes_by_host_and_path(tmp_path: Path) -> None:
     assert {backend.name for backend in config.backends} == set(served.values())
     assert router.origin_allowed(upgrade("/live/x", "example.com", "https://www.example.com"))
     assert not router.origin_allowed(upgrade("/live/x", "example.com", "https://evil.example"))
+
+
+def test_sni_example_routes_by_server_name(tmp_path: Path) -> None:
+    config = loaded("sni.toml", tmp_path)
+    (listener,) = config.listeners
+    assert listener.mode == "tls"
+    router = Router(listener)
+    names = ["Chat.Example.com.", "eu.api.example.com", "api.example.com", "www.example.com"]
+    served = {name: router.backend_for_sni(normalize_server_name(name.encode())) for name in names}
+    assert served == {
+        "Chat.Example.com.": "chat",
+        "eu.api.example.com": "api",
+        "api.example.com": "www",  # the wildcard needs one more label
+        "www.example.com": "www",
+    }
+    assert router.backend_for_sni(None) == "www"  # no server name sent
+    assert {backend.name for backend in config.backends} == {"www", "chat", "api"}
 
 
 def test_dual_stack_example_listens_on_both_families(tmp_path: Path) -> None:

@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 
 from lb.config import parse_config
 from lb.proto.http1 import Head, HeadSniffer, Reject
+from lb.proto.tls import ClientHello, HelloReader
 from lb.route import Router
 from tests.proto.test_http1 import EXPECTED, FIXTURES, needs_fixtures
+from tests.proto.test_tls import EXPECTED as EXPECTED_HELLOS
+from tests.proto.test_tls import HELLOS
 
 
 def router(routes: list[dict[str, object]], origins: list[str] | None = None) -> Router:
@@ -340,3 +343,82 @@ def test_fuzz_the_router_reads_paths_as_servers_do(
         assert any(view is not None and under_admin(view) for view in views), views
     forwarded = sniffer.forward.split(b" ", 2)[1].split(b"?", 1)[0]
     assert [server(forwarded) for server in SERVERS] == views
+
+
+# -- server names (mode = "tls") ---------------------------------------------------------
+
+
+def sni_router(routes: list[dict[str, object]]) -> Router:
+    config = parse_config(
+        {
+            "listeners": [
+                {
+                    "name": "l",
+                    "bind": "127.0.0.1:1",
+                    "mode": "tls",
+                    "default_backend": "app",
+                    "routes": routes,
+                }
+            ],
+            "backends": [
+                {"name": n, "servers": [{"name": "s", "address": "127.0.0.1:2"}]}
+                for n in ("app", "chat", "api")
+            ],
+        }
+    )
+    return Router(config.listeners[0])
+
+
+def server_name_of(hello: bytes) -> str | None:
+    result = HelloReader().feed(hello)
+    assert isinstance(result, ClientHello)
+    return result.server_name
+
+
+@pytest.mark.parametrize(
+    ("name", "backend"),
+    [
+        ("chat.example.com", "chat"),  # exact, before the wildcard that also matches
+        ("a.example.com", "api"),
+        ("x-1.example.com", "api"),
+        ("example.com", "app"),  # the wildcard needs one more label
+        ("a.b.example.com", "app"),  # ... exactly one
+        ("aexample.com", "app"),
+        ("chat.example.com.evil", "app"),
+        (None, "app"),  # no SNI: the default
+    ],
+)
+def test_sni_exact_then_wildcard_then_default(name: str | None, backend: str) -> None:
+    r = sni_router(
+        [
+            {"sni": "Chat.Example.COM.", "backend": "chat"},
+            {"sni": "*.example.com", "backend": "api"},
+        ]
+    )
+    assert r.backend_for_sni(name) == backend
+
+
+def test_sni_route_without_a_name_takes_every_hello() -> None:
+    r = sni_router([{"sni": "a.example", "backend": "chat"}, {"backend": "api"}])
+    assert r.backend_for_sni("a.example") == "chat"
+    assert r.backend_for_sni("b.example") == "api"
+    assert r.backend_for_sni(None) == "api"
+
+
+def test_every_captured_hello_is_routed_by_its_server_name() -> None:
+    r = sni_router(
+        [{"sni": "a.example", "backend": "chat"}, {"sni": "*.example", "backend": "api"}]
+    )
+    routed = {
+        name: r.backend_for_sni(server_name_of((HELLOS / name).read_bytes()))
+        for name in EXPECTED_HELLOS
+    }
+    assert routed == {
+        "python-3.11-sni-alpn.bin": "app",  # a.example.com: one label too many
+        "python-3.11-no-sni.bin": "app",
+        "openssl-3.0-s_client-sni.bin": "api",  # b.example
+        "openssl-3.0-s_client-no-sni.bin": "app",
+        "openssl-3.0-s_client-tls1.2.bin": "api",
+        "curl-7.88-sni.bin": "chat",
+        "python-3.11-8k-alpn.bin": "api",  # big.example
+    }

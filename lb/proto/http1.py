@@ -68,6 +68,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from httptools.parser.errors import HttpParserInvalidMethodError, HttpParserInvalidURLError
 
 from lb.errors import ProtocolError
+from lb.proto.events import NEED_DATA, NeedData
 from lb.proto.uri import HOST_PATTERN, ip_literal, normalize_path
 
 MAX_HEAD_BYTES: Final = 16384
@@ -82,18 +83,6 @@ _VERSIONS: Final = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
 # A host (lb.proto.uri), optional port, and the trailing whitespace llhttp leaves in a value.
 _HOST_RE: Final = re.compile(HOST_PATTERN.encode() + rb"?(?::[0-9]*)?[ \t]*")
 _ABSOLUTE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/?]*)(/[^?]*)?(\?.*)?", re.S)
-
-
-class NeedData:
-    """More bytes are needed before the head can be judged."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final[NeedData] = NeedData()
 
 
 @dataclass(frozen=True, slots=True)

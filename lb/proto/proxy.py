@@ -42,7 +42,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from lb.proto.http1 import NEED_DATA, NeedData
+from lb.proto.events import NEED_DATA, NeedData
 
 MAX_V1_BYTES: Final = 107  # "PROXY UNKNOWN <v6> <v6> 65535 65535\r\n", the longest line
 V1_PREFIX: Final = b"PROXY "

@@ -14,14 +14,19 @@ through at most four steps, after its client's limits (a listener's
 ``client_maxconn`` and ``client_rate``: :mod:`lb.pool.clients`), which answer
 429 (http, before the head is read) or close (tcp) a connection over one:
 
-1. head (``mode = "http"`` only): read until the sniffer returns a head or a
+1. head (``mode = "http"``): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim.
-   First, on a listener with ``accept_proxy``, a peer in its
-   ``trusted_proxies`` must send a PROXY header (within the same deadline,
+   In ``mode = "tls"`` the same for the TLS ClientHello (:mod:`lb.proto.tls`),
+   within ``tls_head_timeout``: its bytes are kept verbatim too, and a
+   connection whose hello cannot be read is closed with its reason, nothing
+   of it forwarded.  First, on a listener with ``accept_proxy``, a peer in
+   its ``trusted_proxies`` must send a PROXY header (within the same deadline,
    in tcp mode too), whose source is the client from then on; a connection
    that starts with a PROXY header it may not send is closed;
 2. route and pick: the listener's router names a backend, its picker a server
-   that is up, ``ready``, not suspect and under its ``maxconn`` (a backend
+   that is up, ``ready``, not suspect and under its ``maxconn`` (tls: the router
+   names it from the hello's server name, and the hello is what the server
+   gets first, after a PROXY header if any, exactly as it came; a backend
    that hashes a header, cookie or query parameter has it read from the head
    here, once; without it, or in tcp mode, the client's address is hashed);
    what the server is to get is built now: the PROXY header of a ``send_proxy``
@@ -70,6 +75,7 @@ from lb.proto.forwarded import forwarded_head
 from lb.proto.http1 import Head, HeadSniffer, Reject
 from lb.proto.proxy import NOT_PROXY, ProxyHeader, ProxyReader, ProxyReject, looks_like_proxy
 from lb.proto.proxy import header as proxy_header
+from lb.proto.tls import ClientHello, HelloReader, HelloReject
 from lb.worker.closing import MaxAge
 from lb.worker.deadlines import Deadlines, Queue
 from lb.worker.limits import LOCAL_ERRNOS
@@ -171,6 +177,7 @@ class Connection:
         "fd",
         "finished",
         "head",
+        "hello",
         "key",
         "listener",
         "local",
@@ -182,6 +189,7 @@ class Connection:
         "requests",
         "sent_any",
         "server",
+        "server_name",
         "sniffer",
         "sock",
         "started",
@@ -205,6 +213,8 @@ class Connection:
         self.started = monotonic()
         self.proxy: ProxyReader | None = None  # a trusted peer's PROXY header, while read
         self.sniffer: HeadSniffer | None = None
+        self.hello: HelloReader | None = None  # mode = "tls": the ClientHello, while read
+        self.server_name: str | None = None  # ... the server name it asked for (SNI)
         self.expires: Callable[[], None] | None = None  # what to do at the deadline
         self.timeouts: Queue | None = None  # the deadline's queue
         self.reading = False
@@ -240,6 +250,8 @@ class Connection:
                 return
         if listener.mode == "http":
             self.sniffer = HeadSniffer()
+        elif listener.mode == "tls":
+            self.hello = HelloReader()
         self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
 
@@ -283,7 +295,7 @@ class Connection:
             rest = self._proxy_header(data)
             if rest is None:  # more to come, or the connection is dropped
                 return
-            if self.sniffer is None:  # mode = "tcp": what came after it goes first
+            if self.sniffer is None and self.hello is None:  # tcp: what came after it goes first
                 self._stop_reading()
                 self._disarm()
                 self.bytes_in += len(rest)
@@ -294,6 +306,9 @@ class Connection:
                 self._wait_readable()
                 return
             data = rest
+        if self.hello is not None:
+            self._read_hello(data)
+            return
         sniffer = self.sniffer
         assert sniffer is not None
         event = sniffer.feed(data)
@@ -316,13 +331,38 @@ class Connection:
         self.head = event
         self._route(verdict, event, sniffer.buffer)
 
+    def _read_hello(self, data: bytes) -> None:
+        """mode = "tls": route on the ClientHello's server name once it is all in; what
+        was read goes to the server first, unchanged (``pending``)."""
+        hello = self.hello
+        assert hello is not None
+        event = hello.feed(data)
+        if isinstance(event, ClientHello):
+            self._stop_reading()
+            self._disarm()
+            self.hello = None
+            self.server_name = event.server_name
+            self.pending = hello.buffer
+            self.bytes_in += len(self.pending)
+            backend = self.listener.router.backend_for_sni(event.server_name)
+            self._route(self.ctx.backends[backend])
+        elif isinstance(event, HelloReject):
+            if looks_like_proxy(hello.buffer):
+                self._drop(self._untrusted_proxy())
+            else:
+                self._drop(event.reason)
+        else:
+            self._wait_readable()
+
     def _wait_readable(self) -> None:
         if not self.reading:
             self.loop.add_reader(self.fd, self._read_head)
             self.reading = True
 
     def _awaited(self) -> str:
-        return "PROXY header" if self.proxy is not None else "head"
+        if self.proxy is not None:
+            return "PROXY header"
+        return "TLS ClientHello" if self.hello is not None else "head"
 
     def _proxy_header(self, data: bytes) -> bytes | None:
         """Read a trusted peer's PROXY header: the bytes after it once it is complete (its
@@ -407,14 +447,18 @@ class Connection:
         if self.proxy is not None:
             self._drop(f"accept_proxy: no PROXY header within {timeout:g} s")
             return
+        if self.hello is not None:
+            self._drop(f"no complete TLS ClientHello within {timeout:g} s")
+            return
         self.answer(408, f"request head not complete within {timeout:g} s")
 
     # -- 2. route and pick, 3. connect -------------------------------------------
 
     def _route(self, backend: BackendRuntime, head: Head | None = None, raw: bytes = b"") -> None:
         """Connect to a server of ``backend``; ``head`` and ``raw`` (the bytes it was read
-        from) for a backend that hashes a request's key.  In tcp mode what the server gets
-        first (a PROXY header, what came after the client's) is ``pending`` already."""
+        from) for a backend that hashes a request's key.  In tcp and tls mode what the server
+        gets first (a PROXY header, the ClientHello, what came after the client's PROXY
+        header) is ``pending`` already."""
         self.backend = backend
         self.key = self._key(backend, head, raw)
         if head is None and backend.send_proxy:
@@ -668,7 +712,7 @@ class Connection:
         """Answer with the balancer's own response (http) or just close (tcp); the
         response says ``text`` (default: the ``reason`` that is logged), and
         ``Retry-After`` if ``retry_after`` is given."""
-        if self.listener.mode == "tcp":
+        if self.listener.mode != "http":  # tcp, tls: nothing the client could read
             self._drop(reason, status)
             return
         fd, self.fd = self.fd, -1
@@ -696,6 +740,9 @@ class Connection:
         if self.sniffer is not None:
             self.bytes_in += len(self.sniffer.buffer)
             self.sniffer = None
+        if self.hello is not None:
+            self.bytes_in += len(self.hello.buffer)
+            self.hello = None
 
     def _finish(self, status: int | None, reason: str, bytes_out: int) -> None:
         self.stream = None  # it refers to this connection: no cycle is left behind

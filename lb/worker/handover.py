@@ -389,6 +389,7 @@ def state_of(conn: Connection) -> tuple[bytes, list[int]]:
         "client": list(conn.addr[:2]),
         "started": conn.started,
         "websocket": conn.websocket,
+        "sni": conn.server_name,  # mode = "tls": the server name, for its conn line
         "requests": conn.requests.stream.requests if conn.requests else 0,  # ... so far
         "bytes_in": conn.bytes_in,
         "bytes_out": conn.bytes_out,

@@ -411,6 +411,7 @@ class Worker:
         conn.started = float(state["started"])
         conn.backend, conn.server = backend, server
         conn.websocket = bool(state["websocket"])
+        conn.server_name = state.get("sni")  # mode = "tls" (absent from older versions)
         conn.bytes_in, conn.bytes_out = int(state["bytes_in"]), int(state["bytes_out"])
         idle = listener.tunnel_timeout if listener.index >= 0 else float(state["idle_timeout"])
         # Its client side reads requests (and counts them on), judged by this generation's
@@ -526,6 +527,7 @@ class Worker:
                 bytes_out=bytes_out,
                 duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
                 reason=reason,
+                sni=conn.server_name if conn.listener.mode == "tls" else False,
             )
         acceptor = self.acceptor
         if self.draining:

@@ -63,7 +63,8 @@ import os
 from time import monotonic
 from typing import Protocol
 
-from lb.proto.http1 import CHUNKED, ChunkedBody, Head, HeadSniffer, NeedData, Reject
+from lb.proto.events import NeedData
+from lb.proto.http1 import CHUNKED, ChunkedBody, Head, HeadSniffer, Reject
 from lb.worker.deadlines import Queue
 from lb.worker.pipes import PIPE_SIZE
 from lb.worker.splice import (

@@ -41,7 +41,7 @@ class ListenerRuntime:
     mode: str
     router: Router
     default_backend: str
-    head_timeout: float
+    head_timeout: float  # what bounds the read before routing: head_timeout, tls_head_timeout
     tunnel_timeout: float
     socks: list[socket.socket]  # all of the listener's: socket k belongs to slot k mod workers
     tally_at: int  # where its counters start in the worker's tally (see Tally)
@@ -158,7 +158,7 @@ def build_listeners(
             mode=lc.mode,
             router=Router(lc),
             default_backend=lc.default_backend,
-            head_timeout=lc.head_timeout,
+            head_timeout=lc.first_bytes_timeout,
             tunnel_timeout=lc.tunnel_timeout,
             socks=sockets[lc.name],
             tally_at=tally_at[i],

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.proto.http1 import NEED_DATA, NeedData
+from lb.proto.events import NEED_DATA, NeedData
 from lb.proto.proxy import (
     MAX_V1_BYTES,
     NOT_PROXY,
