@@ -212,6 +212,7 @@ class Discoverer:
         last = servers.read_answer(pool, index)  # a prober before us may have answered
         self.answer = last if last is not None else servers.Answer(0.0, 0, 0, "")
         self.empty = 0  # empty answers in a row, not yet applied
+        self.notes: list[str] = []  # warnings about the last answer: each logged once
 
     async def run(self) -> None:
         while True:
@@ -239,8 +240,6 @@ class Discoverer:
         if self.answer.failures:
             self.log.info("discovery_recovered", failures=self.answer.failures)
         notes = list(found.notes)
-        for note in notes:
-            self.log.warning("discovery_skipped", reason=note)
         if not found.servers and self._in_use():
             self.empty += 1
             if self.empty <= EMPTY_CONFIRMATIONS:  # not yet: ask again soon, change nothing
@@ -251,14 +250,15 @@ class Discoverer:
         wanted = found.servers
         limit = self.discovery.max_servers
         if len(wanted) > limit:
-            note = (
+            notes.append(
                 f"{len(wanted)} servers in DNS, {len(wanted) - limit} ignored:"
                 f" raise backends[{self.index}].discovery.max_servers"
             )
-            if self.answer.servers != limit or "ignored" not in self.answer.text:
-                self.log.warning("discovery_truncated", reason=note)
-            notes.append(note)
             wanted = wanted[:limit]
+        for note in notes:
+            if note not in self.notes:  # once, until the answer changes
+                self.log.warning("discovery_skipped", reason=note)
+        self.notes = notes
         self._apply(wanted)
         self._publish(time.time(), 0, len(wanted), "; ".join(notes))
         return next_lookup(self.discovery, found.ttl)
