@@ -71,7 +71,7 @@ def parse_discovery(t: Table) -> Discovery:
     port = t.integer("port", 0, 1, 65535)
     if kind == "SRV" and "port" in t.data:
         t.problem("port", 'SRV records carry their ports: port is for type = "A", "AAAA", "A+AAAA"')
-    elif kind != "SRV" and "port" not in t.data:
+    elif kind in DISCOVERY_TYPES and kind != "SRV" and "port" not in t.data:
         t.problem("port", f'required with type = "{kind}" (the servers\' port)')
     resolvers = []
     for path, value in t.items("resolvers", 'an array of "ip[:port]" strings'):

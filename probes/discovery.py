@@ -248,7 +248,7 @@ class Discoverer:
                 return MIN_INTERVAL
             self.log.warning("discovery_empty", effect="the backend has no servers from DNS now")
         self.empty = 0
-        wanted = found.servers
+        wanted = sorted(found.servers, key=lambda f: f.name)  # the same cut on every node
         limit = self.discovery.max_servers
         if len(wanted) > limit:
             notes.append(
