@@ -160,8 +160,8 @@ async def lookup(resolver: dns.asyncresolver.Resolver, discovery: Discovery) -> 
             )
             for family, ip in found
         }
-        notes = [] if by_address else [f"no {discovery.type} record for {discovery.name}"]
-        return Lookup(sorted(by_address.values(), key=lambda f: f.name), ttl, notes)
+        missing = [] if by_address else [f"no {discovery.type} record for {discovery.name}"]
+        return Lookup(sorted(by_address.values(), key=lambda f: f.name), ttl, missing)
     answer = await _query(resolver, discovery.name, "SRV")
     if answer is None or answer.rrset is None or not len(answer.rrset):
         return Lookup([], 0.0, [f"no SRV record for {discovery.name}"])
