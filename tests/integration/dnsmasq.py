@@ -38,8 +38,11 @@ class Dnsmasq:
         hosts: Iterable[tuple[str, str]] = (),
         srv: Iterable[tuple[str, str, int, int, int]] = (),
         port: int | None = None,
+        listen: tuple[str, ...] = (),
     ) -> None:
+        """``listen``: addresses it answers on besides 127.0.0.1."""
         need_dnsmasq()
+        self.listen = ("127.0.0.1", *listen)
         self.dir = tmp
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -61,7 +64,7 @@ class Dnsmasq:
             "--no-resolv",
             "--no-hosts",
             "--bind-interfaces",
-            "--listen-address=127.0.0.1",
+            *(f"--listen-address={address}" for address in self.listen),
             f"--port={self.port}",
             f"--addn-hosts={self.hosts_file}",
             f"--conf-file={self.conf_file}",
