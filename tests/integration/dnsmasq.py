@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Dnsmasq:
         self.hosts_file = self.dir / "hosts"
         self.conf_file = self.dir / "dnsmasq.conf"
         self.proc: Proc | None = None
+        self.started_at = 0.0
         self._write_hosts(hosts)
         self._write_srv(srv)
         self.start()
@@ -74,6 +76,7 @@ class Dnsmasq:
             "--group=root",
             "--pid-file=",
         ]
+        self.started_at = time.time()  # it answers with its records from (just after) then
         self.proc = Proc(argv)
         wait_until(self.answers, 10, "dnsmasq to answer")
 
