@@ -442,7 +442,13 @@ def _server_request(
 @server.command(name="add")
 @config_option
 @runtime_dir_option
-@click.option("--weight", type=click.IntRange(1, MAX_WEIGHT), default=1, show_default=True)
+@click.option(
+    "--weight",
+    type=click.IntRange(1, MAX_WEIGHT),
+    default=1,
+    show_default=True,
+    help="Its share of the backend's connections, as a configured server's weight.",
+)
 @click.argument("target", metavar="BACKEND/NAME")
 @click.argument("address", metavar="ADDRESS")
 def server_add(
