@@ -128,9 +128,11 @@ def check(config_path: str) -> None:
     for warning in capacity_warnings(config, ports) if ports else ():
         click.echo(f"warning: {warning}", err=True)
     servers = sum(len(b.servers) for b in config.backends)
+    spare = sum(b.spare_servers + b.dns_slots for b in config.backends)
+    slots = f", {spare} spare slots" if spare else ""
     click.echo(
         f"{config.path}: OK ({len(config.listeners)} listeners, "
-        f"{len(config.backends)} backends, {servers} servers)"
+        f"{len(config.backends)} backends, {servers} servers{slots})"
     )
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from lb.cli import cli
 from lb.config import load_config
 from lb.discovery_config import Discovery, parse_resolver
 from lb.errors import ConfigError
@@ -135,3 +137,11 @@ def test_each_problem_is_one_line_naming_its_key(tmp_path: Path, config: str, li
 )
 def test_resolvers(written: str, parsed: object) -> None:
     assert parse_resolver(written) == parsed
+
+
+def test_check_counts_the_spare_slots(tmp_path: Path) -> None:
+    path = tmp_path / "splicelb.toml"
+    path.write_text(text("spare_servers = 2", 'name = "x.test"\nmax_servers = 3', servers=True))
+    done = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert done.exit_code == 0, done.output
+    assert f"{path}: OK (1 listeners, 1 backends, 1 servers, 5 spare slots)" in done.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
@@ -138,16 +139,20 @@ def test_added_servers_survive_a_reload_and_a_weight_change_takes_effect(
     a, b = EchoBackend("echo1"), EchoBackend("echo2")
     procs += [a, b]
     port = free_port()
+    admin = f"127.0.0.1:{free_port()}"
     text = config(
         listener(f"127.0.0.1:{port}", "app"),
         backend("app", [("a1", a.address)], "spare_servers = 2"),
         workers=1,
+        admin_bind=admin,
     )
     lb = start_lb(text, workers=1)
     server(lb, "add", "app/b1", b.address)
     assert Counter(whoami(port) for _ in range(10)) == {"echo1": 5, "echo2": 5}
     assert server(lb, "weight", "app/b1", "4") == "app/b1: weight 1 -> 4"
     assert Counter(whoami(port) for _ in range(10)) == {"echo1": 2, "echo2": 8}
+    metrics = urllib.request.urlopen(f"http://{admin}/metrics", timeout=10).read().decode()
+    assert 'splicelb_server_connections_total{backend="app",server="b1"} 13.0' in metrics
     done = cli("reload", "-c", str(lb.config_path))
     assert done.returncode == 0, done.stderr
     listed = servers_of(lb)

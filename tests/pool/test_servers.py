@@ -198,3 +198,17 @@ def test_two_nodes_hash_a_key_to_the_same_server_whatever_slots_it_is_in(tmp_pat
     assert moved == {k for k, b in zip(keys, before[0], strict=True) if b == "10.0.0.3:9001"}
     for pool in pools:
         pool.close()
+
+
+def test_a_new_server_ramps_up_with_slowstart_from_when_it_was_added(pool: Pool) -> None:
+    weights, names = {0: 1}, {0: "s0"}
+
+    def changed(used: dict[int, Any]) -> None:
+        for index, spare in used.items():
+            weights[index], names[index] = spare.weight, spare.name
+
+    spares = list(servers.slots(pool, "app", "api"))
+    p = BackendPicker(pool, [0], RoundRobin(weights), {}, 5.0, 60.0, spares, False, changed)
+    index = add(pool, "api", "b1", "10.0.0.7")
+    picks = [p.pick("") for _ in range(200)]
+    assert 0 < picks.count(index) < 20  # about 1/20 of its weight at first: ~5%, not 50%
