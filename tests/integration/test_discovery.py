@@ -195,7 +195,8 @@ def test_bad_answers_are_told_and_change_only_what_they_must(
         (SRV, HOST, e3.port, 1, 100),  # a lower priority: not used while priority 0 is there
         *((few, HOST, e.port, 0, 1) for e in (e1, e2, e3)),
     ]
-    dns = Dnsmasq(tmp_path / "dns", hosts=[("127.0.0.1", HOST)], srv=records)
+    both = [("127.0.0.1", "v6.chat.test"), ("::1", "v6.chat.test")]
+    dns = Dnsmasq(tmp_path / "dns", hosts=[("127.0.0.1", HOST), *both], srv=records)
     procs.append(dns)  # type: ignore[arg-type]
     ports = [free_port() for _ in range(3)]
     text = config(
@@ -204,7 +205,8 @@ def test_bad_answers_are_told_and_change_only_what_they_must(
         + listener(f"127.0.0.1:{ports[2]}", "few", name="few"),
         discovery_backend("app", dns, f'name = "{SRV}"')
         + discovery_backend("nx", dns, 'name = "_none._tcp.chat.test"')
-        + discovery_backend("few", dns, f'name = "{few}"\nmax_servers = 2'),
+        + discovery_backend("few", dns, f'name = "{few}"\nmax_servers = 2')
+        + discovery_backend("both", dns, 'name = "v6.chat.test"\ntype = "A+AAAA"\nport = 8'),
         workers=1,
     )
     lb = start_lb(text, workers=1)
@@ -222,6 +224,7 @@ def test_bad_answers_are_told_and_change_only_what_they_must(
         clients.status_of(clients.exchange(ports[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")) == 503
     )
     assert backend_status(lb, "few")["discovery"]["servers"] == 2
+    wait_until(lambda: sorted(servers_of(lb, "both")) == ["127.0.0.1:8", "[::1]:8"], 5, "A+AAAA")
 
     # an empty answer empties the backend only once two more lookups confirm it
     dns.set_srv([])
