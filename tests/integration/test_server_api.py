@@ -151,8 +151,12 @@ def test_added_servers_survive_a_reload_and_a_weight_change_takes_effect(
     assert Counter(whoami(port) for _ in range(10)) == {"echo1": 5, "echo2": 5}
     assert server(lb, "weight", "app/b1", "4") == "app/b1: weight 1 -> 4"
     assert Counter(whoami(port) for _ in range(10)) == {"echo1": 2, "echo2": 8}
-    metrics = urllib.request.urlopen(f"http://{admin}/metrics", timeout=10).read().decode()
-    assert 'splicelb_server_connections_total{backend="app",server="b1"} 13.0' in metrics
+    counted = 'splicelb_server_connections_total{backend="app",server="b1"} 13.0'
+
+    def metrics() -> str:
+        return str(urllib.request.urlopen(f"http://{admin}/metrics", timeout=10).read().decode())
+
+    wait_until(lambda: counted in metrics(), 5, "b1's total in the metrics")  # 10 ms late
     done = cli("reload", "-c", str(lb.config_path))
     assert done.returncode == 0, done.stderr
     listed = servers_of(lb)
