@@ -210,6 +210,15 @@ class Discoverer:
         self.slots = servers.slots(pool, backend.name, "dns")
         self.log = log.bind(backend=backend.name, name=self.discovery.name)
         self.resolver = make_resolver(self.discovery)
+        repaired = servers.repair(pool, self.slots)  # a prober before us died mid-write
+        for spare in repaired:
+            self.log.warning(
+                "record_repaired",
+                server=spare.name,
+                reason="its server record's last write never finished; rewritten as it stood",
+            )
+        if repaired:
+            servers.bump(pool, L.SOURCE_DNS)
         last = servers.read_answer(pool, index)  # a prober before us may have answered
         self.answer = last if last is not None else servers.Answer(0.0, 0, 0, "")
         self.empty = 0  # empty answers in a row, not yet applied

@@ -89,6 +89,19 @@ def raw(pool: Pool, server: int) -> Spare:
     return pool._spare_copy(server, _record(pool, server))
 
 
+def repair(pool: Pool, indexes: range) -> list[Spare]:
+    """Finish the writes a writer of these slots died in (their sequence left odd), as
+    the records stand; for the slots' writer, at its start.  Returns the records it
+    made readable again (a torn record reads as a free slot, and would stay taken)."""
+    repaired = []
+    for server in indexes:
+        if pool.q[_record(pool, server) + L.D_SEQ] & 1:
+            spare = raw(pool, server)
+            write(pool, server, spare)
+            repaired.append(spare)
+    return repaired
+
+
 def bump(pool: Pool, source: int) -> None:
     """Tell the workers that the slots of ``source`` changed (after the writes)."""
     off = pool.geometry.spare_off

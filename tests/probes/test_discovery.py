@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lb.config import parse_config
+from lb.pool import layout as L
 from lb.pool.servers import read_answer
 from lb.pool.shm import Pool, create_pool
 from probes.discovery import Discoverer, Found, Lookup, next_lookup, srv_weights
@@ -128,3 +129,19 @@ def test_more_servers_than_max_servers_keep_the_first_by_name_and_say_which_key(
     d._answered(found("10.0.0.3", "10.0.0.1", weight=7))
     assert names(pool) == ["10.0.0.1:80", "10.0.0.3:80"]
     assert {s["weight"] for s in pool.backends()[0]["servers"]} == {7}
+
+
+def test_a_server_record_a_dead_prober_left_mid_write_is_repaired_not_leaked(pool: Pool) -> None:
+    Discoverer(pool, 0, parse_config(CONFIG).backends[0], Log())._answered(found("10.0.0.1"))
+    [index] = [s["index"] for s in pool.backends()[0]["servers"]]
+    base = (
+        pool.geometry.spare_off + L.SPARE_HEADER_WORDS + (index - pool.first_spare) * L.SPARE_WORDS
+    )
+    pool.q[base + L.D_SEQ] += 1  # the prober died between its two stores
+    assert names(pool) == []
+    log = Log()
+    d = Discoverer(pool, 0, parse_config(CONFIG).backends[0], log)  # the next prober
+    assert names(pool) == ["10.0.0.1:80"]
+    assert [e["server"] for e in log.events("record_repaired")] == ["10.0.0.1:80"]
+    d._answered(found("10.0.0.1", "10.0.0.2"))  # both slots: the first was not leaked
+    assert names(pool) == ["10.0.0.1:80", "10.0.0.2:80"]
