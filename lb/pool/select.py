@@ -30,7 +30,8 @@ from math import log
 from typing import Protocol
 
 from lb.pool import layout as L
-from lb.pool.shm import Pool, Spare
+from lb.pool.shm import Pool
+from lb.pool.spare import Spare
 
 INF = float("inf")
 SUSPECT_HOLD_UNCHECKED = 5.0  # seconds a suspect mark holds where no prober checks

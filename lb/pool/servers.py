@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass
 
 from lb.pool import layout as L
-from lb.pool.shm import Pool, Spare
+from lb.pool.shm import Pool
+from lb.pool.spare import Spare
 
 
 def _record(pool: Pool, server: int) -> int:

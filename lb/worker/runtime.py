@@ -26,7 +26,8 @@ from lb.pool.select import (
     RoundRobin,
 )
 from lb.pool.servers import slots
-from lb.pool.shm import Pool, Spare
+from lb.pool.shm import Pool
+from lb.pool.spare import Spare
 from lb.proto.hashkey import KeyReader
 from lb.route import Router
 from lb.trusted import TrustedProxies
