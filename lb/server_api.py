@@ -72,9 +72,12 @@ def handle(pool: Pool, request: dict[str, Any]) -> dict[str, Any]:
     if index is None:
         return _fail(no_such_server(pool, backend, name))
     spare = pool.spare(index)
-    if spare is None or spare.source != L.SOURCE_API:
-        where = "the config file" if spare is None else "DNS (its discovery)"
-        return _fail(f"{backend}/{name} comes from {where}: change it there (then reload)")
+    if spare is None:
+        return _fail(f"{backend}/{name} comes from the config file: change it there, then reload")
+    if spare.source != L.SOURCE_API:
+        return _fail(
+            f"{backend}/{name} comes from DNS (the backend's discovery): change its records"
+        )
     if action == "remove":
         servers.remove(pool, index)
         servers.bump(pool, L.SOURCE_API)

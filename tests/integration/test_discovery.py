@@ -213,6 +213,11 @@ def test_bad_answers_are_told_and_change_only_what_they_must(
     wait_until(lambda: len(servers_of(lb)) == 2 and len(servers_of(lb, "few")) == 2, 5, "answers")
     weights = {name: s["weight"] for name, s in servers_of(lb).items()}
     assert weights == {name_of(e1): 1, name_of(e2): 256}
+    refused = cli("server", "remove", "-c", str(lb.config_path), f"app/{name_of(e1)}")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"splicelb: app/{name_of(e1)} comes from DNS (the backend's discovery): change its records"
+    )
     warnings = [e["reason"] for e in lb.events("discovery_skipped")]
     assert "SRV target gone.chat.test does not resolve: left out" in warnings
     assert "no SRV record for _none._tcp.chat.test" in warnings

@@ -196,7 +196,7 @@ def test_bad_requests_get_clear_answers(
     )
     assert "is not a valid server name" in refused(lb, "add", "app/x y", a.address)
     assert refused(lb, "remove", "app/a1") == (
-        "splicelb: app/a1 comes from the config file: change it there (then reload)"
+        "splicelb: app/a1 comes from the config file: change it there, then reload"
     )
     assert refused(lb, "remove", "app/zz").startswith("splicelb: no server app/zz;")
     assert "0 is not in the range 1<=x<=256" in refused(
