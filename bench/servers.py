@@ -364,7 +364,6 @@ def checkout(rev: str, tmp: Path) -> Path:
         capture_output=True,
         check=False,
         text=True,
-        check=False,
     )
     if commit.returncode != 0:
         raise BenchError(f"{rev!r} is not a commit of {REPO}: {commit.stderr.strip()}")

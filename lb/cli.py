@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import NoReturn
 
 import click
@@ -22,12 +23,14 @@ from lb.config import (
     DEFAULT_CONFIG_PATH,
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_WEIGHT,
     Config,
     capacity_warnings,
     load_config,
     local_ports,
     runtime_dir_of,
 )
+from lb.config_table import parse_address
 from lb.errors import ConfigError, LBError, NotRunningError
 from lb.rundir import not_writable
 from lb.status import format_table, read_status
@@ -125,9 +128,11 @@ def check(config_path: str) -> None:
     for warning in capacity_warnings(config, ports) if ports else ():
         click.echo(f"warning: {warning}", err=True)
     servers = sum(len(b.servers) for b in config.backends)
+    spare = sum(b.spare_servers + b.dns_slots for b in config.backends)
+    slots = f", {spare} spare slots" if spare else ""
     click.echo(
         f"{config.path}: OK ({len(config.listeners)} listeners, "
-        f"{len(config.backends)} backends, {servers} servers)"
+        f"{len(config.backends)} backends, {servers} servers{slots})"
     )
 
 
@@ -407,6 +412,103 @@ _admin_command(
     "Put a server back to normal after drain or maint.",
     "splicelb ready -c /etc/splicelb/splicelb.toml app/a1",
 )
+
+
+@cli.group()
+def server() -> None:
+    """Add, remove and re-weight servers of a running instance, with no reload.
+
+    Added servers live in the backend's spare slots (its spare_servers key) and
+    survive reloads; `splicelb status` lists them with source "api".
+    """
+
+
+def _target(target: str) -> tuple[str, str]:
+    backend, sep, name = target.partition("/")
+    if not sep or not backend or not name:
+        raise click.BadParameter("expected BACKEND/NAME, e.g. app/a3", param_hint="target")
+    return backend, name
+
+
+def _server_request(
+    config_path: str, runtime_dir: str | None, request: Mapping[str, object]
+) -> dict[str, object]:
+    answer = _talk(_runtime_dir(config_path, runtime_dir), {"cmd": "server", **request})
+    if not answer.get("ok"):
+        for line in answer.get("errors", []):  # type: ignore[attr-defined]
+            click.echo(f"splicelb: {line}", err=True)
+        sys.exit(1)
+    return answer
+
+
+@server.command(name="add")
+@config_option
+@runtime_dir_option
+@click.option(
+    "--weight",
+    type=click.IntRange(1, MAX_WEIGHT),
+    default=1,
+    show_default=True,
+    help="Its share of the backend's connections, as a configured server's weight.",
+)
+@click.argument("target", metavar="BACKEND/NAME")
+@click.argument("address", metavar="ADDRESS")
+def server_add(
+    config_path: str, runtime_dir: str | None, weight: int, target: str, address: str
+) -> None:
+    """Add a server (host:port or [v6]:port; a host name is resolved once, here).
+
+    \b
+    Example:
+      splicelb server add -c /etc/splicelb/splicelb.toml app/a3 10.0.0.7:9001 --weight 2
+    """
+    backend, name = _target(target)
+    try:
+        resolved = parse_address(address, "ADDRESS")
+    except ConfigError as exc:
+        click.echo(f"splicelb: {exc.problems[0]}", err=True)
+        sys.exit(1)
+    numeric = f"[{resolved.sockaddr[0]}]" if ":" in resolved.sockaddr[0] else resolved.sockaddr[0]
+    request = {"action": "add", "backend": backend, "server": name, "weight": weight}
+    answer = _server_request(
+        config_path, runtime_dir, {**request, "address": f"{numeric}:{resolved.port}"}
+    )
+    click.echo(f"{backend}/{name}: added at {answer['address']}, weight {answer['weight']}")
+
+
+@server.command(name="remove")
+@config_option
+@runtime_dir_option
+@click.argument("target", metavar="BACKEND/NAME")
+def server_remove(config_path: str, runtime_dir: str | None, target: str) -> None:
+    """Remove a server added with `server add`: no new connections; open ones stay.
+
+    \b
+    Example:
+      splicelb server remove -c /etc/splicelb/splicelb.toml app/a3
+    """
+    backend, name = _target(target)
+    request = {"action": "remove", "backend": backend, "server": name}
+    answer = _server_request(config_path, runtime_dir, request)
+    click.echo(f"{backend}/{name}: removed ({answer['address']}); its open connections stay")
+
+
+@server.command(name="weight")
+@config_option
+@runtime_dir_option
+@click.argument("target", metavar="BACKEND/NAME")
+@click.argument("weight", type=click.IntRange(1, MAX_WEIGHT))
+def server_weight(config_path: str, runtime_dir: str | None, target: str, weight: int) -> None:
+    """Change the weight of a server added with `server add`.
+
+    \b
+    Example:
+      splicelb server weight -c /etc/splicelb/splicelb.toml app/a3 4
+    """
+    backend, name = _target(target)
+    request = {"action": "weight", "backend": backend, "server": name, "weight": weight}
+    answer = _server_request(config_path, runtime_dir, request)
+    click.echo(f"{backend}/{name}: weight {answer['from']} -> {answer['to']}")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lb.config_table import Address, Table, describe
+from lb.discovery_config import MAX_SPARE, Discovery, parse_discovery
 from lb.errors import ConfigError, ProtocolError
 from lb.proto.tls import normalize_server_name
 from lb.proto.uri import normalize_host, normalize_path
@@ -165,6 +166,13 @@ class Backend:
     # local addresses to connect from, used in turn (each family its own); () = the kernel's
     source: tuple[tuple[int, str], ...] = ()
     send_proxy: int = 0  # PROXY protocol version sent to its servers (and checks); 0 = none
+    spare_servers: int = 0  # slots for servers added at runtime (splicelb server add)
+    discovery: Discovery | None = None  # servers named by DNS, in slots of their own
+
+    @property
+    def dns_slots(self) -> int:
+        """The spare slots reserved for the servers DNS names."""
+        return self.discovery.max_servers if self.discovery is not None else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,11 +532,12 @@ def _check_unique(items: Iterable[tuple[str, Any, str]], what: str, problems: li
 
 
 def _parse_all(
-    t: Table, key: str, what: str, parse: Callable[[Table], _Named]
+    t: Table, key: str, what: str, parse: Callable[[Table], _Named], required: bool = True
 ) -> list[tuple[Table, _Named]]:
-    """Parse each table of the required array ``[[key]]``; their names must be unique."""
+    """Parse each table of the array ``[[key]]`` (``required``: at least one); their names
+    must be unique."""
     tables = t.tables(key)
-    if t.data.get(key, []) == []:
+    if required and t.data.get(key, []) == []:
         header = re.sub(r"\[[0-9]+\]", "", t.key_path(key))
         t.problem(key, f"at least one {what} ([[{header}]]) is required")
     parsed = [(table, parse(table)) for table in tables]
@@ -585,7 +594,14 @@ def _parse_hash_balance_factor(t: Table, balance: str) -> int:
 
 def _parse_backend(t: Table, base_dir: str) -> Backend:
     name = t.name()
-    servers = [server for _, server in _parse_all(t, "servers", "server", _parse_server)]
+    discovery_table = t.table("discovery")
+    discovery = parse_discovery(discovery_table) if discovery_table is not None else None
+    spare_servers = t.integer("spare_servers", 0, 0, MAX_SPARE)
+    # Servers that come and go (DNS, splicelb server add) may be all a backend has.
+    dynamic = discovery is not None or spare_servers > 0
+    servers = [
+        server for _, server in _parse_all(t, "servers", "server", _parse_server, not dynamic)
+    ]
     health = t.table("health")
     balance = t.choice("balance", "roundrobin", BALANCE_ALGORITHMS)
     backend = Backend(
@@ -602,6 +618,8 @@ def _parse_backend(t: Table, base_dir: str) -> Backend:
         slowstart=t.seconds("slowstart", 0, allow_zero=True),
         source=_parse_source(t),
         send_proxy=_parse_send_proxy(t),
+        spare_servers=spare_servers,
+        discovery=discovery,
     )
     t.finish()
     return backend
@@ -713,6 +731,8 @@ def capacity_warnings(config: Config, ports: tuple[int, int]) -> list[str]:
         capacity = sum(
             per_address * max(1, families.count(s.address.family)) for s in backend.servers
         )
+        if backend.spare_servers or backend.discovery is not None:
+            continue  # its servers come and go: no count to hold maxconn against
         if config.global_.maxconn > capacity:
             addresses = len(backend.source) or 1
             warnings.append(

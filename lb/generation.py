@@ -22,6 +22,7 @@ from typing import Any
 
 from lb.config import Config
 from lb.pool import layout as L
+from lb.pool import servers
 from lb.pool.shm import Pool, create_pool, fold
 from lb.sockets import handover_path, handover_socket
 
@@ -45,6 +46,7 @@ class Generation:
     sockets: dict[Any, int] = field(default_factory=dict)  # listening sockets its workers get
     handover: list[socket.socket] = field(default_factory=list)  # by slot: where tunnels come in
     retired: bool = False  # told to close its connections now (too many generations draining)
+    dropped: list[str] = field(default_factory=list)  # spare servers a reload could not carry
 
     @classmethod
     def create(cls, number: int, config: Config, previous: Pool | None) -> Generation:
@@ -54,7 +56,7 @@ class Generation:
         generation = cls(number, config, pool)
         try:
             if previous is not None:
-                carry_over(previous, pool)
+                generation.dropped = carry_over(previous, pool)
             for slot in range(config.global_.workers):
                 path = handover_path(runtime_dir, number, slot)
                 generation.handover.append(handover_socket(path))
@@ -120,15 +122,16 @@ class Generation:
 def server_keys(pool: Pool) -> dict[tuple[str, str, str], int]:
     return {
         (backend["name"], server["name"], server["address"]): server["index"]
-        for backend in pool.names["backends"]
+        for backend in pool.backends()
         for server in backend["servers"]
     }
 
 
-def carry_over(old: Pool, new: Pool) -> None:
-    """Copy health, admin state (and when it went back to ready: a slow start goes
-    on) and check histograms of the servers both pools know, the instance's restart
-    and reload counts, and the carried totals (by names).
+def carry_over(old: Pool, new: Pool) -> list[str]:
+    """Copy the spare servers (lb.pool.servers), then health, admin state (and when it
+    went back to ready: a slow start goes on) and check histograms of the servers both
+    pools know, the instance's restart and reload counts, and the carried totals (by
+    names).  Returns the spare servers left out, each described.
 
     A health record that cannot be read (its writer died mid-write) is not
     carried: that server starts unchecked, as a new one would, until the new
@@ -136,6 +139,7 @@ def carry_over(old: Pool, new: Pool) -> None:
     """
     new.q[L.H_RESTARTS] = old.q[L.H_RESTARTS]
     new.q[L.H_RELOADS] = old.q[L.H_RELOADS]
+    dropped = servers.carry(old, new) if old.geometry.spare_off else []
     new.carry_from(old)
     old_keys = server_keys(old)
     for k, index in server_keys(new).items():
@@ -148,10 +152,11 @@ def carry_over(old: Pool, new: Pool) -> None:
         src, dst = old.geometry.histogram(previous), new.geometry.histogram(index)
         new.q[dst : dst + L.HIST_WORDS] = old.q[src : src + L.HIST_WORDS]
         new.set_admin(index, old.admin(previous), ready_at=old.ready_at(previous))
+    return dropped
 
 
 def find_server(pool: Pool, backend: str, server: str) -> int | None:
-    for b in pool.names["backends"]:
+    for b in pool.backends():
         if b["name"] == backend:
             for s in b["servers"]:
                 if s["name"] == server:
@@ -162,8 +167,7 @@ def find_server(pool: Pool, backend: str, server: str) -> int | None:
 def no_such_server(pool: Pool, backend: str, server: str) -> str:
     """The answer to a server the pool does not name: the names it could have been."""
     servers = {
-        b["name"]: [f"{b['name']}/{s['name']}" for s in b["servers"]]
-        for b in pool.names["backends"]
+        b["name"]: [f"{b['name']}/{s['name']}" for s in b["servers"]] for b in pool.backends()
     }
     if backend in servers:
         said, names = f"no server {backend}/{server}; the servers of {backend}:", servers[backend]

@@ -94,14 +94,23 @@ def usage(context: click.Context) -> str:
 
 def command_contexts(group: click.Group) -> tuple[click.Context, list[click.Context]]:
     """The group's context and one for each of its commands that is not hidden, in the
-    order ``--help`` lists them."""
+    order ``--help`` lists them; a group of commands (``splicelb server``) by its own."""
     root = group.make_context(NAME, [], resilient_parsing=True)
+    return root, _commands(group, root)
+
+
+def _commands(group: click.Group, parent: click.Context) -> list[click.Context]:
     commands = []
-    for name in group.list_commands(root):
-        command = group.get_command(root, name)
-        if command is not None and not command.hidden:
-            commands.append(command.make_context(name, [], parent=root, resilient_parsing=True))
-    return root, commands
+    for name in group.list_commands(parent):
+        command = group.get_command(parent, name)
+        if command is None or command.hidden:
+            continue
+        context = command.make_context(name, [], parent=parent, resilient_parsing=True)
+        if isinstance(command, click.Group):
+            commands += _commands(command, context)
+        else:
+            commands.append(context)
+    return commands
 
 
 DESCRIPTION = (

@@ -120,7 +120,7 @@ def _add_counters(totals: Totals, f: dict[str, Metric]) -> None:
     for i, listener in enumerate(names["listeners"]):
         for name, value in totals.listener(i).items():
             f[f"l_{name}"].add_metric([listener["name"]], value)  # type: ignore[attr-defined]
-    for backend in names["backends"]:
+    for backend in totals.pool.backends():
         for server in backend["servers"]:
             labels = [backend["name"], server["name"]]
             for name, value in totals.server(server["index"]).items():
@@ -139,7 +139,7 @@ def _add_counters(totals: Totals, f: dict[str, Metric]) -> None:
 
 
 def _add_states(pool: Pool, f: dict[str, Metric]) -> None:
-    for backend in pool.names["backends"]:
+    for backend in pool.backends():
         for server in backend["servers"]:
             labels = [backend["name"], server["name"]]
             index, checked = server["index"], backend["checked"]
@@ -165,7 +165,7 @@ def _latency(pool: Pool) -> Metric:
         "splicelb_server_check_latency_seconds", "Health check latency", labels=SERVER
     )
     bounds = [*(f"{b:g}" for b in L.LATENCY_BUCKETS), "+Inf"]
-    for backend in pool.names["backends"]:
+    for backend in pool.backends():
         if not backend["checked"]:
             continue
         for server in backend["servers"]:

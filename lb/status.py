@@ -25,6 +25,7 @@ from typing import Any
 from lb.errors import LBError, NotRunningError
 from lb.generation import POOL_LINK
 from lb.pool import layout as L
+from lb.pool.servers import read_answer
 from lb.pool.shm import Pool, Totals
 from lb.rundir import running_pid
 
@@ -93,9 +94,12 @@ def snapshot(pool: Pool, others: list[Pool] | None = None) -> dict[str, Any]:
     for p in sorted(totals.running, key=lambda p: p.q[L.H_GENERATION]):
         workers += _workers(p, totals.slot_accepted(p), now)
     backends = []
-    for backend in pool.names["backends"]:
+    for i, backend in enumerate(pool.backends()):
         servers = [_server(pool, s, backend["checked"], now, totals) for s in backend["servers"]]
-        backends.append({"name": backend["name"], "servers": servers})
+        entry: dict[str, Any] = {"name": backend["name"], "servers": servers}
+        if backend.get("dns_slots", (0, 0))[1]:
+            entry["discovery"] = _discovery(pool, i)
+        backends.append(entry)
     q, d = pool.q, pool.d
     prober_pid = q[L.H_PROBER_PID]
     return {
@@ -151,11 +155,17 @@ def _server(
     out: dict[str, Any] = {
         "name": server["name"],
         "address": server["address"],
+        "source": server["source"],
         "health": health,
         "admin": L.ADMIN_NAMES[pool.admin(index)],
         **totals.server(index),
     }
-    if checked and record is None:
+    if "weight" in server:
+        out["weight"] = server["weight"]
+    if checked and "epoch" in server and pool.checked_epoch(index) != server["epoch"]:
+        out["health"], record = "unchecked", None  # the prober has not taken it up yet
+        out["health_reason"] = "new server: not checked yet"
+    elif checked and record is None:
         out["health_reason"] = UNREADABLE
     elif record is not None and record.checks:
         out["check"] = {
@@ -166,6 +176,19 @@ def _server(
             "since": _iso(record.changed_at) if record.changed_at else None,
         }
     return out
+
+
+def _discovery(pool: Pool, backend: int) -> dict[str, Any]:
+    """A backend's DNS answer: its age (null: none yet), its servers, the failures since."""
+    answer = read_answer(pool, backend)
+    if answer is None:
+        return {"answer_age_s": None, "servers": 0, "failures": 0, "problem": UNREADABLE}
+    return {
+        "answer_age_s": round(time.time() - answer.ok_at, 3) if answer.ok_at else None,
+        "servers": answer.servers,
+        "failures": answer.failures,
+        "problem": answer.text or None,
+    }
 
 
 def format_table(status: dict[str, Any]) -> str:
@@ -205,6 +228,13 @@ def format_table(status: dict[str, Any]) -> str:
                 )
             )
     lines += _columns(servers)
+    for backend in status["backends"]:
+        found = backend.get("discovery")
+        if found is not None:
+            age = found["answer_age_s"]
+            said = f"answer {age:g} s old" if age is not None else "no answer yet"
+            problem = f"; {found['problem']}" if found["problem"] else ""
+            lines.append(f"{backend['name']}: DNS {said}, {found['servers']} servers{problem}")
     lines.append("")
     workers = ", ".join(
         f"{w['pid']} (slot {w['slot']}, {w['connections']} conns, {w['state']})"

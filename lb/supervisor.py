@@ -41,7 +41,7 @@ import time
 import traceback
 from typing import Any
 
-from lb import __version__, control
+from lb import __version__, control, server_api
 from lb import log as lblog
 from lb.children import (
     EXIT_BOOT_ERROR,
@@ -108,6 +108,7 @@ class Supervisor:
         self._wakeup = (-1, -1)
         self._errors: dict[str, tuple[str, float, int]] = {}  # step -> last error, when, repeats
         self.rundir: RuntimeDir | None = None  # claimed by _start
+        self.dns_admin = server_api.DnsAdmin()
 
     # -- start -----------------------------------------------------------------
 
@@ -221,6 +222,7 @@ class Supervisor:
                     self._signal(self.children.values(), signal.SIGKILL)
                 continue
             self._guarded(self._kill_stale, now)
+            self._guarded(self.dns_admin.check, self.current.pool)  # type: ignore[union-attr]
             self._guarded(self._maintain, now)
             self._guarded(self._progress, now)
 
@@ -471,6 +473,8 @@ class Supervisor:
             self._reload_failed(clients, [f"global.runtime_dir: cannot publish the pool: {exc}"])
             current.publish()  # the link may be gone: point it back
             return
+        for what in generation.dropped:
+            self.log.warning("server_dropped", server=what, reason="not carried over by the reload")
         self.notifier.reloading(f"reloading: starting generation {number}")
         self._plan_descriptors(config)
         generation.sockets = self.sockets.counts()
@@ -582,6 +586,8 @@ class Supervisor:
             self.upgrade(conn)
         elif command == "admin":
             control.reply(conn, self._set_admin(request))
+        elif command == "server":
+            control.reply(conn, self._server(request))
         elif command == "ping":
             assert self.current is not None
             control.reply(
@@ -596,6 +602,15 @@ class Supervisor:
             )
         else:
             control.reply(conn, {"ok": False, "errors": [f"unknown command {command!r}"]})
+
+    def _server(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``splicelb server add|remove|weight`` (see lb.server_api)."""
+        assert self.current is not None
+        answer = server_api.handle(self.current.pool, request)
+        if answer["ok"]:
+            fields = {k: v for k, v in answer.items() if k != "ok"}
+            self.log.info(f"server_{request['action']}", **fields)
+        return answer
 
     def _set_admin(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.current is not None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -44,8 +45,10 @@ from lb import log as lblog
 from lb.config import Config
 from lb.config_table import Address
 from lb.pool import layout as L
+from lb.pool import servers
 from lb.pool.shm import HealthRecord, Pool
 from probes.checks import Checker, CheckResult
+from probes.discovery import Discoverer
 
 HEARTBEAT_INTERVAL = 1.0
 SUSPECT_POLL = 0.1  # seconds between looks at the workers' suspect marks
@@ -54,6 +57,7 @@ JITTER = 0.1  # ±10% of the interval
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT)
 NEVER_CHECKED = HealthRecord(L.UNCHECKED, 0, 0, 0.0, 0.0, 0.0, 0, "")
+NOT_CHECKED_YET = "new server: not checked yet"
 
 
 @dataclass(slots=True)
@@ -67,6 +71,7 @@ class Probe:
     rise: int
     fall: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    fresh: bool = False  # a new server in a spare slot: checked at once, ramps up when up
 
 
 def next_health(health: int, rise_count: int, fall_count: int, rise: int, fall: int) -> int:
@@ -88,7 +93,16 @@ class Prober:
         self.loop = uvloop.new_event_loop()
         self.stop = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
+        self.checkers: dict[str, Checker] = {}  # by backend, for the servers in its spare slots
         self.probes = self._probes()  # TLS contexts are built here: a bad ca_file fails the boot
+        # Spare slots' probes: slot -> (the epoch checked, its probe and task).
+        self.spare_probes: dict[int, tuple[int, Probe, asyncio.Task[None]]] = {}
+        self.spare_versions = (-1, -1)
+        self.discoverers = [
+            Discoverer(pool, i, backend, log)
+            for i, backend in enumerate(config.backends)
+            if backend.discovery is not None
+        ]
 
     def run(self) -> int:
         asyncio.set_event_loop(self.loop)
@@ -116,9 +130,10 @@ class Prober:
             self.log.info("prober_start", checks=len(probes))
             tasks = [asyncio.create_task(self._probe_loop(p)) for p in probes]
             tasks.append(asyncio.create_task(self._beat()))
+            tasks += [asyncio.create_task(d.run()) for d in self.discoverers]
             tasks.append(asyncio.create_task(self._watch_suspects(probes)))
             await self.stop.wait()
-            for task in tasks:
+            for task in tasks + [task for _, _, task in self.spare_probes.values()]:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -130,7 +145,7 @@ class Prober:
         starts a prober only once the one before it is gone, so no write is
         under way.
         """
-        for backend in self.pool.names["backends"]:
+        for backend in self.pool.backends():
             for server in backend["servers"]:
                 if self.pool.repair_record(server["index"]):
                     self.log.warning(
@@ -152,6 +167,8 @@ class Prober:
                     reason="health.verify = false: server certificates are not checked",
                 )
             checker = Checker(health, backend.send_proxy) if health is not None else None
+            if checker is not None:
+                self.checkers[backend.name] = checker
             for server in backend.servers:
                 if checker is not None and health is not None:
                     probes.append(
@@ -179,7 +196,8 @@ class Prober:
         loop = asyncio.get_running_loop()
         session = self.session
         assert session is not None
-        await asyncio.sleep(random.uniform(0, probe.interval))
+        if not probe.fresh:  # a new server is checked at once: it takes no traffic before
+            await asyncio.sleep(random.uniform(0, probe.interval))
         due = loop.time()
         while True:
             if self.pool.admin(probe.index) != L.MAINT:  # maint: checks paused
@@ -193,16 +211,59 @@ class Prober:
             probe.wake.clear()
 
     async def _watch_suspects(self, probes: list[Probe]) -> None:
+        """Wake the probes of servers that workers marked suspect, and take up the servers
+        that came to spare slots or left them (both polled: the pool has no doorbell)."""
         pool, geo = self.pool, self.pool.geometry
         seen = -1
         while True:
+            if pool.spare_versions() != self.spare_versions:
+                self._sync_spares()
+                seen = -1
             version = sum(pool.q[geo.slot(s) + L.S_SUSPECT_VERSION] for s in range(geo.nslots))
             if version != seen:
                 seen = version
-                for probe in probes:
+                for probe in probes + [probe for _, probe, _ in self.spare_probes.values()]:
                     if pool.suspect_since(probe.index) > pool.checked_at(probe.index):
                         probe.wake.set()
             await asyncio.sleep(SUSPECT_POLL)
+
+    def _sync_spares(self) -> None:
+        """Start checking the servers new in spare slots of checked backends, stop checking
+        those gone.  A new one's record starts afresh (see lb.pool.servers)."""
+        pool = self.pool
+        self.spare_versions = pool.spare_versions()
+        for backend in pool.names["backends"]:
+            checker = self.checkers.get(backend["name"])
+            if checker is None:
+                continue
+            for kind in ("api_slots", "dns_slots"):
+                first, count = backend.get(kind, (0, 0))
+                for index in range(first, first + count):
+                    self._sync_spare(index, backend["name"], checker)
+
+    def _sync_spare(self, index: int, backend: str, checker: Checker) -> None:
+        pool = self.pool
+        spare = pool.spare(index)
+        held = self.spare_probes.get(index)
+        if held is not None and (spare is None or spare.epoch != held[0]):
+            held[2].cancel()
+            del self.spare_probes[index]
+            held = None
+        if spare is None or held is not None:
+            return
+        fresh = pool.checked_epoch(index) != spare.epoch
+        if fresh:  # the record was another server's: this one starts unchecked
+            pool.write_record(index, dataclasses.replace(NEVER_CHECKED, text=NOT_CHECKED_YET))
+            servers.set_checked_epoch(pool, index, spare.epoch)
+            pool.bump_health_version()
+        health = checker.health
+        address = Address(spare.host, spare.port, spare.family, spare.sockaddr)
+        probe = Probe(
+            index, backend, spare.name, address, checker, health.interval, health.rise,
+            health.fall, fresh=fresh,
+        )  # fmt: skip
+        task = asyncio.get_running_loop().create_task(self._probe_loop(probe))
+        self.spare_probes[index] = (spare.epoch, probe, task)
 
     def _publish(self, probe: Probe, result: CheckResult) -> None:
         pool = self.pool
@@ -220,6 +281,8 @@ class Prober:
         health = next_health(old.health, rise_count, fall_count, probe.rise, probe.fall)
         was_suspect = pool.suspect_since(probe.index) > old.ok_at
         now = time.monotonic()
+        # Up after down; or a new server in a spare slot up for the first time: slow start.
+        came_up = health == L.UP and (old.health == L.DOWN or probe.fresh)
         pool.write_record(
             probe.index,
             HealthRecord(
@@ -232,9 +295,10 @@ class Prober:
                 checks=old.checks + 1,
                 text=result.text,
                 ok_at=now if result.ok else old.ok_at,
-                up_at=now if old.health == L.DOWN and health == L.UP else old.up_at,
+                up_at=now if came_up else old.up_at,
             ),
         )
+        probe.fresh = probe.fresh and health != L.UP
         pool.observe_latency(probe.index, result.latency)
         if was_suspect and result.ok and health == old.health:
             pool.bump_health_version()  # the suspect mark is settled: workers look again

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 # One of everything the loader reads: a listener with a route, a backend with
-# health checks and a server.
+# health checks, a server and DNS discovery.
 EVERYTHING: dict[str, Any] = {
     "global": {"workers": 1},
     "listeners": [
@@ -33,6 +33,7 @@ EVERYTHING: dict[str, Any] = {
             "name": "b",
             "health": {"type": "http"},
             "servers": [{"name": "s", "address": "127.0.0.1:1"}],
+            "discovery": {"name": "_s._tcp.example.test"},
         }
     ],
 }

@@ -36,9 +36,20 @@ per worker, and the carried block.  Every part has exactly one writer:
   followed by one accepted count per slot; ``K_FOLDS`` is the number of the
   last fold it holds (folds are numbered 1, 2, ... over the instance's life);
 * ``H_FOLDED``: the supervisor, once, when the generation has finished;
-* the client tables (one per listener with a client limit, at the end of the
-  file): every worker, each word written as a whole, and each open count by
-  one worker only; :mod:`lb.pool.clients` says why that is enough.
+* the client tables (one per listener with a client limit): every worker,
+  each word written as a whole, and each open count by one worker only;
+  :mod:`lb.pool.clients` says why that is enough;
+* the spare servers (at the end of the file, found through
+  ``H_SPARE_OFF``): servers that come and go at runtime, in slots reserved
+  per backend.  A spare slot is a server index like any other (its health
+  record, admin word, histogram and counters are where a configured server's
+  are); its spare record (address, port, weight, name) is written under a
+  sequence lock by one writer per slot: the supervisor for a backend's
+  ``spare_servers`` (``splicelb server add``), the prober for its
+  ``discovery.max_servers`` (DNS).  Each bumps its own version word after a
+  change.  The prober also writes, per spare slot, the epoch its health
+  record belongs to, and per backend the state of its DNS answer;
+  :mod:`lb.pool.servers` says how they fit together.
 
 Totals that outlive reloads
 ---------------------------
@@ -118,6 +129,7 @@ H_HANDOVER_TO = 18  # a retiring generation's workers hand their tunnels to this
 H_FOLDED = 19  # the fold that put this finished generation's slots in the carried totals (0: none)
 H_CLIENT_TABLES, H_CLIENT_ENTRIES = 20, 21  # client tables, and entries in each (0: none)
 H_CLIENT_SEED = 22  # the odd multiplier that spreads clients over a table, drawn at creation
+H_SPARE_OFF = 23  # the spare servers' region (lb.pool.servers); 0: none (an earlier file)
 HEADER_WORDS: Final = 24
 
 # Server health record (prober-written), words by index.
@@ -184,6 +196,27 @@ E_KEY, E_TAT = 0, 1  # TAT is a double (monotonic seconds)
 ENTRY_HEADER_WORDS: Final = 2
 CLIENT_PROBES: Final = 16  # entries a client is looked for in, from the place its hash gives
 
+# The spare servers' region (lb.pool.servers): a header, then a record per spare slot,
+# then a checked epoch per spare slot, then a discovery record per backend.
+P_API_VERSION, P_DNS_VERSION, P_NSPARE, P_NBACKENDS = 0, 1, 2, 3
+SPARE_HEADER_WORDS: Final = 4
+# A spare record: words by index.  ADDED_AT and FREED_AT are doubles (monotonic seconds).
+D_SEQ, D_STATE, D_EPOCH, D_WEIGHT, D_PORT, D_FAMILY, D_SOURCE = 0, 1, 2, 3, 4, 5, 6
+D_ADDED_AT, D_FREED_AT = 7, 8
+D_HOST_OFF: Final = 10 * 8  # byte offset of the packed IP address (16 bytes)
+D_NAME_OFF: Final = 12 * 8  # byte offset of the name (NUL-padded UTF-8)
+NAME_BYTES: Final = 64
+SPARE_WORDS: Final = 12 + NAME_BYTES // 8
+# Spare slot states, and where a server in one came from.
+SPARE_FREE, SPARE_USED = 0, 1
+SOURCE_CONFIG, SOURCE_API, SOURCE_DNS = 0, 1, 2
+SOURCE_NAMES: Final = ("config", "api", "dns")
+# A backend's discovery record (prober-written, sequence lock): words by index.  OK_AT is
+# a double (wall clock of the last good answer; 0: none yet).
+G_SEQ, G_OK_AT, G_FAILURES, G_SERVERS = 0, 1, 2, 3
+G_TEXT_OFF: Final = 4 * 8  # the last failure's text (TEXT_BYTES)
+DISCOVERY_WORDS: Final = 4 + TEXT_BYTES // 8
+
 _TEXT = struct.Struct(f"{TEXT_BYTES}s")
 
 
@@ -206,12 +239,15 @@ class Geometry:
         "hist_off",
         "names_len",
         "names_off",
+        "nbackends",
         "nlisteners",
         "nservers",
         "nslots",
+        "nspare",
         "record_words",
         "slot_words",
         "slots_off",
+        "spare_off",
         "table_words",
         "text_off",
         "total_words",
@@ -226,6 +262,8 @@ class Geometry:
         nlisteners: int = 0,
         client_tables: int = 0,
         client_entries: int = 0,
+        nspare: int = 0,
+        nbackends: int = 0,
     ) -> None:
         self.nservers = nservers
         self.nslots = nslots
@@ -249,7 +287,9 @@ class Geometry:
         self.table_words = (
             (client_entries + CLIENT_PROBES - 1) * self.entry_words if client_tables else 0
         )
-        self.total_words = self.clients_off + client_tables * self.table_words
+        self.spare_off = self.clients_off + client_tables * self.table_words
+        self.nspare, self.nbackends = nspare, nbackends
+        self.total_words = self.spare_off + spare_words(nspare, nbackends)
 
     @classmethod
     def older(cls, header: list[int], version: int) -> Geometry:
@@ -272,6 +312,7 @@ class Geometry:
         geo.carried_off = geo.slots_off + geo.nslots * geo.slot_words
         geo.carried_words = geo.slot_words + geo.nslots
         geo.clients_off = geo.carried_off + geo.carried_words
+        geo.spare_off = geo.nspare = geo.nbackends = 0  # no spare servers before version 5
         geo.total_words = geo.clients_off + geo.client_tables * geo.table_words
         return geo
 
@@ -304,6 +345,11 @@ class Geometry:
 
     def client_table(self, table: int) -> int:
         return self.clients_off + table * self.table_words
+
+
+def spare_words(nspare: int, nbackends: int) -> int:
+    """The size of the spare servers' region."""
+    return SPARE_HEADER_WORDS + nspare * (SPARE_WORDS + 1) + nbackends * DISCOVERY_WORDS
 
 
 def entry_words(nslots: int) -> int:

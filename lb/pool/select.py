@@ -31,6 +31,7 @@ from typing import Protocol
 
 from lb.pool import layout as L
 from lb.pool.shm import Pool
+from lb.pool.spare import Spare
 
 INF = float("inf")
 SUSPECT_HOLD_UNCHECKED = 5.0  # seconds a suspect mark holds where no prober checks
@@ -218,12 +219,15 @@ class Hash:
         self, weights: dict[int, int], names: dict[int, str], pool: Pool, balance_factor: int = 0
     ) -> None:
         self._weights = weights
-        self._salts = {s: blake2b(names[s].encode(), digest_size=16).digest() for s in names}
+        self._names = names  # a spare slot's name changes with the server in it
+        self._salts: dict[str, bytes] = {}  # by server name: a key's server is the same on
+        # every node with the same servers, whatever slots or order they came in
         self._q = pool.q
         geo = pool.geometry
-        self._active_words = {  # where each worker keeps a server's active count
-            s: [geo.counter(slot, s) + L.C_ACTIVE for slot in range(geo.nslots)] for s in names
-        }
+        self._active_words = [  # where each worker keeps a server's active count
+            [geo.counter(slot, s) + L.C_ACTIVE for slot in range(geo.nslots)]
+            for s in range(geo.nservers)
+        ]
         self._factor = balance_factor / 100
         self.reads_active = balance_factor > 0
         self._servers: list[tuple[int, bytes, float]] = []  # eligible: index, salt, weight
@@ -234,10 +238,16 @@ class Hash:
 
     def rebuild(self, eligible: Sequence[int], ramp: Ramp) -> None:
         weights = self._effective = effective(self._weights, eligible, ramp)
-        self._servers = [(s, self._salts[s], weights[s]) for s in eligible]
+        self._servers = [(s, self._salt(self._names[s]), weights[s]) for s in eligible]
         self._uniform = len(set(weights.values())) <= 1
         self._total_weight = sum(weights.values())
         self._cache.clear()
+
+    def _salt(self, name: str) -> bytes:
+        salt = self._salts.get(name)
+        if salt is None:
+            salt = self._salts[name] = blake2b(name.encode(), digest_size=16).digest()
+        return salt
 
     def scores(self, key: bytes) -> list[tuple[float, int]]:
         """(score, server) for every eligible server; the highest score wins."""
@@ -295,12 +305,17 @@ class BackendPicker:
     """Eligibility cache plus one balancer, for one backend in one worker."""
 
     __slots__ = (
+        "_added",
         "_balancer",
+        "_checked",
         "_key",
+        "_on_spares",
         "_pool",
         "_q",
         "_servers",
         "_slowstart",
+        "_spare_words",
+        "_spares",
         "_suspect_hold",
         "_suspect_words",
         "_valid_until",
@@ -315,29 +330,46 @@ class BackendPicker:
         maxconn: dict[int, int],
         suspect_hold: float,
         slowstart: float = 0.0,
+        spares: Sequence[int] = (),
+        checked: bool = False,
+        on_spares: Callable[[dict[int, Spare]], None] | None = None,
     ) -> None:
+        """``spares``: the backend's spare slots (lb.pool.servers); ``on_spares`` gets the
+        servers in them whenever they are read again, before the balancer is rebuilt;
+        ``checked``: the backend has health checks (a spare server must pass one)."""
         self._pool = pool
         self._servers = tuple(servers)
+        self._spares = tuple(spares)
+        self._checked = checked
+        self._on_spares = on_spares
+        self._added: dict[int, float] = {}  # spare servers in use: when they were added
         self._balancer = balancer
         self.maxconn = maxconn  # servers with a cap only
         self._suspect_hold = suspect_hold
         self._slowstart = slowstart
-        self._key: tuple[int, int, int] = (-1, -1, -1)
+        self._key: tuple[int, ...] = (-1, -1, -1, -1, -1)
         self._valid_until = 0.0
         self._q = pool.q
         geo = pool.geometry
         self._suspect_words = [geo.slot(s) + L.S_SUSPECT_VERSION for s in range(geo.nslots)]
+        off = geo.spare_off if self._spares else 0  # no spare slot: a word that stays 0
+        self._spare_words = (
+            (off + L.P_API_VERSION, off + L.P_DNS_VERSION) if off else (L.H_SPARE_OFF,) * 2
+        )
 
-    def _versions(self) -> tuple[int, int, int]:
+    def _versions(self) -> tuple[int, ...]:
         q = self._q
         suspects = sum(map(q.__getitem__, self._suspect_words))
-        return q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects
+        api, dns = self._spare_words
+        return q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects, q[api], q[dns]
 
     def _stale(self) -> bool:
         """Whether the eligible servers may have changed since ``_rebuild``."""
         q = self._q  # what _versions reads, inline: this runs for every connection
         suspects = sum(map(q.__getitem__, self._suspect_words))
-        if (q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects) != self._key:
+        api, dns = self._spare_words
+        key = (q[L.H_HEALTH_VERSION], q[L.H_ADMIN_VERSION], suspects, q[api], q[dns])
+        if key != self._key:
             return True
         # A suspect mark's hold runs out, or a slow start takes its next step, without
         # any version changing: only then does the cache expire (and is the clock read).
@@ -349,7 +381,7 @@ class BackendPicker:
         pool = self._pool
         eligible: list[int] = []
         valid_until = INF
-        for s in self._servers:
+        for s in self._servers + self._spare_servers():
             if pool.health(s) == L.DOWN or pool.admin(s) != L.READY:
                 continue
             suspect_at = pool.suspect_since(s)
@@ -365,6 +397,24 @@ class BackendPicker:
         self._balancer.rebuild(eligible, ramp)
         self._key, self._valid_until = key, valid_until
 
+    def _spare_servers(self) -> tuple[int, ...]:
+        """Read the spare slots again; the servers in them that may take traffic (a
+        checked backend's only once they passed a check: see lb.pool.servers)."""
+        if not self._spares:
+            return ()
+        pool = self._pool
+        used = {s: spare for s in self._spares if (spare := pool.spare(s)) is not None}
+        if self._on_spares is not None:
+            self._on_spares(used)
+        self._added = {s: spare.added_at for s, spare in used.items()}
+        if not self._checked:
+            return tuple(used)
+        return tuple(
+            s
+            for s, spare in used.items()
+            if pool.checked_epoch(s) == spare.epoch and pool.health(s) == L.UP
+        )
+
     def _ramp(self, eligible: Sequence[int], now: float, ramp: dict[int, float]) -> float:
         """Put the servers in slow start in ``ramp`` with their share of weight; returns
         when the shares are next to be recomputed (INF: no server ramps)."""
@@ -372,7 +422,8 @@ class BackendPicker:
         step = slowstart / RAMP_STEPS
         until = INF
         for s in eligible:
-            since = max(pool.up_at(s), pool.ready_at(s))  # 0: never out of rotation
+            # 0: never out of rotation (a spare server ramps from when it was added too)
+            since = max(pool.up_at(s), pool.ready_at(s), self._added.get(s, 0.0))
             if since and now < since + slowstart:
                 ramp[s] = RAMP_FLOOR + (1 - RAMP_FLOOR) * max(0.0, now - since) / slowstart
                 until = min(until, now + step, since + slowstart)

@@ -24,6 +24,7 @@ import orjson
 
 from lb.errors import LBError
 from lb.pool import layout as L
+from lb.pool.spare import Spare, copy_spare
 
 if TYPE_CHECKING:
     from lb.config import Config
@@ -80,8 +81,15 @@ class Pool:
             )
         else:  # a generation of the code before an upgrade
             self.geometry = L.Geometry.older(q[: L.HEADER_WORDS].tolist(), version)
-        start = self.geometry.names_off * 8
+        geo = self.geometry
+        geo.spare_off = spare_off = q[L.H_SPARE_OFF]  # 0: a file made before spare servers
+        if spare_off:
+            geo.nspare, geo.nbackends = q[spare_off + L.P_NSPARE], q[spare_off + L.P_NBACKENDS]
+        else:
+            geo.nspare = geo.nbackends = 0
+        start = geo.names_off * 8
         self.names: dict[str, Any] = orjson.loads(bytes(self.raw[start : start + q[L.H_NAMES_LEN]]))
+        self.first_spare = q[L.H_NSERVERS] - geo.nspare  # spare slot i is server first_spare + i
 
     @classmethod
     def create(
@@ -92,11 +100,13 @@ class Pool:
         nslots: int,
         client_tables: int = 0,
         client_entries: int | None = None,
+        nspare: int = 0,
     ) -> Pool:
         """Write a new pool file atomically (temp file, then rename) and map it.
 
         ``client_tables``: how many listeners limit their clients (lb.pool.clients), each
         a table of ``client_entries`` places (default: as many as fit the layout's bound).
+        ``nspare``: the last ``nspare`` of the ``nservers`` are spare slots (lb.pool.servers).
         """
         blob = orjson.dumps(names)
         nlisteners = len(names.get("listeners", ()))
@@ -104,7 +114,17 @@ class Pool:
             client_entries = L.client_entries(client_tables, nslots)
         if not client_tables:
             client_entries = 0
-        geo = L.Geometry(nservers, nslots, len(blob), nlisteners, client_tables, client_entries)
+        nbackends = len(names.get("backends", ()))
+        geo = L.Geometry(
+            nservers,
+            nslots,
+            len(blob),
+            nlisteners,
+            client_tables,
+            client_entries,
+            nspare,
+            nbackends,
+        )
         size = geo.total_words * 8
         tmp = f"{path}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
@@ -124,6 +144,9 @@ class Pool:
                 q[L.H_NLISTENERS] = nlisteners
                 q[L.H_CLIENT_TABLES], q[L.H_CLIENT_ENTRIES] = client_tables, client_entries
                 q[L.H_CLIENT_SEED] = secrets.randbits(64) | 1
+                q[L.H_SPARE_OFF] = geo.spare_off
+                q[geo.spare_off + L.P_NSPARE] = nspare
+                q[geo.spare_off + L.P_NBACKENDS] = nbackends
                 mm[geo.names_off * 8 : geo.names_off * 8 + len(blob)] = blob
                 q.release()
             os.rename(tmp, path)
@@ -283,6 +306,56 @@ class Pool:
             self.d[geo.admin_at_off + server] = ready_at  # first: see lb.pool.layout
         q[geo.admin_off + server] = state
         q[L.H_ADMIN_VERSION] += 1
+
+    # -- spare servers (writers: see lb.pool.servers) --------------------------
+
+    def spare(self, server: int) -> Spare | None:
+        """The server in spare slot ``server`` (a server index), or None if the slot is
+        free, is not a spare slot, or stays mid-write (its writer died in it)."""
+        geo = self.geometry
+        slot = server - self.first_spare
+        if not 0 <= slot < geo.nspare:
+            return None
+        base = geo.spare_off + L.SPARE_HEADER_WORDS + slot * L.SPARE_WORDS
+        q = self.q
+        for _ in range(READ_TRIES):
+            seq = q[base + L.D_SEQ]
+            if not seq & 1:
+                spare = self._spare_copy(server, base)
+                if q[base + L.D_SEQ] == seq:
+                    return spare if spare.used else None
+            time.sleep(READ_PAUSE)
+        return None
+
+    def _spare_copy(self, server: int, base: int) -> Spare:
+        return copy_spare(self.q, self.d, self.raw, server, base)
+
+    def spare_versions(self) -> tuple[int, int]:
+        """The words the spare slots' writers bump after a change (0, 0: no region)."""
+        off = self.geometry.spare_off
+        return (self.q[off + L.P_API_VERSION], self.q[off + L.P_DNS_VERSION]) if off else (0, 0)
+
+    def checked_epoch(self, server: int) -> int:
+        """The epoch of the spare server its health record is about (writer: the prober)."""
+        geo = self.geometry
+        at = geo.spare_off + L.SPARE_HEADER_WORDS + geo.nspare * L.SPARE_WORDS
+        return int(self.q[at + server - self.first_spare])
+
+    def backends(self) -> list[dict[str, Any]]:
+        """The names table's backends with the servers in their spare slots now: each
+        server as ``{"name", "address", "index", "source"}``; a spare one also has its
+        ``weight`` and ``epoch``."""
+        backends = []
+        for backend in self.names["backends"]:
+            servers = [{**s, "source": "config"} for s in backend["servers"]]
+            for kind in ("api_slots", "dns_slots"):
+                first, count = backend.get(kind, (0, 0))
+                for index in range(first, first + count):
+                    spare = self.spare(index)
+                    if spare is not None:
+                        servers.append(spare.entry())
+            backends.append({**backend, "servers": servers})
+        return backends
 
     # -- the carried block (writer: the supervisor) ------------------------------
 
@@ -448,7 +521,7 @@ def counter_keys(pool: Pool) -> tuple[dict[tuple[str, str], int], dict[str, int]
     """
     servers = {
         (backend["name"], server["name"]): int(server["index"])
-        for backend in pool.names["backends"]
+        for backend in pool.backends()
         for server in backend["servers"]
     }
     listeners = {listener["name"]: i for i, listener in enumerate(pool.names["listeners"])}
@@ -488,6 +561,10 @@ def names_table(config: Config, generation: int) -> dict[str, Any]:
         backends.append(
             {"name": backend.name, "checked": backend.health is not None, "servers": servers}
         )
+    for entry, backend in zip(backends, config.backends, strict=True):  # spare slots last
+        for kind, count in (("api_slots", backend.spare_servers), ("dns_slots", backend.dns_slots)):
+            entry[kind] = [index, count]
+            index += count
     return {
         "generation": generation,
         "listeners": [
@@ -501,4 +578,5 @@ def names_table(config: Config, generation: int) -> dict[str, Any]:
 def create_pool(path: str, config: Config, generation: int, nslots: int) -> Pool:
     names = names_table(config, generation)
     tables = sum(1 for lc in config.listeners if lc.limits_clients)
-    return Pool.create(path, names, names["nservers"], nslots, tables)
+    nspare = sum(b.spare_servers + b.dns_slots for b in config.backends)
+    return Pool.create(path, names, names["nservers"], nslots, tables, nspare=nspare)

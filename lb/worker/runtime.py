@@ -25,7 +25,9 @@ from lb.pool.select import (
     Random2,
     RoundRobin,
 )
+from lb.pool.servers import slots
 from lb.pool.shm import Pool
+from lb.pool.spare import Spare
 from lb.proto.hashkey import KeyReader
 from lb.route import Router
 from lb.trusted import TrustedProxies
@@ -122,13 +124,29 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
         )
         balancer = make_balancer(bc, weights, names, pool)
         caps = {i: s.maxconn for i, s in pairs if s.maxconn}
-        live = frozenset(i for i in ids if balancer.reads_active or i in caps)
+        spares = [*slots(pool, bc.name, "api"), *slots(pool, bc.name, "dns")]
+        live = frozenset(i for i in ids + spares if balancer.reads_active or i in caps)
+        addresses = {i: (s.address.family, s.address.sockaddr) for i, s in pairs}
+        # Known from the start: tunnels handed over by an older worker find their server.
+        used = {i: spare for i in spares if (spare := pool.spare(i)) is not None}
+        _spares_changed(weights, names, addresses, used)
+        picker = BackendPicker(
+            pool,
+            ids,
+            balancer,
+            caps,
+            hold,
+            bc.slowstart,
+            spares,
+            bc.health is not None,
+            functools.partial(_spares_changed, weights, names, addresses),
+        )
         backends[bc.name] = BackendRuntime(
             name=bc.name,
-            picker=BackendPicker(pool, ids, balancer, caps, hold, bc.slowstart),
+            picker=picker,
             connect_timeout=bc.connect_timeout,
             retries=bc.retries,
-            addresses={i: (s.address.family, s.address.sockaddr) for i, s in pairs},
+            addresses=addresses,
             names=names,
             live=live,
             handover=bc.on_reload == "handover",
@@ -141,6 +159,21 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
             send_proxy=bc.send_proxy,
         )
     return backends
+
+
+def _spares_changed(
+    weights: dict[int, int],
+    names: dict[int, str],
+    addresses: dict[int, tuple[int, Any]],
+    used: dict[int, Spare],
+) -> None:
+    """The servers in a backend's spare slots, read again: what the worker connects to
+    and logs.  A server that left keeps its name here (its open tunnels are logged
+    under it) until its slot holds another."""
+    for index, spare in used.items():
+        weights[index] = spare.weight
+        names[index] = spare.name
+        addresses[index] = (spare.family, spare.sockaddr)
 
 
 def build_listeners(

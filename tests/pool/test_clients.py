@@ -216,7 +216,7 @@ def test_counts_never_drift_when_workers_count_at_once(tmp_path: Path) -> None:
 def test_an_older_pool_file_without_client_tables_still_opens(tmp_path: Path) -> None:
     pool = Pool.create(str(tmp_path / "pool"), NAMES, 0, nslots=2)
     assert (pool.geometry.client_tables, pool.q[L.H_CLIENT_TABLES]) == (0, 0)
-    assert pool.geometry.total_words == pool.geometry.clients_off
+    assert pool.geometry.spare_off == pool.geometry.clients_off  # no room for client tables
     with pytest.raises(ValueError, match="no client table 0"):
         table(pool)
     pool.close()
