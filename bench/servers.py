@@ -1,13 +1,18 @@
 """Backends (iperf3, nginx, the WebSocket echo) and the balancers under test.
 
-Every target exposes three front ports: ``bulk`` (to ``iperf3 -s``), ``http``
-(to nginx) and ``ws`` (to the echo backend). The balancers get a config with
-all three listeners; "direct" is the backends' own ports (the physical limit).
+Every target exposes five front ports (``FRONTS``): ``bulk`` (to ``iperf3 -s``),
+``http`` (to nginx) and ``ws`` (to the echo backend), HAProxy in ``mode tcp``
+on all three; and ``http7`` (to nginx) and ``ws7`` (to the echo backend) where
+HAProxy runs ``mode http``, as splicelb's http listener parses every head.
+The balancers get a config with all five listeners; "direct" is the backends'
+own ports (the physical limit).
 
 Variants of splicelb change only its ``http`` listener, to measure what a
 feature costs against the same listener without it (see ``VARIANTS``).  A name
 ``VARIANT@REV`` runs that variant with the code of commit ``REV`` (``git archive``
-into the run's directory), to measure a change against the code before it.
+into the run's directory), to measure a change against the code before it;
+``VARIANT+info`` runs it with ``log_level = "info"`` (a ``conn`` line per
+connection, to the log file), to measure what logging costs.
 """
 
 from __future__ import annotations
@@ -51,6 +56,21 @@ VARIANTS = {
     "splicelb-address": ("http", "forwarded_headers = true", 'send_proxy = "v2"', "http_pp"),
     "splicelb-limits": ("tcp", CLIENT_LIMITS, "", "http"),
 }
+
+
+# front port -> (splicelb's listener mode, HAProxy's mode, the backend it leads to)
+FRONTS = {
+    "bulk": ("tcp", "tcp", "bulk"),
+    "http": ("tcp", "tcp", "http"),
+    "ws": ("http", "tcp", "ws"),
+    "http7": ("http", "http", "http"),
+    "ws7": ("http", "http", "ws"),
+}
+
+
+def direct_ports(backends: dict[str, int]) -> dict[str, int]:
+    """The front ports of the "direct" target: each front's backend port."""
+    return {**backends, **{front: backends[to] for front, (_, _, to) in FRONTS.items()}}
 
 
 def listening_ports() -> set[int]:
@@ -234,12 +254,14 @@ def splicelb_toml(
     workers: int,
     listeners: list[tuple[str, int, str, int]],
     extra: dict[str, tuple[str, str]] | None = None,
+    log_level: str = "warning",
     **global_: int,
 ) -> str:
     """A splicelb config for measuring: ``[global]`` (no admin endpoint, no per-connection
-    log lines, and the keys of ``global_``), then for each (name, port, mode, server port)
-    a listener on 127.0.0.1 and a backend of that one server, both called name; ``extra``:
-    lines for the listener and for the backend, by name."""
+    log lines unless ``log_level`` is "info", and the keys of ``global_``), then for each
+    (name, port, mode, server port) a listener on 127.0.0.1 and a backend of that one
+    server, both called name; ``extra``: lines for the listener and for the backend, by
+    name."""
     extra = extra or {}
     parts = [
         textwrap.dedent(f"""\
@@ -247,7 +269,7 @@ def splicelb_toml(
         workers = {workers}
         runtime_dir = "{runtime}"
         admin_bind = ""
-        log_level = "warning"
+        log_level = "{log_level}"
         """)
     ]
     parts += [f"{key} = {value}\n" for key, value in global_.items()]
@@ -277,17 +299,20 @@ def splicelb_toml(
 def target_toml(
     variant: str, runtime: Path, workers: int, ports: dict[str, int], servers: dict[str, int]
 ) -> str:
-    """The config of splicelb (or a variant) with the front ``ports`` before the backends'
-    ``servers`` ports."""
-    modes = {"bulk": "tcp", "http": "tcp", "ws": "http"}
-    upstream = {name: servers[name] for name in ports}
+    """The config of splicelb (or a variant, ``+info`` for logging on) with the front
+    ``ports`` before the backends' ``servers`` ports."""
+    variant, _, level = variant.partition("+")
+    modes = {name: FRONTS[name][0] for name in ports}
+    upstream = {name: servers[FRONTS[name][2]] for name in ports}
     extra = {}
     if variant in VARIANTS:
         modes["http"], listener_extra, backend_extra, server = VARIANTS[variant]
         upstream["http"] = servers[server]
         extra["http"] = (listener_extra, backend_extra)
     listeners = [(name, ports[name], modes[name], upstream[name]) for name in ports]
-    return splicelb_toml(runtime, workers, listeners, extra, maxconn=20000, drain_timeout=1)
+    return splicelb_toml(
+        runtime, workers, listeners, extra, level or "warning", maxconn=20000, drain_timeout=1
+    )
 
 
 def splicelb_workdir(tmp: Path, name: str) -> tuple[Path, Path]:
@@ -316,6 +341,7 @@ def checkout(rev: str, tmp: Path) -> Path:
     """The tree of commit ``rev`` under ``tmp`` (once per run), readable by all."""
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        check=False,
         capture_output=True,
         text=True,
     )
@@ -340,7 +366,7 @@ def start_splicelb(
     name, _, rev = variant.partition("@")
     code = checkout(rev, tmp) if rev else REPO
     workdir, runtime = splicelb_workdir(tmp, f"splicelb-{run_id}")
-    ports = {port: free_port() for port in ("bulk", "http", "ws")}
+    ports = {port: free_port() for port in FRONTS}
     config = workdir / "splicelb.toml"
     config.write_text(target_toml(name, runtime, workers, ports, backends.ports))
     proc = Proc("splicelb", splicelb_argv(config, workdir), workdir, code=code)
@@ -388,7 +414,7 @@ def start_haproxy(
     with ``SO_REUSEPORT``), laid out as splicelb's workers are."""
     workdir = tmp / f"haproxy-{run_id}"
     workdir.mkdir()
-    ports = {name: free_port() for name in ("bulk", "http", "ws")}
+    ports = {name: free_port() for name in FRONTS}
     cfg = textwrap.dedent(f"""\
         global
             nbthread {1 if processes else workers}
@@ -407,11 +433,14 @@ def start_haproxy(
             timeout server 1h
         """)
     for name, port in ports.items():
+        _, mode, to = FRONTS[name]
         cfg += textwrap.dedent(f"""
             listen {name}
                 bind {HOST}:{port}
-                server {name}1 {HOST}:{backends.ports[name]}
+                server {name}1 {HOST}:{backends.ports[to]}
             """)
+        if mode == "http":  # as splicelb's http listener: the client's address to nginx
+            cfg += "    mode http\n    option forwardfor\n    timeout tunnel 1h\n"
     path = workdir / "haproxy.cfg"
     path.write_text(cfg)
     argv = [haproxy, "-db", "-f", str(path)]
@@ -464,9 +493,9 @@ def start_target(
     haproxy_busy_polling: bool = False,
 ) -> Target:
     if name == "direct":
-        return Target("direct", dict(backends.ports), backends=backends)
+        return Target("direct", direct_ports(backends.ports), backends=backends)
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
-    if name.partition("@")[0] in ("splicelb", *VARIANTS):
+    if name.partition("@")[0].partition("+")[0] in ("splicelb", *VARIANTS):
         return start_splicelb(workers, backends, tmp, run_id, name)
     if name in ("floor", "floor-copy"):
         return start_floor(workers, backends, tmp, run_id, copy=name == "floor-copy")
