@@ -12,7 +12,8 @@ feature costs against the same listener without it (see ``VARIANTS``).  A name
 ``VARIANT@REV`` runs that variant with the code of commit ``REV`` (``git archive``
 into the run's directory), to measure a change against the code before it;
 ``VARIANT+info`` runs it with ``log_level = "info"`` (a ``conn`` line per
-connection, to the log file), to measure what logging costs.
+connection, to the log file), to measure what logging costs; ``VARIANT+nopoll``
+with ``busy_poll_us = 0`` (``GLOBAL_SUFFIXES``; several may follow each other).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ FRONTS = {
     "http7": ("http", "http", "http"),
     "ws7": ("http", "http", "ws"),
 }
+
+
+# a suffix "+NAME" of a splicelb's name -> the [global] keys it sets
+GLOBAL_SUFFIXES = {"info": {"log_level": '"info"'}, "nopoll": {"busy_poll_us": "0"}}
 
 
 def direct_ports(backends: dict[str, int]) -> dict[str, int]:
@@ -254,11 +259,11 @@ def splicelb_toml(
     workers: int,
     listeners: list[tuple[str, int, str, int]],
     extra: dict[str, tuple[str, str]] | None = None,
-    log_level: str = "warning",
-    **global_: int,
+    **global_: int | str,
 ) -> str:
     """A splicelb config for measuring: ``[global]`` (no admin endpoint, no per-connection
-    log lines unless ``log_level`` is "info", and the keys of ``global_``), then for each
+    log lines unless ``global_`` sets ``log_level``, and the keys of ``global_``, their
+    values TOML as they are), then for each
     (name, port, mode, server port) a listener on 127.0.0.1 and a backend of that one
     server, both called name; ``extra``: lines for the listener and for the backend, by
     name."""
@@ -269,9 +274,9 @@ def splicelb_toml(
         workers = {workers}
         runtime_dir = "{runtime}"
         admin_bind = ""
-        log_level = "{log_level}"
         """)
     ]
+    global_ = {"log_level": '"warning"', **global_}
     parts += [f"{key} = {value}\n" for key, value in global_.items()]
     for name, port, mode, server_port in listeners:
         listener_extra, backend_extra = extra.get(name, ("", ""))
@@ -299,9 +304,12 @@ def splicelb_toml(
 def target_toml(
     variant: str, runtime: Path, workers: int, ports: dict[str, int], servers: dict[str, int]
 ) -> str:
-    """The config of splicelb (or a variant, ``+info`` for logging on) with the front
+    """The config of splicelb (or a variant, with ``GLOBAL_SUFFIXES``) with the front
     ``ports`` before the backends' ``servers`` ports."""
-    variant, _, level = variant.partition("+")
+    variant, *suffixes = variant.split("+")
+    keys: dict[str, int | str] = {"maxconn": 20000, "drain_timeout": 1}
+    for suffix in suffixes:
+        keys.update(GLOBAL_SUFFIXES[suffix])
     modes = {name: FRONTS[name][0] for name in ports}
     upstream = {name: servers[FRONTS[name][2]] for name in ports}
     extra = {}
@@ -310,9 +318,7 @@ def target_toml(
         upstream["http"] = servers[server]
         extra["http"] = (listener_extra, backend_extra)
     listeners = [(name, ports[name], modes[name], upstream[name]) for name in ports]
-    return splicelb_toml(
-        runtime, workers, listeners, extra, level or "warning", maxconn=20000, drain_timeout=1
-    )
+    return splicelb_toml(runtime, workers, listeners, extra, **keys)
 
 
 def splicelb_workdir(tmp: Path, name: str) -> tuple[Path, Path]:
