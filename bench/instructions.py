@@ -28,7 +28,9 @@ then counts for a fraction of a connection, as it does under load.  ``--mode
 http`` makes the connections' listener an http one (the head is read, routed
 and forwarded with its forwarded fields), to count what that path costs.  With
 ``--limits`` the listeners have client limits (set too high to refuse anyone):
-the difference is what the limits cost per connection.
+the difference is what the limits cost per connection.  ``--log-level info``
+has the worker write a ``conn`` line per connection (to a file): what logging
+costs in user space.
 The
 kept-alive requests are made the same way: K connections at once, each
 sending its share of the N requests one after the other (``wrk -cK``).
@@ -210,6 +212,7 @@ def measure(
     concurrency: int = 1,
     mode: str = "tcp",
     limits: bool = False,
+    log_level: str = "warning",
 ) -> dict[str, Any]:
     closer, close_port = backend("close")
     echoer, echo_port = backend("echo")
@@ -226,7 +229,9 @@ def measure(
     ]
     # busy_poll_us = 0: count each connection's work, not the polls between clients
     extra = {name: (CLIENT_LIMITS, "") for name, *_ in listeners} if limits else None
-    config.write_text(splicelb_toml(runtime, 1, listeners, extra, busy_poll_us=0))
+    config.write_text(
+        splicelb_toml(runtime, 1, listeners, extra, busy_poll_us=0, log_level=f'"{log_level}"')
+    )
     out = tmp / "callgrind"
     out.mkdir()
     valgrind = [
@@ -284,6 +289,7 @@ def measure(
         "concurrency": concurrency,
         "mode": mode,
         "client_limits": limits,
+        "log_level": log_level,
         "per_connection": round(conns["total"] / count),
         "per_round_trip": round(trips["total"] / count),
         "per_kept_alive_request": round(requests["total"] / count),
@@ -323,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with client limits on the listeners (set too high to refuse): what they cost",
     )
+    parser.add_argument(
+        "--log-level",
+        choices=("warning", "info"),
+        default="warning",
+        help="the worker's log_level: warning (no conn lines, default) or info (one a connection)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
@@ -330,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     def body(tmp: Path) -> str:
         if shutil.which("valgrind") is None:
             install_debian(["valgrind"])
-        result = measure(args.count, args.top, tmp, args.concurrency, args.mode, args.limits)
+        result = measure(
+            args.count, args.top, tmp, args.concurrency, args.mode, args.limits, args.log_level
+        )
         return json.dumps(result, indent=2)
 
     return scratch_main("splicelb-instr-", body)

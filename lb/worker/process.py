@@ -123,6 +123,8 @@ class Worker:
             # With 1 worker there is nothing to take: no second poll between busy polls.
             on_idle=self._take if workers > 1 else None,
         )
+        if isinstance(log_conn, lblog.ConnLog):  # a write per batch of lines, not per line
+            log_conn.batch(loop.call_later)
         self.deadlines = Deadlines(loop, DEADLINE_GRID, self._error)
         self.closer = Closer(loop, self._error)
         plan = plan_for_worker(workers)  # against the user's pipe budget: see lb.worker.pipes
@@ -190,6 +192,8 @@ class Worker:
             loop.run()
         finally:
             self.tally.publish()
+            if isinstance(self.log_conn, lblog.ConnLog):
+                self.log_conn.flush()  # the last conn lines before worker_stopped
             self.pipes.close()
             self.acceptor.close()
             self.tally.set_state(L.SLOT_EMPTY)
