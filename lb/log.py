@@ -419,9 +419,11 @@ class ConnLog:
 
 
 def conn_logger(logger: Any, role: str, generation: int, *, level: str, fmt: str) -> Any:
-    """What a worker calls once per connection: the fast JSON line, the structlog
-    line for the console format, or None when ``info`` is filtered out.  Call
-    :func:`configure` first: the fast line goes to its sink."""
+    """What a worker calls once per connection, with the fields of :class:`ConnLog`
+    in its order (positional: a call with ten keywords costs more than the line's
+    rendering): the fast JSON line, the structlog line for the console format, or
+    None when ``info`` is filtered out.  Call :func:`configure` first: the fast line
+    goes to its sink."""
     if _LEVEL_NUMBERS[level] > _LEVEL_NUMBERS["info"]:
         return None
     if fmt == "json":
@@ -429,7 +431,34 @@ def conn_logger(logger: Any, role: str, generation: int, *, level: str, fmt: str
         assert _sink is not None, "configure() opens the sink"
         _conn_log = ConnLog(role, generation, _sink)
         return _conn_log
-    return lambda **fields: logger.info("conn", **fields)
+
+    def console(
+        client: str,
+        listener: str,
+        backend: str | None,
+        server: str | None,
+        websocket: bool,
+        status: int | None,
+        bytes_in: int,
+        bytes_out: int,
+        duration_ms: float,
+        reason: str,
+    ) -> None:
+        logger.info(
+            "conn",
+            client=client,
+            listener=listener,
+            backend=backend,
+            server=server,
+            websocket=websocket,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_ms=duration_ms,
+            reason=reason,
+        )
+
+    return console
 
 
 def configure(

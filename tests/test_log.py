@@ -471,3 +471,21 @@ def test_the_lines_that_wait_go_out_before_the_process_ends() -> None:
         records = whole_lines(read_to_end(r))
     os.close(r)
     assert [record["event"] for record in records] == ["conn"] * 3
+
+
+def test_a_conn_line_takes_its_fields_in_order_in_either_format() -> None:
+    """The worker passes the fields positionally (cheaper than keywords): both formats
+    name them alike."""
+    r, w = os.pipe()
+    log = configure("worker", 2, fd=w, fmt="console")
+    conn_logger(log, "worker", 2, level="info", fmt="console")(*CONN.values())
+    console = read_lines(r)
+    log = configure("worker", 2, fd=w)
+    conn_logger(log, "worker", 2, level="info", fmt="json")(*CONN.values())
+    [line] = read_lines(r)
+    assert {k: v for k, v in json.loads(line).items() if k in CONN} == CONN
+    assert len(console) == 1
+    for key in ("client", "listener", "reason"):
+        assert f"{key}={CONN[key]}" in console[0] or f"{key}='{CONN[key]}'" in console[0]
+    os.close(r)
+    os.close(w)

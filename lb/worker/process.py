@@ -519,17 +519,17 @@ class Worker:
             conn.release_client()
         log_conn = self.log_conn
         if log_conn is not None:
-            log_conn(
-                client=format_peer(conn.addr),
-                listener=conn.listener.name,
-                backend=backend.name if backend else None,
-                server=backend.names[conn.server] if backend and spliced else None,
-                websocket=conn.websocket,
-                status=status,
-                bytes_in=conn.bytes_in,
-                bytes_out=bytes_out,
-                duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
-                reason=reason,
+            log_conn(  # positional, in lb.log.ConnLog's order: keywords cost more
+                format_peer(conn.addr),  # client
+                conn.listener.name,
+                backend.name if backend else None,
+                backend.names[conn.server] if backend and spliced else None,  # server
+                conn.websocket,
+                status,
+                conn.bytes_in,
+                bytes_out,
+                round((time.monotonic() - conn.started) * 1000, 3),  # duration_ms
+                reason,
             )
         acceptor = self.acceptor
         if self.draining:
