@@ -649,3 +649,18 @@ def test_fuzz_split_gives_the_same_outcome(data: bytes, cuts: list[int]) -> None
     result, sniffer = feed_chunks(split(data, cuts))
     assert_sane(sniffer.buffer, result)
     assert outcome(result) == outcome(whole)
+
+
+def test_a_head_cannot_change_once_judged() -> None:
+    """A kept-alive connection reuses the judgement of a head that repeats byte for byte
+    (lb.worker.requests): nothing may change a Head after the sniffer made it."""
+    event = HeadSniffer().feed(b"GET /a HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert isinstance(event, Head)
+    with pytest.raises(AttributeError):
+        event.path = "/b"  # type: ignore[misc]
+    assert (event.method, event.path, event.host, event.head_len) == (
+        "GET",
+        "/a",
+        "example.com",
+        39,
+    )
