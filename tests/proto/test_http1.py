@@ -662,5 +662,5 @@ def test_a_head_cannot_change_once_judged() -> None:
         "GET",
         "/a",
         "example.com",
-        39,
+        38,
     )
