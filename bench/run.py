@@ -158,14 +158,17 @@ def one_run(
     record: dict[str, Any] = {
         "workers": workers,
         "kind": kind,
-        "target": target_name,
+        "target": target_name,  # its column: splicelb, haproxy (see --against) or direct
+        "balancer": {"splicelb": args.splicelb, "haproxy": args.against}.get(
+            target_name, target_name
+        ),
         "run_id": run_id,
         "values": {},
         "extra": {},
         "loadavg_before": os.getloadavg()[0],
     }
     started = time.monotonic()
-    balancer = {"splicelb": args.splicelb, "haproxy": args.against}.get(target_name, target_name)
+    balancer = record["balancer"]
     for attempt in range(2):
         target = None
         try:
@@ -192,7 +195,7 @@ def one_run(
     record["seconds"] = round(time.monotonic() - started, 2)
     record["loadavg_after"] = os.getloadavg()[0]
     shown = ", ".join(f"{k}={v:.4g}" for k, v in record["values"].items())
-    log(f"  {target_name:8} W={workers} {kind:9} {shown or 'FAILED'}")
+    log(f"  {balancer:8} W={workers} {kind:9} {shown or 'FAILED'}")
     return record
 
 
