@@ -1,10 +1,11 @@
-"""Structured logging: one JSON object per line on stdout, one ``write(2)`` per line.
+"""Structured logging: one JSON object per line on stdout, whole lines per ``write(2)``.
 
 Every process configures structlog once, right after it knows its role
 (``supervisor``, ``worker``, ``prober``) and generation; those and the pid are
 bound once and appear on every line.  A line is rendered to bytes and written
-with a single ``write`` so lines from several processes sharing one stdout
-pipe never interleave (writes up to PIPE_BUF, 4096 bytes, are atomic).
+with a single ``write`` (a worker's ``conn`` lines: a batch of whole lines, see
+below) so lines from several processes sharing one stdout pipe never
+interleave (writes up to PIPE_BUF, 4096 bytes, are atomic).
 
 Theory of operation: the sink
 -----------------------------
