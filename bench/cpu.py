@@ -47,7 +47,14 @@ requests through an http listener with its default keys.
 TLS passthrough: ``--balancers splicelb-tls,haproxy-tls --baseline haproxy-tls
 --loads close`` measures new TLS connections per second (ECDHE P-256 with nginx,
 which does the handshakes) through a listener that routes on the server name,
-``wrk`` asking for ``https://localhost:PORT/``."""
+``wrk`` asking for ``https://localhost:PORT/``.
+
+The main mode: ``--loads l7keepalive,l7close,upgrades`` drives the front ports
+where splicelb's http listener meets HAProxy's ``mode http`` (``wrk``, and
+``bench/wsload.py``'s WebSocket upgrades: the rate is upgrades per second).
+What logging costs: ``NAME+info`` runs a splicelb (or a variant) with
+``log_level = "info"``, a ``conn`` line per connection: ``--balancers
+splicelb,splicelb+info --baseline splicelb --loads l7close,upgrades``."""
 
 from __future__ import annotations
 
@@ -133,17 +140,47 @@ def tracer(tool: str) -> str:
     return binary
 
 
+def upgrades(port: int, seconds: int) -> int:
+    """Upgrades completed in ``seconds`` by ``bench/wsload.py`` (32 clients at once)."""
+    argv = [sys.executable, "-m", "bench.wsload", "upgrades", "--port", str(port)]
+    argv += ["--seconds", str(seconds), "--warmup", "0"]
+    report = json.loads(run_tool(argv, seconds + 60, "bench.wsload"))
+    if report["errors"]:
+        raise BenchError(f"upgrades with errors: {report['errors']}")
+    return int(report["completed"])
+
+
+# load -> the target's port it drives, and what drives it (wrk, or the upgrade generator)
+LOADS = {
+    "keepalive": ("http", "wrk"),
+    "close": ("http", "wrk close"),
+    "l7keepalive": ("http7", "wrk"),
+    "l7close": ("http7", "wrk close"),
+    "upgrades": ("ws7", "wsload"),
+}
+
+
+def drive(load: str, tools: dict[str, str], target: Target, seconds: int, tls: bool = False) -> int:
+    """Run ``load`` against ``target`` for ``seconds``: the requests (or connections,
+    or upgrades) it made; ``tls``: wrk over TLS (the tls balancers)."""
+    port_name, tool = LOADS[load]
+    port = target.ports[port_name]
+    if tool == "wsload":
+        return upgrades(port, seconds)
+    return wrk(tools, port, seconds, close=tool == "wrk close", tls=tls)
+
+
 def traced_wrk(
     binary: str,
     options: list[str],
     pid: int,
     tools: dict[str, str],
-    port: int,
+    target: Target,
     seconds: int,
-    close: bool,
+    load: str,
     tls: bool = False,
 ) -> tuple[int, Path]:
-    """Run ``wrk`` while the tracer ``binary`` records ``pid``: (requests, its output file)."""
+    """Run ``load`` while the tracer ``binary`` records ``pid``: (requests, its output file)."""
     tool = Path(binary).name
     out_file = Path(tempfile.mkstemp(prefix=f"{tool}-")[1])
     argv = [binary, *options, "-o", str(out_file), "-p", str(pid)]
@@ -155,7 +192,7 @@ def traced_wrk(
             attached(proc.stderr, pid)
         else:
             time.sleep(0.5)
-        return wrk(tools, port, seconds, close, tls), out_file
+        return drive(load, tools, target, seconds, tls), out_file
     finally:
         proc.send_signal(signal.SIGINT)  # strace and perf both write their output on it
         try:
@@ -182,12 +219,12 @@ def attached(stderr: IO[bytes], pid: int, timeout: float = 20.0) -> None:
 
 
 def syscalls(
-    pid: int, tools: dict[str, str], port: int, seconds: int, close: bool, tls: bool = False
+    pid: int, tools: dict[str, str], target: Target, seconds: int, load: str, tls: bool = False
 ) -> tuple[dict[str, float], dict[str, float]]:
     """System calls per request of ``pid`` under ``wrk`` (strace -c), and of those the
     ones that failed (``accept4`` that finds the queue empty, say)."""
     strace = tracer("strace")
-    requests, out_file = traced_wrk(strace, ["-c", "-f"], pid, tools, port, seconds, close, tls)
+    requests, out_file = traced_wrk(strace, ["-c", "-f"], pid, tools, target, seconds, load, tls)
     counts: dict[str, float] = {}
     errors: dict[str, float] = {}
     for line in out_file.read_text().splitlines():
@@ -201,12 +238,12 @@ def syscalls(
 
 
 def profile(
-    pid: int, tools: dict[str, str], port: int, seconds: int, close: bool, tls: bool = False
+    pid: int, tools: dict[str, str], target: Target, seconds: int, load: str, tls: bool = False
 ) -> dict[str, Any]:
     """Where ``pid``'s CPU goes under ``wrk``: perf's cpu-clock samples by binary and symbol."""
     options = ["record", "-q", "-e", "cpu-clock", "-F", "2000"]
     perf = tracer("perf")
-    _, data = traced_wrk(perf, options, pid, tools, port, seconds, close, tls)
+    _, data = traced_wrk(perf, options, pid, tools, target, seconds, load, tls)
     report = subprocess.run(
         [perf, "report", "-i", str(data), "--stdio", "-q", "--sort", "dso,sym"],
         capture_output=True,
@@ -285,14 +322,12 @@ def measure(
 ) -> dict[str, Any]:
     target = start_target(name, tools, workers, backends, tmp, f"cpu-{name}{run_id}")
     result: dict[str, Any] = {}
-    tls = name.partition("@")[0] in TLS_BALANCERS
+    tls = re.split("[@+]", name)[0] in TLS_BALANCERS
     try:
-        port = target.ports["http"]
         for label in loads:
-            close = label == "close"
-            wrk(tools, port, 1, close, tls)  # warm up
+            drive(label, tools, target, 1, tls)  # warm up
             u0, s0, g0, m0 = *target.cpu_seconds(), tcp_segments_sent(), psutil.cpu_times()
-            requests = wrk(tools, port, seconds, close, tls)
+            requests = drive(label, tools, target, seconds, tls)
             u1, s1, g1, m1 = *target.cpu_seconds(), tcp_segments_sent(), psutil.cpu_times()
             machine = machine_split(m0, m1)
             row: dict[str, Any] = {
@@ -306,11 +341,11 @@ def measure(
             }
             if "strace" in tracers:
                 row["syscalls"], row["syscall_errors"] = syscalls(
-                    busiest_pid(target), tools, port, seconds, close, tls
+                    busiest_pid(target), tools, target, seconds, label, tls
                 )
                 row["syscalls_total"] = round(sum(row["syscalls"].values()), 1)
             if "perf" in tracers:
-                row["profile"] = profile(busiest_pid(target), tools, port, seconds, close, tls)
+                row["profile"] = profile(busiest_pid(target), tools, target, seconds, label, tls)
             result[label] = row
             log(f"  {name:8} {label:9} {json.dumps(row)}")
     finally:
@@ -349,11 +384,15 @@ def main(argv: list[str] | None = None) -> int:
         default="splicelb,haproxy",
         help="balancers: splicelb, haproxy, haproxy-procs, floor, floor-copy, splicelb-http,"
         " splicelb-http-defaults, splicelb-address, splicelb-limits, splicelb-tls, haproxy-tls"
-        " (TLS passthrough by SNI; compare the two); NAME@REV: splicelb or a"
-        " variant with the code of commit REV (default: splicelb,haproxy)",
+        " (TLS passthrough by SNI; compare the two); NAME@REV: splicelb or a variant with the"
+        " code of commit REV; NAME+info: with log_level = 'info' (default: splicelb,haproxy)",
     )
     parser.add_argument(
-        "--loads", default="keepalive,close", help="wrk loads: keepalive, close or both (default)"
+        "--loads",
+        default="keepalive,close",
+        help="loads: keepalive, close (wrk through a tcp listener; both by default), "
+        "l7keepalive, l7close (wrk through the http listener, HAProxy mode http), upgrades "
+        "(bench/wsload.py through the http listener)",
     )
     parser.add_argument(
         "--baseline",

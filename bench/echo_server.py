@@ -6,6 +6,9 @@ headers included, so a client reads back as many bytes as it sent. A plain
 request without a key gets ``400``. One uvloop ``Protocol`` per connection, no
 frame parsing: the backend must not be what is measured.
 
+``SIGUSR1`` makes it close every upgraded connection at once (to the parent: it
+passes the signal to each process): the reconnect storm of ``bench/wsload.py``.
+
 ``--procs N`` forks N processes, each accepting on its own ``SO_REUSEPORT``
 socket bound to the same port, so many idle tunnels spread over several
 processes (none near the per-process descriptor limit).
@@ -46,6 +49,9 @@ def find_key(head: bytes) -> bytes | None:
     return None
 
 
+UPGRADED: set[Echo] = set()  # this process's upgraded connections, for SIGUSR1
+
+
 class Echo(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -79,8 +85,12 @@ class Echo(asyncio.Protocol):
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key) + b"\r\n\r\n"
         )
         self.upgraded = True
+        UPGRADED.add(self)
         if rest:
             transport.write(rest)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        UPGRADED.discard(self)
 
     def pause_writing(self) -> None:  # the client reads slower than it sends
         if self.transport is not None:
@@ -91,6 +101,14 @@ class Echo(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+def close_upgraded() -> None:
+    """Close every upgraded connection of this process (its end of file to the client)."""
+    for echo in list(UPGRADED):
+        if echo.transport is not None:
+            echo.transport.close()
+    UPGRADED.clear()
+
+
 def serve(sock: socket.socket) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -98,6 +116,7 @@ def serve(sock: socket.socket) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, close_upgraded)
         async with server:
             await stop.wait()
 
@@ -120,12 +139,20 @@ def main() -> None:
         sock.listen(4096)
         port = sock.getsockname()[1]
         socks.append(sock)
-    children = []
+    children: list[int] = []
+
+    def pass_on(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGUSR1, pass_on)
     for index, sock in enumerate(socks):
         pid = os.fork()
         if pid == 0:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the parent
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until serve() handles it
             for other in socks[:index] + socks[index + 1 :]:
                 other.close()
             serve(sock)

@@ -18,7 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.procs import HOST, BenchError, Proc, log, run_tool, tcp_segments_sent
+from bench.procs import (
+    HOST,
+    BenchError,
+    Proc,
+    listen_overflows,
+    log,
+    run_tool,
+    tcp_segments_sent,
+)
 from bench.servers import Target
 
 
@@ -162,6 +170,64 @@ FIGURES = [
         1.0,
         direct=False,
     ),
+    Figure(
+        "l7_keepalive_rps",
+        "Small HTTP requests/s, keep-alive, through the http listener (HAProxy `mode http`)",
+        "HTTP req/s\nkeep-alive\nhttp listener",
+        "req/s",
+        True,
+        1.0,
+    ),
+    Figure(
+        "l7_close_cps",
+        "New connections/s through the http listener, Connection: close (HAProxy `mode http`)",
+        "new conn/s\nhttp listener",
+        "conn/s",
+        True,
+        1.0,
+    ),
+    Figure(
+        "ws_upgrades_ps",
+        "WebSocket upgrades/s: connect, upgrade, one 64 B message, close",
+        "WS upgrades/s",
+        "upgrades/s",
+        True,
+        1.0,
+    ),
+    Figure(
+        "storm_all_ms",
+        "Reconnect storm: time until every client is upgraded again",
+        "storm: all\nreconnected",
+        "ms",
+        False,
+        1.0,
+    ),
+    Figure(
+        "storm_p99_ms",
+        "Reconnect storm: p99 of a client's reconnect time",
+        "storm: reconnect\np99",
+        "ms",
+        False,
+        1.0,
+    ),
+    Figure(
+        "l7_close_cpu_user_us",
+        "Balancer CPU per new connection through the http listener, user space",
+        "CPU per new\nconnection, http\nlistener, user",
+        "µs",
+        False,
+        None,
+        direct=False,
+    ),
+    Figure(
+        "l7_close_cpu_system_us",
+        "Balancer CPU per new connection through the http listener, kernel",
+        "CPU per new\nconnection, http\nlistener, system",
+        "µs",
+        False,
+        None,
+        direct=False,
+    ),
 ]
 BY_KEY = {f.key: f for f in FIGURES}
 
@@ -172,7 +238,9 @@ class Settings:
     rtt_sizes: tuple[tuple[int, int], ...]  # (message size, count)
     rtt_warmup: int
     idle_tunnels: int
+    storm_clients: int
     tunnels_per_client: int = 3000
+    upgrade_concurrency: int = 32  # clients at once of the upgrade rate, as wrk's -c32
 
 
 Result = tuple[dict[str, float], dict[str, object]]
@@ -241,11 +309,13 @@ WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 WRK_TOTAL = re.compile(r"(\d+) requests in")
 
 
-def _wrk(target: Target, s: Settings, tools: dict[str, str], close: bool) -> dict[str, Any]:
+def _wrk(
+    target: Target, s: Settings, tools: dict[str, str], close: bool, port: str = "http"
+) -> dict[str, Any]:
     argv = [tools["wrk"], "-t2", "-c32", "-d", f"{s.duration}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{HOST}:{target.ports['http']}/")
+    argv.append(f"http://{HOST}:{target.ports[port]}/")
     user, system = target.cpu_seconds()
     segments = tcp_segments_sent()
     out = run_tool(argv, s.duration + 60, "wrk")
@@ -294,6 +364,58 @@ def measure_close(target: Target, s: Settings, tools: dict[str, str]) -> Result:
     if segments is not None:
         values["http_close_segments"] = segments
     return values, rest
+
+
+def measure_l7_keepalive(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    extra = _wrk(target, s, tools, close=False, port="http7")
+    values, rest = _wrk_result(target, extra, "l7_keepalive_rps", "l7_keepalive_cpu")
+    for part in ("user", "system"):  # no figure: kept in the JSON
+        rest[f"cpu_{part}_us"] = values.pop(f"l7_keepalive_cpu_{part}_us", None)
+    return values, rest
+
+
+def measure_l7_close(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    extra = _wrk(target, s, tools, close=True, port="http7")
+    return _wrk_result(target, extra, "l7_close_cps", "l7_close_cpu")
+
+
+def _wsload(argv: list[str], timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.wsload", *argv]
+    return dict(json.loads(run_tool(command, timeout, "bench.wsload")))
+
+
+def measure_upgrades(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    """Upgrades per second, closed loop (``bench/wsload.py upgrades``); any error fails
+    the run: the figure is the rate sustained without errors."""
+    port = str(target.ports["ws7"])
+    argv = ["upgrades", "--port", port, "--concurrency", str(s.upgrade_concurrency)]
+    argv += ["--seconds", str(s.duration)]
+    user, system = target.cpu_seconds()
+    report = _wsload(argv, s.duration + 60)
+    user, system = (a - b for a, b in zip(target.cpu_seconds(), (user, system), strict=True))
+    if report["errors"]:
+        raise BenchError(f"upgrades with errors: {report['errors']}")
+    if report["completed"] and target.proc is not None:
+        report["cpu_user_us"] = user / report["completed"] * 1e6
+        report["cpu_system_us"] = system / report["completed"] * 1e6
+    return {"ws_upgrades_ps": report.pop("rate")}, report
+
+
+def measure_storm(target: Target, s: Settings, tools: dict[str, str]) -> Result:
+    """The reconnect storm (``bench/wsload.py storm``): ``storm_clients`` tunnels, which
+    the echo backend closes at once (SIGUSR1), reconnect and upgrade again."""
+    assert target.backends is not None
+    echo = next(p for p in target.backends.procs if p.name == "echo-backend")
+    argv = ["storm", "--port", str(target.ports["ws7"]), "--count", str(s.storm_clients)]
+    argv += ["--per-proc", str(s.tunnels_per_client), "--trigger-pid", str(echo.pid)]
+    overflows = listen_overflows()
+    report = _wsload(argv, 180 + s.storm_clients / 50)
+    # the whole machine's: the storm's, unless something else overflowed a queue meanwhile
+    report["listen_overflows"] = listen_overflows() - overflows
+    if report["back"] != s.storm_clients:
+        raise BenchError(f"not every client reconnected: {report}")
+    values = {"storm_all_ms": report.pop("all_back_ms"), "storm_p99_ms": report.pop("p99_ms")}
+    return values, report
 
 
 def open_idle(
@@ -400,6 +522,13 @@ KINDS: dict[str, tuple[Measure, list[str]]] = {
         ],
     ),
     "idle": (measure_idle, ["idle_tunnel_bytes"]),
+    "l7keepalive": (measure_l7_keepalive, ["l7_keepalive_rps"]),
+    "l7close": (
+        measure_l7_close,
+        ["l7_close_cps", "l7_close_cpu_user_us", "l7_close_cpu_system_us"],
+    ),
+    "upgrades": (measure_upgrades, ["ws_upgrades_ps"]),
+    "storm": (measure_storm, ["storm_all_ms", "storm_p99_ms"]),
 }
 
 

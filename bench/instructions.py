@@ -32,6 +32,8 @@ the difference is what the limits cost per connection; with ``--no-forwarded``
 the http listeners add no forwarded fields (with and without: what they cost).
 ``--code REV`` counts the worker of an earlier commit (``git archive``), to
 measure a change against the code before it.
+``--log-level info`` has the worker write a ``conn`` line per connection (to
+a file): what logging costs in user space.
 The
 kept-alive requests are made the same way: K connections at once, each
 sending its share of the N requests one after the other (``wrk -cK``).
@@ -216,6 +218,7 @@ def measure(
     limits: bool = False,
     forwarded: bool = True,
     code: str = "",
+    log_level: str = "warning",
 ) -> dict[str, Any]:
     closer, close_port = backend("close")
     echoer, echo_port = backend("echo")
@@ -239,7 +242,9 @@ def measure(
         )
         for name, _, kind, _ in listeners
     }
-    config.write_text(splicelb_toml(runtime, 1, listeners, extra, busy_poll_us=0))
+    config.write_text(
+        splicelb_toml(runtime, 1, listeners, extra, busy_poll_us=0, log_level=f'"{log_level}"')
+    )
     out = tmp / "callgrind"
     out.mkdir()
     valgrind = [
@@ -302,6 +307,7 @@ def measure(
         "client_limits": limits,
         "forwarded_headers": forwarded,
         "code": code or "this tree",
+        "log_level": log_level,
         "per_connection": round(conns["total"] / count),
         "per_round_trip": round(trips["total"] / count),
         "per_kept_alive_request": round(requests["total"] / count),
@@ -350,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--code", default="", help="count the worker of commit CODE (git archive) instead"
     )
+    parser.add_argument(
+        "--log-level",
+        choices=("warning", "info"),
+        default="warning",
+        help="the worker's log_level: warning (no conn lines, default) or info (one a connection)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
@@ -366,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             args.limits,
             args.forwarded,
             args.code,
+            args.log_level,
         )
         return json.dumps(result, indent=2)
 

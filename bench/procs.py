@@ -303,6 +303,15 @@ def tcp_segments_sent() -> int:
     return int(tcp[1][tcp[0].index("OutSegs")])
 
 
+def listen_overflows() -> int:
+    """Connections this network namespace's listening sockets have dropped because their
+    accept queue was full (``TcpExt: ListenOverflows``, /proc/net/netstat): a client then
+    waits for its SYN (or its handshake's last ACK) to be sent again, a second or more."""
+    with open("/proc/net/netstat") as f:
+        ext = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(ext[1][ext[0].index("ListenOverflows")])
+
+
 def run_tool(argv: Sequence[str], timeout: float, what: str) -> str:
     """Run a client tool to completion (own process group, killed on timeout); its stdout."""
     popen = subprocess.Popen(

@@ -106,6 +106,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"ratios, each round a splicelb run and a HAProxy run back to back."
     )
     lines.append("")
+    balancers = meta.get("balancers", {"splicelb": "splicelb", "haproxy": "haproxy"})
+    if balancers != {"splicelb": "splicelb", "haproxy": "haproxy"}:
+        lines += [
+            f"**Not against HAProxy**: the column HAProxy is `{balancers['haproxy']}`, the "
+            f"column splicelb is `{balancers['splicelb']}`.",
+            "",
+        ]
     for w, figures in result["summary"].items():
         lines += [
             f"## {w} worker{'s' if w != '1' else ''} "

@@ -56,9 +56,19 @@ from bench.servers import (
 from lb.config import DEFAULT_BUSY_POLL_US
 
 FULL = Settings(
-    duration=10, rtt_sizes=((64, 20000), (16384, 5000)), rtt_warmup=500, idle_tunnels=9000
+    duration=10,
+    rtt_sizes=((64, 20000), (16384, 5000)),
+    rtt_warmup=500,
+    idle_tunnels=9000,
+    storm_clients=9000,
 )
-SMOKE = Settings(duration=2, rtt_sizes=((64, 500), (16384, 500)), rtt_warmup=50, idle_tunnels=200)
+SMOKE = Settings(
+    duration=2,
+    rtt_sizes=((64, 500), (16384, 500)),
+    rtt_warmup=50,
+    idle_tunnels=200,
+    storm_clients=200,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,6 +84,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2 (default)")
     parser.add_argument("--duration", type=int, help="seconds per iperf3/wrk run (10, smoke 2)")
     parser.add_argument("--idle-tunnels", type=int, help="idle tunnels (9000, smoke 200)")
+    parser.add_argument(
+        "--storm-clients", type=int, help="clients of the reconnect storm (9000, smoke 200)"
+    )
+    parser.add_argument(
+        "--splicelb",
+        default="splicelb",
+        help="what runs as splicelb: splicelb, a variant of bench.servers.VARIANTS, "
+        'NAME+info (log_level = "info": a conn line per connection), NAME@REV',
+    )
+    parser.add_argument(
+        "--against",
+        default="haproxy",
+        help="what splicelb is compared with (default haproxy); e.g. splicelb, to measure "
+        "--splicelb splicelb+info against it (what logging costs)",
+    )
     parser.add_argument(
         "--only",
         default=",".join(KINDS),
@@ -98,6 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         rtt_sizes=base.rtt_sizes,
         rtt_warmup=base.rtt_warmup,
         idle_tunnels=args.idle_tunnels or base.idle_tunnels,
+        storm_clients=args.storm_clients or base.storm_clients,
     )
     args.runs = args.runs or (1 if args.smoke else 5)
     args.workers = [int(w) for w in args.workers.split(",")]
@@ -132,18 +158,22 @@ def one_run(
     record: dict[str, Any] = {
         "workers": workers,
         "kind": kind,
-        "target": target_name,
+        "target": target_name,  # its column: splicelb, haproxy (see --against) or direct
+        "balancer": {"splicelb": args.splicelb, "haproxy": args.against}.get(
+            target_name, target_name
+        ),
         "run_id": run_id,
         "values": {},
         "extra": {},
         "loadavg_before": os.getloadavg()[0],
     }
     started = time.monotonic()
+    balancer = record["balancer"]
     for attempt in range(2):
         target = None
         try:
             target = start_target(
-                target_name,
+                balancer,
                 tools,
                 workers,
                 backends,
@@ -165,7 +195,7 @@ def one_run(
     record["seconds"] = round(time.monotonic() - started, 2)
     record["loadavg_after"] = os.getloadavg()[0]
     shown = ", ".join(f"{k}={v:.4g}" for k, v in record["values"].items())
-    log(f"  {target_name:8} W={workers} {kind:9} {shown or 'FAILED'}")
+    log(f"  {balancer:8} W={workers} {kind:9} {shown or 'FAILED'}")
     return record
 
 
@@ -254,6 +284,20 @@ def notes(args: argparse.Namespace) -> list[str]:
         "Not 10,000: HAProxy (one process) and splicelb with 1 worker hold 2 descriptors per "
         "tunnel, and 10,000 tunnels do not fit the 20,000 open files allowed per process. "
         "No direct figure: there is no balancer to measure.",
+        'Through the http listener (`http7`, `ws7`): splicelb\'s `mode = "http"` listener '
+        "with its default keys (forwarded fields on) against HAProxy `mode http` with `option "
+        "forwardfor` and `timeout tunnel 1h`, the same nginx and echo backend; wrk as above.",
+        f"Upgrades: `bench/wsload.py upgrades`, {s.upgrade_concurrency} clients at once in 2 "
+        "uvloop processes, each client in turn connecting, upgrading (the 101 and its accept "
+        "key checked), sending one masked 64-byte frame, reading its echo, closing; "
+        f"upgrades completed per second over {s.duration} s after 1 s untimed, a run with any "
+        "error fails. Direct: the generator against the echo backend, its own ceiling.",
+        f"Reconnect storm: `bench/wsload.py storm`, {s.storm_clients:,} tunnels held by client "
+        f"processes of at most {s.tunnels_per_client:,} each; the echo backend closes them all "
+        "at once (SIGUSR1) and every client reconnects and upgrades as soon as it reads the "
+        "end of file, a failed attempt retried at once: the time from the signal until the "
+        "last client is upgraded again, and the p99 of each client's end of file to its new "
+        "101. Not 10,000, as for idle tunnels: 2 descriptors per tunnel in one process.",
         "Every balancer is started fresh for each run and killed after it; the backends "
         "(iperf3 -s, nginx, the echo backend) stay up for the whole benchmark. "
         "Everything, clients included, shares the same cores.",
@@ -274,11 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")
     stamp += "-haproxy-busy-polling" if args.haproxy_busy_polling else ""
+    if (args.splicelb, args.against) != ("splicelb", "haproxy"):
+        stamp += f"-{args.splicelb}-vs-{args.against}".replace("/", "_")
     ok = False
     try:
         tools = ensure_tools()
         meta = machine_info(tools)
-        echo_procs = max(2, -(-args.settings.idle_tunnels // 3000))
+        most = max(args.settings.idle_tunnels, args.settings.storm_clients)
+        echo_procs = max(2, -(-most // 3000))
         backends = start_backends(tools, tmp, echo_procs)
         log(f"backends up: {backends.ports}; logs in {tmp}")
         runs: list[dict[str, Any]] = []
@@ -310,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
                 "workers": args.workers,
                 "settings": dataclasses.asdict(args.settings),
                 "notes": notes(args),
+                "balancers": {"splicelb": args.splicelb, "haproxy": args.against},
             },
             "summary": report.summarize(runs, args.workers),
             "runs": runs,
         }
         latest = not (args.smoke or args.haproxy_busy_polling)  # latest: the issue's setup
+        latest = latest and (args.splicelb, args.against) == ("splicelb", "haproxy")
         paths = report.write(result, args.out, stamp, latest=latest)
         print(report.markdown(result))
         log(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -1,8 +1,11 @@
 """Backends (iperf3, nginx, the WebSocket echo) and the balancers under test.
 
-Every target exposes three front ports: ``bulk`` (to ``iperf3 -s``), ``http``
-(to nginx) and ``ws`` (to the echo backend). The balancers get a config with
-all three listeners; "direct" is the backends' own ports (the physical limit).
+Every target exposes five front ports (``FRONTS``): ``bulk`` (to ``iperf3 -s``),
+``http`` (to nginx) and ``ws`` (to the echo backend), HAProxy in ``mode tcp``
+on all three; and ``http7`` (to nginx) and ``ws7`` (to the echo backend) where
+HAProxy runs ``mode http``, as splicelb's http listener parses every head.
+The balancers get a config with all five listeners; "direct" is the backends'
+own ports (the physical limit).
 
 Variants of splicelb change only its ``http`` listener, to measure what a
 feature costs against the same listener without it (see ``VARIANTS``).
@@ -12,7 +15,10 @@ routes on the ClientHello's server name (``mode = "tls"``; HAProxy's
 (``https``: a self-signed ECDSA P-256 certificate for ``localhost``, made at
 start): clients connect to ``https://localhost:PORT/`` (``TLS_NAME``).  A name
 ``VARIANT@REV`` runs that variant with the code of commit ``REV`` (``git archive``
-into the run's directory), to measure a change against the code before it.
+into the run's directory), to measure a change against the code before it;
+``VARIANT+info`` runs it with ``log_level = "info"`` (a ``conn`` line per
+connection, to the log file), to measure what logging costs; ``VARIANT+nopoll``
+with ``busy_poll_us = 0`` (``GLOBAL_SUFFIXES``; several may follow each other).
 """
 
 from __future__ import annotations
@@ -71,6 +77,25 @@ VARIANTS = {
     "splicelb-tls": ("tls", SNI_ROUTES, "", "https"),
 }
 TLS_BALANCERS = ("splicelb-tls", "haproxy-tls")  # their http port takes TLS (to nginx's https)
+
+
+# front port -> (splicelb's listener mode, HAProxy's mode, the backend it leads to)
+FRONTS = {
+    "bulk": ("tcp", "tcp", "bulk"),
+    "http": ("tcp", "tcp", "http"),
+    "ws": ("http", "tcp", "ws"),
+    "http7": ("http", "http", "http"),
+    "ws7": ("http", "http", "ws"),
+}
+
+
+# a suffix "+NAME" of a splicelb's name -> the [global] keys it sets
+GLOBAL_SUFFIXES = {"info": {"log_level": '"info"'}, "nopoll": {"busy_poll_us": "0"}}
+
+
+def direct_ports(backends: dict[str, int]) -> dict[str, int]:
+    """The front ports of the "direct" target: each front's backend port."""
+    return {**backends, **{front: backends[to] for front, (_, _, to) in FRONTS.items()}}
 
 
 def listening_ports() -> set[int]:
@@ -279,12 +304,14 @@ def splicelb_toml(
     workers: int,
     listeners: list[tuple[str, int, str, int]],
     extra: dict[str, tuple[str, str]] | None = None,
-    **global_: int,
+    **global_: int | str,
 ) -> str:
     """A splicelb config for measuring: ``[global]`` (no admin endpoint, no per-connection
-    log lines, and the keys of ``global_``), then for each (name, port, mode, server port)
-    a listener on 127.0.0.1 and a backend of that one server, both called name; ``extra``:
-    lines for the listener and for the backend, by name."""
+    log lines unless ``global_`` sets ``log_level``, and the keys of ``global_``, their
+    values TOML as they are), then for each
+    (name, port, mode, server port) a listener on 127.0.0.1 and a backend of that one
+    server, both called name; ``extra``: lines for the listener and for the backend, by
+    name."""
     extra = extra or {}
     parts = [
         textwrap.dedent(f"""\
@@ -292,9 +319,9 @@ def splicelb_toml(
         workers = {workers}
         runtime_dir = "{runtime}"
         admin_bind = ""
-        log_level = "warning"
         """)
     ]
+    global_ = {"log_level": '"warning"', **global_}
     parts += [f"{key} = {value}\n" for key, value in global_.items()]
     for name, port, mode, server_port in listeners:
         listener_extra, backend_extra = extra.get(name, ("", ""))
@@ -322,17 +349,21 @@ def splicelb_toml(
 def target_toml(
     variant: str, runtime: Path, workers: int, ports: dict[str, int], servers: dict[str, int]
 ) -> str:
-    """The config of splicelb (or a variant) with the front ``ports`` before the backends'
-    ``servers`` ports."""
-    modes = {"bulk": "tcp", "http": "tcp", "ws": "http"}
-    upstream = {name: servers[name] for name in ports}
+    """The config of splicelb (or a variant, with ``GLOBAL_SUFFIXES``) with the front
+    ``ports`` before the backends' ``servers`` ports."""
+    variant, *suffixes = variant.split("+")
+    keys: dict[str, int | str] = {"maxconn": 20000, "drain_timeout": 1}
+    for suffix in suffixes:
+        keys.update(GLOBAL_SUFFIXES[suffix])
+    modes = {name: FRONTS[name][0] for name in ports}
+    upstream = {name: servers[FRONTS[name][2]] for name in ports}
     extra = {}
     if variant in VARIANTS:
         modes["http"], listener_extra, backend_extra, server = VARIANTS[variant]
         upstream["http"] = servers[server]
         extra["http"] = (listener_extra, backend_extra)
     listeners = [(name, ports[name], modes[name], upstream[name]) for name in ports]
-    return splicelb_toml(runtime, workers, listeners, extra, maxconn=20000, drain_timeout=1)
+    return splicelb_toml(runtime, workers, listeners, extra, **keys)
 
 
 def splicelb_workdir(tmp: Path, name: str) -> tuple[Path, Path]:
@@ -361,8 +392,8 @@ def checkout(rev: str, tmp: Path) -> Path:
     """The tree of commit ``rev`` under ``tmp`` (once per run), readable by all."""
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        capture_output=True,
         check=False,
+        capture_output=True,
         text=True,
     )
     if commit.returncode != 0:
@@ -386,7 +417,7 @@ def start_splicelb(
     name, _, rev = variant.partition("@")
     code = checkout(rev, tmp) if rev else REPO
     workdir, runtime = splicelb_workdir(tmp, f"splicelb-{run_id}")
-    ports = {port: free_port() for port in ("bulk", "http", "ws")}
+    ports = {port: free_port() for port in FRONTS}
     config = workdir / "splicelb.toml"
     config.write_text(target_toml(name, runtime, workers, ports, backends.ports))
     proc = Proc("splicelb", splicelb_argv(config, workdir), workdir, code=code)
@@ -436,7 +467,7 @@ def start_haproxy(
     routes TLS on its server name to nginx's TLS port, as ``splicelb-tls`` does."""
     workdir = tmp / f"haproxy-{run_id}"
     workdir.mkdir()
-    ports = {name: free_port() for name in ("bulk", "http", "ws")}
+    ports = {name: free_port() for name in FRONTS}
     cfg = textwrap.dedent(f"""\
         global
             nbthread {1 if processes else workers}
@@ -458,11 +489,14 @@ def start_haproxy(
         if tls and name == "http":
             cfg += haproxy_sni_frontend(port, backends.ports["https"])
             continue
+        _, mode, to = FRONTS[name]
         cfg += textwrap.dedent(f"""
             listen {name}
                 bind {HOST}:{port}
-                server {name}1 {HOST}:{backends.ports[name]}
+                server {name}1 {HOST}:{backends.ports[to]}
             """)
+        if mode == "http":  # as splicelb's http listener: the client's address to nginx
+            cfg += "    mode http\n    option forwardfor\n    timeout tunnel 1h\n"
     path = workdir / "haproxy.cfg"
     path.write_text(cfg)
     argv = [haproxy, "-db", "-f", str(path)]
@@ -533,9 +567,9 @@ def start_target(
     haproxy_busy_polling: bool = False,
 ) -> Target:
     if name == "direct":
-        return Target("direct", dict(backends.ports), backends=backends)
+        return Target("direct", direct_ports(backends.ports), backends=backends)
     log(f"  starting {name} ({workers} worker{'s' if workers > 1 else ''})")
-    if name.partition("@")[0] in ("splicelb", *VARIANTS):
+    if name.partition("@")[0].partition("+")[0] in ("splicelb", *VARIANTS):
         return start_splicelb(workers, backends, tmp, run_id, name)
     if name in ("floor", "floor-copy"):
         return start_floor(workers, backends, tmp, run_id, copy=name == "floor-copy")

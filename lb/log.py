@@ -1,10 +1,11 @@
-"""Structured logging: one JSON object per line on stdout, one ``write(2)`` per line.
+"""Structured logging: one JSON object per line on stdout, whole lines per ``write(2)``.
 
 Every process configures structlog once, right after it knows its role
 (``supervisor``, ``worker``, ``prober``) and generation; those and the pid are
 bound once and appear on every line.  A line is rendered to bytes and written
-with a single ``write`` so lines from several processes sharing one stdout
-pipe never interleave (writes up to PIPE_BUF, 4096 bytes, are atomic).
+with a single ``write`` (a worker's ``conn`` lines: a batch of whole lines, see
+below) so lines from several processes sharing one stdout pipe never
+interleave (writes up to PIPE_BUF, 4096 bytes, are atomic).
 
 Theory of operation: the sink
 -----------------------------
@@ -36,6 +37,20 @@ part of a line after all (a terminal, a TCP socket, a console line longer
 than PIPE_BUF), the rest is kept and written before any other line of this
 process; lines that come while it waits are dropped and counted.  So memory
 stays bounded: a count and the rest of at most one line.
+
+Theory of operation: conn lines in batches
+------------------------------------------
+A worker's ``conn`` lines (one per connection, thousands a second) go out
+in batches: :class:`ConnLog` renders each line at once and appends it to a
+batch, which goes out in one write ``CONN_BATCH_DELAY`` after its first line,
+or at once when the next line would take it over ``MAX_LINE`` bytes (so a
+batch, like a line, stays under PIPE_BUF: whole on a pipe, never mixed with
+another process's lines).  One system call per batch instead of per line
+(nginx's ``access_log ... buffer= flush=``): a write costs more than the
+rendering of the line.  A batch that cannot be written is dropped and its
+lines counted, as single lines are.  A line waits at most
+``CONN_BATCH_DELAY`` (its ``timestamp`` is when it was made); :func:`flush`
+writes what waits before a process ends (a SIGKILL loses it).
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ _LEVEL_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical
 EventDict = MutableMapping[str, Any]
 
 REPORT_EVERY = 1.0  # seconds: at most one log_dropped line per process in this time
+CONN_BATCH_DELAY = 0.01  # seconds: the longest a conn line waits for its batch's write
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
@@ -132,10 +148,11 @@ class Sink:
         self.missed(line, written)
         return False
 
-    def missed(self, line: bytes, written: int | None) -> None:
-        """``put`` wrote ``written`` bytes of ``line``, not all: count it, or keep its rest."""
+    def missed(self, line: bytes, written: int | None, lines: int = 1) -> None:
+        """``put`` wrote ``written`` bytes of ``line`` (``lines`` lines), not all: count
+        them, or keep the rest."""
         if not written:  # 0, or None from FileIO.write
-            self.dropped += 1
+            self.dropped += lines
         else:
             self._rest = line[written:]
         self.put = self._pending
@@ -209,6 +226,7 @@ class Sink:
 
 
 _sink: Sink | None = None  # this process's, opened by configure()
+_conn_log: ConnLog | None = None  # this process's batched conn lines, if any (conn_logger)
 
 
 def tick() -> None:
@@ -218,7 +236,10 @@ def tick() -> None:
 
 
 def flush() -> None:
-    """For the end of each process, after its last line: see :meth:`Sink.flush`."""
+    """For the end of each process, after its last line: the conn lines that wait for
+    their batch (:class:`ConnLog`), then see :meth:`Sink.flush`."""
+    if _conn_log is not None:
+        _conn_log.flush()
     if _sink is not None:
         _sink.flush()
 
@@ -304,10 +325,21 @@ class ConnLog:
 
     The same keys, in the same order, as a structlog line; skipping structlog's
     processor chain takes a line from about 12 µs to about 3 µs, which matters
-    at thousands of connections a second.
+    at thousands of connections a second.  Once :meth:`batch` has given it a
+    way to be called back later, lines go out in batches (see "conn lines in
+    batches" in the module's docstring); until then each line is written at once.
     """
 
-    __slots__ = ("_clock", "_generation", "_pid", "_role", "_sink")
+    __slots__ = (
+        "_batch",
+        "_clock",
+        "_generation",
+        "_later",
+        "_pid",
+        "_role",
+        "_sink",
+        "_size",
+    )
 
     def __init__(self, role: str, generation: int, sink: Sink) -> None:
         self._clock = _Clock()
@@ -315,6 +347,14 @@ class ConnLog:
         self._pid = os.getpid()
         self._role = role
         self._generation = generation
+        self._batch: list[bytes] = []  # lines rendered, not yet written
+        self._size = 0  # their bytes
+        self._later: Callable[[float, Callable[[], None]], object] | None = None
+
+    def batch(self, call_later: Callable[[float, Callable[[], None]], object]) -> None:
+        """From now on write lines in batches; ``call_later(delay, callback)`` (the
+        worker's loop's) calls :meth:`flush` when a batch's time is up."""
+        self._later = call_later
 
     def __call__(
         self,
@@ -353,30 +393,79 @@ class ConnLog:
         if sni is not False:
             fields["sni"] = sni
         line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
-        sink = self._sink  # Sink.write, inlined: this runs once per connection
-        put = sink.put  # an attribute load, cheaper than a method lookup on a slot
+        later = self._later
+        if later is None:  # not batched: the line goes out now
+            self._write(line, 1)
+            return
+        if self._size + len(line) > MAX_LINE and self._batch:
+            self.flush()  # the batch would not stay whole on a pipe: it goes first
+        elif not self._batch:
+            later(CONN_BATCH_DELAY, self.flush)
+        self._batch.append(line)
+        self._size += len(line)
+
+    def flush(self) -> None:
+        """Write the lines that wait, in one write (a no-op when none wait)."""
+        batch = self._batch
+        if batch:
+            self._batch = []  # a new list: the written one is not emptied under its reader
+            self._size = 0
+            self._write(batch[0] if len(batch) == 1 else b"".join(batch), len(batch))
+
+    def _write(self, data: bytes, lines: int) -> None:
+        sink = self._sink  # Sink.write, inlined: this runs once per batch or line
         try:
-            written = put(line)
+            written = sink.put(data)
         except OSError:
             written = 0
-        if written != len(line):
-            sink.missed(line, written)
+        if written != len(data):
+            sink.missed(data, written, lines)
 
 
 def conn_logger(logger: Any, role: str, generation: int, *, level: str, fmt: str) -> Any:
-    """What a worker calls once per connection: the fast JSON line, the structlog
-    line for the console format, or None when ``info`` is filtered out.  Call
-    :func:`configure` first: the fast line goes to its sink."""
+    """What a worker calls once per connection, with the fields of :class:`ConnLog`
+    in its order (positional: a call with ten keywords costs more than the line's
+    rendering): the fast JSON line, the structlog line for the console format, or
+    None when ``info`` is filtered out.  Call :func:`configure` first: the fast line
+    goes to its sink."""
     if _LEVEL_NUMBERS[level] > _LEVEL_NUMBERS["info"]:
         return None
     if fmt == "json":
+        global _conn_log
         assert _sink is not None, "configure() opens the sink"
-        return ConnLog(role, generation, _sink)
+        _conn_log = ConnLog(role, generation, _sink)
+        return _conn_log
 
-    def console(sni: str | bool | None = False, **fields: Any) -> None:
+    def console(
+        client: str,
+        listener: str,
+        backend: str | None,
+        server: str | None,
+        websocket: bool,
+        status: int | None,
+        bytes_in: int,
+        bytes_out: int,
+        duration_ms: float,
+        reason: str,
+        sni: str | bool | None = False,
+    ) -> None:
+        fields: dict[str, Any] = {}
         if sni is not False:
             fields["sni"] = sni
-        logger.info("conn", **fields)
+        logger.info(
+            "conn",
+            client=client,
+            listener=listener,
+            backend=backend,
+            server=server,
+            websocket=websocket,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_ms=duration_ms,
+            reason=reason,
+            **fields,
+        )
 
     return console
 

@@ -25,10 +25,10 @@ SBIN = os.pathsep.join(("/usr/sbin", "/sbin", os.environ.get("PATH", "")))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    done = run_bench(["bench/run.py", "--smoke", "--workers", "1", "--out", str(out)], 360)
+    done = run_bench(["bench/run.py", "--smoke", "--workers", "1", "--out", str(out)], 540)
 
     written = sorted(out.iterdir())
     names = {p.suffix for p in written}
@@ -41,7 +41,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert meta["machine"]["nproc"] >= 1
     assert meta["versions"]["haproxy"].startswith("2.")
     figures = result["summary"]["1"]
-    assert len(figures) == 14
+    assert len(figures) == 21
     for key, fig in figures.items():
         targets = ["splicelb", "haproxy"] + (["direct"] if fig["direct_applicable"] else [])
         for target in targets:
@@ -66,6 +66,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert segments["direct"] >= 6, segments
     assert segments["splicelb"] >= 1.5 * segments["direct"], segments
     assert segments["haproxy"] >= 1.5 * segments["direct"], segments
+
+    # the http listener's figures: every storm client back, through each balancer and direct
+    storms = [run for run in result["runs"] if run["kind"] == "storm"]
+    assert {run["target"] for run in storms} == {"splicelb", "haproxy", "direct"}
+    for run in storms:
+        assert run["extra"]["back"] == run["extra"]["clients"] == 200, run
+        assert run["values"]["storm_all_ms"] >= run["values"]["storm_p99_ms"], run
+    upgrades = [run for run in result["runs"] if run["kind"] == "upgrades"]
+    assert all(run["extra"]["errors"] == {} for run in upgrades), upgrades
 
     table = next(p for p in written if p.suffix == ".md").read_text()
     assert "| figure | direct | HAProxy | splicelb |" in table

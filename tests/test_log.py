@@ -370,3 +370,122 @@ def test_the_count_goes_out_after_the_next_line_written_at_most_once_a_while(
         {"event": "conn"},
         {"event": "log_dropped", "lines": 2},
     ]
+
+
+# -- conn lines in batches ------------------------------------------------------
+
+
+class Later:
+    """A loop's ``call_later`` for a ConnLog: keeps what it was asked to call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, delay: float, callback: Callable[[], None]) -> None:
+        self.calls.append((delay, callback))
+
+    def fire(self) -> None:
+        calls, self.calls = self.calls, []
+        for _, callback in calls:
+            callback()
+
+
+def batched(writes: list[bytes]) -> tuple[lblog.ConnLog, Later]:
+    """A batched ConnLog whose sink records each write it is given."""
+
+    def put(data: bytes) -> int:
+        writes.append(data)
+        return len(data)
+
+    later = Later()
+    conn = lblog.ConnLog("worker", 1, lblog.Sink(put))
+    conn.batch(later)
+    return conn, later
+
+
+def test_conn_lines_go_out_in_one_write_per_batch_within_the_batch_delay() -> None:
+    writes: list[bytes] = []
+    conn, later = batched(writes)
+    for _ in range(5):
+        conn(**CONN)
+    assert writes == []  # they wait for their batch
+    assert [delay for delay, _ in later.calls] == [lblog.CONN_BATCH_DELAY]  # one timer a batch
+    later.fire()
+    assert len(writes) == 1
+    records = [json.loads(line) for line in writes[0].splitlines()]
+    assert [r["event"] for r in records] == ["conn"] * 5
+    assert {k: v for k, v in records[0].items() if k in CONN} == CONN
+    conn(**CONN)  # the next batch has a timer of its own
+    assert len(later.calls) == 1
+    later.fire()
+    assert len(writes) == 2
+
+
+def test_a_batch_stays_under_pipe_buf_so_it_stays_whole_on_a_pipe() -> None:
+    writes: list[bytes] = []
+    conn, later = batched(writes)
+    sent = 0
+    for i in range(200):
+        conn(**{**CONN, "reason": "x" * (i * 7 % 300)})
+        sent += 1
+    later.fire()
+    assert all(len(data) <= MAX_LINE for data in writes), [len(d) for d in writes]
+    assert len(writes) > 1
+    lines = [json.loads(line) for data in writes for line in data.splitlines()]
+    assert [r["reason"] for r in lines] == ["x" * (i * 7 % 300) for i in range(sent)]
+
+
+def test_a_batch_that_cannot_be_written_counts_each_of_its_lines_as_dropped() -> None:
+    r, w = os.pipe()
+    filled = fill(w)
+    os.set_blocking(w, False)
+    sink = lblog.Sink(os.fdopen(w, "wb", buffering=0, closefd=False).write)
+    conn = lblog.ConnLog("worker", 1, sink)
+    later = Later()
+    conn.batch(later)
+    for _ in range(7):
+        conn(**CONN)
+    later.fire()
+    assert sink.dropped == 7
+    assert len(drain(r)) == filled
+    os.close(r)
+    os.close(w)
+
+
+def test_the_lines_that_wait_go_out_before_the_process_ends() -> None:
+    r, w = os.pipe()
+
+    def first(_log: Any, conn: Any) -> None:
+        conn.batch(lambda _delay, _callback: None)  # a loop that never calls back
+        for _ in range(3):
+            conn(**CONN)
+
+    def then(_log: Any, _conn: Any) -> None:
+        lblog.flush()  # what a child does last (lb.children)
+
+    with Writer(w, first, then) as writer:
+        os.close(w)
+        writer.wait_written(5)
+        assert drain(r) == b""  # waiting for their batch
+        writer.finish()
+        records = whole_lines(read_to_end(r))
+    os.close(r)
+    assert [record["event"] for record in records] == ["conn"] * 3
+
+
+def test_a_conn_line_takes_its_fields_in_order_in_either_format() -> None:
+    """The worker passes the fields positionally (cheaper than keywords): both formats
+    name them alike."""
+    r, w = os.pipe()
+    log = configure("worker", 2, fd=w, fmt="console")
+    conn_logger(log, "worker", 2, level="info", fmt="console")(*CONN.values())
+    console = read_lines(r)
+    log = configure("worker", 2, fd=w)
+    conn_logger(log, "worker", 2, level="info", fmt="json")(*CONN.values())
+    [line] = read_lines(r)
+    assert {k: v for k, v in json.loads(line).items() if k in CONN} == CONN
+    assert len(console) == 1
+    for key in ("client", "listener", "reason"):
+        assert f"{key}={CONN[key]}" in console[0] or f"{key}='{CONN[key]}'" in console[0]
+    os.close(r)
+    os.close(w)

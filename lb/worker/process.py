@@ -123,6 +123,8 @@ class Worker:
             # With 1 worker there is nothing to take: no second poll between busy polls.
             on_idle=self._take if workers > 1 else None,
         )
+        if isinstance(log_conn, lblog.ConnLog):  # a write per batch of lines, not per line
+            log_conn.batch(loop.call_later)
         self.deadlines = Deadlines(loop, DEADLINE_GRID, self._error)
         self.closer = Closer(loop, self._error)
         plan = plan_for_worker(workers)  # against the user's pipe budget: see lb.worker.pipes
@@ -190,6 +192,8 @@ class Worker:
             loop.run()
         finally:
             self.tally.publish()
+            if isinstance(self.log_conn, lblog.ConnLog):
+                self.log_conn.flush()  # the last conn lines before worker_stopped
             self.pipes.close()
             self.acceptor.close()
             self.tally.set_state(L.SLOT_EMPTY)
@@ -516,17 +520,17 @@ class Worker:
             conn.release_client()
         log_conn = self.log_conn
         if log_conn is not None:
-            log_conn(
-                client=format_peer(conn.addr),
-                listener=conn.listener.name,
-                backend=backend.name if backend else None,
-                server=backend.names[conn.server] if backend and spliced else None,
-                websocket=conn.websocket,
-                status=status,
-                bytes_in=conn.bytes_in,
-                bytes_out=bytes_out,
-                duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
-                reason=reason,
+            log_conn(  # positional, in lb.log.ConnLog's order: keywords cost more
+                format_peer(conn.addr),  # client
+                conn.listener.name,
+                backend.name if backend else None,
+                backend.names[conn.server] if backend and spliced else None,  # server
+                conn.websocket,
+                status,
+                conn.bytes_in,
+                bytes_out,
+                round((time.monotonic() - conn.started) * 1000, 3),  # duration_ms
+                reason,
                 sni=conn.server_name if conn.listener.mode == "tls" else False,
             )
         acceptor = self.acceptor

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lb.proto import http1
 from lb.proto.http1 import MAX_HEAD_BYTES, NEED_DATA, Head, HeadSniffer, NeedData, Reject
 
 Result = Head | Reject | NeedData
@@ -649,3 +650,36 @@ def test_fuzz_split_gives_the_same_outcome(data: bytes, cuts: list[int]) -> None
     result, sniffer = feed_chunks(split(data, cuts))
     assert_sane(sniffer.buffer, result)
     assert outcome(result) == outcome(whole)
+
+
+def test_a_head_cannot_change_once_judged() -> None:
+    """A kept-alive connection reuses the judgement of a head that repeats byte for byte
+    (lb.worker.requests): nothing may change a Head after the sniffer made it."""
+    event = HeadSniffer().feed(b"GET /a HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert isinstance(event, Head)
+    with pytest.raises(AttributeError):
+        event.path = "/b"  # type: ignore[misc]
+    assert (event.method, event.path, event.host, event.head_len) == (
+        "GET",
+        "/a",
+        "example.com",
+        38,
+    )
+
+
+def test_a_host_seen_before_routes_as_the_first_time_and_the_kept_hosts_stay_bounded() -> None:
+    def host_of(value: bytes) -> str | Reject:
+        event = HeadSniffer().feed(b"GET / HTTP/1.1\r\nHost: " + value + b"\r\n\r\n")
+        assert isinstance(event, (Head, Reject))
+        return event.host if isinstance(event, Head) else event
+
+    http1._HOSTS.clear()
+    for value in (b"Example.COM:8080", b"[::1]:80", b"10.0.0.1", b"a..b", b"a%41"):
+        first, again = host_of(value), host_of(value)
+        assert first == again, value  # the kept answer is the answer
+    assert host_of(b"Example.COM:8080") == "example.com"
+    assert isinstance(host_of(b"a..b"), Reject)
+    assert b"a..b" not in http1._HOSTS and b"a%41" not in http1._HOSTS  # only valid ones kept
+    for i in range(3 * http1.MAX_HOSTS_KEPT):
+        assert host_of(b"h%d.example" % i) == f"h{i}.example"
+    assert 0 < len(http1._HOSTS) <= http1.MAX_HOSTS_KEPT
