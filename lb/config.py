@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from lb.config_table import Address, Table, describe
 from lb.errors import ConfigError, ProtocolError
 from lb.proto.uri import normalize_host, normalize_path
+from lb.tls import ListenerTLS, parse_tls
 
 DEFAULT_CONFIG_PATH = "/etc/splicelb/splicelb.toml"
 DEFAULT_RUNTIME_DIR = "/run/splicelb"
@@ -100,6 +101,7 @@ class Listener:
     client_maxconn: int = 0  # open connections; 0 = no limit
     client_rate: float = 0.0  # new connections per second; 0 = no limit
     client_burst: int = 0  # new connections at once, the bucket's size (0 only without a rate)
+    tls: ListenerTLS | None = None  # [listeners.tls]: TLS is terminated here (lb.tls)
 
     @property
     def limits_clients(self) -> bool:
@@ -325,7 +327,8 @@ def _network_problem(text: str) -> str:
     return f"'{text}' has host bits set; did you mean '{network}'?"
 
 
-def _parse_listener(t: Table, backends: set[Any]) -> Listener:
+def _parse_listener(t: Table, backends: set[Any], base_dir: str) -> Listener:
+    tls_table = t.table("tls")
     listener = Listener(
         name=t.name(),
         bind=t.address("bind"),
@@ -342,7 +345,10 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         client_maxconn=t.integer("client_maxconn", 0, 0),
         client_rate=(rate := _parse_client_rate(t)),
         client_burst=_parse_client_burst(t, rate),
+        tls=None if tls_table is None else parse_tls(tls_table, base_dir),
     )
+    if listener.tls is not None and listener.mode != "http":
+        t.problem("tls", f'terminates TLS on mode = "http" listeners only, not "{listener.mode}"')
     if listener.mode == "tcp":
         why = 'needs mode = "http" (a tcp listener does not read the request)'
         if listener.routes:
@@ -590,12 +596,12 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> Config:
     root.elsewhere["[global]"] = global_table.keys_read()  # where a misplaced key may belong
     raw_backends = data["backends"] if isinstance(data.get("backends"), list) else []
     backend_names = {b.get("name") for b in raw_backends if isinstance(b, dict)}
+    base_dir = os.getcwd() if path.startswith("<") else os.path.dirname(os.path.abspath(path))
     listeners = _parse_all(
-        root, "listeners", "listener", lambda t: _parse_listener(t, backend_names)
+        root, "listeners", "listener", lambda t: _parse_listener(t, backend_names, base_dir)
     )
     binds = [(f"{t.path}.bind", x.bind.sockaddr, str(x.bind)) for t, x in listeners]
     _check_unique(binds, "bind address", problems)
-    base_dir = os.getcwd() if path.startswith("<") else os.path.dirname(os.path.abspath(path))
     backends = _parse_all(root, "backends", "backend", lambda t: _parse_backend(t, base_dir))
     root.finish()
     if problems:

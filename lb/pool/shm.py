@@ -24,6 +24,7 @@ import orjson
 
 from lb.errors import LBError
 from lb.pool import layout as L
+from lb.tls import data_path
 
 if TYPE_CHECKING:
     from lb.config import Config
@@ -491,7 +492,13 @@ def names_table(config: Config, generation: int) -> dict[str, Any]:
     return {
         "generation": generation,
         "listeners": [
-            {"name": lc.name, "bind": str(lc.bind), "mode": lc.mode} for lc in config.listeners
+            {
+                "name": lc.name,
+                "bind": str(lc.bind),
+                "mode": lc.mode,
+                "tls": None if lc.tls is None else data_path()[0],  # how its bytes move (lb.tls)
+            }
+            for lc in config.listeners
         ],
         "backends": backends,
         "nservers": index,

@@ -60,6 +60,7 @@ import _socket
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
@@ -78,6 +79,7 @@ from lb.worker.loop import FAILED, Loop
 from lb.worker.requests import RequestFlow, RequestStream
 from lb.worker.runtime import BackendRuntime, ListenerRuntime
 from lb.worker.splice import Flow, Pump, Tunnel, shutdown_write
+from lb.worker.tls import TlsTunnel, read_tls, release, send_answer, tls_reason, wrap
 
 READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
@@ -188,6 +190,8 @@ class Connection:
         "stream",
         "ticket",
         "timeouts",
+        "tls",
+        "tls_ready",
         "tried",
         "tunnel",
         "websocket",
@@ -225,6 +229,8 @@ class Connection:
         self.refused = ""  # why a later request was not forwarded
         self.finished = False
         self.ticket = UNCOUNTED  # where its client's count holds it (lb.pool.clients)
+        self.tls: ssl.SSLSocket | None = None  # a terminating listener's client, until its tunnel
+        self.tls_ready = False  # its handshake is done
 
     def start(self) -> None:
         listener = self.listener
@@ -241,7 +247,42 @@ class Connection:
         if listener.mode == "http":
             self.sniffer = HeadSniffer()
         self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
+        if listener.tls is not None and self.proxy is None:
+            self.tls = wrap(listener.tls, self.fd)
+            self._handshake()
+            return
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
+
+    def _handshake(self) -> None:
+        """Drive the TLS handshake (within ``head_timeout``, with the head), then read the
+        head through it; a client that fails it is closed, and why logged."""
+        tls = self.tls
+        assert tls is not None
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(self._handshake, write=False)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(self._handshake, write=True)
+            return
+        except ssl.SSLError as exc:
+            self._drop(f"TLS handshake failed: {tls_reason(exc)}")
+            return
+        except OSError as exc:
+            self._drop(f"client error in the TLS handshake: {exc.strerror}")
+            return
+        self.tls_ready = True
+        self._wait(self._read_head, write=False)
+        self._read_head()  # the head often came with the handshake's last flight
+
+    def _wait(self, callback: Callable[[], None], write: bool) -> None:
+        """Call ``callback`` when the client's socket is readable (or writable)."""
+        if write:
+            self.loop.set(self.fd, None, callback)
+        else:
+            self.loop.set(self.fd, callback, None)
+        self.reading = True
 
     def admit(self) -> bool:
         """Count the connection against its listener's client limits, if it has any, by
@@ -269,7 +310,8 @@ class Connection:
 
     def _read_head(self) -> None:
         try:
-            data = os.read(self.fd, READ_SIZE)
+            tls = self.tls
+            data = os.read(self.fd, READ_SIZE) if tls is None else read_tls(tls, READ_SIZE)
         except BlockingIOError:
             self._wait_readable()
             return
@@ -399,11 +441,15 @@ class Connection:
         if not listener.forwarded:
             return routed
         host = head.host_field if head.routed is None else head.host.encode()
-        return forwarded_head(routed, self.addr[0], host, listener.trusted)
+        proto = b"http" if listener.tls is None else b"https"
+        return forwarded_head(routed, self.addr[0], host, listener.trusted, proto)
 
     def _head_timeout(self) -> None:
         self._stop_reading()
         timeout = self.listener.head_timeout
+        if self.tls is not None and not self.tls_ready:
+            self._drop(f"TLS handshake not complete within {timeout:g} s")
+            return
         if self.proxy is not None:
             self._drop(f"accept_proxy: no PROXY header within {timeout:g} s")
             return
@@ -586,6 +632,9 @@ class Connection:
         self._open_tunnel(sock.detach())
 
     def _open_tunnel(self, server_fd: int) -> None:
+        if self.tls is not None:
+            self._open_tls_tunnel(server_fd)
+            return
         stream = self.stream
         tunnel = self.tunnel = Tunnel(
             self.ctx.pump,
@@ -605,6 +654,19 @@ class Connection:
         requests = self.read_requests(tunnel, stream)
         tunnel.start(speculate=False)
         requests.settle()  # what the first read asks for, beyond its requests forwarded
+
+    def _open_tls_tunnel(self, server_fd: int) -> None:
+        """As ``_open_tunnel``, through the client's TLS (:mod:`lb.worker.tls`)."""
+        tls, self.tls = self.tls, None
+        assert tls is not None
+        stream, self.stream = self.stream, None
+        tunnel = self.tunnel = TlsTunnel(
+            self.ctx.pump, self, tls, server_fd, self.listener.tunnel_timeout, stream, self
+        )
+        self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
+        if self.ctx.max_age is not None:
+            self.ctx.max_age.opened(self, self.listener.index, tunnel.active_at)
+        tunnel.start(speculate=True)  # OpenSSL may hold what came with the head
 
     def read_requests(self, tunnel: Tunnel, stream: RequestStream) -> RequestFlow:
         """The tunnel's client side reads the requests that follow (its up flow is a
@@ -668,14 +730,20 @@ class Connection:
         """Answer with the balancer's own response (http) or just close (tcp); the
         response says ``text`` (default: the ``reason`` that is logged), and
         ``Retry-After`` if ``retry_after`` is given."""
-        if self.listener.mode == "tcp":
-            self._drop(reason, status)
+        if self.listener.mode == "tcp" or (self.listener.tls is not None and not self.tls_ready):
+            self._drop(reason, status)  # nothing to answer in (a 429 comes before TLS)
             return
-        fd, self.fd = self.fd, -1
-        try:
-            sent = os.write(fd, response(status, text or reason, retry_after))
-        except OSError:
-            sent = 0
+        answer = response(status, text or reason, retry_after)
+        if self.tls is not None:
+            self._stop_reading()  # the handshake's or the head's wait
+            sent = send_answer(self.tls, answer)
+            fd = self._take_fd()
+        else:
+            fd, self.fd = self.fd, -1
+            try:
+                sent = os.write(fd, answer)
+            except OSError:
+                sent = 0
         Linger(self.loop, fd)
         self._count_unread()
         self._finish(status, reason, sent)
@@ -684,9 +752,16 @@ class Connection:
         self._stop_reading()
         self._disarm()
         self._count_unread()
-        fd, self.fd = self.fd, -1
-        self.loop.close(fd)
+        self.loop.close(self._take_fd())
         self._finish(status, reason, 0)
+
+    def _take_fd(self) -> int:
+        """The client's descriptor, no longer this connection's (nor its TLS socket's)."""
+        fd, self.fd = self.fd, -1
+        tls, self.tls = self.tls, None
+        if tls is not None:
+            release(tls)
+        return fd
 
     def _count_unread(self) -> None:
         """Count in ``bytes_in`` what the readers hold: the client is no longer read."""
@@ -727,13 +802,13 @@ class Connection:
                 self.answer(500, reason, "internal error")  # tcp: closed; details: the log
         finally:
             if self.tunnel is None and self.fd >= 0:  # the answer failed too
-                fd, self.fd = self.fd, -1
-                self.loop.close(fd)
+                self.loop.close(self._take_fd())
             self._finish(None, reason, 0)
 
     def _stop_reading(self) -> None:
         if self.reading:
             self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)  # a TLS handshake may wait for write
             self.reading = False
 
     def _arm(self, seconds: float, then: Callable[[], None]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from lb.pool.select import (
 from lb.pool.shm import Pool
 from lb.proto.hashkey import KeyReader
 from lb.route import Router
+from lb.tls import server_context
 from lb.trusted import TrustedProxies
 
 NO_TRUSTED = TrustedProxies(())
@@ -50,6 +52,7 @@ class ListenerRuntime:
     trusted: TrustedProxies = NO_TRUSTED
     local: tuple[Any, ...] | None = None  # its bind address; None: a wildcard (ask the socket)
     clients: ClientTable | None = None  # its client limits, if it has any
+    tls: ssl.SSLContext | None = None  # [listeners.tls]: its clients' TLS is terminated here
 
 
 @dataclass(slots=True)
@@ -167,6 +170,7 @@ def build_listeners(
             trusted=TrustedProxies(lc.trusted_proxies),
             local=None if lc.bind.sockaddr[0] in WILDCARDS else lc.bind.sockaddr,
             clients=clients[i] if clients else None,
+            tls=None if lc.tls is None else server_context(lc.tls),
         )
         for i, lc in enumerate(config.listeners)
     ]

@@ -1,0 +1,345 @@
+"""A TLS-terminated tunnel: the client's side through the ``ssl`` module, the server's plain.
+
+Theory of operation
+-------------------
+On a listener with ``[listeners.tls]`` the connection wraps the client's
+socket in a non-blocking :class:`ssl.SSLSocket` (:func:`wrap`), drives the
+handshake from the loop's readiness callbacks and reads the decrypted head
+through it (:mod:`lb.worker.conn`); after the head a :class:`TlsTunnel`
+moves the bytes.  They cannot be spliced: the kernel holds only records, so
+every byte is copied through OpenSSL, in large pieces and never byte by byte
+in Python:
+
+- up (:class:`TlsUp`, client to server): ``SSL_read`` into the worker's one
+  ``COPY_BYTES`` buffer, record after record, until OpenSSL wants more from
+  the socket or the buffer is full, then one ``write`` to the server;
+- down (:class:`TlsDown`, server to client): one ``readv`` of up to
+  ``COPY_BYTES`` from the server into that buffer, then one ``SSL_write``
+  (OpenSSL cuts it into records).
+
+The buffer is shared: what a destination does not take at once is copied out
+of it (``pending``) and the flow stops reading its source until the
+destination has taken it (backpressure, as in a splicing flow: the source
+is watched for failure only).  OpenSSL keeps no decrypted byte back once
+``SSL_read`` wants the socket (a read returns a whole record, and records are
+read one at a time), so the level-triggered readiness of the client's socket
+is all a flow needs to wait on.  A ``SSL_write`` that wants the socket is
+repeated with the same bytes once it is writable, as OpenSSL requires.
+
+End of file: a client's ``close_notify`` or its TCP FIN (a "ragged" end, which
+browsers and curl send) ends the up flow, which half-closes the server; the
+server's end of file sends the client a ``close_notify`` and half-closes it.
+Byte counts are of the plaintext, both ways.
+
+A terminated tunnel is never handed to another process on reload: its TLS
+state (keys, sequence numbers) lives in this process's OpenSSL.  It stays in
+the old generation until it ends or the drain rules close it (``movable``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+from lb.proto.http1 import Head
+from lb.worker.requests import DISCARD_BYTES, REFUSED, TUNNEL, RequestStream
+from lb.worker.splice import Flow, Pump, Tunnel, TunnelOwner, failure_reason, shutdown_write
+
+if TYPE_CHECKING:
+    from lb.worker.requests import RequestOwner
+
+COPY_BYTES = 256 * 1024  # what a flow moves per wake-up, at most
+_buffer = bytearray(COPY_BYTES)  # the worker's one copy buffer (one thread, copied out if kept)
+_view = memoryview(_buffer)
+WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def wrap(context: ssl.SSLContext, fd: int) -> ssl.SSLSocket:
+    """The client's socket as a non-blocking server-side TLS socket; the handshake is the
+    caller's (``do_handshake`` until it neither wants to read nor to write)."""
+    sock = socket.socket(fileno=fd)
+    sock.settimeout(0.0)  # wrap_socket copies the timeout: never blocking, never waiting
+    return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+
+def release(tls: ssl.SSLSocket) -> int:
+    """The raw descriptor, no longer owned by the TLS socket (whose garbage collection
+    would otherwise close that number again, maybe someone else's by then)."""
+    return tls.detach()
+
+
+def tls_reason(exc: OSError) -> str:
+    """A TLS failure in a few words ("wrong version number", "http request")."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
+        return "client closed"
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return exc.strerror or str(exc)
+
+
+def read_tls(tls: ssl.SSLSocket, limit: int) -> bytes:
+    """Up to ``limit`` decrypted bytes, b"" at the client's end; BlockingIOError when
+    none is there yet; OSError on a TLS failure."""
+    size = 0
+    while size < limit:
+        try:
+            n = tls.recv_into(_view[size:limit])
+        except WOULD_BLOCK:
+            if not size:
+                raise BlockingIOError from None
+            break
+        except ssl.SSLEOFError:  # a TCP FIN without close_notify: an end all the same
+            break
+        except ssl.SSLError as exc:
+            raise OSError(errno.EPROTO, f"TLS: {tls_reason(exc)}") from None
+        if not n:
+            break
+        size += n
+    return bytes(_view[:size])
+
+
+def send_answer(tls: ssl.SSLSocket, data: bytes) -> int:
+    """Send a short answer and a ``close_notify``; the bytes of it the client got."""
+    try:
+        sent = tls.send(data)
+    except (OSError, ValueError):
+        sent = 0
+    close_notify(tls)
+    return sent
+
+
+def close_notify(tls: ssl.SSLSocket) -> None:
+    """Tell the client no more data comes (``SSL_shutdown``'s first half; its answer is
+    not waited for)."""
+    # It raises when it wants the client's close_notify (not waited for), or the client
+    # is gone.
+    with contextlib.suppress(OSError, ValueError):
+        tls.unwrap()
+
+
+class TlsUp(Flow):
+    """Client to server: decrypted, then written to the server (judged request by request
+    after a first request that does not upgrade, as :mod:`lb.worker.requests` does)."""
+
+    __slots__ = ("discarded", "eof", "owner", "pending", "stream")
+
+    def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
+        super().__init__(tunnel, src, dst, src_name)
+        self.stream: RequestStream | None = None
+        self.pending = b""  # for the server, not yet taken
+        self.eof = False  # the client's end came with bytes the server has not taken yet
+        self.discarded = 0  # after a refused request: read and dropped
+
+    def attach(self, stream: RequestStream | None, owner: RequestOwner) -> None:
+        self.stream = stream
+        self.owner = owner
+
+    def on_readable(self) -> None:
+        tunnel = self.tunnel
+        tls = tunnel.tls  # type: ignore[attr-defined]
+        size, end = 0, False
+        while size < COPY_BYTES:
+            try:
+                n = tls.recv_into(_view[size:])
+            except WOULD_BLOCK:
+                break
+            except ssl.SSLEOFError:  # a TCP FIN without close_notify: an end all the same
+                n = 0
+            except OSError as exc:
+                tunnel.close(_failure(exc, "client"), reset=True)
+                return
+            if not n:
+                end = True
+                break
+            size += n
+        if size:
+            self.nbytes += size
+            if not tunnel.moved:
+                tunnel.moved = True
+                tunnel.pump.moved.add(tunnel)
+            if not self._forward(size):
+                return
+        if end:
+            if self.ended:  # refused already: only a reset matters now
+                tunnel.loop.watch_failure(self.src, self.on_failure)
+            elif self.pending:  # passed on once the server has the rest
+                self.eof = True
+            else:
+                self._end()
+
+    def _forward(self, size: int) -> bool:
+        """Write what was read to the server; False when the tunnel closed."""
+        stream = self.stream
+        if self.ended:  # a request was refused: the rest is read and dropped
+            self.discarded += size
+            if self.discarded > DISCARD_BYTES:
+                self.tunnel.loop.watch_failure(self.src, self.on_failure)
+            return True
+        if stream is None:
+            out: list[bytes | memoryview] = [_view[:size]]
+        else:
+            out = stream.feed(bytes(_view[:size]))
+        try:
+            sent = os.writev(self.dst, out) if out else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.tunnel.close(failure_reason(exc, "server"), reset=True)
+            return False
+        whole = sum(len(piece) for piece in out)
+        if sent < whole:
+            self.pending = b"".join(bytes(piece) for piece in out)[sent:]
+            loop = self.tunnel.loop
+            loop.watch_failure(self.src, self.on_failure)
+            loop.add_writer(self.dst, self.on_writable)
+        if stream is not None:
+            return self._settle(stream)
+        return True
+
+    def _settle(self, stream: RequestStream) -> bool:
+        """What the stream's state asks for; False when the tunnel closed."""
+        if stream.state == TUNNEL:  # an upgrade went to the server: copied unjudged now
+            self.stream = None
+            head = stream.head
+            assert isinstance(head, Head)
+            self.owner.request_upgraded(head)
+        elif stream.state == REFUSED:
+            self.stream = None
+            self.ended = True
+            self.owner.request_refused(stream.reason)
+            tunnel = self.tunnel
+            if tunnel.down.ended:
+                tunnel.close("server closed")
+                return False
+            if not self.pending:
+                shutdown_write(self.dst)
+        return True
+
+    def on_writable(self) -> None:
+        tunnel = self.tunnel
+        try:
+            sent = os.write(self.dst, self.pending)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            tunnel.close(failure_reason(exc, "server"), reset=True)
+            return
+        self.pending = self.pending[sent:]
+        if self.pending:
+            return
+        loop = tunnel.loop
+        loop.remove_writer(self.dst)
+        if self.ended:  # a request was refused: the server gets its end of file now
+            shutdown_write(self.dst)
+            if not self.eof:
+                loop.add_reader(self.src, self.on_readable)  # what comes is dropped
+        elif self.eof:
+            self._end()
+        else:
+            loop.add_reader(self.src, self.on_readable)
+
+
+class TlsDown(Flow):
+    """Server to client: read plain, written through OpenSSL."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
+        super().__init__(tunnel, src, dst, src_name)
+        self.pending = b""  # for the client, to be given to SSL_write again as it was
+
+    def on_readable(self) -> None:
+        tunnel = self.tunnel
+        try:
+            n = os.readv(self.src, [_buffer])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            tunnel.close(failure_reason(exc, "server"), reset=True)
+            return
+        if not n:
+            self._end()
+            return
+        self.nbytes += n
+        if not tunnel.moved:
+            tunnel.moved = True
+            tunnel.pump.moved.add(tunnel)
+        tls = tunnel.tls  # type: ignore[attr-defined]
+        try:
+            sent = tls.send(_view[:n])
+        except WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            tunnel.close(_failure(exc, "client"), reset=True)
+            return
+        if sent < n:
+            self.pending = bytes(_view[:n])  # SSL_write is repeated with the same bytes
+            self._wait()
+
+    def _wait(self) -> None:
+        loop = self.tunnel.loop
+        loop.watch_failure(self.src, self.on_failure)
+        loop.add_writer(self.dst, self.on_writable)
+
+    def on_writable(self) -> None:
+        tunnel = self.tunnel
+        tls = tunnel.tls  # type: ignore[attr-defined]
+        try:
+            sent = tls.send(self.pending)
+        except WOULD_BLOCK:
+            return
+        except OSError as exc:
+            tunnel.close(_failure(exc, "client"), reset=True)
+            return
+        self.pending = self.pending[sent:]
+        if self.pending:
+            return
+        loop = tunnel.loop
+        loop.remove_writer(self.dst)
+        loop.add_reader(self.src, self.on_readable)
+
+    def _end(self) -> None:
+        """The server's end of file: a close_notify, then the client's half-close."""
+        tunnel = self.tunnel
+        if not tunnel.up.ended:
+            close_notify(tunnel.tls)  # type: ignore[attr-defined]
+        super()._end()
+
+
+def _failure(exc: OSError, side: str) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"{side} TLS error: {tls_reason(exc)}"
+    return failure_reason(exc, side)
+
+
+class TlsTunnel(Tunnel):
+    """A tunnel whose client side is TLS, terminated here (see the module's docstring)."""
+
+    __slots__ = ("tls",)
+    movable = False  # its TLS state lives in this process: never handed over
+
+    def __init__(
+        self,
+        pump: Pump,
+        owner: TunnelOwner,
+        tls: ssl.SSLSocket,
+        server: int,
+        idle_timeout: float,
+        stream: RequestStream | None,
+        requests: RequestOwner,
+    ) -> None:
+        self.tls = tls
+        super().__init__(pump, owner, tls.fileno(), server, idle_timeout, up=TlsUp, down=TlsDown)
+        up = self.up
+        assert isinstance(up, TlsUp)
+        up.attach(stream, requests)
+
+    def close(self, reason: str, reset: bool = False) -> None:
+        if not self.closed:
+            release(self.tls)  # the loop closes the descriptor, not the TLS socket
+        super().close(reason, reset)
