@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import datetime
 import os
-import ssl
 import stat
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from lb.config_table import Table
 
-MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+if TYPE_CHECKING:
+    import ssl
+
+    from cryptography import x509
+
+# ssl and cryptography are imported where they are used: the commands that only talk
+# to a running instance start without them (see tests/test_cli.py).
+MIN_VERSIONS = ("1.2", "1.3")
 # TLS 1.2 suites: ECDHE key exchange, AEAD only (TLS 1.3's are all of that kind).
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 ALPN = ["http/1.1"]
@@ -65,14 +68,14 @@ def parse_tls(t: Table, base_dir: str) -> ListenerTLS:
     before = len(t.problems)
     pairs = [_parse_pair(t, base_dir)]
     pairs += [_parse_pair(extra, base_dir, alone=True) for extra in t.tables("certificates")]
-    min_version = t.choice("min_version", "1.2", tuple(MIN_VERSIONS))
+    min_version = t.choice("min_version", "1.2", MIN_VERSIONS)
     t.finish()
     tls = ListenerTLS(tuple(pairs), min_version)
     if len(t.problems) == before:  # files readable, keys private: do they load and match?
         for pair in tls.pairs:
             try:
                 _context(pair, tls.min_version)
-            except (ssl.SSLError, OSError) as exc:
+            except OSError as exc:  # ssl.SSLError included
                 t.problems.append(f"{pair.path}.key_file: {_load_problem(pair, exc)}")
     return tls
 
@@ -124,8 +127,10 @@ def _load_problem(pair: CertPair, exc: Exception) -> str:
 
 
 def _context(pair: CertPair, min_version: str) -> ssl.SSLContext:
+    import ssl  # noqa: PLC0415 (see MIN_VERSIONS)
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = MIN_VERSIONS[min_version]
+    context.minimum_version = ssl.TLSVersion[f"TLSv1_{min_version[-1]}"]
     context.set_ciphers(CIPHERS)
     context.options |= (
         ssl.OP_NO_COMPRESSION
@@ -167,6 +172,8 @@ def server_context(tls: ListenerTLS) -> ssl.SSLContext:
 
 
 def _certificate(cert_file: str) -> x509.Certificate:
+    from cryptography import x509  # noqa: PLC0415 (see MIN_VERSIONS)
+
     with open(cert_file, "rb") as file:
         return x509.load_pem_x509_certificate(file.read())
 
@@ -174,6 +181,9 @@ def _certificate(cert_file: str) -> x509.Certificate:
 def certificate_names(cert_file: str) -> list[str]:
     """The DNS names a certificate is for, lowercased: its subjectAltName entries, or
     its common name when it has none."""
+    from cryptography import x509  # noqa: PLC0415 (see MIN_VERSIONS)
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     cert = _certificate(cert_file)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -201,19 +211,11 @@ def expiry_warnings(tls: ListenerTLS, now: datetime.datetime | None = None) -> l
     return warnings
 
 
-def key_matches(pair: CertPair) -> bool:
-    """Whether the private key is the certificate's (its public key is the same)."""
-    with open(pair.key_file, "rb") as file:
-        key = serialization.load_pem_private_key(file.read(), None)
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    ours = key.public_key().public_bytes(der, spki)
-    return bool(ours == _certificate(pair.cert_file).public_key().public_bytes(der, spki))
-
-
 def data_path() -> tuple[str, str]:
     """How a terminating listener moves its bytes, and why: ``("copy", reason)`` here
     always (see the module's docstring); the reason says whether kernel TLS is there."""
+    import ssl  # noqa: PLC0415 (see MIN_VERSIONS)
+
     missing = []
     if getattr(ssl, "OP_ENABLE_KTLS", None) is None:
         missing.append("this Python's ssl has no OP_ENABLE_KTLS (3.12+)")

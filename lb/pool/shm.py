@@ -496,7 +496,8 @@ def names_table(config: Config, generation: int) -> dict[str, Any]:
                 "name": lc.name,
                 "bind": str(lc.bind),
                 "mode": lc.mode,
-                "tls": None if lc.tls is None else data_path()[0],  # how its bytes move (lb.tls)
+                # how a terminating listener's bytes move (lb.tls)
+                **({} if lc.tls is None else {"tls": data_path()[0]}),
             }
             for lc in config.listeners
         ],

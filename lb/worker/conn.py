@@ -667,6 +667,8 @@ class Connection:
         if self.ctx.max_age is not None:
             self.ctx.max_age.opened(self, self.listener.index, tunnel.active_at)
         tunnel.start(speculate=True)  # OpenSSL may hold what came with the head
+        if not tunnel.closed:
+            tunnel.settle()
 
     def read_requests(self, tunnel: Tunnel, stream: RequestStream) -> RequestFlow:
         """The tunnel's client side reads the requests that follow (its up flow is a

@@ -20,11 +20,13 @@ in Python:
 The buffer is shared: what a destination does not take at once is copied out
 of it (``pending``) and the flow stops reading its source until the
 destination has taken it (backpressure, as in a splicing flow: the source
-is watched for failure only).  OpenSSL keeps no decrypted byte back once
-``SSL_read`` wants the socket (a read returns a whole record, and records are
-read one at a time), so the level-triggered readiness of the client's socket
-is all a flow needs to wait on.  A ``SSL_write`` that wants the socket is
-repeated with the same bytes once it is writable, as OpenSSL requires.
+is watched for failure only).  Every ``SSL_read`` is given room for a whole
+record (``MAX_RECORD``): OpenSSL reads records one at a time and returns a
+record's plaintext whole, so it keeps no decrypted byte back that the
+level-triggered readiness of the client's socket would not tell of (a record
+split over two reads would stall until the client sends again).  A
+``SSL_write`` that wants the socket is repeated with the same bytes once it
+is writable, as OpenSSL requires.
 
 End of file: a client's ``close_notify`` or its TCP FIN (a "ragged" end, which
 browsers and curl send) ends the up flow, which half-closes the server; the
@@ -53,9 +55,13 @@ if TYPE_CHECKING:
     from lb.worker.requests import RequestOwner
 
 COPY_BYTES = 256 * 1024  # what a flow moves per wake-up, at most
+MAX_RECORD = 16 * 1024  # a TLS record's plaintext, at most (RFC 8446 5.1)
 _buffer = bytearray(COPY_BYTES)  # the worker's one copy buffer (one thread, copied out if kept)
 _view = memoryview(_buffer)
 WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# The client's end: a FIN without close_notify (a "ragged" end), or a close_notify that
+# came after ours (OpenSSL reports it as an error then, not as a read of 0 bytes).
+END = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 def wrap(context: ssl.SSLContext, fd: int) -> ssl.SSLSocket:
@@ -70,6 +76,12 @@ def release(tls: ssl.SSLSocket) -> int:
     """The raw descriptor, no longer owned by the TLS socket (whose garbage collection
     would otherwise close that number again, maybe someone else's by then)."""
     return tls.detach()
+
+
+def ended_by(exc: OSError) -> bool:
+    """Whether a TLS error is only the client's end without close_notify (OpenSSL 3 may
+    report it as UNEXPECTED_EOF_WHILE_READING rather than as an end of file)."""
+    return getattr(exc, "reason", None) == "UNEXPECTED_EOF_WHILE_READING"
 
 
 def tls_reason(exc: OSError) -> str:
@@ -88,14 +100,16 @@ def read_tls(tls: ssl.SSLSocket, limit: int) -> bytes:
     size = 0
     while size < limit:
         try:
-            n = tls.recv_into(_view[size:limit])
+            n = tls.recv_into(_view[size:])  # room for a whole record: none is split
         except WOULD_BLOCK:
             if not size:
                 raise BlockingIOError from None
             break
-        except ssl.SSLEOFError:  # a TCP FIN without close_notify: an end all the same
+        except END:  # a TCP FIN without close_notify: an end all the same
             break
         except ssl.SSLError as exc:
+            if ended_by(exc):
+                break
             raise OSError(errno.EPROTO, f"TLS: {tls_reason(exc)}") from None
         if not n:
             break
@@ -142,35 +156,43 @@ class TlsUp(Flow):
     def on_readable(self) -> None:
         tunnel = self.tunnel
         tls = tunnel.tls  # type: ignore[attr-defined]
-        size, end = 0, False
-        while size < COPY_BYTES:
-            try:
-                n = tls.recv_into(_view[size:])
-            except WOULD_BLOCK:
-                break
-            except ssl.SSLEOFError:  # a TCP FIN without close_notify: an end all the same
-                n = 0
-            except OSError as exc:
-                tunnel.close(_failure(exc, "client"), reset=True)
+        while True:
+            size, end = 0, False
+            while COPY_BYTES - size >= MAX_RECORD:  # room for a whole record: none split
+                try:
+                    n = tls.recv_into(_view[size:])
+                except WOULD_BLOCK:
+                    break
+                except END:  # close_notify after ours, or a FIN without one: an end all the same
+                    n = 0
+                except OSError as exc:
+                    if not ended_by(exc):
+                        tunnel.close(_failure(exc, "client"), reset=True)
+                        return
+                    n = 0
+                if not n:
+                    end = True
+                    break
+                size += n
+            if size:
+                self.nbytes += size
+                if not tunnel.moved:
+                    tunnel.moved = True
+                    tunnel.pump.moved.add(tunnel)
+                if not self._forward(size):
+                    return
+            if end:
+                if self.ended:  # refused already: only a reset matters now
+                    tunnel.loop.watch_failure(self.src, self.on_failure)
+                elif self.pending:  # passed on once the server has the rest
+                    self.eof = True
+                else:
+                    self._end()
                 return
-            if not n:
-                end = True
-                break
-            size += n
-        if size:
-            self.nbytes += size
-            if not tunnel.moved:
-                tunnel.moved = True
-                tunnel.pump.moved.add(tunnel)
-            if not self._forward(size):
+            # The buffer was full: go on while OpenSSL holds bytes no readiness would tell
+            # of (it should not, each read having room for a whole record).
+            if self.pending or tunnel.closed or not tls.pending():
                 return
-        if end:
-            if self.ended:  # refused already: only a reset matters now
-                tunnel.loop.watch_failure(self.src, self.on_failure)
-            elif self.pending:  # passed on once the server has the rest
-                self.eof = True
-            else:
-                self._end()
 
     def _forward(self, size: int) -> bool:
         """Write what was read to the server; False when the tunnel closed."""
@@ -338,6 +360,14 @@ class TlsTunnel(Tunnel):
         up = self.up
         assert isinstance(up, TlsUp)
         up.attach(stream, requests)
+
+    def settle(self) -> None:
+        """Once started: what the requests read with the head ask for (one may have been
+        refused, or have upgraded, before the tunnel was made)."""
+        up = self.up
+        assert isinstance(up, TlsUp)
+        if up.stream is not None and not up.pending:
+            up._settle(up.stream)
 
     def close(self, reason: str, reset: bool = False) -> None:
         if not self.closed:
