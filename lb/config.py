@@ -349,6 +349,8 @@ def _parse_listener(t: Table, backends: set[Any], base_dir: str) -> Listener:
     )
     if listener.tls is not None and listener.mode != "http":
         t.problem("tls", f'terminates TLS on mode = "http" listeners only, not "{listener.mode}"')
+    elif listener.tls is not None and listener.accept_proxy:
+        t.problem("tls", "cannot be combined with accept_proxy (not supported yet)")
     if listener.mode == "tcp":
         why = 'needs mode = "http" (a tcp listener does not read the request)'
         if listener.routes:

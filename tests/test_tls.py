@@ -79,6 +79,10 @@ def test_bad_tls_tables_are_refused_naming_their_keys(tmp_path: Path, ca: trustm
     assert problems_of(
         tmp_path, config(listener='mode = "tcp"\n' + tls_table(str(cert), str(key)))
     ) == ['listeners[0].tls: terminates TLS on mode = "http" listeners only, not "tcp"']
+    proxy = 'accept_proxy = true\ntrusted_proxies = ["10.0.0.0/8"]\n'
+    assert problems_of(tmp_path, config(listener=proxy + tls_table(str(cert), str(key)))) == [
+        "listeners[0].tls: cannot be combined with accept_proxy (not supported yet)"
+    ]
     assert problems_of(tmp_path, config(listener=tls_table("nope.pem", str(key)))) == [
         f"listeners[0].tls.cert_file: no such file: '{tmp_path / 'nope.pem'}'"
     ]
