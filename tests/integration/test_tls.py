@@ -193,6 +193,28 @@ def test_many_wss_tunnels_at_once_each_echo_their_own_bytes(
     no_worker_errors(lb)
 
 
+def test_an_idle_wss_tunnel_is_closed_at_its_tunnel_timeout(
+    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+) -> None:
+    port = free_port()
+    lb = start_lb(
+        config(
+            tls_listener(port, "echo", certs, extra="tunnel_timeout = 1\n"),
+            backend("echo", [("e1", echo.address)]),
+        ),
+        workers=1,
+    )
+    with connect(f"wss://localhost:{port}/ws", ssl=certs.client_context(), open_timeout=10) as ws:
+        ws.send("once")
+        assert ws.recv(timeout=10) == "once"
+        started = time.monotonic()
+        (conn,) = lb.wait_conns(1, timeout=10)
+    assert 1 <= time.monotonic() - started < 5
+    assert conn["reason"] == "tunnel idle timeout"
+    assert conn["bytes_in"] > 4 and conn["bytes_out"] > 4
+    no_worker_errors(lb)
+
+
 def test_curl_gets_https_and_a_websocket_upgrade_with_alpn_http11(
     start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
 ) -> None:
