@@ -158,6 +158,16 @@ class Backend:
     # local addresses to connect from, used in turn (each family its own); () = the kernel's
     source: tuple[tuple[int, str], ...] = ()
     send_proxy: int = 0  # PROXY protocol version sent to its servers (and checks); 0 = none
+    tls: BackendTLS | None = None  # tls = true: its servers are reached over TLS
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTLS:
+    """``tls = true`` on a backend: how its servers' certificates are checked."""
+
+    ca_file: str = ""  # absolute; trusted besides the system CAs
+    sni: str = ""  # the name sent and verified; "" = each server's address host
+    verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,9 +566,30 @@ def _parse_backend(t: Table, base_dir: str) -> Backend:
         slowstart=t.seconds("slowstart", 0, allow_zero=True),
         source=_parse_source(t),
         send_proxy=_parse_send_proxy(t),
+        tls=_parse_backend_tls(t, base_dir),
     )
     t.finish()
     return backend
+
+
+def _parse_backend_tls(t: Table, base_dir: str) -> BackendTLS | None:
+    """``tls = true`` and its ``ca_file``, ``sni``, ``verify`` (as for health checks)."""
+    on = t.get("tls", (bool,), "a boolean", False) is True
+    ca_file = t.string("ca_file", "")
+    sni = t.string("sni", "")
+    verify = t.get("verify", (bool,), "a boolean", False) is not False
+    if not on:
+        for key in ("ca_file", "sni", "verify"):
+            if key in t.data:
+                t.problem(key, "needs tls = true (its servers reached over TLS)")
+        return None
+    if ca_file:
+        ca_file = os.path.join(base_dir, ca_file)
+        if not os.path.isfile(ca_file):
+            t.problem("ca_file", f"no such file: '{ca_file}'")
+    if sni and (problem := _host_name_problem(sni)):
+        t.problem("sni", problem)
+    return BackendTLS(ca_file, sni, verify)
 
 
 def _parse_source(t: Table) -> tuple[tuple[int, str], ...]:

@@ -496,6 +496,13 @@ class Supervisor:
     def _log_tls(self, config: Config) -> None:
         """Say, per terminating listener, how its bytes move (lb.tls.data_path), and which
         of its certificates expire soon."""
+        for backend in config.backends:
+            if backend.tls is not None and not backend.tls.verify:
+                self.log.warning(
+                    "tls_verify_off",
+                    backend=backend.name,
+                    reason="verify = false: its servers' certificates are not checked",
+                )
         for lc in config.listeners:
             if lc.tls is None:
                 continue

@@ -171,6 +171,22 @@ def server_context(tls: ListenerTLS) -> ssl.SSLContext:
     return default
 
 
+def client_context(ca_file: str, verify: bool) -> ssl.SSLContext:
+    """What a worker connects to a ``tls = true`` backend's servers with: the system CAs
+    and ``ca_file``; ``verify = false`` accepts any certificate."""
+    import ssl  # noqa: PLC0415 (see MIN_VERSIONS)
+
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(ALPN)
+    return context
+
+
 def _certificate(cert_file: str) -> x509.Certificate:
     from cryptography import x509  # noqa: PLC0415 (see MIN_VERSIONS)
 

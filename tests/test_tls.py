@@ -246,3 +246,24 @@ def test_the_data_path_is_detected_not_assumed(
     ulp.write_text("mptcp tls\n")
     monkeypatch.setattr(ssl, "OP_ENABLE_KTLS", 1 << 3, raising=False)
     assert data_path() == ("copy", "kernel TLS is available, not used yet by this release")
+
+
+def test_backend_tls_loads_and_its_keys_need_it(tmp_path: Path, ca: trustme.CA) -> None:
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    text = config(backend='tls = true\nca_file = "ca.pem"\nsni = "App.Example"\nverify = false')
+    backend = load_config(write(tmp_path, text)).backends[0]
+    assert backend.tls is not None
+    assert (backend.tls.ca_file, backend.tls.sni, backend.tls.verify) == (
+        str(tmp_path / "ca.pem"),
+        "App.Example",
+        False,
+    )
+    assert load_config(write(tmp_path, config())).backends[0].tls is None
+    assert problems_of(tmp_path, config(backend='ca_file = "ca.pem"\nverify = true')) == [
+        "backends[0].ca_file: needs tls = true (its servers reached over TLS)",
+        "backends[0].verify: needs tls = true (its servers reached over TLS)",
+    ]
+    assert problems_of(tmp_path, config(backend='tls = true\nca_file = "no.pem"\nsni = "a b"')) == [
+        f"backends[0].ca_file: no such file: '{tmp_path / 'no.pem'}'",
+        "backends[0].sni: expected a host name without port, got 'a b'",
+    ]

@@ -79,7 +79,16 @@ from lb.worker.loop import FAILED, Loop
 from lb.worker.requests import RequestFlow, RequestStream
 from lb.worker.runtime import BackendRuntime, ListenerRuntime
 from lb.worker.splice import Flow, Pump, Tunnel, shutdown_write
-from lb.worker.tls import TlsTunnel, read_tls, release, send_answer, tls_reason, wrap
+from lb.worker.tls import (
+    TlsTunnel,
+    read_tls,
+    release,
+    send_answer,
+    server_failure,
+    tls_reason,
+    wrap,
+    wrap_client,
+)
 
 READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
@@ -184,6 +193,7 @@ class Connection:
         "requests",
         "sent_any",
         "server",
+        "server_tls",
         "sniffer",
         "sock",
         "started",
@@ -231,6 +241,7 @@ class Connection:
         self.ticket = UNCOUNTED  # where its client's count holds it (lb.pool.clients)
         self.tls: ssl.SSLSocket | None = None  # a terminating listener's client, until its tunnel
         self.tls_ready = False  # its handshake is done
+        self.server_tls: ssl.SSLSocket | None = None  # a tls backend's server: ``sock`` too
 
     def start(self) -> None:
         listener = self.listener
@@ -569,6 +580,7 @@ class Connection:
     def _close_server(self) -> None:
         """Close the server socket (through the loop: see the module's docstring)."""
         sock, self.sock = self.sock, None
+        self.server_tls = None  # the same socket, if the backend has tls = true
         if sock is not None:
             self.loop.close(sock.detach())
 
@@ -577,13 +589,57 @@ class Connection:
     def _connected(self) -> None:
         sock = self.sock
         assert sock is not None
+        backend = self.backend
+        if backend is not None and backend.tls is not None and self.server_tls is None:
+            self._start_server_tls(sock, backend)
+            return
         if self.head is None and not self.pending:  # mode = "tcp", nothing to send first
             self.sock = None
-            self._open_tunnel(sock.detach())
+            self._open_tunnel(self._server_fd(sock))
             return
         if self.sniffer is not None:  # else tcp, or a retry: the same bytes to another server
             self._first_send()
         self._send_pending()
+
+    def _server_fd(self, sock: _socket.socket) -> int:
+        """The server socket's descriptor, for its tunnel (a TLS socket keeps it: its
+        tunnel releases it)."""
+        return sock.fileno() if self.server_tls is not None else sock.detach()
+
+    def _start_server_tls(self, sock: _socket.socket, backend: BackendRuntime) -> None:
+        """A ``tls = true`` backend: the TLS handshake with the server, within its
+        ``connect_timeout``; a failure counts as a failed connect (another server is
+        tried)."""
+        assert backend.tls is not None and backend.server_names is not None
+        tls = self.server_tls = wrap_client(
+            backend.tls, sock.detach(), backend.server_names[self.server]
+        )
+        self.sock = tls
+        self._arm(backend.connect_timeout, self._server_tls_timeout)
+        self._server_handshake()
+
+    def _server_handshake(self) -> None:
+        tls = self.server_tls
+        assert tls is not None
+        fd = tls.fileno()
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.loop.set(fd, self._server_handshake, None)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.set(fd, None, self._server_handshake)
+            return
+        except (OSError, ValueError) as exc:  # SSLError, a certificate that fails included
+            self._connect_failed(server_failure(exc))
+            return
+        self._disarm()
+        self.loop.set(fd, None, None)
+        self._connected()
+
+    def _server_tls_timeout(self) -> None:
+        assert self.backend is not None
+        self._connect_failed(f"TLS handshake timeout after {self.backend.connect_timeout:g} s")
 
     def _first_send(self) -> None:
         """What goes to the server first: the head, and whatever the client sent after it,
@@ -611,7 +667,7 @@ class Connection:
         assert sock is not None and self.backend is not None
         try:
             sent = sock.send(self.pending) if self.pending else 0
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except OSError as exc:
             if self.sent_any:  # the server has part of it: no retry
@@ -629,10 +685,10 @@ class Connection:
             return
         self._disarm()
         self.sock = None
-        self._open_tunnel(sock.detach())
+        self._open_tunnel(self._server_fd(sock))
 
     def _open_tunnel(self, server_fd: int) -> None:
-        if self.tls is not None:
+        if self.tls is not None or self.server_tls is not None:
             self._open_tls_tunnel(server_fd)
             return
         stream = self.stream
@@ -656,12 +712,21 @@ class Connection:
         requests.settle()  # what the first read asks for, beyond its requests forwarded
 
     def _open_tls_tunnel(self, server_fd: int) -> None:
-        """As ``_open_tunnel``, through the client's TLS (:mod:`lb.worker.tls`)."""
-        tls, self.tls = self.tls, None
-        assert tls is not None
+        """As ``_open_tunnel``, with TLS on the client's side, the server's or both
+        (:mod:`lb.worker.tls`)."""
+        client_tls, self.tls = self.tls, None
+        server_tls, self.server_tls = self.server_tls, None
         stream, self.stream = self.stream, None
         tunnel = self.tunnel = TlsTunnel(
-            self.ctx.pump, self, tls, server_fd, self.listener.tunnel_timeout, stream, self
+            self.ctx.pump,
+            self,
+            self.fd,
+            client_tls,
+            server_fd,
+            server_tls,
+            self.listener.tunnel_timeout,
+            stream,
+            self,
         )
         self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
         if self.ctx.max_age is not None:

@@ -29,7 +29,7 @@ from lb.pool.select import (
 from lb.pool.shm import Pool
 from lb.proto.hashkey import KeyReader
 from lb.route import Router
-from lb.tls import server_context
+from lb.tls import client_context, server_context
 from lb.trusted import TrustedProxies
 
 NO_TRUSTED = TrustedProxies(())
@@ -71,6 +71,8 @@ class BackendRuntime:
     # ``source``: the local addresses to connect from, by family, taken in turn
     sources: dict[int, Sources] | None = None
     send_proxy: int = 0  # the PROXY protocol version its servers get first; 0: none
+    tls: ssl.SSLContext | None = None  # tls = true: its servers are reached over TLS ...
+    server_names: dict[int, str] | None = None  # ... the name each is asked for and checked by
 
 
 class Sources:
@@ -142,6 +144,10 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
             ),
             sources=make_sources(bc.source),
             send_proxy=bc.send_proxy,
+            tls=None if bc.tls is None else client_context(bc.tls.ca_file, bc.tls.verify),
+            server_names=(
+                None if bc.tls is None else {i: bc.tls.sni or s.address.host for i, s in pairs}
+            ),
         )
     return backends
 

@@ -72,6 +72,22 @@ def wrap(context: ssl.SSLContext, fd: int) -> ssl.SSLSocket:
     return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
+def wrap_client(context: ssl.SSLContext, fd: int, server_name: str) -> ssl.SSLSocket:
+    """A connected server socket as a non-blocking client-side TLS socket asking for
+    ``server_name`` (sent as SNI unless it is an address; checked in its certificate
+    unless the backend has ``verify = false``)."""
+    sock = socket.socket(fileno=fd)
+    sock.settimeout(0.0)
+    return context.wrap_socket(sock, server_hostname=server_name, do_handshake_on_connect=False)
+
+
+def server_failure(exc: Exception) -> str:
+    """Why a TLS handshake with a server failed, as a connect failure's reason."""
+    message = getattr(exc, "verify_message", None)
+    reason = tls_reason(exc) if isinstance(exc, OSError) else str(exc)
+    return f"TLS: {reason}: {message}" if message else f"TLS: {reason}"
+
+
 def release(tls: ssl.SSLSocket) -> int:
     """The raw descriptor, no longer owned by the TLS socket (whose garbage collection
     would otherwise close that number again, maybe someone else's by then)."""
@@ -136,44 +152,26 @@ def close_notify(tls: ssl.SSLSocket) -> None:
         tls.unwrap()
 
 
-class TlsUp(Flow):
-    """Client to server: decrypted, then written to the server (judged request by request
-    after a first request that does not upgrade, as :mod:`lb.worker.requests` does)."""
+class CopyFlow(Flow):
+    """One direction of a tunnel with TLS on either side (``src_tls``, ``dst_tls``: the
+    TLS socket of that side, None for plain): read in large pieces, decrypted if it comes
+    over TLS, then written, encrypted if it goes over TLS."""
 
-    __slots__ = ("discarded", "eof", "owner", "pending", "stream")
+    __slots__ = ("dst_tls", "eof", "pending", "src_tls")
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
         super().__init__(tunnel, src, dst, src_name)
-        self.stream: RequestStream | None = None
-        self.pending = b""  # for the server, not yet taken
-        self.eof = False  # the client's end came with bytes the server has not taken yet
-        self.discarded = 0  # after a refused request: read and dropped
-
-    def attach(self, stream: RequestStream | None, owner: RequestOwner) -> None:
-        self.stream = stream
-        self.owner = owner
+        self.src_tls: ssl.SSLSocket | None = None
+        self.dst_tls: ssl.SSLSocket | None = None
+        self.pending = b""  # for dst, not yet taken (over TLS: given to SSL_write again)
+        self.eof = False  # the source's end came while dst had not taken everything
 
     def on_readable(self) -> None:
         tunnel = self.tunnel
-        tls = tunnel.tls  # type: ignore[attr-defined]
         while True:
-            size, end = 0, False
-            while COPY_BYTES - size >= MAX_RECORD:  # room for a whole record: none split
-                try:
-                    n = tls.recv_into(_view[size:])
-                except WOULD_BLOCK:
-                    break
-                except END:  # close_notify after ours, or a FIN without one: an end all the same
-                    n = 0
-                except OSError as exc:
-                    if not ended_by(exc):
-                        tunnel.close(_failure(exc, "client"), reset=True)
-                        return
-                    n = 0
-                if not n:
-                    end = True
-                    break
-                size += n
+            size, end = self._read()
+            if size < 0:  # the tunnel closed
+                return
             if size:
                 self.nbytes += size
                 if not tunnel.moved:
@@ -182,20 +180,124 @@ class TlsUp(Flow):
                 if not self._forward(size):
                     return
             if end:
-                if self.ended:  # refused already: only a reset matters now
-                    tunnel.loop.watch_failure(self.src, self.on_failure)
-                elif self.pending:  # passed on once the server has the rest
-                    self.eof = True
-                else:
-                    self._end()
+                self._source_ended()
                 return
             # The buffer was full: go on while OpenSSL holds bytes no readiness would tell
             # of (it should not, each read having room for a whole record).
-            if self.pending or tunnel.closed or not tls.pending():
+            tls = self.src_tls
+            if self.pending or tunnel.closed or tls is None or not tls.pending():
                 return
 
+    def _read(self) -> tuple[int, bool]:
+        """Read into the copy buffer: (bytes read, end of file seen); -1 when it failed
+        and the tunnel closed."""
+        tls = self.src_tls
+        if tls is None:
+            try:
+                n = os.readv(self.src, [_buffer])
+            except BlockingIOError:
+                return 0, False
+            except OSError as exc:
+                self.tunnel.close(failure_reason(exc, self.src_name), reset=True)
+                return -1, False
+            return n, not n
+        size = 0
+        while COPY_BYTES - size >= MAX_RECORD:  # room for a whole record: none is split
+            try:
+                n = tls.recv_into(_view[size:])
+            except WOULD_BLOCK:
+                break
+            except END:  # close_notify after ours, or a FIN without one: an end all the same
+                return size, True
+            except OSError as exc:
+                if ended_by(exc):
+                    return size, True
+                self.tunnel.close(_failure(exc, self.src_name), reset=True)
+                return -1, False
+            if not n:
+                return size, True
+            size += n
+        return size, False
+
     def _forward(self, size: int) -> bool:
-        """Write what was read to the server; False when the tunnel closed."""
+        """Pass on what was read; False when the tunnel closed."""
+        return self._send([_view[:size]])
+
+    def _send(self, out: list[bytes | memoryview]) -> bool:
+        """Write ``out`` to dst, keeping what it does not take; False when the tunnel
+        closed."""
+        tls = self.dst_tls
+        try:
+            if tls is None:
+                sent = os.writev(self.dst, out) if out else 0
+            else:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                sent = tls.send(data) if data else 0
+        except (BlockingIOError, *WOULD_BLOCK):
+            sent = 0
+        except OSError as exc:
+            self.tunnel.close(_failure(exc, self.dst_name), reset=True)
+            return False
+        whole = sum(len(piece) for piece in out)
+        if sent < whole:  # SSL_write: the same bytes again, once dst is writable
+            self.pending = b"".join(bytes(piece) for piece in out)[sent:]
+            loop = self.tunnel.loop
+            loop.watch_failure(self.src, self.on_failure)  # not read, still heard if it resets
+            loop.add_writer(self.dst, self.on_writable)
+        return True
+
+    def on_writable(self) -> None:
+        tunnel = self.tunnel
+        tls = self.dst_tls
+        try:
+            sent = os.write(self.dst, self.pending) if tls is None else tls.send(self.pending)
+        except (BlockingIOError, *WOULD_BLOCK):
+            return
+        except OSError as exc:
+            tunnel.close(_failure(exc, self.dst_name), reset=True)
+            return
+        self.pending = self.pending[sent:]
+        if self.pending:
+            return
+        tunnel.loop.remove_writer(self.dst)
+        self._resume()
+
+    def _resume(self) -> None:
+        """dst has taken everything: read the source again, or pass its end on."""
+        if self.eof:
+            self._end()
+        else:
+            self.tunnel.loop.add_reader(self.src, self.on_readable)
+
+    def _source_ended(self) -> None:
+        if self.pending:  # passed on once dst has the rest
+            self.eof = True
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        """End of file on the source: over TLS, a close_notify first; then the half-close."""
+        if self.dst_tls is not None:
+            close_notify(self.dst_tls)
+        super()._end()
+
+
+class TlsUp(CopyFlow):
+    """Client to server, judged request by request after a first request that does not
+    upgrade, as :mod:`lb.worker.requests` does (``stream``)."""
+
+    __slots__ = ("discarded", "owner", "stream")
+
+    def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
+        super().__init__(tunnel, src, dst, src_name)
+        self.stream: RequestStream | None = None
+        self.discarded = 0  # after a refused request: read and dropped
+
+    def attach(self, stream: RequestStream | None, owner: RequestOwner) -> None:
+        self.stream = stream
+        self.owner = owner
+
+    def _forward(self, size: int) -> bool:
         stream = self.stream
         if self.ended:  # a request was refused: the rest is read and dropped
             self.discarded += size
@@ -203,25 +305,8 @@ class TlsUp(Flow):
                 self.tunnel.loop.watch_failure(self.src, self.on_failure)
             return True
         if stream is None:
-            out: list[bytes | memoryview] = [_view[:size]]
-        else:
-            out = stream.feed(bytes(_view[:size]))
-        try:
-            sent = os.writev(self.dst, out) if out else 0
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.tunnel.close(failure_reason(exc, "server"), reset=True)
-            return False
-        whole = sum(len(piece) for piece in out)
-        if sent < whole:
-            self.pending = b"".join(bytes(piece) for piece in out)[sent:]
-            loop = self.tunnel.loop
-            loop.watch_failure(self.src, self.on_failure)
-            loop.add_writer(self.dst, self.on_writable)
-        if stream is not None:
-            return self._settle(stream)
-        return True
+            return self._send([_view[:size]])
+        return self._send(stream.feed(bytes(_view[:size]))) and self._settle(stream)
 
     def _settle(self, stream: RequestStream) -> bool:
         """What the stream's state asks for; False when the tunnel closed."""
@@ -239,98 +324,27 @@ class TlsUp(Flow):
                 tunnel.close("server closed")
                 return False
             if not self.pending:
-                shutdown_write(self.dst)
+                self._half_close()
         return True
 
-    def on_writable(self) -> None:
-        tunnel = self.tunnel
-        try:
-            sent = os.write(self.dst, self.pending)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            tunnel.close(failure_reason(exc, "server"), reset=True)
-            return
-        self.pending = self.pending[sent:]
-        if self.pending:
-            return
-        loop = tunnel.loop
-        loop.remove_writer(self.dst)
-        if self.ended:  # a request was refused: the server gets its end of file now
-            shutdown_write(self.dst)
-            if not self.eof:
-                loop.add_reader(self.src, self.on_readable)  # what comes is dropped
-        elif self.eof:
-            self._end()
+    def _half_close(self) -> None:
+        if self.dst_tls is not None:
+            close_notify(self.dst_tls)
+        shutdown_write(self.dst)
+
+    def _source_ended(self) -> None:
+        if self.ended:  # refused already: only a reset matters now
+            self.tunnel.loop.watch_failure(self.src, self.on_failure)
         else:
-            loop.add_reader(self.src, self.on_readable)
+            super()._source_ended()
 
-
-class TlsDown(Flow):
-    """Server to client: read plain, written through OpenSSL."""
-
-    __slots__ = ("pending",)
-
-    def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
-        super().__init__(tunnel, src, dst, src_name)
-        self.pending = b""  # for the client, to be given to SSL_write again as it was
-
-    def on_readable(self) -> None:
-        tunnel = self.tunnel
-        try:
-            n = os.readv(self.src, [_buffer])
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            tunnel.close(failure_reason(exc, "server"), reset=True)
-            return
-        if not n:
-            self._end()
-            return
-        self.nbytes += n
-        if not tunnel.moved:
-            tunnel.moved = True
-            tunnel.pump.moved.add(tunnel)
-        tls = tunnel.tls  # type: ignore[attr-defined]
-        try:
-            sent = tls.send(_view[:n])
-        except WOULD_BLOCK:
-            sent = 0
-        except OSError as exc:
-            tunnel.close(_failure(exc, "client"), reset=True)
-            return
-        if sent < n:
-            self.pending = bytes(_view[:n])  # SSL_write is repeated with the same bytes
-            self._wait()
-
-    def _wait(self) -> None:
-        loop = self.tunnel.loop
-        loop.watch_failure(self.src, self.on_failure)
-        loop.add_writer(self.dst, self.on_writable)
-
-    def on_writable(self) -> None:
-        tunnel = self.tunnel
-        tls = tunnel.tls  # type: ignore[attr-defined]
-        try:
-            sent = tls.send(self.pending)
-        except WOULD_BLOCK:
-            return
-        except OSError as exc:
-            tunnel.close(_failure(exc, "client"), reset=True)
-            return
-        self.pending = self.pending[sent:]
-        if self.pending:
-            return
-        loop = tunnel.loop
-        loop.remove_writer(self.dst)
-        loop.add_reader(self.src, self.on_readable)
-
-    def _end(self) -> None:
-        """The server's end of file: a close_notify, then the client's half-close."""
-        tunnel = self.tunnel
-        if not tunnel.up.ended:
-            close_notify(tunnel.tls)  # type: ignore[attr-defined]
-        super()._end()
+    def _resume(self) -> None:
+        if self.ended:  # a request was refused: the server gets its end of file now
+            self._half_close()
+            if not self.eof:
+                self.tunnel.loop.add_reader(self.src, self.on_readable)  # what comes is dropped
+        else:
+            super()._resume()
 
 
 def _failure(exc: OSError, side: str) -> str:
@@ -340,26 +354,31 @@ def _failure(exc: OSError, side: str) -> str:
 
 
 class TlsTunnel(Tunnel):
-    """A tunnel whose client side is TLS, terminated here (see the module's docstring)."""
+    """A tunnel with TLS on the client's side (terminated here), on the server's (a
+    backend with ``tls = true``), or both: see the module's docstring."""
 
-    __slots__ = ("tls",)
+    __slots__ = ("client_tls", "server_tls")
     movable = False  # its TLS state lives in this process: never handed over
 
     def __init__(
         self,
         pump: Pump,
         owner: TunnelOwner,
-        tls: ssl.SSLSocket,
+        client: int,
+        client_tls: ssl.SSLSocket | None,
         server: int,
+        server_tls: ssl.SSLSocket | None,
         idle_timeout: float,
         stream: RequestStream | None,
         requests: RequestOwner,
     ) -> None:
-        self.tls = tls
-        super().__init__(pump, owner, tls.fileno(), server, idle_timeout, up=TlsUp, down=TlsDown)
-        up = self.up
-        assert isinstance(up, TlsUp)
+        self.client_tls, self.server_tls = client_tls, server_tls
+        super().__init__(pump, owner, client, server, idle_timeout, up=TlsUp, down=CopyFlow)
+        up, down = self.up, self.down
+        assert isinstance(up, TlsUp) and isinstance(down, CopyFlow)
         up.attach(stream, requests)
+        up.src_tls = down.dst_tls = client_tls
+        up.dst_tls = down.src_tls = server_tls
 
     def settle(self) -> None:
         """Once started: what the requests read with the head ask for (one may have been
@@ -370,6 +389,8 @@ class TlsTunnel(Tunnel):
             up._settle(up.stream)
 
     def close(self, reason: str, reset: bool = False) -> None:
-        if not self.closed:
-            release(self.tls)  # the loop closes the descriptor, not the TLS socket
+        if not self.closed:  # the loop closes the descriptors, not the TLS sockets
+            for tls in (self.client_tls, self.server_tls):
+                if tls is not None:
+                    release(tls)
         super().close(reason, reset)

@@ -652,3 +652,85 @@ def test_chromium_opens_wss_through_splicelb(
             browser.close()
     wait_until(lambda: any(c["websocket"] for c in lb.conns()), 10, "the tunnel's conn line")
     no_worker_errors(lb)
+
+
+# -- backends over TLS (re-encryption) ----------------------------------------------
+
+
+@pytest.fixture
+def tls_echo(certs: Certs) -> Iterator[str]:
+    """A WebSocket echo server over TLS (its certificate from the test CA)."""
+    from websockets.sync.server import ServerConnection, serve  # noqa: PLC0415
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.cert_file, certs.key_file)
+
+    def echo(ws: ServerConnection) -> None:
+        for message in ws:
+            ws.send(message)
+
+    server = serve(echo, "127.0.0.1", 0, ssl=context, max_size=None, compression=None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.socket.getsockname()[1]}"
+    server.shutdown()
+    thread.join(10)
+
+
+def test_wss_is_re_encrypted_to_a_tls_backend(
+    start_lb: Callable[..., SpliceLB], tls_echo: str, certs: Certs
+) -> None:
+    """wss:// in, TLS to the server (trusting the test CA by ca_file, its name by sni), and
+    ws:// in on a plain listener to the same server: every byte echoed."""
+    port, plain = free_port(), free_port()
+    server_tls = f'tls = true\nca_file = "{certs.ca_file}"\nsni = "localhost"\n'
+    lb = start_lb(
+        config(
+            tls_listener(port, "secure", certs)
+            + f'[[listeners]]\nname = "plain"\nbind = "127.0.0.1:{plain}"\n'
+            'default_backend = "secure"\n',
+            backend("secure", [("s1", tls_echo)], server_tls),
+        ),
+        workers=1,
+    )
+    for url, context in (
+        (f"wss://localhost:{port}/ws", certs.client_context()),
+        (f"ws://127.0.0.1:{plain}/ws", None),
+    ):
+        with connect(url, ssl=context, max_size=None, open_timeout=10) as ws:
+            for size in SIZES:
+                data = os.urandom(size)
+                ws.send(data)
+                assert ws.recv(timeout=60) == data
+    conns = lb.wait_conns(2)
+    assert [c["websocket"] for c in conns] == [True, True]
+    assert all(c["bytes_in"] > sum(SIZES) for c in conns)
+    assert lb.events("connect_failed") == []
+    no_worker_errors(lb)
+
+
+def test_a_tls_backend_whose_certificate_fails_is_not_used(
+    start_lb: Callable[..., SpliceLB], tls_echo: str, certs: Certs
+) -> None:
+    """Without the test CA its certificate fails: the connect fails, naming why, and the
+    client gets 503; with verify = false it is used (and a warning says so at start)."""
+    port, lax = free_port(), free_port()
+    lb = start_lb(
+        config(
+            tls_listener(port, "strict", certs)
+            + f'[[listeners]]\nname = "lax"\nbind = "127.0.0.1:{lax}"\ndefault_backend = "lax"\n',
+            backend("strict", [("s1", tls_echo)], "tls = true\nretries = 0\n")
+            + backend("lax", [("l1", tls_echo)], "tls = true\nverify = false\n"),
+        ),
+        workers=1,
+    )
+    assert [e["backend"] for e in lb.events("tls_verify_off")] == ["lax"]
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"wss://localhost:{port}/ws", ssl=certs.client_context(), open_timeout=10)
+    assert refused.value.response.status_code == 503
+    (failed,) = lb.events("connect_failed")
+    assert failed["reason"].startswith("TLS: certificate verify failed: "), failed
+    with connect(f"ws://127.0.0.1:{lax}/ws", open_timeout=10) as ws:
+        ws.send("through")
+        assert ws.recv(timeout=10) == "through"
+    no_worker_errors(lb)

@@ -82,7 +82,9 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     pipes = PipePool()
     pump = Pump(loop, pipes, Deadlines(loop, 0.05, lambda exc: pytest.fail(repr(exc))))
     conn = FakeConnection()
-    tunnel = TlsTunnel(pump, conn, tls, lb_server.detach(), IDLE, None, NoRequests())
+    tunnel = TlsTunnel(
+        pump, conn, tls.fileno(), tls, lb_server.detach(), None, IDLE, None, NoRequests()
+    )
     yield Setup(tunnel, client, server, conn)
     client.close()
     server.close()
@@ -118,7 +120,7 @@ def test_no_record_is_left_half_read_in_openssl(setup: Setup) -> None:
     got = b""
     while len(got) < len(body) + 100:
         t.up.on_readable()
-        assert t.tls.pending() == 0  # every record read whole
+        assert t.client_tls.pending() == 0  # every record read whole
         setup.server.settimeout(5)
         got += setup.server.recv(1 << 20)
     assert got == b"x" * 100 + body
