@@ -1,21 +1,25 @@
-"""A TLS-terminated tunnel: the client's side through the ``ssl`` module, the server's plain.
+"""Tunnels with TLS on a side: the client's (terminated here), the server's, or both.
 
 Theory of operation
 -------------------
 On a listener with ``[listeners.tls]`` the connection wraps the client's
 socket in a non-blocking :class:`ssl.SSLSocket` (:func:`wrap`), drives the
 handshake from the loop's readiness callbacks and reads the decrypted head
-through it (:mod:`lb.worker.conn`); after the head a :class:`TlsTunnel`
-moves the bytes.  They cannot be spliced: the kernel holds only records, so
-every byte is copied through OpenSSL, in large pieces and never byte by byte
-in Python:
+through it (:mod:`lb.worker.conn`).  To a backend with ``tls = true`` it
+connects, then wraps the server's socket the same way on the client's side
+of TLS (:func:`wrap_client`) and completes that handshake within the
+backend's ``connect_timeout`` before anything is sent.  After the head a
+:class:`TlsTunnel` moves the bytes.  They cannot be spliced: the kernel holds
+only records, so every byte is copied through OpenSSL, in large pieces and
+never byte by byte in Python.  Each direction is a :class:`CopyFlow` (the
+client's, :class:`TlsUp`, also judges later requests as
+:mod:`lb.worker.requests` does):
 
-- up (:class:`TlsUp`, client to server): ``SSL_read`` into the worker's one
-  ``COPY_BYTES`` buffer, record after record, until OpenSSL wants more from
-  the socket or the buffer is full, then one ``write`` to the server;
-- down (:class:`TlsDown`, server to client): one ``readv`` of up to
-  ``COPY_BYTES`` from the server into that buffer, then one ``SSL_write``
-  (OpenSSL cuts it into records).
+- from a TLS side: ``SSL_read`` into the worker's one ``COPY_BYTES`` buffer,
+  record after record, until OpenSSL wants more from the socket or the buffer
+  is full; from a plain side: one ``readv`` of up to ``COPY_BYTES``;
+- to a TLS side: one ``SSL_write`` (OpenSSL cuts it into records); to a plain
+  side: one ``writev``.
 
 The buffer is shared: what a destination does not take at once is copied out
 of it (``pending``) and the flow stops reading its source until the
@@ -23,19 +27,18 @@ destination has taken it (backpressure, as in a splicing flow: the source
 is watched for failure only).  Every ``SSL_read`` is given room for a whole
 record (``MAX_RECORD``): OpenSSL reads records one at a time and returns a
 record's plaintext whole, so it keeps no decrypted byte back that the
-level-triggered readiness of the client's socket would not tell of (a record
-split over two reads would stall until the client sends again).  A
-``SSL_write`` that wants the socket is repeated with the same bytes once it
-is writable, as OpenSSL requires.
+level-triggered readiness of the socket would not tell of (a record split over
+two reads would stall until the peer sends again).  A ``SSL_write`` that wants
+the socket is repeated with the same bytes once it is writable, as OpenSSL
+requires.
 
-End of file: a client's ``close_notify`` or its TCP FIN (a "ragged" end, which
-browsers and curl send) ends the up flow, which half-closes the server; the
-server's end of file sends the client a ``close_notify`` and half-closes it.
-Byte counts are of the plaintext, both ways.
+End of file: a ``close_notify`` or a TCP FIN (a "ragged" end, which browsers
+and curl send) ends a flow, which passes it on as a ``close_notify`` (to a TLS
+side) and a half-close.  Byte counts are of the plaintext, both ways.
 
-A terminated tunnel is never handed to another process on reload: its TLS
-state (keys, sequence numbers) lives in this process's OpenSSL.  It stays in
-the old generation until it ends or the drain rules close it (``movable``).
+A tunnel with TLS on a side is never handed to another process on reload: its
+TLS state (keys, sequence numbers) lives in this process's OpenSSL.  It stays
+in the old generation until it ends or the drain rules close it (``movable``).
 """
 
 from __future__ import annotations
