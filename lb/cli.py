@@ -34,6 +34,7 @@ from lb.config_table import parse_address
 from lb.errors import ConfigError, LBError, NotRunningError
 from lb.rundir import not_writable
 from lb.status import format_table, read_status
+from lb.tls import expiry_warnings
 
 EXIT_NOT_RUNNING = 3  # commands that talk to a running instance, when there is none
 UPGRADE_TIMEOUT = 120.0  # seconds `splicelb upgrade` waits for the new generation
@@ -115,7 +116,7 @@ def check(config_path: str) -> None:
     """Validate the config: exit 0, or 1 with one line per problem.
 
     Warnings (exit 0) are about this host rather than the file: a runtime_dir
-    this user could not write.
+    this user could not write, a TLS certificate that expires within 14 days.
 
     \b
     Example:
@@ -127,6 +128,9 @@ def check(config_path: str) -> None:
     ports = local_ports()
     for warning in capacity_warnings(config, ports) if ports else ():
         click.echo(f"warning: {warning}", err=True)
+    for listener in config.listeners:  # the loader checked that each key matches and is private
+        for warning in expiry_warnings(listener.tls) if listener.tls else ():
+            click.echo(f"warning: {warning}", err=True)
     servers = sum(len(b.servers) for b in config.backends)
     spare = sum(b.spare_servers + b.dns_slots for b in config.backends)
     slots = f", {spare} spare slots" if spare else ""

@@ -27,6 +27,7 @@ from lb.discovery_config import MAX_SPARE, Discovery, parse_discovery
 from lb.errors import ConfigError, ProtocolError
 from lb.proto.tls import normalize_server_name
 from lb.proto.uri import normalize_host, normalize_path
+from lb.tls import ListenerTLS, parse_tls
 
 DEFAULT_CONFIG_PATH = "/etc/splicelb/splicelb.toml"
 DEFAULT_RUNTIME_DIR = "/run/splicelb"
@@ -105,6 +106,7 @@ class Listener:
     client_rate: float = 0.0  # new connections per second; 0 = no limit
     client_burst: int = 0  # new connections at once, the bucket's size (0 only without a rate)
     tls_head_timeout: float = DEFAULT_TLS_HEAD_TIMEOUT  # mode = "tls": the whole ClientHello's
+    tls: ListenerTLS | None = None  # [listeners.tls]: TLS is terminated here (lb.tls)
 
     @property
     def first_bytes_timeout(self) -> float:
@@ -168,11 +170,21 @@ class Backend:
     send_proxy: int = 0  # PROXY protocol version sent to its servers (and checks); 0 = none
     spare_servers: int = 0  # slots for servers added at runtime (splicelb server add)
     discovery: Discovery | None = None  # servers named by DNS, in slots of their own
+    tls: BackendTLS | None = None  # tls = true: its servers are reached over TLS
 
     @property
     def dns_slots(self) -> int:
         """The spare slots reserved for the servers DNS names."""
         return self.discovery.max_servers if self.discovery is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTLS:
+    """``tls = true`` on a backend: how its servers' certificates are checked."""
+
+    ca_file: str = ""  # absolute; trusted besides the system CAs
+    sni: str = ""  # the name sent and verified; "" = each server's address host
+    verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +391,8 @@ def _network_problem(text: str) -> str:
     return f"'{text}' has host bits set; did you mean '{network}'?"
 
 
-def _parse_listener(t: Table, backends: set[Any]) -> Listener:
+def _parse_listener(t: Table, backends: set[Any], base_dir: str) -> Listener:
+    tls_table = t.table("tls")
     listener = Listener(
         name=t.name(),
         bind=t.address("bind"),
@@ -397,7 +410,12 @@ def _parse_listener(t: Table, backends: set[Any]) -> Listener:
         client_rate=(rate := _parse_client_rate(t)),
         client_burst=_parse_client_burst(t, rate),
         tls_head_timeout=t.seconds("tls_head_timeout", DEFAULT_TLS_HEAD_TIMEOUT),
+        tls=None if tls_table is None else parse_tls(tls_table, base_dir),
     )
+    if listener.tls is not None and listener.mode != "http":
+        t.problem("tls", f'terminates TLS on mode = "http" listeners only, not "{listener.mode}"')
+    elif listener.tls is not None and listener.accept_proxy:
+        t.problem("tls", "cannot be combined with accept_proxy (not supported yet)")
     if listener.mode != "tls" and "tls_head_timeout" in t.data:
         t.problem("tls_head_timeout", 'needs mode = "tls" (the ClientHello\'s deadline)')
     if listener.mode == "tls" and "head_timeout" in t.data:
@@ -620,9 +638,30 @@ def _parse_backend(t: Table, base_dir: str) -> Backend:
         send_proxy=_parse_send_proxy(t),
         spare_servers=spare_servers,
         discovery=discovery,
+        tls=_parse_backend_tls(t, base_dir),
     )
     t.finish()
     return backend
+
+
+def _parse_backend_tls(t: Table, base_dir: str) -> BackendTLS | None:
+    """``tls = true`` and its ``ca_file``, ``sni``, ``verify`` (as for health checks)."""
+    on = t.get("tls", (bool,), "a boolean", False) is True
+    ca_file = t.string("ca_file", "")
+    sni = t.string("sni", "")
+    verify = t.get("verify", (bool,), "a boolean", False) is not False
+    if not on:
+        for key in ("ca_file", "sni", "verify"):
+            if key in t.data:
+                t.problem(key, "needs tls = true (its servers reached over TLS)")
+        return None
+    if ca_file:
+        ca_file = os.path.join(base_dir, ca_file)
+        if not os.path.isfile(ca_file):
+            t.problem("ca_file", f"no such file: '{ca_file}'")
+    if sni and (problem := _host_name_problem(sni)):
+        t.problem("sni", problem)
+    return BackendTLS(ca_file, sni, verify)
 
 
 def _parse_source(t: Table) -> tuple[tuple[int, str], ...]:
@@ -662,12 +701,12 @@ def parse_config(data: dict[str, Any], path: str = "<memory>") -> Config:
     root.elsewhere["[global]"] = global_table.keys_read()  # where a misplaced key may belong
     raw_backends = data["backends"] if isinstance(data.get("backends"), list) else []
     backend_names = {b.get("name") for b in raw_backends if isinstance(b, dict)}
+    base_dir = os.getcwd() if path.startswith("<") else os.path.dirname(os.path.abspath(path))
     listeners = _parse_all(
-        root, "listeners", "listener", lambda t: _parse_listener(t, backend_names)
+        root, "listeners", "listener", lambda t: _parse_listener(t, backend_names, base_dir)
     )
     binds = [(f"{t.path}.bind", x.bind.sockaddr, str(x.bind)) for t, x in listeners]
     _check_unique(binds, "bind address", problems)
-    base_dir = os.getcwd() if path.startswith("<") else os.path.dirname(os.path.abspath(path))
     backends = _parse_all(root, "backends", "backend", lambda t: _parse_backend(t, base_dir))
     root.finish()
     if problems:

@@ -200,7 +200,7 @@ def format_table(status: dict[str, Any]) -> str:
             (
                 listener["name"],
                 listener["bind"],
-                listener["mode"],
+                listener["mode"] + (f"+tls ({listener['tls']})" if listener.get("tls") else ""),
                 str(listener["active"]),
                 str(listener["total"]),
             )

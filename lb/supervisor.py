@@ -60,6 +60,7 @@ from lb.pool.shm import Pool
 from lb.rundir import RuntimeDir
 from lb.sockets import SocketTable
 from lb.systemd import Notifier
+from lb.tls import data_path, expiry_warnings
 from lb.upgrade import ChildState, GenerationState, Handoff, check_installed, exec_in_place
 from lb.worker.limits import raise_open_files
 
@@ -145,6 +146,7 @@ class Supervisor:
         raise_open_files()  # the soft limit is often 1024 outside systemd; children inherit it
         self.sockets.prepare(self.config)
         self._plan_descriptors(self.config)
+        self._log_tls(self.config)
         generation = Generation.create(1, self.config, None)
         generation.sockets = self.sockets.counts()
         self.generations[1] = self.current = generation
@@ -477,6 +479,7 @@ class Supervisor:
             self.log.warning("server_dropped", server=what, reason="not carried over by the reload")
         self.notifier.reloading(f"reloading: starting generation {number}")
         self._plan_descriptors(config)
+        self._log_tls(config)
         generation.sockets = self.sockets.counts()
         generation.pool.q[L.H_RELOADS] += 1
         generation.waiters = clients
@@ -493,6 +496,24 @@ class Supervisor:
             self.log.warning(
                 "fd_limit", reason=plan.warning(config.global_.maxconn), limit=plan.limit
             )
+
+    def _log_tls(self, config: Config) -> None:
+        """Say, per terminating listener, how its bytes move (lb.tls.data_path), and which
+        of its certificates expire soon."""
+        for backend in config.backends:
+            if backend.tls is not None and not backend.tls.verify:
+                self.log.warning(
+                    "tls_verify_off",
+                    backend=backend.name,
+                    reason="verify = false: its servers' certificates are not checked",
+                )
+        for lc in config.listeners:
+            if lc.tls is None:
+                continue
+            path, why = data_path()
+            self.log.info("tls_path", listener=lc.name, path=path, reason=why)
+            for warning in expiry_warnings(lc.tls):
+                self.log.warning("tls_cert_expiry", listener=lc.name, problem=warning)
 
     def upgrade(self, conn: socket.socket) -> None:
         """Re-execute this process with the installed code (see lb.upgrade); the client is

@@ -25,6 +25,7 @@ import orjson
 from lb.errors import LBError
 from lb.pool import layout as L
 from lb.pool.spare import Spare, copy_spare
+from lb.tls import data_path
 
 if TYPE_CHECKING:
     from lb.config import Config
@@ -568,7 +569,14 @@ def names_table(config: Config, generation: int) -> dict[str, Any]:
     return {
         "generation": generation,
         "listeners": [
-            {"name": lc.name, "bind": str(lc.bind), "mode": lc.mode} for lc in config.listeners
+            {
+                "name": lc.name,
+                "bind": str(lc.bind),
+                "mode": lc.mode,
+                # how a terminating listener's bytes move (lb.tls)
+                **({} if lc.tls is None else {"tls": data_path()[0]}),
+            }
+            for lc in config.listeners
         ],
         "backends": backends,
         "nservers": index,

@@ -65,6 +65,7 @@ import _socket
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
@@ -84,6 +85,16 @@ from lb.worker.loop import FAILED, Loop
 from lb.worker.requests import RequestFlow, RequestStream
 from lb.worker.runtime import BackendRuntime, ListenerRuntime
 from lb.worker.splice import Flow, Pump, Tunnel, shutdown_write
+from lb.worker.tls import (
+    TlsTunnel,
+    read_tls,
+    release,
+    send_answer,
+    server_failure,
+    tls_reason,
+    wrap,
+    wrap_client,
+)
 
 READ_SIZE = 16 * 1024 + 1
 LINGER_TIMEOUT = 2.0  # seconds we keep reading a client we answered, so it gets the answer
@@ -190,12 +201,15 @@ class Connection:
         "sent_any",
         "server",
         "server_name",
+        "server_tls",
         "sniffer",
         "sock",
         "started",
         "stream",
         "ticket",
         "timeouts",
+        "tls",
+        "tls_ready",
         "tried",
         "tunnel",
         "websocket",
@@ -235,6 +249,9 @@ class Connection:
         self.refused = ""  # why a later request was not forwarded
         self.finished = False
         self.ticket = UNCOUNTED  # where its client's count holds it (lb.pool.clients)
+        self.tls: ssl.SSLSocket | None = None  # a terminating listener's client, until its tunnel
+        self.tls_ready = False  # its handshake is done
+        self.server_tls: ssl.SSLSocket | None = None  # a tls backend's server: ``sock`` too
 
     def start(self) -> None:
         listener = self.listener
@@ -253,7 +270,42 @@ class Connection:
         elif listener.mode == "tls":
             self.hello = HelloReader()
         self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
+        if listener.tls is not None and self.proxy is None:
+            self.tls = wrap(listener.tls, self.fd)
+            self._handshake()
+            return
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
+
+    def _handshake(self) -> None:
+        """Drive the TLS handshake (within ``head_timeout``, with the head), then read the
+        head through it; a client that fails it is closed, and why logged."""
+        tls = self.tls
+        assert tls is not None
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(self._handshake, write=False)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(self._handshake, write=True)
+            return
+        except ssl.SSLError as exc:
+            self._drop(f"TLS handshake failed: {tls_reason(exc)}")
+            return
+        except OSError as exc:
+            self._drop(f"client error in the TLS handshake: {exc.strerror}")
+            return
+        self.tls_ready = True
+        self._wait(self._read_head, write=False)
+        self._read_head()  # the head often came with the handshake's last flight
+
+    def _wait(self, callback: Callable[[], None], write: bool) -> None:
+        """Call ``callback`` when the client's socket is readable (or writable)."""
+        if write:
+            self.loop.set(self.fd, None, callback)
+        else:
+            self.loop.set(self.fd, callback, None)
+        self.reading = True
 
     def admit(self) -> bool:
         """Count the connection against its listener's client limits, if it has any, by
@@ -281,7 +333,8 @@ class Connection:
 
     def _read_head(self) -> None:
         try:
-            data = os.read(self.fd, READ_SIZE)
+            tls = self.tls
+            data = os.read(self.fd, READ_SIZE) if tls is None else read_tls(tls, READ_SIZE)
         except BlockingIOError:
             self._wait_readable()
             return
@@ -439,11 +492,15 @@ class Connection:
         if not listener.forwarded:
             return routed
         host = head.host_field if head.routed is None else head.host.encode()
-        return forwarded_head(routed, self.addr[0], host, listener.trusted)
+        proto = b"http" if listener.tls is None else b"https"
+        return forwarded_head(routed, self.addr[0], host, listener.trusted, proto)
 
     def _head_timeout(self) -> None:
         self._stop_reading()
         timeout = self.listener.head_timeout
+        if self.tls is not None and not self.tls_ready:
+            self._drop(f"TLS handshake not complete within {timeout:g} s")
+            return
         if self.proxy is not None:
             self._drop(f"accept_proxy: no PROXY header within {timeout:g} s")
             return
@@ -567,6 +624,7 @@ class Connection:
     def _close_server(self) -> None:
         """Close the server socket (through the loop: see the module's docstring)."""
         sock, self.sock = self.sock, None
+        self.server_tls = None  # the same socket, if the backend has tls = true
         if sock is not None:
             self.loop.close(sock.detach())
 
@@ -575,13 +633,57 @@ class Connection:
     def _connected(self) -> None:
         sock = self.sock
         assert sock is not None
+        backend = self.backend
+        if backend is not None and backend.tls is not None and self.server_tls is None:
+            self._start_server_tls(sock, backend)
+            return
         if self.head is None and not self.pending:  # mode = "tcp", nothing to send first
             self.sock = None
-            self._open_tunnel(sock.detach())
+            self._open_tunnel(self._server_fd(sock))
             return
         if self.sniffer is not None:  # else tcp, or a retry: the same bytes to another server
             self._first_send()
         self._send_pending()
+
+    def _server_fd(self, sock: _socket.socket) -> int:
+        """The server socket's descriptor, for its tunnel (a TLS socket keeps it: its
+        tunnel releases it)."""
+        return sock.fileno() if self.server_tls is not None else sock.detach()
+
+    def _start_server_tls(self, sock: _socket.socket, backend: BackendRuntime) -> None:
+        """A ``tls = true`` backend: the TLS handshake with the server, within its
+        ``connect_timeout``; a failure counts as a failed connect (another server is
+        tried)."""
+        assert backend.tls is not None and backend.server_names is not None
+        tls = self.server_tls = wrap_client(
+            backend.tls, sock.detach(), backend.server_names[self.server]
+        )
+        self.sock = tls
+        self._arm(backend.connect_timeout, self._server_tls_timeout)
+        self._server_handshake()
+
+    def _server_handshake(self) -> None:
+        tls = self.server_tls
+        assert tls is not None
+        fd = tls.fileno()
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.loop.set(fd, self._server_handshake, None)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.set(fd, None, self._server_handshake)
+            return
+        except (OSError, ValueError) as exc:  # SSLError, a certificate that fails included
+            self._connect_failed(server_failure(exc))
+            return
+        self._disarm()
+        self.loop.set(fd, None, None)
+        self._connected()
+
+    def _server_tls_timeout(self) -> None:
+        assert self.backend is not None
+        self._connect_failed(f"TLS handshake timeout after {self.backend.connect_timeout:g} s")
 
     def _first_send(self) -> None:
         """What goes to the server first: the head, and whatever the client sent after it,
@@ -609,7 +711,7 @@ class Connection:
         assert sock is not None and self.backend is not None
         try:
             sent = sock.send(self.pending) if self.pending else 0
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except OSError as exc:
             if self.sent_any:  # the server has part of it: no retry
@@ -627,9 +729,12 @@ class Connection:
             return
         self._disarm()
         self.sock = None
-        self._open_tunnel(sock.detach())
+        self._open_tunnel(self._server_fd(sock))
 
     def _open_tunnel(self, server_fd: int) -> None:
+        if self.tls is not None or self.server_tls is not None:
+            self._open_tls_tunnel(server_fd)
+            return
         stream = self.stream
         tunnel = self.tunnel = Tunnel(
             self.ctx.pump,
@@ -649,6 +754,30 @@ class Connection:
         requests = self.read_requests(tunnel, stream)
         tunnel.start(speculate=False)
         requests.settle()  # what the first read asks for, beyond its requests forwarded
+
+    def _open_tls_tunnel(self, server_fd: int) -> None:
+        """As ``_open_tunnel``, with TLS on the client's side, the server's or both
+        (:mod:`lb.worker.tls`)."""
+        client_tls, self.tls = self.tls, None
+        server_tls, self.server_tls = self.server_tls, None
+        stream, self.stream = self.stream, None
+        tunnel = self.tunnel = TlsTunnel(
+            self.ctx.pump,
+            self,
+            self.fd,
+            client_tls,
+            server_fd,
+            server_tls,
+            self.listener.tunnel_timeout,
+            stream,
+            self,
+        )
+        self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
+        if self.ctx.max_age is not None:
+            self.ctx.max_age.opened(self, self.listener.index, tunnel.active_at)
+        tunnel.start(speculate=True)  # OpenSSL may hold what came with the head
+        if not tunnel.closed:
+            tunnel.settle()
 
     def read_requests(self, tunnel: Tunnel, stream: RequestStream) -> RequestFlow:
         """The tunnel's client side reads the requests that follow (its up flow is a
@@ -712,14 +841,20 @@ class Connection:
         """Answer with the balancer's own response (http) or just close (tcp); the
         response says ``text`` (default: the ``reason`` that is logged), and
         ``Retry-After`` if ``retry_after`` is given."""
-        if self.listener.mode != "http":  # tcp, tls: nothing the client could read
-            self._drop(reason, status)
+        if self.listener.mode != "http" or (self.listener.tls is not None and not self.tls_ready):
+            self._drop(reason, status)  # tcp, tls, or before TLS: nothing to answer in
             return
-        fd, self.fd = self.fd, -1
-        try:
-            sent = os.write(fd, response(status, text or reason, retry_after))
-        except OSError:
-            sent = 0
+        answer = response(status, text or reason, retry_after)
+        if self.tls is not None:
+            self._stop_reading()  # the handshake's or the head's wait
+            sent = send_answer(self.tls, answer)
+            fd = self._take_fd()
+        else:
+            fd, self.fd = self.fd, -1
+            try:
+                sent = os.write(fd, answer)
+            except OSError:
+                sent = 0
         Linger(self.loop, fd)
         self._count_unread()
         self._finish(status, reason, sent)
@@ -728,9 +863,16 @@ class Connection:
         self._stop_reading()
         self._disarm()
         self._count_unread()
-        fd, self.fd = self.fd, -1
-        self.loop.close(fd)
+        self.loop.close(self._take_fd())
         self._finish(status, reason, 0)
+
+    def _take_fd(self) -> int:
+        """The client's descriptor, no longer this connection's (nor its TLS socket's)."""
+        fd, self.fd = self.fd, -1
+        tls, self.tls = self.tls, None
+        if tls is not None:
+            release(tls)
+        return fd
 
     def _count_unread(self) -> None:
         """Count in ``bytes_in`` what the readers hold: the client is no longer read."""
@@ -774,13 +916,13 @@ class Connection:
                 self.answer(500, reason, "internal error")  # tcp: closed; details: the log
         finally:
             if self.tunnel is None and self.fd >= 0:  # the answer failed too
-                fd, self.fd = self.fd, -1
-                self.loop.close(fd)
+                self.loop.close(self._take_fd())
             self._finish(None, reason, 0)
 
     def _stop_reading(self) -> None:
         if self.reading:
             self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)  # a TLS handshake may wait for write
             self.reading = False
 
     def _arm(self, seconds: float, then: Callable[[], None]) -> None:

@@ -328,7 +328,7 @@ class Worker:
                 waiting = waiting or tunnel is None  # not a tunnel yet: look again soon
                 continue
             assert backend is not None
-            if not backend.handover:
+            if not backend.handover or not tunnel.movable:  # TLS terminated here: it stays
                 continue
             requests = conn.requests
             if requests is not None and not requests.idle:  # only between two requests

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from lb.pool.shm import Pool
 from lb.pool.spare import Spare
 from lb.proto.hashkey import KeyReader
 from lb.route import Router
+from lb.tls import client_context, server_context
 from lb.trusted import TrustedProxies
 
 NO_TRUSTED = TrustedProxies(())
@@ -52,6 +54,7 @@ class ListenerRuntime:
     trusted: TrustedProxies = NO_TRUSTED
     local: tuple[Any, ...] | None = None  # its bind address; None: a wildcard (ask the socket)
     clients: ClientTable | None = None  # its client limits, if it has any
+    tls: ssl.SSLContext | None = None  # [listeners.tls]: its clients' TLS is terminated here
 
 
 @dataclass(slots=True)
@@ -70,6 +73,8 @@ class BackendRuntime:
     # ``source``: the local addresses to connect from, by family, taken in turn
     sources: dict[int, Sources] | None = None
     send_proxy: int = 0  # the PROXY protocol version its servers get first; 0: none
+    tls: ssl.SSLContext | None = None  # tls = true: its servers are reached over TLS ...
+    server_names: dict[int, str] | None = None  # ... the name each is asked for and checked by
 
 
 class Sources:
@@ -157,6 +162,10 @@ def build_backends(config: Config, pool: Pool) -> dict[str, BackendRuntime]:
             ),
             sources=make_sources(bc.source),
             send_proxy=bc.send_proxy,
+            tls=None if bc.tls is None else client_context(bc.tls.ca_file, bc.tls.verify),
+            server_names=(
+                None if bc.tls is None else {i: bc.tls.sni or s.address.host for i, s in pairs}
+            ),
         )
     return backends
 
@@ -200,6 +209,7 @@ def build_listeners(
             trusted=TrustedProxies(lc.trusted_proxies),
             local=None if lc.bind.sockaddr[0] in WILDCARDS else lc.bind.sockaddr,
             clients=clients[i] if clients else None,
+            tls=None if lc.tls is None else server_context(lc.tls),
         )
         for i, lc in enumerate(config.listeners)
     ]

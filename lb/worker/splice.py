@@ -345,6 +345,7 @@ class Tunnel:
         "timeouts",
         "up",
     )
+    movable = True  # it may go to another process on reload (see lb.worker.handover)
 
     def __init__(
         self,
@@ -356,17 +357,18 @@ class Tunnel:
         active_at: float = 0.0,
         keepalive: bool = False,
         up: type[Flow] = Flow,
+        down: type[Flow] | None = None,
     ) -> None:
         """A new tunnel; ``active_at`` and ``keepalive``: one adopted from another process,
         its last byte's time and whether its server socket has keepalive already; ``up``:
         the class of its client-to-server flow (one that reads HTTP requests:
-        :mod:`lb.worker.requests`)."""
+        :mod:`lb.worker.requests`), ``down`` of the other (TLS: :mod:`lb.worker.tls`)."""
         self.pump = pump
         self.loop = pump.loop
         self.free = pump.free
         self.owner: TunnelOwner | None = owner
         self.up = up(self, client, server, "client")
-        self.down = Flow(self, server, client, "server")
+        self.down = (down or Flow)(self, server, client, "server")
         self.closed = False
         self.keepalive = keepalive  # on its server socket, KEEPALIVE_AFTER after it opened
         self.moved = False  # in the pump's set of tunnels to flush
