@@ -42,15 +42,17 @@ Theory of operation: conn lines in batches
 ------------------------------------------
 A worker's ``conn`` lines (one per connection, thousands a second) go out
 in batches: :class:`ConnLog` renders each line at once and appends it to a
-batch, which goes out in one write ``CONN_BATCH_DELAY`` after its first line,
-or at once when the next line would take it over ``MAX_LINE`` bytes (so a
-batch, like a line, stays under PIPE_BUF: whole on a pipe, never mixed with
-another process's lines).  One system call per batch instead of per line
-(nginx's ``access_log ... buffer= flush=``): a write costs more than the
-rendering of the line.  A batch that cannot be written is dropped and its
-lines counted, as single lines are.  A line waits at most
-``CONN_BATCH_DELAY`` (its ``timestamp`` is when it was made); :func:`flush`
-writes what waits before a process ends (a SIGKILL loses it).
+batch, which goes out in one write when the loop's turn that made it ends
+(after every callback of the turn, before the loop waits again), or at once
+when the next line would take it over ``MAX_LINE`` bytes (so a batch, like a
+line, stays under PIPE_BUF: whole on a pipe, never mixed with another
+process's lines).  One system call per batch instead of per line: a write
+costs more than the rendering of the line, and under load one turn finishes
+many connections.  A line is not delayed past its turn (no timer: a reader
+of the log sees it as soon as the worker goes back to waiting).  A batch
+that cannot be written is dropped and its lines counted, as single lines
+are; :func:`flush` writes what waits before a process ends (a SIGKILL loses
+it).
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ _LEVEL_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical
 EventDict = MutableMapping[str, Any]
 
 REPORT_EVERY = 1.0  # seconds: at most one log_dropped line per process in this time
-CONN_BATCH_DELAY = 0.01  # seconds: the longest a conn line waits for its batch's write
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
@@ -349,12 +350,12 @@ class ConnLog:
         self._generation = generation
         self._batch: list[bytes] = []  # lines rendered, not yet written
         self._size = 0  # their bytes
-        self._later: Callable[[float, Callable[[], None]], object] | None = None
+        self._later: Callable[[Callable[[], None]], object] | None = None
 
-    def batch(self, call_later: Callable[[float, Callable[[], None]], object]) -> None:
-        """From now on write lines in batches; ``call_later(delay, callback)`` (the
-        worker's loop's) calls :meth:`flush` when a batch's time is up."""
-        self._later = call_later
+    def batch(self, at_turn_end: Callable[[Callable[[], None]], object]) -> None:
+        """From now on write lines in batches; ``at_turn_end(callback)`` (the worker's
+        loop's) calls :meth:`flush` when the turn that made a batch's first line ends."""
+        self._later = at_turn_end
 
     def __call__(
         self,
@@ -400,7 +401,7 @@ class ConnLog:
         if self._size + len(line) > MAX_LINE and self._batch:
             self.flush()  # the batch would not stay whole on a pipe: it goes first
         elif not self._batch:
-            later(CONN_BATCH_DELAY, self.flush)
+            later(self.flush)
         self._batch.append(line)
         self._size += len(line)
 

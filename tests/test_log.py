@@ -376,17 +376,18 @@ def test_the_count_goes_out_after_the_next_line_written_at_most_once_a_while(
 
 
 class Later:
-    """A loop's ``call_later`` for a ConnLog: keeps what it was asked to call."""
+    """A loop's ``at_turn_end`` for a ConnLog: keeps what it was asked to call."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[float, Callable[[], None]]] = []
+        self.calls: list[Callable[[], None]] = []
 
-    def __call__(self, delay: float, callback: Callable[[], None]) -> None:
-        self.calls.append((delay, callback))
+    def __call__(self, callback: Callable[[], None]) -> None:
+        self.calls.append(callback)
 
     def fire(self) -> None:
+        """The turn ends."""
         calls, self.calls = self.calls, []
-        for _, callback in calls:
+        for callback in calls:
             callback()
 
 
@@ -403,13 +404,13 @@ def batched(writes: list[bytes]) -> tuple[lblog.ConnLog, Later]:
     return conn, later
 
 
-def test_conn_lines_go_out_in_one_write_per_batch_within_the_batch_delay() -> None:
+def test_conn_lines_go_out_in_one_write_per_batch_when_their_turn_ends() -> None:
     writes: list[bytes] = []
     conn, later = batched(writes)
     for _ in range(5):
         conn(**CONN)
     assert writes == []  # they wait for their batch
-    assert [delay for delay, _ in later.calls] == [lblog.CONN_BATCH_DELAY]  # one timer a batch
+    assert len(later.calls) == 1  # one call at the turn's end a batch
     later.fire()
     assert len(writes) == 1
     records = [json.loads(line) for line in writes[0].splitlines()]
@@ -456,7 +457,7 @@ def test_the_lines_that_wait_go_out_before_the_process_ends() -> None:
     r, w = os.pipe()
 
     def first(_log: Any, conn: Any) -> None:
-        conn.batch(lambda _delay, _callback: None)  # a loop that never calls back
+        conn.batch(lambda _callback: None)  # a loop whose turn never ends
         for _ in range(3):
             conn(**CONN)
 

@@ -139,6 +139,7 @@ class Timer:
 
 class Loop:
     __slots__ = (
+        "_after_turn",
         "_armed",
         "_busy_poll",
         "_deferred",
@@ -174,6 +175,7 @@ class Loop:
         self.on_error = on_error
         self._dispatching = False
         self._deferred: list[int] = []
+        self._after_turn: list[Callback] = []  # one-shot, when this turn's callbacks are done
         self._timers: list[Timer] = []
         self._timerfd = TimerFd()
         self._armed = float("inf")  # when the timerfd fires next
@@ -337,12 +339,13 @@ class Loop:
     def run(self) -> None:
         """Turn until :meth:`stop`: wait, then call back every ready descriptor."""
         self._running = True
-        poll, readers, writers, deferred, busy = (
+        poll, readers, writers, deferred, busy, after = (
             self.epoll.poll,
             self.readers,
             self.writers,
             self._deferred,
             self._busy_poll,
+            self._after_turn,
         )
         callback: Callback | None = None
         while self._running:
@@ -371,6 +374,21 @@ class Loop:
                         os.close(deferred.pop())
                     except OSError:
                         pass
+                if after:
+                    self._end_turn()
+
+    def at_turn_end(self, callback: Callback) -> None:
+        """Call ``callback`` once, when the callbacks of this turn are done (before the
+        loop waits again): work that many callbacks of one turn share, done once."""
+        self._after_turn.append(callback)
+
+    def _end_turn(self) -> None:
+        after, self._after_turn = self._after_turn, []
+        for callback in after:
+            try:
+                callback()
+            except Exception as exc:
+                self._failed(-1, callback, exc)
 
     def _spin(self) -> list[tuple[int, int]]:
         """Nothing is ready: poll on for ``busy_poll`` seconds, letting any other

@@ -124,7 +124,7 @@ class Worker:
             on_idle=self._take if workers > 1 else None,
         )
         if isinstance(log_conn, lblog.ConnLog):  # a write per batch of lines, not per line
-            log_conn.batch(loop.call_later)
+            log_conn.batch(loop.at_turn_end)
         self.deadlines = Deadlines(loop, DEADLINE_GRID, self._error)
         self.closer = Closer(loop, self._error)
         plan = plan_for_worker(workers)  # against the user's pipe budget: see lb.worker.pipes

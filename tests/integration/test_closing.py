@@ -209,7 +209,7 @@ def test_on_server_down_close_closes_the_tunnels_of_a_server_in_maint_spread_and
         assert times[-1] <= marked + 1 + 2 + LATE, times[-1] - marked
         assert times[-1] - times[0] > 0.5, times  # spread, not at one instant
         assert alive(draining) and alive(on_b)
-        lines = lb.conns()
+        lines = lb.wait_conns(len(leaving))
         assert [c["reason"] for c in lines] == ["server in maint"] * len(leaving)
         assert {c["server"] for c in lines} == {"a1"}
     finally:
@@ -248,7 +248,7 @@ def test_on_server_down_close_closes_the_tunnels_of_a_server_whose_checks_fail(
         downs = [r for r in lb.events("server_state") if r["to"] == "down"]
         assert [r["server"] for r in downs] == ["a1"]
         assert alive(staying) and alive(on_b)
-        lines = lb.conns()
+        lines = lb.wait_conns(len(leaving))
         assert [c["reason"] for c in lines] == ["server down"] * len(leaving)
     finally:
         close_all(on_a + on_b)

@@ -8,7 +8,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -339,3 +339,34 @@ def test_on_idle_runs_between_busy_polls_and_never_wakes_the_loop(busy_poll: flo
         sock.close()
     assert len(clients) == 1
     assert len(taken) == (1 if busy_poll else 0)
+
+
+def test_at_turn_end_runs_once_after_every_callback_of_the_turn() -> None:
+    """Work the callbacks of one turn share (the conn lines' write) is done once, after
+    all of them, and a failing one is reported without stopping the others."""
+    errors: list[BaseException] = []
+    loop = Loop(on_error=errors.append)
+    order: list[str] = []
+    pipes = [os.pipe() for _ in range(3)]
+
+    def reader(i: int, fd: int) -> Callable[[], None]:
+        def read() -> None:
+            os.read(fd, 1)
+            order.append(f"read {i}")
+            if i == 0:
+                loop.at_turn_end(lambda: order.append("end"))
+                loop.at_turn_end(lambda: 1 / 0)
+                loop.at_turn_end(loop.stop)
+
+        return read
+
+    for i, (r, w) in enumerate(pipes):
+        loop.add_reader(r, reader(i, r))
+        os.write(w, b"x")
+    loop.run()
+    assert sorted(order[:3]) == ["read 0", "read 1", "read 2"]  # one turn: all were ready
+    assert order[3:] == ["end"]
+    assert [type(e) for e in errors] == [ZeroDivisionError]
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
