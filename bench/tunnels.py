@@ -9,9 +9,16 @@ idle WebSocket tunnels open, then with ``--tunnels``:
   (``bench.clients rtt``: p50, p99, p99.9, the longest, and the median over
   the run's seconds of each second's longest: a stall the worker makes once a
   second, such as a sweep of its tunnels, shows there, one of the machine's
-  only in the longest);
+  only in the longest).  The probe goes through a listener and an echo
+  server of its own, which hold no idle tunnel (through the same worker
+  process when there is one worker), and the same round trips to that
+  echo server directly, before the balancer starts, are what the machine
+  itself does;
 - the workers' CPU while nothing moves, over ``--idle-seconds`` (each
-  worker's share of one core; the busiest worker's is the figure);
+  worker's share of one core; the busiest worker's is the figure), then,
+  over as long again, each worker's longest loop turn (``strace -T`` of its
+  ``epoll_wait``: from one returning to the next starting), the stall its
+  own periodic work makes however many tunnels it holds;
 - the balancer's resident memory (all its processes), and from the two
   measurements the memory each idle tunnel costs.
 
@@ -29,8 +36,12 @@ Writes ``bench/results/<time>-tunnels.{json,md}`` and prints the table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -88,7 +99,11 @@ def config(
     servers: list[int],
     maxconn: int,
     log_level: str = "warning",
+    probe: tuple[int, int] | None = None,
 ) -> str:
+    """``probe``: (front port, echo port) of a listener and backend of their own for the
+    round-trip probe, so that its server holds no idle tunnel (its stalls are not the
+    balancer's)."""
     text = textwrap.dedent(f"""\
         [global]
         workers = {workers}
@@ -108,6 +123,21 @@ def config(
         """)
     for index, server in enumerate(servers):
         text += f'\n[[backends.servers]]\nname = "e{index}"\naddress = "{HOST}:{server}"\n'
+    if probe is not None:
+        front, echo = probe
+        text += textwrap.dedent(f"""
+            [[listeners]]
+            name = "probe"
+            bind = "{HOST}:{front}"
+            default_backend = "probe"
+
+            [[backends]]
+            name = "probe"
+
+            [[backends.servers]]
+            name = "p0"
+            address = "{HOST}:{echo}"
+            """)
     return text
 
 
@@ -147,6 +177,35 @@ def cpu_shares(pids: list[int], seconds: float) -> list[float]:
     return [round(100 * (a - b) / seconds, 3) for a, b in zip(after, before, strict=True)]
 
 
+EPOLL_WAIT = re.compile(r"(\d+\.\d+) epoll_wait\(.*<(\d+\.\d+)>$")
+
+
+def longest_turns(pids: list[int], seconds: float, tmp: Path) -> list[float] | None:
+    """Each worker's longest loop turn over ``seconds`` (ms): the time from one
+    ``epoll_wait`` returning to the next one starting, from ``strace -ttt -T`` (which
+    slows the turn's system calls, so this is an upper bound).  None without strace."""
+    if shutil.which("strace") is None:
+        return None
+    outs = [tmp / f"turns-{pid}.txt" for pid in pids]
+    tracers = [
+        subprocess.Popen(
+            ["strace", "-ttt", "-T", "-e", "trace=epoll_wait", "-p", str(pid), "-o", str(out)],
+            stderr=subprocess.DEVNULL,
+        )
+        for pid, out in zip(pids, outs, strict=True)
+    ]
+    time.sleep(seconds)
+    longest = []
+    for tracer, out in zip(tracers, outs, strict=True):
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+        waits = [m for line in out.read_text().splitlines() if (m := EPOLL_WAIT.match(line))]
+        ends = [(float(m[1]), float(m[1]) + float(m[2])) for m in waits]
+        gaps = [start - end for (_, end), (start, _) in itertools.pairwise(ends)]
+        longest.append(round(max(gaps, default=0.0) * 1000, 3))
+    return longest
+
+
 def round_trips(port: int, count: int) -> dict[str, float]:
     argv = ["-m", "bench.clients", "rtt", "--port", str(port), "--sizes", f"64:{count}"]
     done = subprocess.run(
@@ -163,13 +222,24 @@ def round_trips(port: int, count: int) -> dict[str, float]:
     return result
 
 
-def measure(port: int, runtime: Path, lb: Proc, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    probe: int, runtime: Path, lb: Proc, args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
+    """The workers' idle CPU and longest idle turn, the balancer's memory, and round trips
+    through ``probe``."""
     time.sleep(SETTLE)
     pids = worker_pids(runtime)
     cpu = cpu_shares(pids, args.idle_seconds)
+    turns = longest_turns(pids, args.idle_seconds, tmp)
     rss = sum(p.memory_info().rss for p in lb.tree())
-    rtt = round_trips(port, args.round_trips)
-    return {"workers_cpu_pct": cpu, "busiest_worker_cpu_pct": max(cpu), "rss": rss, "rtt64": rtt}
+    rtt = round_trips(probe, args.round_trips)
+    return {
+        "workers_cpu_pct": cpu,
+        "busiest_worker_cpu_pct": max(cpu),
+        "longest_idle_turn_ms": max(turns) if turns else None,
+        "rss": rss,
+        "rtt64": rtt,
+    }
 
 
 def run(tmp: Path, args: argparse.Namespace) -> str:
@@ -180,25 +250,30 @@ def run(tmp: Path, args: argparse.Namespace) -> str:
     servers = [
         start_echo(math.ceil(per_server / PER_BACKEND_PROC), tmp, i) for i in range(nservers)
     ]
+    probe_echo = start_echo(1, tmp, nservers)  # the probe's server: no idle tunnel on it
+    log("round trips to the probe's echo backend itself: the machine's own stalls")
+    direct = round_trips(probe_echo, args.round_trips)
     workdir, runtime = splicelb_workdir(tmp, "splicelb")
-    port = free_port()
+    port, probe = free_port(), free_port()
     path = workdir / "splicelb.toml"
-    path.write_text(config(runtime, workers, port, servers, total + 1000))
+    path.write_text(
+        config(runtime, workers, port, servers, total + 1000, probe=(probe, probe_echo))
+    )
     lb = Proc("splicelb", splicelb_argv(path, workdir), workdir)
-    wait_listening(lb, [port], "splicelb")
+    wait_listening(lb, [port, probe], "splicelb")
     wait_until(lambda: len(worker_pids(runtime)) == workers or None, 60, "the workers")
     log(f"{workers} workers, {nservers} echo servers; {BASELINE} tunnels")
     clients = open_idle(port, BASELINE, PER_CLIENT)
-    result: dict[str, Any] = {"workers": workers, "servers": nservers}
+    result: dict[str, Any] = {"workers": workers, "servers": nservers, "direct": direct}
     try:
-        result["baseline"] = {"tunnels": BASELINE, **measure(port, runtime, lb, args)}
+        result["baseline"] = {"tunnels": BASELINE, **measure(probe, runtime, lb, args, tmp)}
         log(f"opening {args.tunnels} more")
         sources = [f"127.0.0.{2 + i // CLIENTS_PER_SOURCE}" for i in range(64)]
         started = time.monotonic()
         clients += open_idle(port, args.tunnels, PER_CLIENT, sources)
         result["open_s"] = round(time.monotonic() - started, 1)
         tunnels = BASELINE + args.tunnels
-        result["loaded"] = {"tunnels": tunnels, **measure(port, runtime, lb, args)}
+        result["loaded"] = {"tunnels": tunnels, **measure(probe, runtime, lb, args, tmp)}
     finally:
         close_idle(clients)
     base, loaded = result["baseline"], result["loaded"]
@@ -213,14 +288,21 @@ def run(tmp: Path, args: argparse.Namespace) -> str:
 def report(result: dict[str, Any]) -> str:
     rows = [
         "| open tunnels | 64 B round trip p50 | p99 | p99.9 | max | a second's longest (median)"
-        " | busiest worker's idle CPU |"
+        " | busiest worker's idle CPU | its longest idle turn |"
     ]
-    rows.append("|---:|---:|---:|---:|---:|---:|---:|")
+    rows.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    points = ("p50_us", "p99_us", "p999_us", "max_us", "second_max_p50_us")
+    if "direct" in result:  # the echo backend without the balancer
+        times = " | ".join(f"{result['direct'][p]:.1f} µs" for p in points)
+        rows.append(f"| none (the echo backend directly) | {times} | | |")
     for key in ("baseline", "loaded"):
         r, rtt = result[key], result[key]["rtt64"]
-        points = ("p50_us", "p99_us", "p999_us", "max_us", "second_max_p50_us")
         times = " | ".join(f"{rtt[p]:.1f} µs" for p in points)
-        rows.append(f"| {r['tunnels']:,} | {times} | {r['busiest_worker_cpu_pct']:.2f}% |")
+        turn = r.get("longest_idle_turn_ms")
+        turn_text = "" if turn is None else f"{turn:.3f} ms"
+        rows.append(
+            f"| {r['tunnels']:,} | {times} | {r['busiest_worker_cpu_pct']:.2f}% | {turn_text} |"
+        )
     return (
         f"{result['workers']} workers, {result['servers']} echo servers;"
         f" p99 ratio {result['p99_ratio']}, p50 ratio {result['p50_ratio']};"
