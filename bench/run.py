@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         latest = not (args.smoke or args.haproxy_busy_polling)  # latest: the setup
         latest = latest and (args.splicelb, args.against) == ("splicelb", "haproxy")
+        latest = latest and set(args.only) == set(KINDS)  # a full run: the README cites it
         paths = report.write(result, args.out, stamp, latest=latest)
         print(report.markdown(result))
         log(f"wrote {', '.join(str(p) for p in paths.values())}")
