@@ -57,6 +57,7 @@ it).
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import socket
@@ -423,6 +424,11 @@ class ConnLog:
             sink.missed(data, written, lines)
 
 
+# The conn line's fields that every connection has, in the order a worker passes them:
+# ConnLog's parameters (the console format's logger names them from here).
+CONN_FIELDS = tuple(inspect.signature(ConnLog.__call__).parameters)[1:-1]  # not self, sni
+
+
 def conn_logger(logger: Any, role: str, generation: int, *, level: str, fmt: str) -> Any:
     """What a worker calls once per connection, with the fields of :class:`ConnLog`
     in its order (positional: a call with ten keywords costs more than the line's
@@ -437,36 +443,11 @@ def conn_logger(logger: Any, role: str, generation: int, *, level: str, fmt: str
         _conn_log = ConnLog(role, generation, _sink)
         return _conn_log
 
-    def console(
-        client: str,
-        listener: str,
-        backend: str | None,
-        server: str | None,
-        websocket: bool,
-        status: int | None,
-        bytes_in: int,
-        bytes_out: int,
-        duration_ms: float,
-        reason: str,
-        sni: str | bool | None = False,
-    ) -> None:
-        fields: dict[str, Any] = {}
+    def console(*values: Any, sni: str | bool | None = False) -> None:
+        fields = dict(zip(CONN_FIELDS, values, strict=True))
         if sni is not False:
             fields["sni"] = sni
-        logger.info(
-            "conn",
-            client=client,
-            listener=listener,
-            backend=backend,
-            server=server,
-            websocket=websocket,
-            status=status,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            duration_ms=duration_ms,
-            reason=reason,
-            **fields,
-        )
+        logger.info("conn", **fields)
 
     return console
 

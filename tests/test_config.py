@@ -737,11 +737,16 @@ CASES = [
         config(listener='mode = "tcp"', route='[[listeners.routes]]\nbackend = "app"'),
         'listeners[0].routes: needs mode = "http" (a tcp listener does not read the request)',
     ),
-    (
-        config(listener='mode = "tcp"\nallowed_origins = ["https://a.com"]'),
-        'listeners[0].allowed_origins: needs mode = "http" '
-        "(a tcp listener does not read the request)",
-    ),
+    # what only an http listener reads, on a tcp or a tls listener
+    *[
+        (
+            config(listener=f'mode = "{mode}"\n{key} = {value}'),
+            f'listeners[0].{key}: needs mode = "http" '
+            f"(a {mode} listener does not read the request)",
+        )
+        for mode in ("tcp", "tls")
+        for key, value in (("allowed_origins", '["https://a.com"]'), ("forwarded_headers", "true"))
+    ],
     (
         config(listener='allowed_origins = ["https://a.com", "a.com"]'),
         "listeners[0].allowed_origins[1]: expected scheme://host[:port] or 'null', got 'a.com'",
@@ -939,11 +944,6 @@ CASES = [
         "listeners[0].forwarded_headers: expected a boolean, got string 'yes'",
     ),
     (
-        config(listener='mode = "tcp"\nforwarded_headers = true'),
-        'listeners[0].forwarded_headers: needs mode = "http" (a tcp listener does not read the'
-        " request)",
-    ),
-    (
         config(listener='trusted_proxies = ["10.0.0.1/8"]'),
         "listeners[0].trusted_proxies[0]: '10.0.0.1/8' has host bits set;"
         " did you mean '10.0.0.0/8'?",
@@ -1028,16 +1028,6 @@ CASES = [
     (
         config(listener='mode = "tls"', route='[[listeners.routes]]\nbackend = "app"\nsni = 1'),
         "listeners[0].routes[0].sni: expected a string, got integer 1",
-    ),
-    (
-        config(listener='mode = "tls"\nallowed_origins = ["https://a.com"]'),
-        'listeners[0].allowed_origins: needs mode = "http" '
-        "(a tls listener does not read the request)",
-    ),
-    (
-        config(listener='mode = "tls"\nforwarded_headers = true'),
-        'listeners[0].forwarded_headers: needs mode = "http" '
-        "(a tls listener does not read the request)",
     ),
     (
         config(listener='mode = "tls"\nhead_timeout = 3'),

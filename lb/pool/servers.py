@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 
 from lb.pool import layout as L
-from lb.pool.shm import Pool
+from lb.pool.shm import Pool, read_locked, write_locked
 from lb.pool.spare import Spare
 
 
@@ -69,20 +69,19 @@ def write(pool: Pool, server: int, spare: Spare) -> None:
     base, q, d = _record(pool, server), pool.q, pool.d
     packed = socket.inet_pton(spare.family, spare.host) if spare.host else b""
     name = spare.name.encode()[: L.NAME_BYTES]
-    seq = (q[base + L.D_SEQ] + 1) | 1
-    q[base + L.D_SEQ] = seq  # odd: readers wait
-    q[base + L.D_STATE] = L.SPARE_USED if spare.used else L.SPARE_FREE
-    q[base + L.D_EPOCH] = spare.epoch
-    q[base + L.D_WEIGHT] = spare.weight
-    q[base + L.D_PORT] = spare.port
-    q[base + L.D_FAMILY] = spare.family
-    q[base + L.D_SOURCE] = spare.source
-    d[base + L.D_ADDED_AT] = spare.added_at
-    d[base + L.D_FREED_AT] = spare.freed_at
-    at = base * 8
-    pool.raw[at + L.D_HOST_OFF : at + L.D_HOST_OFF + 16] = packed.ljust(16, b"\0")
-    pool.raw[at + L.D_NAME_OFF : at + L.D_NAME_OFF + L.NAME_BYTES] = name.ljust(L.NAME_BYTES, b"\0")
-    q[base + L.D_SEQ] = seq + 1
+    with write_locked(q, base + L.D_SEQ):
+        q[base + L.D_STATE] = L.SPARE_USED if spare.used else L.SPARE_FREE
+        q[base + L.D_EPOCH] = spare.epoch
+        q[base + L.D_WEIGHT] = spare.weight
+        q[base + L.D_PORT] = spare.port
+        q[base + L.D_FAMILY] = spare.family
+        q[base + L.D_SOURCE] = spare.source
+        d[base + L.D_ADDED_AT] = spare.added_at
+        d[base + L.D_FREED_AT] = spare.freed_at
+        at = base * 8
+        pool.raw[at + L.D_HOST_OFF : at + L.D_HOST_OFF + 16] = packed.ljust(16, b"\0")
+        name_at = at + L.D_NAME_OFF
+        pool.raw[name_at : name_at + L.NAME_BYTES] = name.ljust(L.NAME_BYTES, b"\0")
 
 
 def raw(pool: Pool, server: int) -> Spare:
@@ -197,14 +196,12 @@ def _answer_at(pool: Pool, backend: int) -> int:
 
 def write_answer(pool: Pool, backend: int, answer: Answer) -> None:
     base, q, d = _answer_at(pool, backend), pool.q, pool.d
-    seq = (q[base + L.G_SEQ] + 1) | 1
-    q[base + L.G_SEQ] = seq
-    d[base + L.G_OK_AT] = answer.ok_at
-    q[base + L.G_FAILURES] = answer.failures
-    q[base + L.G_SERVERS] = answer.servers
-    at = base * 8 + L.G_TEXT_OFF
-    pool.raw[at : at + L.TEXT_BYTES] = L.encode_text(answer.text)
-    q[base + L.G_SEQ] = seq + 1
+    with write_locked(q, base + L.G_SEQ):
+        d[base + L.G_OK_AT] = answer.ok_at
+        q[base + L.G_FAILURES] = answer.failures
+        q[base + L.G_SERVERS] = answer.servers
+        at = base * 8 + L.G_TEXT_OFF
+        pool.raw[at : at + L.TEXT_BYTES] = L.encode_text(answer.text)
 
 
 def read_answer(pool: Pool, backend: int) -> Answer | None:
@@ -212,20 +209,17 @@ def read_answer(pool: Pool, backend: int) -> Answer | None:
     if not pool.geometry.spare_off or backend >= pool.geometry.nbackends:
         return None
     base, q, d = _answer_at(pool, backend), pool.q, pool.d
-    for _ in range(40):
-        seq = q[base + L.G_SEQ]
-        if not seq & 1:
-            at = base * 8 + L.G_TEXT_OFF
-            answer = Answer(
-                float(d[base + L.G_OK_AT]),
-                int(q[base + L.G_FAILURES]),
-                int(q[base + L.G_SERVERS]),
-                L.decode_text(bytes(pool.raw[at : at + L.TEXT_BYTES])),
-            )
-            if q[base + L.G_SEQ] == seq:
-                return answer
-        time.sleep(0.00025)
-    return None
+    at = base * 8 + L.G_TEXT_OFF
+    return read_locked(
+        q,
+        base + L.G_SEQ,
+        lambda: Answer(
+            float(d[base + L.G_OK_AT]),
+            int(q[base + L.G_FAILURES]),
+            int(q[base + L.G_SERVERS]),
+            L.decode_text(bytes(pool.raw[at : at + L.TEXT_BYTES])),
+        ),
+    )
 
 
 # -- reload ---------------------------------------------------------------------

@@ -16,9 +16,9 @@ import os
 import secrets
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -38,6 +38,34 @@ if TYPE_CHECKING:
 READ_TRIES = 40
 READ_PAUSE = 0.00025  # seconds; a sleep, so a preempted writer on our CPU can finish
 CARRIED_UNREADABLE = "the carried totals are unreadable: their last write never finished"
+
+T = TypeVar("T")
+
+
+def read_locked(q: memoryview[int], seq_at: int, copy: Callable[[], T]) -> T | None:
+    """A sequence lock's read (see :mod:`lb.pool.layout`): what ``copy()`` returned while
+    the word at ``seq_at`` held the same even value before and after, or None when it
+    stays odd (its writer died mid-write) or never settles, after ``READ_TRIES`` tries."""
+    for _ in range(READ_TRIES):
+        seq = q[seq_at]
+        if not seq & 1:
+            value = copy()
+            if q[seq_at] == seq:
+                return value
+        time.sleep(READ_PAUSE)
+    return None
+
+
+@contextlib.contextmanager
+def write_locked(q: memoryview[int], seq_at: int) -> Iterator[None]:
+    """A sequence lock's write, for the record's one writer: the stores made inside go
+    out under an odd sequence.  The first store is odd even if a writer that died
+    mid-write left the sequence odd, so the last one leaves it even, and unlike the
+    even value a reader may have seen before.  A write that raises leaves it odd."""
+    seq = (q[seq_at] + 1) | 1
+    q[seq_at] = seq  # odd: readers wait
+    yield
+    q[seq_at] = seq + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,49 +220,31 @@ class Pool:
         return float(self.d[geo.record(server) + geo.up_at]) if geo.up_at >= 0 else 0.0
 
     def read_record(self, server: int) -> HealthRecord | None:
-        """A consistent copy of one record, or None if it stays unreadable.
-
-        Sequence lock: the copy counts if the sequence was the same even value
-        before and after it.  A record whose sequence stays odd (its writer died
-        mid-write) or never settles is reported after ``READ_TRIES`` tries.
-        """
+        """A consistent copy of one record, or None if it stays unreadable
+        (:func:`read_locked`)."""
         base = self.geometry.record(server)
-        q = self.q
-        for _ in range(READ_TRIES):
-            seq = q[base + L.R_SEQ]
-            if not seq & 1:
-                record = self._copy(base)
-                if q[base + L.R_SEQ] == seq:
-                    return record
-            time.sleep(READ_PAUSE)
-        return None
+        return read_locked(self.q, base + L.R_SEQ, lambda: self._copy(base))
 
     def write_record(self, server: int, record: HealthRecord) -> None:
-        """Publish a record; bumps ``health_version`` if the health changed.
-
-        Only the record's one writer calls this.  The first store is odd even if
-        a writer that died mid-write left the sequence odd, so the last one
-        leaves it even, and unlike the even value a reader may have seen before.
-        """
+        """Publish a record (:func:`write_locked`; only the record's one writer calls
+        this); bumps ``health_version`` if the health changed."""
         base = self.geometry.record(server)
         q, d = self.q, self.d
         text = L.encode_text(record.text)
         changed = q[base + L.R_HEALTH] != record.health
-        seq = (q[base + L.R_SEQ] + 1) | 1
-        q[base + L.R_SEQ] = seq  # odd: readers wait
-        q[base + L.R_HEALTH] = record.health
-        q[base + L.R_RISE_COUNT] = record.rise_count
-        q[base + L.R_FALL_COUNT] = record.fall_count
-        d[base + L.R_CHECKED_AT] = record.checked_at
-        d[base + L.R_CHANGED_AT] = record.changed_at
-        d[base + L.R_LATENCY] = record.latency
-        q[base + L.R_CHECKS] = record.checks
-        d[base + L.R_OK_AT] = record.ok_at
-        if self.geometry.up_at >= 0:
-            d[base + self.geometry.up_at] = record.up_at
-        text_at = base * 8 + self.geometry.text_off
-        self.raw[text_at : text_at + L.TEXT_BYTES] = text
-        q[base + L.R_SEQ] = seq + 1
+        with write_locked(q, base + L.R_SEQ):
+            q[base + L.R_HEALTH] = record.health
+            q[base + L.R_RISE_COUNT] = record.rise_count
+            q[base + L.R_FALL_COUNT] = record.fall_count
+            d[base + L.R_CHECKED_AT] = record.checked_at
+            d[base + L.R_CHANGED_AT] = record.changed_at
+            d[base + L.R_LATENCY] = record.latency
+            q[base + L.R_CHECKS] = record.checks
+            d[base + L.R_OK_AT] = record.ok_at
+            if self.geometry.up_at >= 0:
+                d[base + self.geometry.up_at] = record.up_at
+            text_at = base * 8 + self.geometry.text_off
+            self.raw[text_at : text_at + L.TEXT_BYTES] = text
         if changed:
             q[L.H_HEALTH_VERSION] += 1
 
@@ -318,15 +328,8 @@ class Pool:
         if not 0 <= slot < geo.nspare:
             return None
         base = geo.spare_off + L.SPARE_HEADER_WORDS + slot * L.SPARE_WORDS
-        q = self.q
-        for _ in range(READ_TRIES):
-            seq = q[base + L.D_SEQ]
-            if not seq & 1:
-                spare = self._spare_copy(server, base)
-                if q[base + L.D_SEQ] == seq:
-                    return spare if spare.used else None
-            time.sleep(READ_PAUSE)
-        return None
+        spare = read_locked(self.q, base + L.D_SEQ, lambda: self._spare_copy(server, base))
+        return spare if spare is not None and spare.used else None
 
     def _spare_copy(self, server: int, base: int) -> Spare:
         return copy_spare(self.q, self.d, self.raw, server, base)
@@ -368,15 +371,8 @@ class Pool:
         """One consistent copy of the carried block, or None if it stays mid-write
         (its writer died in it), after the same bounded patience as a health record."""
         base, size = self.geometry.carried_off, self.geometry.carried_words
-        q = self.q
-        for _ in range(READ_TRIES):
-            seq = q[base + L.K_SEQ]
-            if not seq & 1:
-                words = q[base : base + size].tolist()
-                if q[base + L.K_SEQ] == seq:
-                    return words
-            time.sleep(READ_PAUSE)
-        return None
+        block = self.q[base : base + size]  # a view: each tolist() reads the words anew
+        return read_locked(self.q, base + L.K_SEQ, block.tolist)
 
     def carry_from(self, previous: Pool) -> None:
         """Start this new pool's carried block from ``previous``'s, by names, before
@@ -413,12 +409,10 @@ class Pool:
         return self.q[base : base + self.geometry.carried_words].tolist()
 
     def _write_carried(self, words: list[int]) -> None:
-        """Store the whole block under its sequence lock (as ``write_record`` does)."""
+        """Store the whole block under its sequence lock."""
         base, q = self.geometry.carried_off, self.q
-        seq = (q[base + L.K_SEQ] + 1) | 1
-        q[base + L.K_SEQ] = seq  # odd: readers wait
-        q[base + 1 : base + len(words)] = array("Q", words[1:])
-        q[base + L.K_SEQ] = seq + 1
+        with write_locked(q, base + L.K_SEQ):
+            q[base + 1 : base + len(words)] = array("Q", words[1:])
 
     # -- reading the workers' slots ------------------------------------------
 

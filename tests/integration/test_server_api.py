@@ -134,10 +134,9 @@ def test_servers_added_and_removed_under_load_lose_no_connection_and_take_their_
 
 
 def test_added_servers_survive_a_reload_and_a_weight_change_takes_effect(
-    procs: list[Proc], start_lb: Callable[..., SpliceLB]
+    start_lb: Callable[..., SpliceLB], echo_pair: tuple[EchoBackend, EchoBackend]
 ) -> None:
-    a, b = EchoBackend("echo1"), EchoBackend("echo2")
-    procs += [a, b]
+    a, b = echo_pair
     port = free_port()
     admin = f"127.0.0.1:{free_port()}"
     text = config(
@@ -211,10 +210,9 @@ def test_bad_requests_get_clear_answers(
 
 
 def test_an_added_server_takes_no_traffic_before_it_passes_its_check(
-    procs: list[Proc], start_lb: Callable[..., SpliceLB]
+    start_lb: Callable[..., SpliceLB], echo_pair: tuple[EchoBackend, EchoBackend]
 ) -> None:
-    a, b = EchoBackend("echo1"), EchoBackend("echo2")
-    procs += [a, b]
+    a, b = echo_pair
     port = free_port()
     health = '[backends.health]\ntype = "http"\npath = "/healthz"\ninterval = 0.5\ntimeout = 0.5\n'
     text = config(

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import threading
 import time
@@ -37,6 +36,7 @@ from tests.integration.harness import (
     listener,
     wait_until,
 )
+from tests.proto.test_tls import refragment
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -229,14 +229,7 @@ def in_records_of(size: int) -> Callable[[socket.socket, bytes], None]:
     with a post-quantum key share, or one that fragments, sends it)."""
 
     def send(sock: socket.socket, hello: bytes) -> None:
-        message = b""
-        at = 0
-        while at < len(hello):
-            length = struct.unpack_from("!H", hello, at + 3)[0]
-            message += hello[at + 5 : at + 5 + length]
-            at += 5 + length
-        chunks = [message[i : i + size] for i in range(0, len(message), size)]
-        sock.sendall(b"".join(b"\x16\x03\x01" + struct.pack("!H", len(c)) + c for c in chunks))
+        sock.sendall(refragment(hello, size))
 
     return send
 

@@ -43,6 +43,7 @@ from tests.integration.harness import (
     free_port,
     wait_until,
 )
+from tests.test_tls import pair
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,15 +68,6 @@ class Certs:
         return context
 
 
-def write_pair(ca: trustme.CA, directory: Path, stem: str, *names: str) -> tuple[Path, Path]:
-    leaf = ca.issue_cert(*names)
-    cert_file, key_file = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    key_file.write_bytes(leaf.private_key_pem.bytes())
-    key_file.chmod(0o600)
-    return cert_file, key_file
-
-
 @pytest.fixture
 def certs(tmp_path: Path) -> Certs:
     ca = trustme.CA()
@@ -83,8 +75,8 @@ def certs(tmp_path: Path) -> Certs:
     directory.mkdir()
     ca_file = directory / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    cert_file, key_file = write_pair(ca, directory, "default", "localhost", "127.0.0.1")
-    other_cert, other_key = write_pair(ca, directory, "other", "other.test")
+    cert_file, key_file = pair(ca, directory, "default", "localhost", "127.0.0.1")
+    other_cert, other_key = pair(ca, directory, "other", "other.test")
     return Certs(directory, ca, ca_file, cert_file, key_file, other_cert, other_key)
 
 
@@ -104,6 +96,28 @@ def echo(procs: list[Proc]) -> EchoBackend:
     backend_proc = EchoBackend("echo1")
     procs.append(backend_proc)
     return backend_proc
+
+
+StartEcho = Callable[..., tuple[SpliceLB, int]]
+
+
+@pytest.fixture
+def echo_lb(start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs) -> StartEcho:
+    """Start splicelb with its tls listener (``tls_listener``) in front of the echo
+    backend: the balancer and the listener's port."""
+
+    def start(
+        extra: str = "", tls_extra: str = "", workers: int = 1, drain_timeout: float = 5
+    ) -> tuple[SpliceLB, int]:
+        port = free_port()
+        text = config(
+            tls_listener(port, "echo", certs, extra, tls_extra),
+            backend("echo", [("e1", echo.address)]),
+            drain_timeout=drain_timeout,
+        )
+        return start_lb(text, workers=workers), port
+
+    return start
 
 
 def no_worker_errors(lb: SpliceLB) -> None:
@@ -157,14 +171,8 @@ def ws_refused(url: str, context: ssl.SSLContext | None, **options: Any) -> int:
 # -- the data path -------------------------------------------------------------------
 
 
-def test_wss_echoes_64_bytes_to_16_mib_byte_for_byte(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
-) -> None:
-    port = free_port()
-    lb = start_lb(
-        config(tls_listener(port, "echo", certs), backend("echo", [("e1", echo.address)])),
-        workers=1,
-    )
+def test_wss_echoes_64_bytes_to_16_mib_byte_for_byte(echo_lb: StartEcho, certs: Certs) -> None:
+    lb, port = echo_lb()
     tls_path = lb.events("tls_path")
     assert [(e["listener"], e["path"]) for e in tls_path] == [("wss", "copy")]
     assert "kernel TLS" in tls_path[0]["reason"]
@@ -184,14 +192,10 @@ def test_wss_echoes_64_bytes_to_16_mib_byte_for_byte(
 
 
 def test_many_wss_tunnels_at_once_each_echo_their_own_bytes(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+    echo_lb: StartEcho, certs: Certs
 ) -> None:
     """Backpressure both ways: 20 tunnels send 2 MiB each at once, none loses a byte."""
-    port = free_port()
-    lb = start_lb(
-        config(tls_listener(port, "echo", certs), backend("echo", [("e1", echo.address)])),
-        workers=1,
-    )
+    lb, port = echo_lb()
     context = certs.client_context()
 
     async def one(i: int) -> bool:
@@ -211,16 +215,9 @@ def test_many_wss_tunnels_at_once_each_echo_their_own_bytes(
 
 
 def test_an_idle_wss_tunnel_is_closed_at_its_tunnel_timeout(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+    echo_lb: StartEcho, certs: Certs
 ) -> None:
-    port = free_port()
-    lb = start_lb(
-        config(
-            tls_listener(port, "echo", certs, extra="tunnel_timeout = 1\n"),
-            backend("echo", [("e1", echo.address)]),
-        ),
-        workers=1,
-    )
+    lb, port = echo_lb(extra="tunnel_timeout = 1\n")
 
     async def idle() -> float:
         url, context = f"wss://localhost:{port}/ws", certs.client_context()
@@ -240,15 +237,11 @@ def test_an_idle_wss_tunnel_is_closed_at_its_tunnel_timeout(
 
 
 def test_curl_gets_https_and_a_websocket_upgrade_with_alpn_http11(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+    echo_lb: StartEcho, certs: Certs
 ) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed (.ci/run installs it)")
-    port = free_port()
-    lb = start_lb(
-        config(tls_listener(port, "echo", certs), backend("echo", [("e1", echo.address)])),
-        workers=1,
-    )
+    lb, port = echo_lb()
     base = ["curl", "-sS", "-v", "--cacert", str(certs.ca_file), "--max-time", "10"]
     got = subprocess.run(
         [*base, f"https://localhost:{port}/whoami"],
@@ -431,16 +424,9 @@ def _client_hello(server_name: str = "localhost") -> bytes:
 
 
 def test_stalled_handshakes_plain_text_and_garbage_are_closed_with_a_reason(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+    echo_lb: StartEcho, certs: Certs
 ) -> None:
-    port = free_port()
-    lb = start_lb(
-        config(
-            tls_listener(port, "echo", certs, extra="head_timeout = 1\n"),
-            backend("echo", [("e1", echo.address)]),
-        ),
-        workers=1,
-    )
+    lb, port = echo_lb(extra="head_timeout = 1\n")
     hello = _client_hello()
     cases = {
         "silent": b"",
@@ -469,16 +455,9 @@ def test_stalled_handshakes_plain_text_and_garbage_are_closed_with_a_reason(
 
 
 def test_a_client_that_stops_after_the_handshake_gets_408_over_tls(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+    echo_lb: StartEcho, certs: Certs
 ) -> None:
-    port = free_port()
-    lb = start_lb(
-        config(
-            tls_listener(port, "echo", certs, extra="head_timeout = 1\n"),
-            backend("echo", [("e1", echo.address)]),
-        ),
-        workers=1,
-    )
+    lb, port = echo_lb(extra="head_timeout = 1\n")
     reply = https_get(port, certs.client_context(), [b"GET / HTTP/1.1\r\nHost: loc"])
     assert reply.startswith(b"HTTP/1.1 408 ")
     (conn,) = lb.wait_conns(1)
@@ -490,20 +469,13 @@ def test_a_client_that_stops_after_the_handshake_gets_408_over_tls(
 
 
 def test_sni_chooses_the_certificate_and_min_version_is_enforced(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+    echo_lb: StartEcho, certs: Certs
 ) -> None:
-    port = free_port()
     extra_pair = (
         f'min_version = "1.3"\n[[listeners.tls.certificates]]\n'
         f'cert_file = "{certs.other_cert}"\nkey_file = "{certs.other_key}"\n'
     )
-    lb = start_lb(
-        config(
-            tls_listener(port, "echo", certs, tls_extra=extra_pair),
-            backend("echo", [("e1", echo.address)]),
-        ),
-        workers=1,
-    )
+    lb, port = echo_lb(tls_extra=extra_pair)
     context = certs.client_context()
     other = peer_certificate(port, context, "OTHER.test")
     default = peer_certificate(port, context, "localhost")
@@ -520,16 +492,10 @@ def test_sni_chooses_the_certificate_and_min_version_is_enforced(
     no_worker_errors(lb)
 
 
-def test_sslscan_finds_nothing_weak(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
-) -> None:
+def test_sslscan_finds_nothing_weak(echo_lb: StartEcho, certs: Certs) -> None:
     if shutil.which("sslscan") is None:
         pytest.skip("sslscan is not installed (.ci/run installs it)")
-    port = free_port()
-    start_lb(
-        config(tls_listener(port, "echo", certs), backend("echo", [("e1", echo.address)])),
-        workers=1,
-    )
+    _, port = echo_lb()
     scan = subprocess.run(
         ["sslscan", "--no-colour", f"127.0.0.1:{port}"],
         capture_output=True,
@@ -556,17 +522,9 @@ def test_sslscan_finds_nothing_weak(
 
 
 def test_reload_serves_a_new_certificate_and_keeps_100_open_wss_tunnels(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
+    echo_lb: StartEcho, certs: Certs
 ) -> None:
-    port = free_port()
-    lb = start_lb(
-        config(
-            tls_listener(port, "echo", certs),
-            backend("echo", [("e1", echo.address)]),
-            drain_timeout=60,
-        ),
-        workers=2,
-    )
+    lb, port = echo_lb(workers=2, drain_timeout=60)
     context = certs.client_context()
     before = serial_of(peer_certificate(port, context, "localhost"))
 
@@ -578,7 +536,7 @@ def test_reload_serves_a_new_certificate_and_keeps_100_open_wss_tunnels(
         for i, ws in enumerate(sockets):
             await ws.send(f"before {i}")
             assert await asyncio.wait_for(ws.recv(), 10) == f"before {i}"
-        write_pair(certs.ca, certs.dir, "default", "localhost", "127.0.0.1")  # in place
+        pair(certs.ca, certs.dir, "default", "localhost", "127.0.0.1")  # in place
         reload = await asyncio.to_thread(
             cli, "reload", "--runtime-dir", str(lb.runtime_dir), timeout=60
         )
@@ -611,9 +569,7 @@ def test_reload_serves_a_new_certificate_and_keeps_100_open_wss_tunnels(
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def test_chromium_opens_wss_through_splicelb(
-    start_lb: Callable[..., SpliceLB], echo: EchoBackend, certs: Certs
-) -> None:
+def test_chromium_opens_wss_through_splicelb(echo_lb: StartEcho, certs: Certs) -> None:
     """Headless Chromium trusts the test CA's certificate by its public key (the SPKI
     pin flag Chromium has for test CAs) and echoes 64 B to 16 MiB from a page served
     over https through splicelb."""
@@ -623,11 +579,7 @@ def test_chromium_opens_wss_through_splicelb(
         pytest.skip("playwright is not installed")
     if not CHROMIUM.exists():
         pytest.skip("chromium is not installed (.ci/run installs it)")
-    port = free_port()
-    lb = start_lb(
-        config(tls_listener(port, "echo", certs), backend("echo", [("e1", echo.address)])),
-        workers=1,
-    )
+    lb, port = echo_lb()
     leaf = x509.load_pem_x509_certificate(certs.cert_file.read_bytes())
     spki = leaf.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -27,6 +27,7 @@ from lb.worker.loop import Loop
 from lb.worker.pipes import PipePool
 from lb.worker.splice import Pump
 from lb.worker.tls import MAX_RECORD, TlsTunnel
+from tests.test_tls import pair
 from tests.worker.test_splice import FakeConnection, read_to_eof, tcp_pair
 
 IDLE = 3600.0
@@ -59,10 +60,7 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
     ca = trustme.CA()
-    leaf = ca.issue_cert("localhost")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    key.write_bytes(leaf.private_key_pem.bytes())
+    cert, key = pair(ca, tmp_path, "localhost", "localhost")
     context = server_context(ListenerTLS((CertPair(str(cert), str(key), "tls"),)))
     raw_client, lb_client = tcp_pair()
     lb_client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2 << 20)  # room to queue records
