@@ -383,7 +383,9 @@ class Loop:
         self._after_turn.append(callback)
 
     def _end_turn(self) -> None:
-        after, self._after_turn = self._after_turn, []
+        # Emptied in place: run() holds this list, and checks it after every turn.
+        after = self._after_turn[:]
+        self._after_turn.clear()
         for callback in after:
             try:
                 callback()
