@@ -235,11 +235,9 @@ def measure(
     ]
     # busy_poll_us = 0: count each connection's work, not the polls between clients
     keys = [CLIENT_LIMITS] if limits else []
+    http_keys = keys if forwarded else [*keys, "forwarded_headers = false"]
     extra = {
-        name: (
-            "\n".join(keys + ([] if forwarded or kind == "tcp" else ["forwarded_headers = false"])),
-            "",
-        )
+        name: ("\n".join(http_keys if kind == "http" else keys), "")
         for name, _, kind, _ in listeners
     }
     config.write_text(
