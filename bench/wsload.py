@@ -423,8 +423,8 @@ def storm_main(args: argparse.Namespace) -> dict[str, Any]:
             line = read_line(fd, deadline)
             if "ready" not in line:
                 raise SystemExit(f"wsload: tunnels not opened: {line}")
+        signalled = time.monotonic()  # before the signal: the first loss may come before kill returns
         os.kill(args.trigger_pid, signal.SIGUSR1)
-        signalled = time.monotonic()
         deadline = signalled + args.timeout + 30
         results = [read_line(fd, deadline) for _, fd in children]
     finally:

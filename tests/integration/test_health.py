@@ -132,10 +132,12 @@ def break_and_fix(
     breaks: Callable[[], None],
     fixes: Callable[[], None],
     reason: str,
-) -> None:
-    """Break A, see it leave in time and get no traffic; fix it, see it return in time."""
+) -> float:
+    """Break A, see it leave in time and get no traffic; fix it, see it return in time.
+    Returns when A was broken."""
     mark = len(lb.events("server_state"))
     breaks()
+    broken_at = time.monotonic()
     down = wait_state(lb, "A", "down", mark, DOWN_BOUND)
     assert reason in down["reason"], down
     assert down["from"] == "up"
@@ -150,6 +152,7 @@ def break_and_fix(
     wait_state(lb, "A", "up", mark, UP_BOUND)
     seen = len(traffic.answers)
     wait_until(lambda: "A" in traffic.since(seen), 5, "traffic to reach A again")
+    return broken_at
 
 
 @pytest.mark.parametrize(
@@ -251,7 +254,7 @@ def test_blackholed_server_leaves_and_returns(
     lb, _, _, port = start_pair(procs, start_lb, host=there, prefix=prefix)
     traffic = Traffic(whoami(port))
     try:
-        break_and_fix(
+        broken_at = break_and_fix(
             lb,
             traffic,
             lambda: blackhole(name, here, True),
@@ -260,7 +263,10 @@ def test_blackholed_server_leaves_and_returns(
         )
     finally:
         traffic.stop()
-    assert traffic.errors == []
+    # A request already forwarded to A when its network went silent gets no answer (the
+    # client's own timeout ends it); every request started after that is served.
+    assert [f for f in traffic.failed if f[0] >= broken_at] == [], traffic.errors
+    assert len(traffic.errors) <= 1, traffic.errors
 
 
 def make_certs(tmp: Path) -> dict[str, str]:
