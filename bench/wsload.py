@@ -423,7 +423,7 @@ def storm_main(args: argparse.Namespace) -> dict[str, Any]:
             line = read_line(fd, deadline)
             if "ready" not in line:
                 raise SystemExit(f"wsload: tunnels not opened: {line}")
-        signalled = time.monotonic()  # before the signal: the first loss may come before kill returns
+        signalled = time.monotonic()  # before: the first loss may come before kill returns
         os.kill(args.trigger_pid, signal.SIGUSR1)
         deadline = signalled + args.timeout + 30
         results = [read_line(fd, deadline) for _, fd in children]

@@ -86,6 +86,7 @@ from lb.worker.requests import RequestFlow, RequestStream
 from lb.worker.runtime import BackendRuntime, ListenerRuntime
 from lb.worker.splice import Flow, Pump, Tunnel, shutdown_write
 from lb.worker.tls import (
+    TlsSocket,
     TlsTunnel,
     read_tls,
     release,
@@ -249,9 +250,9 @@ class Connection:
         self.refused = ""  # why a later request was not forwarded
         self.finished = False
         self.ticket = UNCOUNTED  # where its client's count holds it (lb.pool.clients)
-        self.tls: ssl.SSLSocket | None = None  # a terminating listener's client, until its tunnel
+        self.tls: TlsSocket | None = None  # a terminating listener's client, until its tunnel
         self.tls_ready = False  # its handshake is done
-        self.server_tls: ssl.SSLSocket | None = None  # a tls backend's server: ``sock`` too
+        self.server_tls: TlsSocket | None = None  # a tls backend's server, over ``sock``
 
     def start(self) -> None:
         listener = self.listener
@@ -271,7 +272,7 @@ class Connection:
             self.hello = HelloReader()
         self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
         if listener.tls is not None and self.proxy is None:
-            self.tls = wrap(listener.tls, self.fd)
+            self.tls = wrap(listener.tls, self.fd, listener.family)
             self._handshake()
             return
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
@@ -282,7 +283,7 @@ class Connection:
         tls = self.tls
         assert tls is not None
         try:
-            tls.do_handshake()
+            tls.ssl.do_handshake()
         except ssl.SSLWantReadError:
             self._wait(self._handshake, write=False)
             return
@@ -655,10 +656,11 @@ class Connection:
         ``connect_timeout``; a failure counts as a failed connect (another server is
         tried)."""
         assert backend.tls is not None and backend.server_names is not None
+        family = backend.addresses[self.server][0]
         tls = self.server_tls = wrap_client(
-            backend.tls, sock.detach(), backend.server_names[self.server]
+            backend.tls, sock.detach(), family, backend.server_names[self.server]
         )
-        self.sock = tls
+        self.sock = tls.sock  # the same descriptor, now with TLS over it: see _send_pending
         self._arm(backend.connect_timeout, self._server_tls_timeout)
         self._server_handshake()
 
@@ -667,7 +669,7 @@ class Connection:
         assert tls is not None
         fd = tls.fileno()
         try:
-            tls.do_handshake()
+            tls.ssl.do_handshake()
         except ssl.SSLWantReadError:
             self.loop.set(fd, self._server_handshake, None)
             return
@@ -707,10 +709,15 @@ class Connection:
 
     def _send_pending(self) -> None:
         """Send the request; one ``send`` takes it all but on a full buffer."""
-        sock = self.sock
+        sock, tls = self.sock, self.server_tls
         assert sock is not None and self.backend is not None
         try:
-            sent = sock.send(self.pending) if self.pending else 0
+            if not self.pending:
+                sent = 0
+            elif tls is None:
+                sent = sock.send(self.pending)
+            else:
+                sent = tls.ssl.write(self.pending)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except OSError as exc:

@@ -55,6 +55,7 @@ class ListenerRuntime:
     local: tuple[Any, ...] | None = None  # its bind address; None: a wildcard (ask the socket)
     clients: ClientTable | None = None  # its client limits, if it has any
     tls: ssl.SSLContext | None = None  # [listeners.tls]: its clients' TLS is terminated here
+    family: int = socket.AF_INET  # its sockets' address family
 
 
 @dataclass(slots=True)
@@ -210,6 +211,7 @@ def build_listeners(
             local=None if lc.bind.sockaddr[0] in WILDCARDS else lc.bind.sockaddr,
             clients=clients[i] if clients else None,
             tls=None if lc.tls is None else server_context(lc.tls),
+            family=lc.bind.family,
         )
         for i, lc in enumerate(config.listeners)
     ]

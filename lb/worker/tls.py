@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 On a listener with ``[listeners.tls]`` the connection wraps the client's
-socket in a non-blocking :class:`ssl.SSLSocket` (:func:`wrap`), drives the
+socket in a non-blocking :class:`TlsSocket` (:func:`wrap`), drives the
 handshake from the loop's readiness callbacks and reads the decrypted head
 through it (:mod:`lb.worker.conn`).  To a backend with ``tls = true`` it
 connects, then wraps the server's socket the same way on the client's side
@@ -48,7 +48,8 @@ import errno
 import os
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from lb.proto.http1 import Head
 from lb.worker.requests import DISCARD_BYTES, REFUSED, TUNNEL, RequestStream
@@ -67,21 +68,73 @@ WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 END = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
-def wrap(context: ssl.SSLContext, fd: int) -> ssl.SSLSocket:
-    """The client's socket as a non-blocking server-side TLS socket; the handshake is the
-    caller's (``do_handshake`` until it neither wants to read nor to write)."""
-    sock = socket.socket(fileno=fd)
-    sock.settimeout(0.0)  # wrap_socket copies the timeout: never blocking, never waiting
-    return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+class RawTls(Protocol):
+    """OpenSSL's connection object as the ``_ssl`` module makes it (what
+    :class:`ssl.SSLSocket` keeps as ``_sslobj``): the calls the worker makes."""
+
+    context: ssl.SSLContext
+
+    def do_handshake(self) -> None: ...
+    def read(self, size: int, buffer: memoryview) -> int: ...
+    def write(self, data: bytes | memoryview) -> int: ...
+    def shutdown(self) -> object: ...
+    def pending(self) -> int: ...
 
 
-def wrap_client(context: ssl.SSLContext, fd: int, server_name: str) -> ssl.SSLSocket:
-    """A connected server socket as a non-blocking client-side TLS socket asking for
-    ``server_name`` (sent as SNI unless it is an address; checked in its certificate
-    unless the backend has ``verify = false``)."""
-    sock = socket.socket(fileno=fd)
-    sock.settimeout(0.0)
-    return context.wrap_socket(sock, server_hostname=server_name, do_handshake_on_connect=False)
+class TlsSocket:
+    """A non-blocking TLS connection over a socket: ``ssl``, OpenSSL's connection object,
+    called directly.
+
+    :class:`ssl.SSLSocket` puts Python between the worker and that object on every
+    call (four frames a read, a ``settimeout`` system call after every handshake step)
+    and asks the kernel three times what the socket is when it is made: about 12 us
+    of a new TLS connection's work here.  ``SSLContext._wrap_socket`` is how
+    ``ssl.SSLSocket`` itself makes the object (Python 3.7 to 3.14 alike); this class
+    is the ``owner`` it is given, the object a server-name callback sees (its
+    ``context`` switches the certificate, as an SSLSocket's does).  The socket is
+    kept here: OpenSSL's object holds it only weakly."""
+
+    __slots__ = ("__weakref__", "sock", "ssl")
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        sock: socket.socket,
+        server_side: bool,
+        server_name: str | None = None,
+    ) -> None:
+        self.sock = sock
+        make: Callable[..., RawTls] = context._wrap_socket  # type: ignore[attr-defined]
+        self.ssl = make(sock, server_side, server_name, owner=self, session=None)
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self.ssl.context
+
+    @context.setter
+    def context(self, context: ssl.SSLContext) -> None:
+        self.ssl.context = context
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def wrap(context: ssl.SSLContext, fd: int, family: int) -> TlsSocket:
+    """The client's (non-blocking) socket as a server-side TLS connection; the handshake
+    is the caller's (``do_handshake`` until it neither wants to read nor to write)."""
+    # SOCK_NONBLOCK: the socket object knows it never blocks (no system call to say so)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
+    return TlsSocket(context, sock, server_side=True)
+
+
+def wrap_client(context: ssl.SSLContext, fd: int, family: int, server_name: str) -> TlsSocket:
+    """A connected (non-blocking) server socket as a client-side TLS connection asking
+    for ``server_name`` (sent as SNI unless it is an address; checked in its
+    certificate unless the backend has ``verify = false``)."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
+    if context.check_hostname and not server_name:
+        raise ValueError("check_hostname requires server_hostname")
+    return TlsSocket(context, sock, server_side=False, server_name=server_name)
 
 
 def server_failure(exc: Exception) -> str:
@@ -91,10 +144,10 @@ def server_failure(exc: Exception) -> str:
     return f"TLS: {reason}: {message}" if message else f"TLS: {reason}"
 
 
-def release(tls: ssl.SSLSocket) -> int:
+def release(tls: TlsSocket) -> int:
     """The raw descriptor, no longer owned by the TLS socket (whose garbage collection
     would otherwise close that number again, maybe someone else's by then)."""
-    return tls.detach()
+    return tls.sock.detach()
 
 
 def ended_by(exc: OSError) -> bool:
@@ -113,13 +166,14 @@ def tls_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def read_tls(tls: ssl.SSLSocket, limit: int) -> bytes:
+def read_tls(tls: TlsSocket, limit: int) -> bytes:
     """Up to ``limit`` decrypted bytes, b"" at the client's end; BlockingIOError when
     none is there yet; OSError on a TLS failure."""
+    read = tls.ssl.read
     size = 0
     while size < limit:
         try:
-            n = tls.recv_into(_view[size:])  # room for a whole record: none is split
+            n = read(COPY_BYTES - size, _view[size:])  # room for a whole record: none is split
         except WOULD_BLOCK:
             if not size:
                 raise BlockingIOError from None
@@ -133,26 +187,28 @@ def read_tls(tls: ssl.SSLSocket, limit: int) -> bytes:
         if not n:
             break
         size += n
+        if n < MAX_RECORD:  # a short record: the sender's burst ended (see CopyFlow._read)
+            break
     return bytes(_view[:size])
 
 
-def send_answer(tls: ssl.SSLSocket, data: bytes) -> int:
+def send_answer(tls: TlsSocket, data: bytes) -> int:
     """Send a short answer and a ``close_notify``; the bytes of it the client got."""
     try:
-        sent = tls.send(data)
+        sent = tls.ssl.write(data)
     except (OSError, ValueError):
         sent = 0
     close_notify(tls)
     return sent
 
 
-def close_notify(tls: ssl.SSLSocket) -> None:
+def close_notify(tls: TlsSocket) -> None:
     """Tell the client no more data comes (``SSL_shutdown``'s first half; its answer is
     not waited for)."""
     # It raises when it wants the client's close_notify (not waited for), or the client
     # is gone.
     with contextlib.suppress(OSError, ValueError):
-        tls.unwrap()
+        tls.ssl.shutdown()
 
 
 class CopyFlow(Flow):
@@ -164,8 +220,8 @@ class CopyFlow(Flow):
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
         super().__init__(tunnel, src, dst, src_name)
-        self.src_tls: ssl.SSLSocket | None = None
-        self.dst_tls: ssl.SSLSocket | None = None
+        self.src_tls: TlsSocket | None = None
+        self.dst_tls: TlsSocket | None = None
         self.pending = b""  # for dst, not yet taken (over TLS: given to SSL_write again)
         self.eof = False  # the source's end came while dst had not taken everything
 
@@ -188,12 +244,20 @@ class CopyFlow(Flow):
             # The buffer was full: go on while OpenSSL holds bytes no readiness would tell
             # of (it should not, each read having room for a whole record).
             tls = self.src_tls
-            if self.pending or tunnel.closed or tls is None or not tls.pending():
+            if self.pending or tunnel.closed or tls is None or not tls.ssl.pending():
                 return
 
     def _read(self) -> tuple[int, bool]:
         """Read into the copy buffer: (bytes read, end of file seen); -1 when it failed
-        and the tunnel closed."""
+        and the tunnel closed.
+
+        Over TLS, records are read until OpenSSL wants more from the socket, or the
+        buffer has no room for another, or one was short: a sender writing in bulk fills
+        its records, and one that is not is most often its last for the moment.  Trying
+        once more would cost a read that finds nothing (a system call and an exception,
+        a fifth of what a small message costs here); stopping early loses nothing, as
+        every record is read whole and what the socket still holds wakes the loop again
+        (level-triggered)."""
         tls = self.src_tls
         if tls is None:
             try:
@@ -204,10 +268,11 @@ class CopyFlow(Flow):
                 self.tunnel.close(failure_reason(exc, self.src_name), reset=True)
                 return -1, False
             return n, not n
+        read = tls.ssl.read
         size = 0
         while COPY_BYTES - size >= MAX_RECORD:  # room for a whole record: none is split
             try:
-                n = tls.recv_into(_view[size:])
+                n = read(COPY_BYTES - size, _view[size:])
             except WOULD_BLOCK:
                 break
             except END:  # close_notify after ours, or a FIN without one: an end all the same
@@ -220,6 +285,8 @@ class CopyFlow(Flow):
             if not n:
                 return size, True
             size += n
+            if n < MAX_RECORD:  # a short record, likely its sender's last for now: see below
+                break
         return size, False
 
     def _forward(self, size: int) -> bool:
@@ -235,7 +302,7 @@ class CopyFlow(Flow):
                 sent = os.writev(self.dst, out) if out else 0
             else:
                 data = out[0] if len(out) == 1 else b"".join(out)
-                sent = tls.send(data) if data else 0
+                sent = tls.ssl.write(data) if data else 0
         except (BlockingIOError, *WOULD_BLOCK):
             sent = 0
         except OSError as exc:
@@ -253,7 +320,7 @@ class CopyFlow(Flow):
         tunnel = self.tunnel
         tls = self.dst_tls
         try:
-            sent = os.write(self.dst, self.pending) if tls is None else tls.send(self.pending)
+            sent = os.write(self.dst, self.pending) if tls is None else tls.ssl.write(self.pending)
         except (BlockingIOError, *WOULD_BLOCK):
             return
         except OSError as exc:
@@ -368,9 +435,9 @@ class TlsTunnel(Tunnel):
         pump: Pump,
         owner: TunnelOwner,
         client: int,
-        client_tls: ssl.SSLSocket | None,
+        client_tls: TlsSocket | None,
         server: int,
-        server_tls: ssl.SSLSocket | None,
+        server_tls: TlsSocket | None,
         idle_timeout: float,
         stream: RequestStream | None,
         requests: RequestOwner,
