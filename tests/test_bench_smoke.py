@@ -183,6 +183,22 @@ def test_cpu_rounds_with_the_floors_and_two_workers() -> None:
         assert log.count(f"starting {name} (2 workers)") == 2, name
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tls_termination_figures_smoke() -> None:
+    """bench/tls.py: new TLS connections and a wss:// tunnel's bulk echo through both
+    balancers, each figure measured and its ratio printed."""
+    done = run_bench(["-m", "bench.tls", "--seconds", "1", "--bulk-mib", "8"], 240)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    rows = {line["balancer"]: line for line in lines if "balancer" in line}
+    assert set(rows) == {"splicelb", "haproxy"}, done.stdout
+    figures = ("new_tls_connections_per_s", "cpu_ms_per_new_connection", "wss_bulk_MBps")
+    for name, row in rows.items():
+        assert all(row[figure] > 0 for figure in figures), (name, row)
+    [ratios] = [line["splicelb/haproxy"] for line in lines if "splicelb/haproxy" in line]
+    assert all(ratios[figure] > 0 for figure in figures), ratios
+
+
 def run_cpu(options: list[str], tracers: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
     """``python -m bench.cpu`` with ``options``: its JSON result and its log (stderr)."""
     done = run_bench(["-m", "bench.cpu", *options], 240, tracers)
