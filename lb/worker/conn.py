@@ -778,6 +778,7 @@ class Connection:
             self.listener.tunnel_timeout,
             stream,
             self,
+            self.listener.head_timeout,
         )
         self.ctx.tunnel_opened(self.server, self.listener.tally_at, self.bytes_in)
         if self.ctx.max_age is not None:

@@ -49,10 +49,12 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
 from lb.proto.http1 import Head
-from lb.worker.requests import DISCARD_BYTES, REFUSED, TUNNEL, RequestStream
+from lb.worker.deadlines import Queue
+from lb.worker.requests import DISCARD_BYTES, HEAD, REFUSED, TUNNEL, RequestStream
 from lb.worker.splice import Flow, Pump, Tunnel, TunnelOwner, failure_reason, shutdown_write
 
 if TYPE_CHECKING:
@@ -356,16 +358,21 @@ class TlsUp(CopyFlow):
     """Client to server, judged request by request after a first request that does not
     upgrade, as :mod:`lb.worker.requests` does (``stream``)."""
 
-    __slots__ = ("discarded", "owner", "stream")
+    __slots__ = ("deadline", "discarded", "head_timeout", "owner", "stream")
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, src_name: str) -> None:
         super().__init__(tunnel, src, dst, src_name)
         self.stream: RequestStream | None = None
         self.discarded = 0  # after a refused request: read and dropped
+        self.deadline: Queue | None = None  # a begun head's timeout, while armed
+        self.head_timeout = 0.0
 
-    def attach(self, stream: RequestStream | None, owner: RequestOwner) -> None:
+    def attach(
+        self, stream: RequestStream | None, owner: RequestOwner, head_timeout: float
+    ) -> None:
         self.stream = stream
         self.owner = owner
+        self.head_timeout = head_timeout
 
     def _forward(self, size: int) -> bool:
         stream = self.stream
@@ -379,7 +386,15 @@ class TlsUp(CopyFlow):
         return self._send(stream.feed(bytes(_view[:size]))) and self._settle(stream)
 
     def _settle(self, stream: RequestStream) -> bool:
-        """What the stream's state asks for; False when the tunnel closed."""
+        """What the stream's state asks for; False when the tunnel closed.  A head that has
+        begun must be complete within the listener's ``head_timeout``, as on a plain
+        listener (lb.worker.requests)."""
+        if stream.state == HEAD and stream.sniffer is not None:
+            if self.deadline is None:
+                deadlines = self.tunnel.pump.deadlines
+                self.deadline = deadlines.arm(self, self.head_timeout, monotonic())
+        elif self.deadline is not None:
+            self.disarm()
         if stream.state == TUNNEL:  # an upgrade went to the server: copied unjudged now
             self.stream = None
             head = stream.head
@@ -396,6 +411,21 @@ class TlsUp(CopyFlow):
             if not self.pending:
                 self._half_close()
         return True
+
+    def expire(self) -> None:
+        """The head timeout: the head begun is not complete (called by the deadlines)."""
+        self.deadline = None
+        stream = self.stream
+        if self.tunnel.closed or stream is None or stream.state != HEAD:
+            return
+        if stream.sniffer is not None:
+            stream.refuse(f"request head not complete within {self.head_timeout:g} s")
+            self._settle(stream)
+
+    def disarm(self) -> None:
+        deadline, self.deadline = self.deadline, None
+        if deadline is not None:
+            deadline.pop(self, None)
 
     def _half_close(self) -> None:
         if self.dst_tls is not None:
@@ -441,12 +471,13 @@ class TlsTunnel(Tunnel):
         idle_timeout: float,
         stream: RequestStream | None,
         requests: RequestOwner,
+        head_timeout: float,
     ) -> None:
         self.client_tls, self.server_tls = client_tls, server_tls
         super().__init__(pump, owner, client, server, idle_timeout, up=TlsUp, down=CopyFlow)
         up, down = self.up, self.down
         assert isinstance(up, TlsUp) and isinstance(down, CopyFlow)
-        up.attach(stream, requests)
+        up.attach(stream, requests, head_timeout)
         up.src_tls = down.dst_tls = client_tls
         up.dst_tls = down.src_tls = server_tls
 
@@ -463,4 +494,7 @@ class TlsTunnel(Tunnel):
             for tls in (self.client_tls, self.server_tls):
                 if tls is not None:
                     release(tls)
+            up = self.up
+            assert isinstance(up, TlsUp)
+            up.disarm()
         super().close(reason, reset)

@@ -385,6 +385,30 @@ def test_a_later_request_for_another_backend_is_not_forwarded(
     no_worker_errors(lb)
 
 
+def test_a_later_head_that_does_not_complete_in_time_is_not_forwarded_over_tls(
+    start_lb: Callable[..., SpliceLB], head_echo: str, certs: Certs
+) -> None:
+    """A kept-alive client that begins a second head and stalls is held to head_timeout, as
+    on a plain listener, not to the tunnel's idle timeout (a byte now and then)."""
+    port = free_port()
+    lb = start_lb(
+        config(
+            tls_listener(port, "heads", certs, extra="head_timeout = 1\ntunnel_timeout = 60\n"),
+            backend("heads", [("h1", head_echo)]),
+        ),
+        workers=1,
+    )
+    first = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    stalled = b"GET /slow HTTP/1.1\r\nHost: loc"  # and nothing more
+    started = time.monotonic()
+    reply = https_get(port, certs.client_context(), [first, stalled])
+    assert len(_responses(reply)) == 1  # the first answered; then the end, not a 60 s wait
+    assert time.monotonic() - started < 10
+    (conn,) = lb.wait_conns(1)
+    assert conn["reason"] == "request 2 not forwarded: request head not complete within 1 s"
+    no_worker_errors(lb)
+
+
 # -- the balancer's own answers, and clients that fail --------------------------------
 
 

@@ -82,7 +82,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     pump = Pump(loop, pipes, Deadlines(loop, 0.05, lambda exc: pytest.fail(repr(exc))))
     conn = FakeConnection()
     tunnel = TlsTunnel(
-        pump, conn, tls.fileno(), tls, lb_server.detach(), None, IDLE, None, NoRequests()
+        pump, conn, tls.fileno(), tls, lb_server.detach(), None, IDLE, None, NoRequests(), 5.0
     )
     yield Setup(tunnel, client, server, conn)
     client.close()
