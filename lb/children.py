@@ -146,6 +146,7 @@ def _boot(
         logger,
         log_conn,
         generation.handover[slot] if slot < len(generation.handover) else None,
+        generation.tls,
     ).run
 
 

@@ -18,13 +18,16 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lb.config import Config
 from lb.pool import layout as L
 from lb.pool import servers
 from lb.pool.shm import Pool, create_pool, fold
 from lb.sockets import handover_path, handover_socket
+
+if TYPE_CHECKING:
+    import ssl
 
 POOL_LINK = "pool"
 NAMES_SHOWN = 20  # servers named in the answer to an unknown one; `splicelb status` has them all
@@ -47,6 +50,26 @@ class Generation:
     handover: list[socket.socket] = field(default_factory=list)  # by slot: where tunnels come in
     retired: bool = False  # told to close its connections now (too many generations draining)
     dropped: list[str] = field(default_factory=list)  # spare servers a reload could not carry
+    tls: dict[str, ssl.SSLContext] | None = None  # see tls_contexts
+
+    def tls_contexts(self) -> dict[str, ssl.SSLContext] | None:
+        """Each TLS listener's server context by listener name, made once, in the
+        supervisor, before it forks a worker: every worker of the generation then has the
+        same session ticket keys (OpenSSL makes them with the context), so a client
+        resumes its TLS session on whichever worker its next connection reaches.  None
+        when they cannot be made here: each worker makes its own (and says why not)."""
+        if self.tls is None:
+            from lb.tls import server_context  # noqa: PLC0415 (ssl: only with TLS listeners)
+
+            try:
+                self.tls = {
+                    lc.name: server_context(lc.tls)
+                    for lc in self.config.listeners
+                    if lc.tls is not None
+                }
+            except (OSError, ValueError):  # ssl.SSLError included: the worker reports it
+                return None
+        return self.tls
 
     @classmethod
     def create(cls, number: int, config: Config, previous: Pool | None) -> Generation:

@@ -391,6 +391,7 @@ class Supervisor:
         own: dict[str, list[socket.socket]] = {}
         if kind == "worker":
             own = self.sockets.for_workers(generation.config)
+            generation.tls_contexts()  # before the fork: shared by the generation's workers
         elif kind == "admin":
             admin = self.sockets.admin_socket(generation.config)
             own = {"admin": [admin]} if admin is not None else {}

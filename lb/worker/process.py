@@ -52,6 +52,7 @@ from __future__ import annotations
 import gc
 import signal
 import socket
+import ssl
 import time
 import traceback
 from typing import Any
@@ -105,8 +106,11 @@ class Worker:
         log: Any,
         log_conn: Any = None,
         handover: socket.socket | None = None,
+        tls: dict[str, ssl.SSLContext] | None = None,
     ) -> None:
-        """``handover``: this slot's handover socket, where older workers hand tunnels over."""
+        """``handover``: this slot's handover socket, where older workers hand tunnels over;
+        ``tls``: the TLS listeners' server contexts, if the supervisor made them (see
+        Generation.tls_contexts)."""
         self.config = config
         self.slot = slot
         self.generation = generation
@@ -146,7 +150,7 @@ class Worker:
         self.tally = Tally(pool, slot, loop, live)
         self.clients = client_tables(config, pool, slot, self._client_table_full)
         self.listeners: list[ListenerRuntime] = build_listeners(
-            config, sockets, self.tally.listener_ats, self.clients
+            config, sockets, self.tally.listener_ats, self.clients, tls
         )
         self.acceptor = Acceptor(
             loop, pool, self.tally, self.listeners, slot, workers, maxconn, self._accepted, log

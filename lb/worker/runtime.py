@@ -191,9 +191,12 @@ def build_listeners(
     sockets: dict[str, list[socket.socket]],
     tally_at: list[int],
     clients: list[ClientTable | None] | None = None,
+    tls: dict[str, ssl.SSLContext] | None = None,
 ) -> list[ListenerRuntime]:
     """``tally_at``: where each listener's counters start in the tally, by listener index;
-    ``clients``: their client limits (see ``client_tables``), by listener index."""
+    ``clients``: their client limits (see ``client_tables``), by listener index; ``tls``:
+    the TLS listeners' server contexts by name, made by the supervisor (else made here)."""
+    made = tls or {}
     return [
         ListenerRuntime(
             index=i,
@@ -210,7 +213,7 @@ def build_listeners(
             trusted=TrustedProxies(lc.trusted_proxies),
             local=None if lc.bind.sockaddr[0] in WILDCARDS else lc.bind.sockaddr,
             clients=clients[i] if clients else None,
-            tls=None if lc.tls is None else server_context(lc.tls),
+            tls=None if lc.tls is None else made.get(lc.name) or server_context(lc.tls),
             family=lc.bind.family,
         )
         for i, lc in enumerate(config.listeners)

@@ -409,6 +409,37 @@ def test_a_later_head_that_does_not_complete_in_time_is_not_forwarded_over_tls(
     no_worker_errors(lb)
 
 
+def test_a_session_resumes_on_whichever_worker_the_next_connection_reaches(
+    start_lb: Callable[..., SpliceLB], head_echo: str, certs: Certs
+) -> None:
+    """The workers of a generation share their session ticket keys: a client's next
+    connections resume its TLS session (no full handshake) on either worker."""
+    port = free_port()
+    lb = start_lb(
+        config(tls_listener(port, "heads", certs), backend("heads", [("h1", head_echo)])),
+        workers=2,
+    )
+    context = certs.client_context()
+    request = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+    def get(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool]:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            tls.sendall(request)
+            assert read_all(tls).startswith(b"HTTP/1.1 200 ")
+            return tls.session, tls.session_reused  # the ticket came with the answer
+
+    session, reused = get(None)
+    assert session is not None and not reused
+    resumed = [get(session)[1] for _ in range(20)]
+    conns = lb.wait_conns(21)
+    assert len({c["pid"] for c in conns}) == 2  # both workers served (20 connections)
+    assert all(resumed), resumed
+    no_worker_errors(lb)
+
+
 # -- the balancer's own answers, and clients that fail --------------------------------
 
 
