@@ -12,7 +12,8 @@ the worker only through its :class:`Context`: the loop, the deadlines, the
 backends, and the callbacks through which it reports back.  A connection goes
 through at most four steps, after its client's limits (a listener's
 ``client_maxconn`` and ``client_rate``: :mod:`lb.pool.clients`), which answer
-429 (http, before the head is read) or close (tcp) a connection over one:
+429 (http, before the head is read; over TLS once the handshake is done) or
+close (tcp) a connection over one:
 
 1. head (``mode = "http"``): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim.
@@ -22,7 +23,10 @@ through at most four steps, after its client's limits (a listener's
    of it forwarded.  First, on a listener with ``accept_proxy``, a peer in
    its ``trusted_proxies`` must send a PROXY header (within the same deadline,
    in tcp mode too), whose source is the client from then on; a connection
-   that starts with a PROXY header it may not send is closed;
+   that starts with a PROXY header it may not send is closed.  On a listener
+   that terminates TLS the header comes first, in plain text, and is read
+   without taking a byte of the ClientHello after it (:func:`~lb.worker.tls.take_proxy_header`),
+   then the handshake;
 2. route and pick: the listener's router names a backend, its picker a server
    that is up, ``ready``, not suspect and under its ``maxconn`` (tls: the router
    names it from the hello's server name, and the hello is what the server
