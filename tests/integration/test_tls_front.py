@@ -195,13 +195,14 @@ def test_a_refused_tls_client_that_never_completes_its_handshake_is_closed_at_he
 
 
 def proxied(
-    start_lb: Callable[..., SpliceLB], certs: Certs, target: str, trusted: str, extra: str = ""
+    start_lb: Callable[..., SpliceLB],
+    certs: Certs,
+    target: str,
+    trusted: str,
+    extra: str = "head_timeout = 10",
 ) -> tuple[SpliceLB, int]:
     return start(
-        start_lb,
-        certs,
-        target,
-        f'accept_proxy = true\ntrusted_proxies = ["{trusted}"]\nhead_timeout = 2\n{extra}',
+        start_lb, certs, target, f'accept_proxy = true\ntrusted_proxies = ["{trusted}"]\n{extra}'
     )
 
 
@@ -305,9 +306,12 @@ def test_haproxy_send_proxy_v2_in_front_of_a_tls_listener(
     front = HAProxy(need("haproxy", "haproxy"), tmp_path, port, "send-proxy-v2")
     procs.append(front)
 
-    with tls_connect(front.port, certs, CLIENT) as sock:  # TLS through HAProxy's tcp mode
-        sock.sendall(GET)
-        seen = body(read_to_end(sock))
+    try:
+        with tls_connect(front.port, certs, CLIENT) as sock:  # TLS through HAProxy's tcp mode
+            sock.sendall(GET)
+            seen = body(read_to_end(sock))
+    except (OSError, AssertionError) as exc:  # what the balancer saw, to tell why
+        raise AssertionError(f"{exc!r}; conn lines: {lb.conns()}; {front.errors}") from exc
     assert f"\r\nX-Forwarded-For: {CLIENT}\r\n".encode() in seen
     [line] = wait_until(
         lambda: [c for c in lb.conns() if c["client"].startswith(f"{CLIENT}:")],
@@ -336,7 +340,7 @@ def test_a_trusted_peer_that_starts_tls_without_a_proxy_header_is_closed_and_log
 def test_a_trusted_peer_that_sends_half_a_proxy_header_is_closed_at_head_timeout(
     mirror: Mirror, start_lb: Callable[..., SpliceLB], certs: Certs
 ) -> None:
-    lb, port = proxied(start_lb, certs, mirror.address, OTHER)
+    lb, port = proxied(start_lb, certs, mirror.address, OTHER, "head_timeout = 2")
     with socket.create_connection(("127.0.0.1", port), 10, source_address=(OTHER, 0)) as sock:
         sock.sendall(b"PROXY TCP4 203.0.113.9 ")
         assert clients.read_all(sock) == b""
