@@ -414,8 +414,6 @@ def _parse_listener(t: Table, backends: set[Any], base_dir: str) -> Listener:
     )
     if listener.tls is not None and listener.mode != "http":
         t.problem("tls", f'terminates TLS on mode = "http" listeners only, not "{listener.mode}"')
-    elif listener.tls is not None and listener.accept_proxy:
-        t.problem("tls", "cannot be combined with accept_proxy (not supported yet)")
     if listener.mode != "tls" and "tls_head_timeout" in t.data:
         t.problem("tls_head_timeout", 'needs mode = "tls" (the ClientHello\'s deadline)')
     if listener.mode == "tls" and "head_timeout" in t.data:

@@ -79,10 +79,6 @@ def test_bad_tls_tables_are_refused_naming_their_keys(tmp_path: Path, ca: trustm
     assert problems_of(
         tmp_path, config(listener='mode = "tcp"\n' + tls_table(str(cert), str(key)))
     ) == ['listeners[0].tls: terminates TLS on mode = "http" listeners only, not "tcp"']
-    proxy = 'accept_proxy = true\ntrusted_proxies = ["10.0.0.0/8"]\n'
-    assert problems_of(tmp_path, config(listener=proxy + tls_table(str(cert), str(key)))) == [
-        "listeners[0].tls: cannot be combined with accept_proxy (not supported yet)"
-    ]
     assert problems_of(tmp_path, config(listener=tls_table("nope.pem", str(key)))) == [
         f"listeners[0].tls.cert_file: no such file: '{tmp_path / 'nope.pem'}'"
     ]
@@ -97,6 +93,23 @@ def test_bad_tls_tables_are_refused_naming_their_keys(tmp_path: Path, ca: trustm
     assert problems_of(tmp_path, config(listener=tls_table(str(cert), str(key), extra))) == [
         "listeners[0].tls.certificates[0].key_file: required key is missing",
         "listeners[0].tls.certificates[0].key: unknown key",
+    ]
+
+
+def test_tls_loads_with_accept_proxy(tmp_path: Path, ca: trustme.CA) -> None:
+    """Behind an L4 balancer that sends a PROXY header and leaves TLS to splicelb."""
+    cert, key = pair(ca, tmp_path, "site", "example.test")
+    proxy = 'accept_proxy = true\ntrusted_proxies = ["10.0.0.0/8"]\n'
+    (listener,) = load_config(
+        write(tmp_path, config(listener=proxy + tls_table(str(cert), str(key))))
+    ).listeners
+    assert listener.tls is not None
+    assert (listener.accept_proxy, listener.trusted_proxies) == (True, ("10.0.0.0/8",))
+    assert problems_of(
+        tmp_path, config(listener="accept_proxy = true\n" + tls_table(str(cert), str(key)))
+    ) == [
+        "listeners[0].accept_proxy: needs trusted_proxies: the peers that send a PROXY header"
+        ' (e.g. trusted_proxies = ["10.0.0.0/8"])'
     ]
 
 

@@ -12,7 +12,8 @@ the worker only through its :class:`Context`: the loop, the deadlines, the
 backends, and the callbacks through which it reports back.  A connection goes
 through at most four steps, after its client's limits (a listener's
 ``client_maxconn`` and ``client_rate``: :mod:`lb.pool.clients`), which answer
-429 (http, before the head is read) or close (tcp) a connection over one:
+429 (http, before the head is read; over TLS once the handshake is done) or
+close (tcp) a connection over one:
 
 1. head (``mode = "http"``): read until the sniffer returns a head or a
    rejection, within ``head_timeout``; the bytes read are kept verbatim.
@@ -22,7 +23,10 @@ through at most four steps, after its client's limits (a listener's
    of it forwarded.  First, on a listener with ``accept_proxy``, a peer in
    its ``trusted_proxies`` must send a PROXY header (within the same deadline,
    in tcp mode too), whose source is the client from then on; a connection
-   that starts with a PROXY header it may not send is closed;
+   that starts with a PROXY header it may not send is closed.  On a listener
+   that terminates TLS the header comes first, in plain text, and is read
+   without taking a byte of the ClientHello after it (:func:`~lb.worker.tls.take_proxy_header`),
+   then the handshake;
 2. route and pick: the listener's router names a backend, its picker a server
    that is up, ``ready``, not suspect and under its ``maxconn`` (tls: the router
    names it from the hello's server name, and the hello is what the server
@@ -68,10 +72,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from time import monotonic
 from typing import Any
 
-from lb.pool.clients import UNCOUNTED
+from lb.pool.clients import UNCOUNTED, Refusal
+from lb.proto.events import NEED_DATA, NeedData
 from lb.proto.forwarded import forwarded_head
 from lb.proto.http1 import Head, HeadSniffer, Reject
 from lb.proto.proxy import NOT_PROXY, ProxyHeader, ProxyReader, ProxyReject, looks_like_proxy
@@ -92,6 +98,7 @@ from lb.worker.tls import (
     release,
     send_answer,
     server_failure,
+    take_proxy_header,
     tls_reason,
     wrap,
     wrap_client,
@@ -271,32 +278,44 @@ class Connection:
         elif listener.mode == "tls":
             self.hello = HelloReader()
         self._arm(listener.head_timeout, self._head_timeout)  # the PROXY header's too
-        if listener.tls is not None and self.proxy is None:
-            self.tls = wrap(listener.tls, self.fd, listener.family)
-            self._handshake()
+        if listener.tls is not None:
+            if self.proxy is None:
+                self.tls = wrap(listener.tls, self.fd, listener.family)
+                self._handshake()
+            else:  # in plain text, before the handshake
+                self._read_proxy_before_tls()
             return
         self._read_head()  # with TCP_DEFER_ACCEPT the head is usually there already
 
-    def _handshake(self) -> None:
+    def _handshake(self, refusal: Refusal | None = None) -> None:
         """Drive the TLS handshake (within ``head_timeout``, with the head), then read the
-        head through it; a client that fails it is closed, and why logged."""
+        head through it; a client that fails it is closed, and why logged.  A client over
+        its limits (``refusal``) is answered 429 over TLS instead, once the handshake is
+        done."""
         tls = self.tls
         assert tls is not None
         try:
             tls.ssl.do_handshake()
-        except ssl.SSLWantReadError:
-            self._wait(self._handshake, write=False)
-            return
-        except ssl.SSLWantWriteError:
-            self._wait(self._handshake, write=True)
-            return
-        except ssl.SSLError as exc:
-            self._drop(f"TLS handshake failed: {tls_reason(exc)}")
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+            again = self._handshake if refusal is None else partial(self._handshake, refusal)
+            self._wait(again, write=isinstance(exc, ssl.SSLWantWriteError))
             return
         except OSError as exc:
-            self._drop(f"client error in the TLS handshake: {exc.strerror}")
+            why = (
+                f"TLS handshake failed: {tls_reason(exc)}"
+                if isinstance(exc, ssl.SSLError)
+                else f"client error in the TLS handshake: {exc.strerror}"
+            )
+            if refusal is None:
+                self._drop(why)
+            else:
+                self._drop(f"{refusal.reason} ({why})", 429)
             return
         self.tls_ready = True
+        if refusal is not None:
+            self._disarm()
+            self.answer(429, refusal.reason, retry_after=refusal.retry_after)
+            return
         self._wait(self._read_head, write=False)
         self._read_head()  # the head often came with the handshake's last flight
 
@@ -319,8 +338,28 @@ class Connection:
         if isinstance(ticket, int):
             self.ticket = ticket
             return True
-        self.answer(429, ticket.reason, retry_after=ticket.retry_after)
+        if self.listener.tls is not None:  # the answer goes over TLS: a handshake first
+            self._refuse_over_tls(ticket)
+        else:
+            self.answer(429, ticket.reason, retry_after=ticket.retry_after)
         return False
+
+    def _refuse_over_tls(self, refusal: Refusal) -> None:
+        """A client of a TLS listener over its limits: the handshake, within
+        ``head_timeout`` (counted from the accept, a PROXY header's included), then 429
+        over TLS.  No count holds it meanwhile (it has no ticket)."""
+        listener = self.listener
+        assert listener.tls is not None
+        self._stop_reading()  # a PROXY header's wait, if there was one
+        timeout = listener.head_timeout
+        why = f"{refusal.reason} (TLS handshake not complete within {timeout:g} s)"
+        expires = partial(self._drop, why, 429)
+        if self.expires is None:
+            self._arm(timeout, expires)
+        else:  # armed at the accept already
+            self.expires = expires
+        self.tls = wrap(listener.tls, self.fd, listener.family)
+        self._handshake(refusal)
 
     def release_client(self) -> None:
         """Its client's count no longer holds it: it ended, or went to another worker."""
@@ -424,22 +463,46 @@ class Connection:
         proxy = self.proxy
         assert proxy is not None
         event = proxy.feed(data)
-        if isinstance(event, ProxyHeader):
-            self.proxy = None
-            self.bytes_in += event.length
-            if event.source is not None:  # else LOCAL or UNKNOWN: the peer's own addresses
-                self.addr, self.local = event.source, event.destination
-            if not self.admit():
-                return None
-            return proxy.rest
+        if isinstance(event, NeedData):
+            self._wait_readable()
+            return None
+        return proxy.rest if self._proxy_judged(event) else None
+
+    def _read_proxy_before_tls(self) -> None:
+        """A TLS listener's trusted peer: its PROXY header, in plain text, but not a byte
+        of the ClientHello after it (see ``take_proxy_header``); then the handshake."""
+        proxy = self.proxy
+        assert proxy is not None and self.listener.tls is not None
+        try:
+            event = take_proxy_header(self.fd, proxy)
+        except BlockingIOError:
+            event = NEED_DATA
+        except OSError as exc:
+            self._drop(f"client error before the PROXY header: {exc.strerror}")
+            return
+        if event is None:
+            self._drop("client closed before the PROXY header")
+        elif isinstance(event, NeedData):
+            self._wait(self._read_proxy_before_tls, write=False)
+        elif self._proxy_judged(event):
+            self.tls = wrap(self.listener.tls, self.fd, self.listener.family)
+            self._handshake()
+
+    def _proxy_judged(self, event: ProxyHeader | ProxyReject) -> bool:
+        """A trusted peer's PROXY header, read whole: True if it is valid and its client
+        (its source, from then on) is admitted; else the connection is closed or
+        refused."""
         if isinstance(event, ProxyReject):
             if event.reason == NOT_PROXY:
                 self._drop("accept_proxy: a peer in trusted_proxies sent no PROXY header")
             else:
                 self._drop(f"accept_proxy: invalid PROXY header: {event.reason}")
-            return None
-        self._wait_readable()
-        return None
+            return False
+        self.proxy = None
+        self.bytes_in += event.length
+        if event.source is not None:  # else LOCAL or UNKNOWN: the peer's own addresses
+            self.addr, self.local = event.source, event.destination
+        return self.admit()
 
     def _untrusted_proxy(self) -> str:
         """Why a connection that starts with a PROXY header it may not send is closed."""

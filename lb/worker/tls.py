@@ -39,10 +39,16 @@ side) and a half-close.  Byte counts are of the plaintext, both ways.
 A tunnel with TLS on a side is never handed to another process on reload: its
 TLS state (keys, sequence numbers) lives in this process's OpenSSL.  It stays
 in the old generation until it ends or the drain rules close it (``movable``).
+
+A PROXY header before TLS (a listener with ``accept_proxy``, behind an L4
+balancer that sends one: HAProxy's and nginx's order, header then handshake)
+is read by :func:`take_proxy_header` in plain text, and not a byte after it:
+the ClientHello that follows must stay in the socket for OpenSSL to read.
 """
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import os
@@ -52,7 +58,9 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
+from lb.proto.events import NeedData
 from lb.proto.http1 import Head
+from lb.proto.proxy import ProxyHeader, ProxyReader, ProxyReject
 from lb.worker.deadlines import Queue
 from lb.worker.requests import DISCARD_BYTES, HEAD, REFUSED, TUNNEL, RequestStream
 from lb.worker.splice import Flow, Pump, Tunnel, TunnelOwner, failure_reason, shutdown_write
@@ -62,12 +70,44 @@ if TYPE_CHECKING:
 
 COPY_BYTES = 256 * 1024  # what a flow moves per wake-up, at most
 MAX_RECORD = 16 * 1024  # a TLS record's plaintext, at most (RFC 8446 5.1)
+PEEK_BYTES = 16 * 1024  # of a PROXY header before TLS, per read (a longer v2 takes more reads)
 _buffer = bytearray(COPY_BYTES)  # the worker's one copy buffer (one thread, copied out if kept)
 _view = memoryview(_buffer)
 WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # The client's end: a FIN without close_notify (a "ragged" end), or a close_notify that
 # came after ours (OpenSSL reports it as an error then, not as a read of 0 bytes).
 END = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def take_proxy_header(fd: int, reader: ProxyReader) -> ProxyHeader | ProxyReject | NeedData | None:
+    """Read a PROXY header from the client's socket ``fd`` into ``reader``, leaving every
+    byte after it in the socket (the ClientHello, for OpenSSL); None at the client's end
+    of file; BlockingIOError when nothing came, OSError on a failure.
+
+    The bytes are peeked (``MSG_PEEK``) and fed to ``reader`` (all new to it: what it
+    had before was taken from the socket), then taken from the socket as far as they
+    belong to the header: all of them while it is incomplete (it goes on past them),
+    up to its end once it is complete.  So nothing stays peeked while the reader waits
+    for more, and the socket's readiness, level-triggered, does not fire again and
+    again for bytes already seen.  A rejection takes nothing: the caller closes.
+    """
+    sock = _socket.socket(fileno=fd)
+    try:
+        data = sock.recv(PEEK_BYTES, _socket.MSG_PEEK)
+        if not data:
+            return None
+        event = reader.feed(data)
+        if isinstance(event, ProxyReject):
+            return event
+        left = len(data) - len(reader.rest)
+        while left > 0:  # in the socket's queue already: taken at once
+            taken = len(sock.recv(left))
+            if not taken:
+                raise OSError(errno.EPROTO, "peeked bytes are gone")
+            left -= taken
+        return event
+    finally:
+        sock.detach()
 
 
 class RawTls(Protocol):

@@ -20,13 +20,22 @@ from pathlib import Path
 import pytest
 import trustme
 
+from lb.proto.events import NEED_DATA
 from lb.proto.http1 import Head
+from lb.proto.proxy import V2_SIGNATURE, ProxyHeader, ProxyReader, ProxyReject
 from lb.tls import CertPair, ListenerTLS, server_context
 from lb.worker.deadlines import Deadlines
 from lb.worker.loop import Loop
 from lb.worker.pipes import PipePool
 from lb.worker.splice import Pump
-from lb.worker.tls import MAX_RECORD, TlsSocket, TlsTunnel, wrap
+from lb.worker.tls import (
+    MAX_RECORD,
+    PEEK_BYTES,
+    TlsSocket,
+    TlsTunnel,
+    take_proxy_header,
+    wrap,
+)
 from tests.test_tls import pair
 from tests.worker.test_splice import FakeConnection, read_to_eof, tcp_pair
 
@@ -189,3 +198,92 @@ def test_ends_of_file_pass_both_ways(setup: Setup) -> None:
     assert setup.conn.closed == ["server closed"]
     assert setup.conn.bytes_in == 5 and setup.conn.bytes_out == 10
     assert MAX_RECORD == 16384
+
+
+# -- a PROXY header before TLS ---------------------------------------------------------
+
+HELLO = b"\x16\x03\x01\x00\x05hello"  # what follows the header: OpenSSL's, never taken
+V1 = b"PROXY TCP4 203.0.113.9 198.51.100.1 51000 443\r\n"
+
+
+@pytest.fixture
+def peer() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the proxy's end, the balancer's end: non-blocking)."""
+    near, far = tcp_pair()
+    far.setblocking(False)
+    yield near, far
+    near.close()
+    far.close()
+
+
+def queued_bytes(sock: socket.socket) -> bytes:
+    """What is left in the socket, once what was sent has arrived (a peek: left there)."""
+    wait_for(lambda: queued(sock.fileno()) > 0, "bytes to arrive")
+    return sock.recv(65536, socket.MSG_PEEK)
+
+
+def test_a_header_sent_with_the_hello_is_taken_and_the_hello_left(
+    peer: tuple[socket.socket, socket.socket],
+) -> None:
+    near, far = peer
+    near.sendall(V1 + HELLO)
+    wait_for(lambda: queued(far.fileno()) == len(V1 + HELLO), "the segment")
+    reader = ProxyReader()
+    event = take_proxy_header(far.fileno(), reader)
+    assert isinstance(event, ProxyHeader) and event.source == ("203.0.113.9", 51000)
+    assert queued_bytes(far) == HELLO
+
+
+def test_a_header_in_pieces_is_taken_piece_by_piece(
+    peer: tuple[socket.socket, socket.socket],
+) -> None:
+    near, far = peer
+    reader = ProxyReader()
+    with pytest.raises(BlockingIOError):  # nothing yet
+        take_proxy_header(far.fileno(), reader)
+    near.sendall(V1[:10])
+    wait_for(lambda: queued(far.fileno()) == 10, "the first piece")
+    assert take_proxy_header(far.fileno(), reader) is NEED_DATA
+    assert queued(far.fileno()) == 0  # taken: the socket is not readable for it again
+    near.sendall(V1[10:] + HELLO)
+    wait_for(lambda: queued(far.fileno()) > 0, "the rest")
+    assert isinstance(take_proxy_header(far.fileno(), reader), ProxyHeader)
+    assert queued_bytes(far) == HELLO
+
+
+def test_a_v2_header_longer_than_one_peek_is_taken_whole(
+    peer: tuple[socket.socket, socket.socket],
+) -> None:
+    near, far = peer
+    tlv = b"\xee" + (PEEK_BYTES + 100).to_bytes(2, "big") + bytes(PEEK_BYTES + 100)
+    addresses = bytes([203, 0, 113, 9, 198, 51, 100, 1]) + b"\xc7\x38\x01\xbb"
+    body = addresses + tlv
+    header = V2_SIGNATURE + b"\x21\x11" + len(body).to_bytes(2, "big") + body
+    near.sendall(header + HELLO)
+    wait_for(lambda: queued(far.fileno()) == len(header + HELLO), "the header")
+    reader = ProxyReader()
+    events = [take_proxy_header(far.fileno(), reader) for _ in range(2)]
+    assert events[0] is NEED_DATA
+    assert isinstance(events[1], ProxyHeader) and events[1].source == ("203.0.113.9", 51000)
+    assert queued_bytes(far) == HELLO
+
+
+def test_a_hello_without_a_header_is_rejected_and_nothing_taken(
+    peer: tuple[socket.socket, socket.socket],
+) -> None:
+    near, far = peer
+    near.sendall(HELLO)
+    wait_for(lambda: queued(far.fileno()) == len(HELLO), "the hello")
+    event = take_proxy_header(far.fileno(), ProxyReader())
+    assert isinstance(event, ProxyReject) and event.reason == "not a PROXY header"
+    near.close()
+    assert far.recv(100) == HELLO  # left: the connection is closed by its owner
+
+
+def test_the_end_of_file_before_a_header_is_none(
+    peer: tuple[socket.socket, socket.socket],
+) -> None:
+    near, far = peer
+    near.shutdown(socket.SHUT_WR)
+    wait_for(lambda: select.select([far], [], [], 0)[0] != [], "the end of file")
+    assert take_proxy_header(far.fileno(), ProxyReader()) is None
