@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -7,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import EchoBackend, Proc, SpliceLB, network_namespace
+from tests.integration.tls_setup import Certs, make_certs
 
 
 @pytest.fixture
@@ -50,3 +52,26 @@ def start_lb(tmp_path: Path, procs: list[Proc]) -> Callable[..., SpliceLB]:
         return lb
 
     return start
+
+
+@pytest.fixture
+def held() -> Iterator[list[socket.socket]]:
+    """Client sockets a test holds open; all closed at its end."""
+    socks: list[socket.socket] = []
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    """Test certificates (see tls_setup.make_certs)."""
+    return make_certs(tmp_path)
+
+
+@pytest.fixture
+def echo(procs: list[Proc]) -> EchoBackend:
+    """One echo backend (a WebSocket echo server, see harness.EchoBackend)."""
+    server = EchoBackend("echo1")
+    procs.append(server)
+    return server

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from tests.integration import clients
 from tests.integration.harness import (
@@ -27,15 +25,6 @@ from tests.integration.harness import (
 )
 
 OTHER_CLIENT = "127.0.0.2"
-
-
-@pytest.fixture
-def held() -> Iterator[list[socket.socket]]:
-    """Client sockets a test holds open; all closed at its end."""
-    socks: list[socket.socket] = []
-    yield socks
-    for sock in socks:
-        sock.close()
 
 
 def connect(port: int, source: str = "127.0.0.1") -> socket.socket:

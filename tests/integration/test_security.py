@@ -123,13 +123,6 @@ def simple_config(port: int, runtime: Path, echo: EchoBackend) -> str:
     ).replace("@RUNTIME@", str(runtime))
 
 
-@pytest.fixture
-def echo(procs: list[Proc]) -> EchoBackend:
-    server = EchoBackend("echo1")
-    procs.append(server)
-    return server
-
-
 @pytest.mark.parametrize("kind", ["symlink", "group-writable", "world-writable"])
 def test_a_runtime_dir_someone_else_could_write_into_is_refused(
     tmp_path: Path, echo: EchoBackend, procs: list[Proc], kind: str

@@ -20,13 +20,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.client import connect as async_connect
@@ -35,7 +33,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.integration.clients import read_all
 from tests.integration.harness import (
     EchoBackend,
-    Proc,
     SpliceLB,
     backend,
     cli,
@@ -43,41 +40,12 @@ from tests.integration.harness import (
     free_port,
     wait_until,
 )
+from tests.integration.tls_setup import Certs
 from tests.test_tls import pair
 
 pytestmark = pytest.mark.timeout(180)
 
 SIZES = (64, 1 << 20, 16 << 20)
-
-
-@dataclass
-class Certs:
-    dir: Path
-    ca: trustme.CA
-    ca_file: Path
-    cert_file: Path  # for localhost and 127.0.0.1: the default
-    key_file: Path
-    other_cert: Path  # for other.test: chosen by SNI
-    other_key: Path
-
-    def client_context(self, **options: Any) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        for name, value in options.items():
-            setattr(context, name, value)
-        return context
-
-
-@pytest.fixture
-def certs(tmp_path: Path) -> Certs:
-    ca = trustme.CA()
-    directory = tmp_path / "certs"
-    directory.mkdir()
-    ca_file = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert_file, key_file = pair(ca, directory, "default", "localhost", "127.0.0.1")
-    other_cert, other_key = pair(ca, directory, "other", "other.test")
-    return Certs(directory, ca, ca_file, cert_file, key_file, other_cert, other_key)
 
 
 def tls_listener(
@@ -89,13 +57,6 @@ def tls_listener(
         f'[listeners.tls]\ncert_file = "{certs.cert_file}"\nkey_file = "{certs.key_file}"\n'
         f"{tls_extra}\n"
     )
-
-
-@pytest.fixture
-def echo(procs: list[Proc]) -> EchoBackend:
-    backend_proc = EchoBackend("echo1")
-    procs.append(backend_proc)
-    return backend_proc
 
 
 StartEcho = Callable[..., tuple[SpliceLB, int]]

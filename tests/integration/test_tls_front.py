@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from tests.integration import clients
 from tests.integration.harness import (
@@ -31,8 +30,8 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.test_client_address import HAProxy, Mirror, need
-from tests.integration.test_tls import Certs, tls_listener
-from tests.test_tls import pair
+from tests.integration.test_tls import tls_listener
+from tests.integration.tls_setup import Certs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,38 +40,10 @@ GET = b"GET /who HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture
-def certs(tmp_path: Path) -> Certs:
-    ca = trustme.CA()
-    directory = tmp_path / "certs"
-    directory.mkdir()
-    ca_file = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert_file, key_file = pair(ca, directory, "default", "localhost", "127.0.0.1")
-    other_cert, other_key = pair(ca, directory, "other", "other.test")
-    return Certs(directory, ca, ca_file, cert_file, key_file, other_cert, other_key)
-
-
-@pytest.fixture
-def echo(procs: list[Proc]) -> EchoBackend:
-    server = EchoBackend("echo1")
-    procs.append(server)
-    return server
-
-
-@pytest.fixture
 def mirror() -> Iterator[Mirror]:
     server = Mirror()
     yield server
     server.close()
-
-
-@pytest.fixture
-def held() -> Iterator[list[socket.socket]]:
-    """Client sockets a test holds open; all closed at its end."""
-    socks: list[socket.socket] = []
-    yield socks
-    for sock in socks:
-        sock.close()
 
 
 def start(
