@@ -70,6 +70,7 @@ from lb.worker.pipes import PIPE_SIZE
 from lb.worker.splice import (
     SPLICE_FLAGS,
     Flow,
+    Tunnel,
     failure_reason,
     shutdown_write,
     splice,
@@ -259,6 +260,38 @@ class RequestStream:
             self.state = then
 
 
+class ReadsHeads(Protocol):
+    """A flow that reads later requests (a :class:`RequestFlow`, or over TLS
+    :class:`lb.worker.tls.TlsUp`): a head that has begun must be complete within the
+    listener's ``head_timeout``.  It keeps the deadline's queue in ``deadline`` while it
+    is armed, and is the deadline's owner (its ``expire`` calls :func:`head_expired`)."""
+
+    deadline: Queue | None
+    head_timeout: float
+    tunnel: Tunnel
+
+
+def arm_head(flow: ReadsHeads) -> None:
+    """A head has begun: its deadline, unless it has one."""
+    if flow.deadline is None:
+        flow.deadline = flow.tunnel.pump.deadlines.arm(flow, flow.head_timeout, monotonic())
+
+
+def disarm_head(flow: ReadsHeads) -> None:
+    deadline, flow.deadline = flow.deadline, None
+    if deadline is not None:
+        deadline.pop(flow, None)
+
+
+def head_expired(flow: ReadsHeads, stream: RequestStream) -> bool:
+    """The deadline came: refuse the head still begun, if there is one (True)."""
+    flow.deadline = None
+    if stream.state != HEAD or stream.sniffer is None:
+        return False
+    stream.refuse(f"request head not complete within {flow.head_timeout:g} s")
+    return True
+
+
 class RequestFlow(Flow):
     """A tunnel's client-to-server flow that reads requests: each judged before it goes
     (see the module's docstring).  Made by its tunnel, as any flow; attached to its
@@ -279,7 +312,7 @@ class RequestFlow(Flow):
         drop the deadline, the stream and the connection (no reference cycle is left).
         Called once: by the connection, or as it splices on."""
         if self.deadline is not None:
-            self._disarm()
+            disarm_head(self)
         del self.stream, self.owner
 
     @property
@@ -317,7 +350,7 @@ class RequestFlow(Flow):
                 tunnel.loop.watch_failure(self.src, self.on_failure)
             else:
                 if self.deadline is not None:
-                    self._disarm()
+                    disarm_head(self)
                 self._end()
             return
         self.nbytes += len(data)
@@ -398,10 +431,7 @@ class RequestFlow(Flow):
         state = stream.state
         if state == HEAD:
             if stream.sniffer is not None:  # a head has begun: it has head_timeout
-                if self.deadline is None:
-                    self.deadline = self.tunnel.pump.deadlines.arm(
-                        self, self.head_timeout, monotonic()
-                    )
+                arm_head(self)
                 return
         elif state == TUNNEL:
             self._splice_from_now()
@@ -410,7 +440,7 @@ class RequestFlow(Flow):
             self._refused()
             return
         if self.deadline is not None:
-            self._disarm()
+            disarm_head(self)
 
     def _splice_body(self, stream: RequestStream) -> None:
         """Move the rest of a Content-Length body, at most ``stream.left`` bytes, by
@@ -467,7 +497,7 @@ class RequestFlow(Flow):
     def _refused(self) -> None:
         """Nothing more goes to the server: it finishes its answers and closes, then the
         tunnel closes (the client is read on, and what it sends dropped)."""
-        self._disarm()
+        disarm_head(self)
         self.ended = True
         self.owner.request_refused(self.stream.reason)
         tunnel = self.tunnel
@@ -482,14 +512,5 @@ class RequestFlow(Flow):
         tunnel = getattr(self, "tunnel", None)
         if tunnel is None or tunnel.closed or not hasattr(self, "stream"):
             return
-        stream = self.stream
-        if stream.state != HEAD or stream.sniffer is None:
-            return
-        stream.refuse(f"request head not complete within {self.head_timeout:g} s")
-        if not self.pending and self.pipe is None:  # else once they are out
-            self.settle()
-
-    def _disarm(self) -> None:
-        deadline, self.deadline = self.deadline, None
-        if deadline is not None:
-            deadline.pop(self, None)
+        if head_expired(self, self.stream) and not self.pending and self.pipe is None:
+            self.settle()  # else once they are out

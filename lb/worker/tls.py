@@ -55,14 +55,22 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
 from lb.proto.events import NeedData
 from lb.proto.http1 import Head
 from lb.proto.proxy import ProxyHeader, ProxyReader, ProxyReject
 from lb.worker.deadlines import Queue
-from lb.worker.requests import DISCARD_BYTES, HEAD, REFUSED, TUNNEL, RequestStream
+from lb.worker.requests import (
+    DISCARD_BYTES,
+    HEAD,
+    REFUSED,
+    TUNNEL,
+    RequestStream,
+    arm_head,
+    disarm_head,
+    head_expired,
+)
 from lb.worker.splice import Flow, Pump, Tunnel, TunnelOwner, failure_reason, shutdown_write
 
 if TYPE_CHECKING:
@@ -430,11 +438,9 @@ class TlsUp(CopyFlow):
         begun must be complete within the listener's ``head_timeout``, as on a plain
         listener (lb.worker.requests)."""
         if stream.state == HEAD and stream.sniffer is not None:
-            if self.deadline is None:
-                deadlines = self.tunnel.pump.deadlines
-                self.deadline = deadlines.arm(self, self.head_timeout, monotonic())
+            arm_head(self)
         elif self.deadline is not None:
-            self.disarm()
+            disarm_head(self)
         if stream.state == TUNNEL:  # an upgrade went to the server: copied unjudged now
             self.stream = None
             head = stream.head
@@ -456,16 +462,8 @@ class TlsUp(CopyFlow):
         """The head timeout: the head begun is not complete (called by the deadlines)."""
         self.deadline = None
         stream = self.stream
-        if self.tunnel.closed or stream is None or stream.state != HEAD:
-            return
-        if stream.sniffer is not None:
-            stream.refuse(f"request head not complete within {self.head_timeout:g} s")
+        if not self.tunnel.closed and stream is not None and head_expired(self, stream):
             self._settle(stream)
-
-    def disarm(self) -> None:
-        deadline, self.deadline = self.deadline, None
-        if deadline is not None:
-            deadline.pop(self, None)
 
     def _half_close(self) -> None:
         if self.dst_tls is not None:
@@ -536,5 +534,5 @@ class TlsTunnel(Tunnel):
                     release(tls)
             up = self.up
             assert isinstance(up, TlsUp)
-            up.disarm()
+            disarm_head(up)
         super().close(reason, reset)
