@@ -12,6 +12,8 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from time import monotonic
 from typing import Any
 
 import pytest
@@ -31,6 +33,26 @@ CONN = {
     "duration_ms": 1.5,
     "reason": "client closed",
 }
+
+
+def conn_args(**changes: Any) -> dict[str, Any]:
+    """A worker's arguments for the line CONN: ``started`` in place of ``duration_ms``, as
+    long ago as CONN's duration."""
+    fields = {**CONN, **changes}
+    return {
+        ("started" if key == "duration_ms" else key): (
+            monotonic() - value / 1000 if key == "duration_ms" else value
+        )
+        for key, value in fields.items()
+    }
+
+
+def same_conn(record: dict[str, Any]) -> bool:
+    """Whether a line has CONN's fields: a duration at least CONN's (it was logged later)."""
+    fields = {key: value for key, value in record.items() if key in CONN}
+    return fields.pop("duration_ms") >= CONN["duration_ms"] and fields == {
+        key: value for key, value in CONN.items() if key != "duration_ms"
+    }
 
 
 def read_lines(fd: int) -> list[str]:
@@ -79,12 +101,16 @@ def test_the_fast_conn_line_matches_the_structlog_line() -> None:
     r, w = os.pipe()
     log = configure("worker", 2, fd=w)
     log.info("conn", **CONN)
-    conn_logger(log, "worker", 2, level="info", fmt="json")(**CONN)
+    conn_logger(log, "worker", 2, level="info", fmt="json")(**conn_args())
     slow, fast = (json.loads(line) for line in read_lines(r))
     assert list(slow) == list(fast)
-    assert {k: v for k, v in slow.items() if k != "timestamp"} == {
-        k: v for k, v in fast.items() if k != "timestamp"
+    assert {k: v for k, v in slow.items() if k not in ("timestamp", "duration_ms")} == {
+        k: v for k, v in fast.items() if k not in ("timestamp", "duration_ms")
     }
+    # the fast line's own clock: the same text, a moment later (its duration too)
+    stamps = [datetime.strptime(r["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ") for r in (slow, fast)]
+    assert timedelta(0) <= stamps[1] - stamps[0] < timedelta(seconds=1)
+    assert slow["duration_ms"] <= fast["duration_ms"] < slow["duration_ms"] + 1000
     os.close(r)
     os.close(w)
 
@@ -224,13 +250,13 @@ def test_a_pipe_nobody_reads_drops_lines_at_once_and_reports_them_once_read() ->
 
     def first(log: Any, conn: Any) -> None:
         for _ in range(LINES):
-            conn(**CONN)
+            conn(**conn_args())
         log.warning("still_full")
         lblog.tick()  # the report does not fit either: its count is kept
 
     def then(_log: Any, conn: Any) -> None:
         lblog.tick()
-        conn(**CONN)
+        conn(**conn_args())
 
     with Writer(w, first, then) as writer:
         os.close(w)
@@ -253,7 +279,7 @@ def test_a_stream_socket_nobody_reads_drops_lines_at_once_and_reports_them_once_
 
     def first(_log: Any, conn: Any) -> None:
         for _ in range(lines):
-            conn(**CONN)
+            conn(**conn_args())
 
     def then(_log: Any, _conn: Any) -> None:
         lblog.flush()  # the last count, however recent the last report
@@ -280,7 +306,7 @@ def test_lines_of_two_processes_on_one_pipe_never_mix() -> None:
         os.read(start_r, 1)  # both at once
         for i in range(lines):
             if i % 2:
-                conn(**CONN)
+                conn(**conn_args())
             else:  # lengths that end anywhere in a page of the pipe
                 log.info("big", pad="x" * (100 + i * 37 % 3700))
 
@@ -408,15 +434,15 @@ def test_conn_lines_go_out_in_one_write_per_batch_when_their_turn_ends() -> None
     writes: list[bytes] = []
     conn, later = batched(writes)
     for _ in range(5):
-        conn(**CONN)
+        conn(**conn_args())
     assert writes == []  # they wait for their batch
     assert len(later.calls) == 1  # one call at the turn's end a batch
     later.fire()
     assert len(writes) == 1
     records = [json.loads(line) for line in writes[0].splitlines()]
     assert [r["event"] for r in records] == ["conn"] * 5
-    assert {k: v for k, v in records[0].items() if k in CONN} == CONN
-    conn(**CONN)  # the next batch has a timer of its own
+    assert same_conn(records[0])
+    conn(**conn_args())  # the next batch has a timer of its own
     assert len(later.calls) == 1
     later.fire()
     assert len(writes) == 2
@@ -427,7 +453,7 @@ def test_a_batch_stays_under_pipe_buf_so_it_stays_whole_on_a_pipe() -> None:
     conn, later = batched(writes)
     sent = 0
     for i in range(200):
-        conn(**{**CONN, "reason": "x" * (i * 7 % 300)})
+        conn(**conn_args(reason="x" * (i * 7 % 300)))
         sent += 1
     later.fire()
     assert all(len(data) <= MAX_LINE for data in writes), [len(d) for d in writes]
@@ -445,7 +471,7 @@ def test_a_batch_that_cannot_be_written_counts_each_of_its_lines_as_dropped() ->
     later = Later()
     conn.batch(later)
     for _ in range(7):
-        conn(**CONN)
+        conn(**conn_args())
     later.fire()
     assert sink.dropped == 7
     assert len(drain(r)) == filled
@@ -459,7 +485,7 @@ def test_the_lines_that_wait_go_out_before_the_process_ends() -> None:
     def first(_log: Any, conn: Any) -> None:
         conn.batch(lambda _callback: None)  # a loop whose turn never ends
         for _ in range(3):
-            conn(**CONN)
+            conn(**conn_args())
 
     def then(_log: Any, _conn: Any) -> None:
         lblog.flush()  # what a child does last (lb.children)
@@ -479,14 +505,28 @@ def test_a_conn_line_takes_its_fields_in_order_in_either_format() -> None:
     name them alike."""
     r, w = os.pipe()
     log = configure("worker", 2, fd=w, fmt="console")
-    conn_logger(log, "worker", 2, level="info", fmt="console")(*CONN.values())
+    conn_logger(log, "worker", 2, level="info", fmt="console")(*conn_args().values())
     console = read_lines(r)
     log = configure("worker", 2, fd=w)
-    conn_logger(log, "worker", 2, level="info", fmt="json")(*CONN.values())
+    conn_logger(log, "worker", 2, level="info", fmt="json")(*conn_args().values())
     [line] = read_lines(r)
-    assert {k: v for k, v in json.loads(line).items() if k in CONN} == CONN
+    assert same_conn(json.loads(line))
     assert len(console) == 1
     for key in ("client", "listener", "reason"):
         assert f"{key}={CONN[key]}" in console[0] or f"{key}='{CONN[key]}'" in console[0]
     os.close(r)
     os.close(w)
+
+
+def test_a_conn_line_is_stamped_with_the_millisecond_it_was_written_in() -> None:
+    """The fast line keeps its timestamp's text for a millisecond: never one that is over."""
+    writes: list[bytes] = []
+    conn = lblog.ConnLog("worker", 1, lblog.Sink(lambda line: writes.append(line) or len(line)))
+    for _ in range(40):
+        before = int(time.time() * 1000)
+        conn(**conn_args())
+        after = int(time.time() * 1000)
+        stamp = json.loads(writes[-1])["timestamp"]
+        when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        assert before <= int(when.timestamp() * 1000) <= after
+        time.sleep(0.0003)  # lines in the same millisecond and in the next ones

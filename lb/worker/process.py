@@ -533,7 +533,7 @@ class Worker:
                 status,
                 conn.bytes_in,
                 bytes_out,
-                round((time.monotonic() - conn.started) * 1000, 3),  # duration_ms
+                conn.started,  # its duration_ms is the line's
                 reason,
                 sni=conn.server_name if conn.listener.mode == "tls" else False,
             )
