@@ -335,10 +335,11 @@ class ConnLog:
     processor chain takes a line from about 12 µs to about 3 µs, which matters
     at thousands of connections a second.  The fields that do not change from
     one connection to the next (level, event, pid, role, generation) and the
-    timestamp (the same text for every line of a millisecond) are one cached
-    prefix; only the connection's own fields go through ``orjson``, which
-    halves a line's instructions (about 29,000 to 14,000,
-    ``bench/instructions.py --log-level info``).  Once :meth:`batch` has given it
+    timestamp (the same text for every line of a millisecond, read from the
+    clock that also gives the duration) are one cached prefix; only the
+    connection's own fields go through ``orjson``: about 20,000 instructions a
+    line with the worker's call, against 27,000 when every field went through
+    it (``python -m bench.logline``).  Once :meth:`batch` has given it
     a way to be called back later, lines go out in batches (see "conn lines in
     batches" in the module's docstring); until then each line is written at once.
     """

@@ -222,3 +222,26 @@ def run_bench(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_conn_line_instruction_count_smoke() -> None:
+    """bench/logline.py counts what one conn line costs, batched and written alone."""
+    if shutil.which("valgrind") is None and os.geteuid() != 0:
+        pytest.skip("valgrind missing and not root to install it (Debian package valgrind)")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.logline", "--lines", "100", "--per-turn", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads(done.stdout)
+    assert (result["code"], result["per_turn"]) == ("this tree", 4)
+    # a line costs thousands of instructions, not millions (the interpreter's start-up
+    # is out of the difference) and not nothing (the lines were made)
+    assert 2_000 < result["batched"] < 200_000, result
+    assert 2_000 < result["alone"] < 200_000, result
