@@ -128,6 +128,12 @@ class Reject:
     reason: str
 
 
+# The fields _Fields keeps.
+_READ: Final = frozenset(
+    (b"host", b"origin", b"upgrade", b"connection", b"content-length", b"transfer-encoding")
+)
+
+
 class _Fields:
     """llhttp callback target: keeps the few header fields routing needs.
 
@@ -158,6 +164,8 @@ class _Fields:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.lower()
+        if key not in _READ:  # most of a browser's fields: one lookup, not six comparisons
+            return
         if key == b"host":
             if self.host is not None:
                 self._fail("duplicate Host header")
@@ -288,7 +296,10 @@ class HeadSniffer:
             return self._reject(400, "missing Host header")
         if method == b"CONNECT":
             return self._reject(400, "CONNECT is not supported")
-        if b"#" in target or not target.isascii():
+        if not target.isascii():
+            return self._reject(400, "invalid request-target")
+        text = target.decode("ascii")
+        if "#" in text:  # on str: ``in`` on bytes first tries the bytes as an int
             return self._reject(400, "invalid request-target")
 
         hostname = ""
@@ -301,7 +312,6 @@ class HeadSniffer:
             hostname = known
 
         # The usual case inline: origin-form, the path in normal form (see normalize_path).
-        text = target.decode("ascii")
         query = text.find("?")
         path = text if query < 0 else text[:query]
         if text[0] != "/" or "%" in path or "\\" in path or "//" in path or "/." in path:
