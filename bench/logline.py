@@ -19,24 +19,19 @@ rounded, rather than when the connection began).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.procs import REPO, BenchError, install_debian, log
+from bench.procs import REPO, BenchError, log
 from bench.servers import checkout
+from bench.snippet import ensure_valgrind, per_call
 
-CHILD = "{source}\nimport sys\nmake_lines(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])\n"
 
-
-def make_lines(lines: int, per_turn: int, path: str) -> None:
-    """The loop valgrind counts: run in a child whose ``lb`` is the tree under test (its
-    source is the child's program, so the child imports nothing else of this tree)."""
+def make_lines(lines: int, per_turn: str, path: str) -> None:
+    """A worker's ``lines`` conn lines, a batch written every ``per_turn`` (0: each line
+    alone), to ``path`` (a bench.snippet snippet)."""
     import inspect  # noqa: PLC0415
     import os  # noqa: PLC0415
     import time  # noqa: PLC0415
@@ -45,11 +40,11 @@ def make_lines(lines: int, per_turn: int, path: str) -> None:
     from lb.worker.runtime import format_peer  # noqa: PLC0415
 
     client, fields = ("127.0.0.1", 50123), ("http", "app", "app1", False, None, 78, 145)
-
+    batch = int(per_turn)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     conn_log = lblog.ConnLog("worker", 1, lblog.Sink.open(fd))
     turn_end: list[object] = []
-    if per_turn:
+    if batch:
         conn_log.batch(turn_end.append)
     # since d3e5713 the line is given when the connection began; before, its duration
     gets_start = "started" in inspect.signature(conn_log).parameters
@@ -62,46 +57,20 @@ def make_lines(lines: int, per_turn: int, path: str) -> None:
             "server closed",
             sni=False,
         )
-        if per_turn and (i + 1) % per_turn == 0:
+        if batch and (i + 1) % batch == 0:
             conn_log.flush()
             turn_end.clear()
     conn_log.flush()
 
 
-def instructions(code: Path, lines: int, per_turn: int, tmp: Path) -> int:
-    """Instructions of the whole child process (callgrind's total)."""
-    result = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={tmp / 'cg.out'}",
-            sys.executable,
-            "-c",
-            CHILD.format(source=inspect.getsource(make_lines)),
-            str(lines),
-            str(per_turn),
-            str(tmp / "lines.log"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(code)},
-        cwd=code,
-    )
-    written = (tmp / "lines.log").read_bytes().count(b"\n")
-    if written != lines:
-        raise BenchError(f"{lines} conn lines made, {written} written: {result.stderr[-2000:]}")
-    for line in result.stderr.splitlines():
-        if "Collected :" in line:
-            return int(line.rsplit(":", 1)[1].replace(",", ""))
-    raise BenchError(f"callgrind printed no total: {result.stderr[-2000:]}")
-
-
 def per_line(code: Path, lines: int, per_turn: int, tmp: Path) -> int:
-    few = instructions(code, lines, per_turn, tmp)
-    many = instructions(code, 10 * lines, per_turn, tmp)
-    return round((many - few) / (9 * lines))
+    """One line's instructions; the lines of the last run must all be in the file."""
+    path = tmp / "lines.log"
+    cost = per_call(code, make_lines, lines, str(per_turn), str(path))
+    written = path.read_bytes().count(b"\n")
+    if written != 10 * lines:
+        raise BenchError(f"{10 * lines} conn lines made, {written} written")
+    return cost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-turn", type=int, default=8, help="lines per batch (8)")
     parser.add_argument("--code", default="", help="the line of commit CODE (git archive)")
     args = parser.parse_args(argv)
-    if shutil.which("valgrind") is None:
-        install_debian(["valgrind"])
+    ensure_valgrind()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         code = checkout(args.code, tmp) if args.code else REPO

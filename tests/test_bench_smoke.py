@@ -245,3 +245,27 @@ def test_conn_line_instruction_count_smoke() -> None:
     # is out of the difference) and not nothing (the lines were made)
     assert 2_000 < result["batched"] < 200_000, result
     assert 2_000 < result["alone"] < 200_000, result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_head_instruction_count_smoke() -> None:
+    """bench/heads.py counts what sniffing each real client's head costs."""
+    if shutil.which("valgrind") is None and os.geteuid() != 0:
+        pytest.skip("valgrind missing and not root to install it (Debian package valgrind)")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.heads", "--times", "20"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=380,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads(done.stdout)
+    fixtures = {p.stem for p in (REPO / "tests" / "proto" / "fixtures").glob("*.http")}
+    assert set(result["feed"]) == {"wrk"} | fixtures
+    assert result["new_sniffer"] > 0
+    # a browser's handshake, with its dozen fields, costs more than wrk's three-line head
+    feed = result["feed"]
+    assert feed["chromium-156-websocket-upgrade"] > feed["wrk"] > 0, feed
