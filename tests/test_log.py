@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Any
 
@@ -527,6 +527,6 @@ def test_a_conn_line_is_stamped_with_the_millisecond_it_was_written_in() -> None
         conn(**conn_args())
         after = int(time.time() * 1000)
         stamp = json.loads(writes[-1])["timestamp"]
-        when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         assert before <= int(when.timestamp() * 1000) <= after
         time.sleep(0.0003)  # lines in the same millisecond and in the next ones
