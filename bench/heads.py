@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from bench.procs import REPO, log
-from bench.servers import checkout
-from bench.snippet import ensure_valgrind, per_call
+from bench.snippet import code_under_test, per_call
 
 FIXTURES = REPO / "tests" / "proto" / "fixtures"
 WRK_HEAD = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\n\r\n"
@@ -46,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--times", type=int, default=1000, help="heads of the short run (1000)")
     parser.add_argument("--code", default="", help="the sniffer of commit CODE (git archive)")
     args = parser.parse_args(argv)
-    ensure_valgrind()
-    with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
-        code = checkout(args.code, tmp) if args.code else REPO
+    with code_under_test(args.code) as (code, tmp):
         wrk = tmp / "wrk.http"
         wrk.write_bytes(WRK_HEAD)
         heads = {"wrk": wrk} | {p.stem: p for p in sorted(FIXTURES.glob("*.http"))}

@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from bench.procs import REPO, BenchError, log
-from bench.servers import checkout
-from bench.snippet import ensure_valgrind, per_call
+from bench.procs import BenchError, log
+from bench.snippet import code_under_test, per_call
 
 
 def make_lines(lines: int, per_turn: str, path: str) -> None:
@@ -79,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-turn", type=int, default=8, help="lines per batch (8)")
     parser.add_argument("--code", default="", help="the line of commit CODE (git archive)")
     args = parser.parse_args(argv)
-    ensure_valgrind()
-    with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
-        code = checkout(args.code, tmp) if args.code else REPO
+    with code_under_test(args.code) as (code, tmp):
         log(f"conn lines of {args.code or 'this tree'} under callgrind")
         result = {
             "code": args.code or "this tree",

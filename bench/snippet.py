@@ -13,23 +13,32 @@ hundred in a minute.  ``bench/logline.py`` and ``bench/heads.py`` use it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.procs import BenchError, install_debian
+from bench.procs import REPO, BenchError, install_debian
+from bench.servers import checkout
 
 CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
 CHILD = "{source}\nimport sys\n{name}(int(sys.argv[1]), *sys.argv[2:])\n"
 
 
-def ensure_valgrind() -> None:
+@contextlib.contextmanager
+def code_under_test(rev: str) -> Iterator[tuple[Path, Path]]:
+    """The tree to count, commit ``rev``'s (``git archive``) or this one's, and a scratch
+    directory; valgrind is installed first if it is missing."""
     if shutil.which("valgrind") is None:
         install_debian(["valgrind"])
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        yield (checkout(rev, tmp) if rev else REPO), tmp
 
 
 def instructions(code: Path, snippet: Callable[..., object], times: int, *args: str) -> int:

@@ -124,18 +124,7 @@ def test_cpu_profile_smoke() -> None:
 @pytest.mark.timeout(400)
 def test_instruction_count_smoke() -> None:
     """bench/instructions.py counts the worker's instructions for what it claims to count."""
-    if shutil.which("valgrind") is None and os.geteuid() != 0:
-        pytest.skip("valgrind missing and not root to install it (Debian package valgrind)")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "-n", "100", "-c", "4", "--top", "5"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=380,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    result = json.loads(done.stdout)
+    result = run_counter(["bench.instructions", "-n", "100", "-c", "4", "--top", "5"], 380)
     assert (result["count"], result["concurrency"]) == (100, 4)
     # A new connection (accept, connect, two tunnels' worth of events, close) costs
     # the worker more than forwarding one small message each way.
@@ -206,10 +195,10 @@ def run_cpu(options: list[str], tracers: tuple[str, ...] = ()) -> tuple[dict[str
 
 
 def run_bench(
-    argv: list[str], timeout: float, tracers: tuple[str, ...] = ()
+    argv: list[str], timeout: float, tracers: tuple[str, ...] = (), tools: tuple[str, ...] = TOOLS
 ) -> subprocess.CompletedProcess[str]:
     """Run a benchmark tool with Python to success (skipped without its tools and root)."""
-    missing = [t for t in (*TOOLS, *tracers) if shutil.which(t, path=SBIN) is None]
+    missing = [t for t in (*tools, *tracers) if shutil.which(t, path=SBIN) is None]
     if missing and os.geteuid() != 0:
         pytest.skip(f"{', '.join(missing)} missing and not root to install them")
     done = subprocess.run(
@@ -228,18 +217,7 @@ def run_bench(
 @pytest.mark.timeout(300)
 def test_conn_line_instruction_count_smoke() -> None:
     """bench/logline.py counts what one conn line costs, batched and written alone."""
-    if shutil.which("valgrind") is None and os.geteuid() != 0:
-        pytest.skip("valgrind missing and not root to install it (Debian package valgrind)")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.logline", "--lines", "100", "--per-turn", "4"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    result = json.loads(done.stdout)
+    result = run_counter(["bench.logline", "--lines", "100", "--per-turn", "4"], 280)
     assert (result["code"], result["per_turn"]) == ("this tree", 4)
     # a line costs thousands of instructions, not millions (the interpreter's start-up
     # is out of the difference) and not nothing (the lines were made)
@@ -251,21 +229,18 @@ def test_conn_line_instruction_count_smoke() -> None:
 @pytest.mark.timeout(400)
 def test_head_instruction_count_smoke() -> None:
     """bench/heads.py counts what sniffing each real client's head costs."""
-    if shutil.which("valgrind") is None and os.geteuid() != 0:
-        pytest.skip("valgrind missing and not root to install it (Debian package valgrind)")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.heads", "--times", "20"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=380,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    result = json.loads(done.stdout)
+    result = run_counter(["bench.heads", "--times", "20"], 380)
     fixtures = {p.stem for p in (REPO / "tests" / "proto" / "fixtures").glob("*.http")}
     assert set(result["feed"]) == {"wrk"} | fixtures
     assert result["new_sniffer"] > 0
     # a browser's handshake, with its dozen fields, costs more than wrk's three-line head
     feed = result["feed"]
     assert feed["chromium-156-websocket-upgrade"] > feed["wrk"] > 0, feed
+
+
+def run_counter(argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run an instruction counter (``python -m bench.X``, under valgrind) to success; its
+    JSON result."""
+    done = run_bench(["-m", *argv], timeout, tracers=("valgrind",), tools=())
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
