@@ -18,7 +18,10 @@ start): clients connect to ``https://localhost:PORT/`` (``TLS_NAME``).  A name
 into the run's directory), to measure a change against the code before it;
 ``VARIANT+info`` runs it with ``log_level = "info"`` (a ``conn`` line per
 connection, to the log file), to measure what logging costs; ``VARIANT+nopoll``
-with ``busy_poll_us = 0`` (``GLOBAL_SUFFIXES``; several may follow each other).
+with ``busy_poll_us = 0`` (``GLOBAL_SUFFIXES``; several may follow each other);
+``+null`` and ``+pipe`` send its stdout to /dev/null or to a pipe that ``cat``
+drains, in place of its log file (``STDOUT_SUFFIXES``), to tell what a line
+costs from what its file costs.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ FRONTS = {
 
 # a suffix "+NAME" of a splicelb's name -> the [global] keys it sets
 GLOBAL_SUFFIXES = {"info": {"log_level": '"info"'}, "nopoll": {"busy_poll_us": "0"}}
+# a suffix "+NAME" that says where splicelb's stdout goes (else: its log file)
+STDOUT_SUFFIXES = ("null", "pipe")
 
 
 def direct_ports(backends: dict[str, int]) -> dict[str, int]:
@@ -354,7 +359,8 @@ def target_toml(
     variant, *suffixes = variant.split("+")
     keys: dict[str, int | str] = {"maxconn": 20000, "drain_timeout": 1}
     for suffix in suffixes:
-        keys.update(GLOBAL_SUFFIXES[suffix])
+        if suffix not in STDOUT_SUFFIXES:
+            keys.update(GLOBAL_SUFFIXES[suffix])
     modes = {name: FRONTS[name][0] for name in ports}
     upstream = {name: servers[FRONTS[name][2]] for name in ports}
     extra = {}
@@ -420,7 +426,12 @@ def start_splicelb(
     ports = {port: free_port() for port in FRONTS}
     config = workdir / "splicelb.toml"
     config.write_text(target_toml(name, runtime, workers, ports, backends.ports))
-    proc = Proc("splicelb", splicelb_argv(config, workdir), workdir, code=code)
+    stdout = splicelb_stdout(name, workdir)
+    try:
+        proc = Proc("splicelb", splicelb_argv(config, workdir), workdir, code=code, stdout=stdout)
+    finally:
+        if stdout is not None and stdout >= 0:
+            os.close(stdout)  # the child has it (a pipe's reader sees its end when it exits)
     target = Target(variant, ports, proc, workdir, backends)
     try:
         wait_listening(proc, list(ports.values()), "splicelb's listeners")
@@ -433,6 +444,22 @@ def start_splicelb(
         target.stop()
         raise
     return target
+
+
+def splicelb_stdout(variant: str, workdir: Path) -> int | None:
+    """Where a splicelb's stdout goes: ``+null``, /dev/null; ``+pipe``, a pipe that ``cat``
+    drains (as journald reads a service's stream); else None, its log file."""
+    suffixes = variant.partition("@")[0].split("+")[1:]
+    if "null" in suffixes:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    if "pipe" in suffixes:
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:
+            Proc("splicelb-stdout", ["cat"], workdir, stdin=read, stdout=subprocess.DEVNULL)
+        finally:
+            os.close(read)
+        return write
+    return None
 
 
 def _workers_running(proc: Proc, runtime: Path) -> int:

@@ -3,14 +3,23 @@ compares one with another round by round."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench.cpu import versus
-from bench.procs import REPO, BenchError
-from bench.servers import VARIANTS, checkout, splicelb_toml
+from bench.procs import REPO, BenchError, Proc
+from bench.servers import (
+    FRONTS,
+    VARIANTS,
+    checkout,
+    splicelb_stdout,
+    splicelb_toml,
+    target_toml,
+)
 from lb.config import Config, parse_config, read_toml
 
 LISTENERS = [("bulk", 8001, "tcp", 9001), ("http", 8002, "tcp", 9002), ("ws", 8003, "http", 9003)]
@@ -82,3 +91,30 @@ def test_the_defaults_variant_adds_no_key_an_earlier_config_would_refuse(tmp_pat
         lc for lc in config_of("splicelb-http-defaults", tmp_path).listeners if lc.name == "http"
     ]
     assert lc.mode == "http" and lc.forwarded_headers
+
+
+def test_stdout_suffixes_send_splicelbs_lines_elsewhere_and_leave_its_config_alone(
+    tmp_path: Path,
+) -> None:
+    """``+null`` and ``+pipe`` change where the lines go, not what the config says."""
+    ports = {front: 8000 + i for i, front in enumerate(FRONTS)}
+    servers = {"bulk": 9001, "http": 9002, "ws": 9003, "http_pp": 9004, "https": 9005}
+    toml = target_toml("splicelb+info+pipe", tmp_path / "run", 1, ports, servers)
+    assert toml == target_toml("splicelb+info", tmp_path / "run", 1, ports, servers)
+    assert splicelb_stdout("splicelb+info", tmp_path) is None  # its log file
+    null = splicelb_stdout("splicelb+null", tmp_path)
+    assert null is not None
+    try:
+        assert os.path.samestat(os.fstat(null), os.stat(os.devnull))
+    finally:
+        os.close(null)
+    pipe = splicelb_stdout("splicelb+info+pipe", tmp_path)
+    assert pipe is not None
+    [reader] = [p for p in Proc.live if p.name == "splicelb-stdout"]
+    try:
+        assert stat.S_ISFIFO(os.fstat(pipe).st_mode)
+        os.write(pipe, b"x" * 200_000)  # more than a pipe holds: only a reader lets it through
+        os.close(pipe)
+        assert reader.popen.wait(timeout=10) == 0  # it read to the end
+    finally:
+        reader.kill()
