@@ -449,7 +449,7 @@ def start_splicelb(
 def splicelb_stdout(variant: str, workdir: Path) -> int | None:
     """Where a splicelb's stdout goes: ``+null``, /dev/null; ``+pipe``, a pipe that ``cat``
     drains (as journald reads a service's stream); else None, its log file."""
-    suffixes = variant.partition("@")[0].split("+")[1:]
+    suffixes = variant.split("+")[1:]  # (its @REV is gone: see start_splicelb)
     if "null" in suffixes:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     if "pipe" in suffixes:
