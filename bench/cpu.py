@@ -220,9 +220,9 @@ def attached(stderr: IO[bytes], pid: int, timeout: float = 20.0) -> None:
 
 def syscalls(
     pid: int, tools: dict[str, str], target: Target, seconds: int, load: str, tls: bool = False
-) -> tuple[dict[str, float], dict[str, float]]:
-    """System calls per request of ``pid`` under ``wrk`` (strace -c), and of those the
-    ones that failed (``accept4`` that finds the queue empty, say)."""
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """System calls per request of ``pid`` under ``wrk`` (strace -c), of those the ones
+    that failed (``accept4`` that finds the queue empty, say), and the requests made."""
     strace = tracer("strace")
     requests, out_file = traced_wrk(strace, ["-c", "-f"], pid, tools, target, seconds, load, tls)
     counts: dict[str, float] = {}
@@ -234,7 +234,7 @@ def syscalls(
             if m.group(2):
                 errors[m.group(3)] = round(int(m.group(2)) / max(requests, 1), 2)
     out_file.unlink()
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1])), errors
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])), errors, requests
 
 
 def profile(
@@ -340,7 +340,7 @@ def measure(
                 "idle_pct": round(machine["idle"] / machine["total"] * 100, 1),
             }
             if "strace" in tracers:
-                row["syscalls"], row["syscall_errors"] = syscalls(
+                row["syscalls"], row["syscall_errors"], row["syscall_requests"] = syscalls(
                     busiest_pid(target), tools, target, seconds, label, tls
                 )
                 row["syscalls_total"] = round(sum(row["syscalls"].values()), 1)

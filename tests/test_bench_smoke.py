@@ -21,6 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("haproxy", "iperf3", "wrk", "nginx")
+WRK_CONNECTIONS = 32  # bench/cpu.py's wrk -c
 SBIN = os.pathsep.join(("/usr/sbin", "/sbin", os.environ.get("PATH", "")))
 
 
@@ -115,7 +116,11 @@ def test_cpu_profile_smoke() -> None:
     # a new connection is accepted once and spliced, never copied through Python
     close = result["splicelb"]["close"]["syscalls"]
     failed = result["splicelb"]["close"]["syscall_errors"]  # an accept4 that found none
-    assert 0.9 <= close["accept4"] - failed.get("accept4", 0) <= 1.1, (close, failed)
+    # (wrk stops with up to 32 connections accepted that made no request: on a slow run,
+    # a few hundred requests under strace, they count)
+    requests = result["splicelb"]["close"]["syscall_requests"]
+    accepted = close["accept4"] - failed.get("accept4", 0)
+    assert 0.9 <= accepted <= 1.1 + WRK_CONNECTIONS / requests, (close, failed, requests)
     assert close["splice"] >= 2, close
     assert "recvfrom" not in close and "sendto" not in close, close
 
