@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.instructions import MESSAGE, backend, round_trips, worker_pid
-from bench.procs import HOST, BenchError, Proc, free_port, scratch_main, wait_until
+from bench.procs import HOST, BenchError, Proc, free_ports, scratch_main, wait_until
 from bench.servers import listening_ports, splicelb_argv, splicelb_toml, splicelb_workdir
 
 INTERVALS = (None, 0.01, 0.001, 0.0001)  # None: idle; else the pause between messages
@@ -67,7 +67,7 @@ def start(
 ) -> tuple[Proc, int, int, int]:
     """A 1-worker splicelb in front of the echo and push backends: its Proc, its two
     ports and its worker's pid."""
-    port, push = free_port(), free_port()
+    port, push = free_ports(2)
     workdir, runtime = splicelb_workdir(tmp, f"splicelb-busy{busy_poll_us}")
     config = workdir / "splicelb.toml"
     listeners = [("echo", port, "tcp", echo_port), ("push", push, "tcp", push_port)]

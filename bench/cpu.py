@@ -27,6 +27,9 @@ the balancers N times, alternating their order, and reports the medians, and
 with HAProxy among them each balancer's ``vs_haproxy``: the median of its
 rate's ratio to HAProxy's in the same round (the machine's speed drifts by
 several percent between rounds, which a ratio of medians would take in).
+With five rounds or more, ``vs_haproxy_interval`` is where that median lies
+with 90% confidence (``median_interval``): with two workers one round's ratio
+moves by ±10% on this machine, so telling a 5% cost takes 16 rounds or more.
 
 What a feature costs: ``--balancers`` may name splicelb's variants
 (``bench.servers.VARIANTS``), which change its ``http`` listener only:
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import select
 import shutil
@@ -363,11 +367,35 @@ def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def round_ratios(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> list[float]:
+    """A balancer's rate over ``baseline``'s rate in the same round, for each round."""
+    return [r["rate"] / b["rate"] for r, b in zip(runs, baseline, strict=True)]
+
+
 def versus(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> float:
     """The median, over the rounds, of a balancer's rate over ``baseline``'s rate in the
     same round."""
-    ratios: list[float] = [r["rate"] / b["rate"] for r, b in zip(runs, baseline, strict=True)]
-    return round(statistics.median(ratios), 3)
+    return round(statistics.median(round_ratios(runs, baseline)), 3)
+
+
+def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float, float] | None:
+    """A distribution-free interval that holds the true median with at least
+    ``confidence``: from the k-th smallest value to the k-th largest, k the largest for
+    which fewer than k of n values fall below the median with probability at most
+    (1 - confidence) / 2 (the binomial with p = 1/2).  None when n is too small for one
+    (n < 5 for 0.9).  A round's ratio on this machine spreads by ±10% (an A/A run gives
+    0.85 to 1.17 with two workers), so the median of a few rounds alone says little."""
+    n = len(values)
+    tail, below, k = (1 - confidence) / 2, 0.0, 0
+    while True:
+        below += math.comb(n, k) / 2**n  # P(at most k values below the median)
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, by_load in rows.items():
                 for load, runs in by_load.items():
                     result[name][load][f"vs_{base}"] = versus(runs, rows[base][load])
+                    interval = median_interval(round_ratios(runs, rows[base][load]))
+                    if interval is not None and name != base:
+                        result[name][load][f"vs_{base}_interval"] = [round(x, 3) for x in interval]
         return json.dumps(result, indent=2)
 
     return scratch_main("splicelb-cpu-", body)

@@ -59,7 +59,7 @@ from bench.procs import (
     REPO,
     BenchError,
     Proc,
-    free_port,
+    free_ports,
     install_debian,
     log,
     scratch_main,
@@ -223,8 +223,7 @@ def measure(
     closer, close_port = backend("close")
     echoer, echo_port = backend("echo")
     answerer, answer_port = backend("keepalive")
-    port, echo_front, http_front = free_port(), free_port(), free_port()
-    http_port = free_port()
+    port, echo_front, http_front, http_port = free_ports(4)
     runtime = tmp / "run"
     config = tmp / "splicelb.toml"
     listeners = [

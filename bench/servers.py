@@ -45,6 +45,7 @@ from bench.procs import (
     BenchError,
     Proc,
     free_port,
+    free_ports,
     log,
     unprivileged,
     unprivileged_uid,
@@ -246,7 +247,7 @@ def start_nginx(nginx: str, tmp: Path, backends: Backends) -> tuple[int, int, in
     a TLS one (a self-signed P-256 certificate for ``TLS_NAME``)."""
     prefix = tmp / "nginx"
     prefix.mkdir(exist_ok=True)
-    port, pp_port, tls_port = free_port(), free_port(), free_port()
+    port, pp_port, tls_port = free_ports(3)
     cert, key = prefix / "cert.pem", prefix / "key.pem"
     subprocess.run(
         [
@@ -423,7 +424,7 @@ def start_splicelb(
     name, _, rev = variant.partition("@")
     code = checkout(rev, tmp) if rev else REPO
     workdir, runtime = splicelb_workdir(tmp, f"splicelb-{run_id}")
-    ports = {port: free_port() for port in FRONTS}
+    ports = dict(zip(FRONTS, free_ports(len(FRONTS)), strict=True))
     config = workdir / "splicelb.toml"
     config.write_text(target_toml(name, runtime, workers, ports, backends.ports))
     stdout = splicelb_stdout(name, workdir)
@@ -494,7 +495,7 @@ def start_haproxy(
     routes TLS on its server name to nginx's TLS port, as ``splicelb-tls`` does."""
     workdir = tmp / f"haproxy-{run_id}"
     workdir.mkdir()
-    ports = {name: free_port() for name in FRONTS}
+    ports = dict(zip(FRONTS, free_ports(len(FRONTS)), strict=True))
     cfg = textwrap.dedent(f"""\
         global
             nbthread {1 if processes else workers}

@@ -57,7 +57,7 @@ from bench.procs import (
     REPO,
     BenchError,
     Proc,
-    free_port,
+    free_ports,
     log,
     scratch_main,
     wait_until,
@@ -254,7 +254,7 @@ def run(tmp: Path, args: argparse.Namespace) -> str:
     log("round trips to the probe's echo backend itself: the machine's own stalls")
     direct = round_trips(probe_echo, args.round_trips)
     workdir, runtime = splicelb_workdir(tmp, "splicelb")
-    port, probe = free_port(), free_port()
+    port, probe = free_ports(2)
     path = workdir / "splicelb.toml"
     path.write_text(
         config(runtime, workers, port, servers, total + 1000, probe=(probe, probe_echo))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cpu import versus
+from bench.cpu import median_interval, versus
 from bench.procs import REPO, BenchError, Proc
 from bench.servers import (
     FRONTS,
@@ -56,6 +56,17 @@ def test_a_variant_is_compared_with_its_baseline_round_by_round() -> None:
     variant = [{"rate": 95}, {"rate": 190}, {"rate": 50}]
     baseline = [{"rate": 100}, {"rate": 200}, {"rate": 40}]
     assert versus(variant, baseline) == 0.95
+
+
+def test_the_median_ratios_interval_widens_as_the_rounds_get_fewer() -> None:
+    """The 90% interval of 16 rounds leaves out the 4 lowest and the 4 highest ratios
+    (fewer below the median than 5 has a chance of 3.8%); of 8 rounds, the lowest and
+    the highest; 4 rounds are too few for one."""
+    ratios = [0.80 + i / 100 for i in range(16)]
+    assert median_interval(ratios[::-1]) == (ratios[4], ratios[11])
+    assert median_interval(ratios[:8]) == (ratios[1], ratios[6])
+    assert median_interval(ratios[:5]) == (ratios[0], ratios[4])
+    assert median_interval(ratios[:4]) is None
 
 
 def test_a_balancer_at_an_earlier_commit_runs_that_commits_code(tmp_path: Path) -> None:

@@ -23,7 +23,12 @@ then does it sleep.  A message answered within that time is met without
 waking the worker: on a VM, waking a process on an idle vCPU costs tens of µs
 (the 64-byte round trip through the balancer went from about 71 to 41 µs).
 Under load the first poll finds work and nothing spins; idle, the worker
-sleeps after ``busy_poll`` at most.  Between those polls the loop calls
+sleeps after ``busy_poll`` at most.  A yield that gives the CPU away for
+``CONTENDED`` or more (another task ran) ends the polling, and the worker
+does not poll again for ``CALM_AFTER``: when the machine has more runnable
+tasks than CPUs, a task that yields waits in the run queue behind them for
+as long as a time slice, and no event wakes it, where a sleeping one is
+woken by its next event.  Between those polls the loop calls
 ``on_idle``, if given: work that is worth doing only when there is nothing
 else (the worker takes connections waiting on other workers' sockets), and
 that never wakes the loop.  A callback may close other descriptors
@@ -72,6 +77,11 @@ WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 FAILED = select.EPOLLHUP | select.EPOLLERR
 ERR = select.EPOLLERR  # always reported: as an interest, it only keeps a descriptor in the set
 BATCH = 512
+# A sched_yield that takes this long gave the CPU to another task for a while (longer
+# than this VM's rare stalls of an idle CPU, at most about 100 µs in 200,000 yields):
+# busy polling stops, and starts again after CALM_AFTER.
+CONTENDED = 200e-6
+CALM_AFTER = 0.1
 
 Callback = Callable[[], None]
 
@@ -142,6 +152,7 @@ class Loop:
         "_after_turn",
         "_armed",
         "_busy_poll",
+        "_calm_at",
         "_deferred",
         "_dispatching",
         "_on_idle",
@@ -168,6 +179,7 @@ class Loop:
         self.epoll = select.epoll()
         self._busy_poll = busy_poll  # seconds; 0: sleep as soon as nothing is ready
         self._on_idle = on_idle  # called between busy polls; True: it found work
+        self._calm_at = 0.0  # before then (monotonic()) the CPU had other work: no polling
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         self.masks: dict[int, int] = {}
@@ -395,10 +407,20 @@ class Loop:
     def _spin(self) -> list[tuple[int, int]]:
         """Nothing is ready: poll on for ``busy_poll`` seconds, letting any other
         runnable process have the CPU between polls (and calling ``on_idle``, which
-        may find work of its own); then sleep until something is ready."""
-        poll, until, on_idle = self.epoll.poll, monotonic() + self._busy_poll, self._on_idle
-        while monotonic() < until:
+        may find work of its own); then sleep until something is ready.  A yield that
+        gave the CPU away (it took ``CONTENDED`` or longer) ends the polling, and
+        there is none for ``CALM_AFTER``: see "Busy polling" in the module's docstring."""
+        poll, on_idle = self.epoll.poll, self._on_idle
+        now = monotonic()
+        if now < self._calm_at:
+            return poll(-1, BATCH)
+        until = now + self._busy_poll
+        while now < until:
             os.sched_yield()
+            yielded, now = now, monotonic()
+            if now - yielded >= CONTENDED:
+                self._calm_at = now + CALM_AFTER
+                break
             events = poll(0, BATCH)
             if events:
                 return events
@@ -408,6 +430,7 @@ class Loop:
                         until = monotonic() + self._busy_poll  # as after any other work
                 except Exception as exc:
                     self.on_error(exc)
+            now = monotonic()
         return poll(-1, BATCH)
 
     def _failed(self, fd: int, callback: Callback | None, exc: Exception) -> None:

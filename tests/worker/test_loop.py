@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from lb.worker import loop as loop_module
 from lb.worker.loop import RDHUP, Loop
 
 
@@ -278,18 +279,29 @@ def test_a_failing_signal_callback_does_not_deafen_the_loop_to_signals(
     assert [str(e) for e in errors] == ["bug in a signal callback"]
 
 
+def heard_by(loop: Loop) -> tuple[socket.socket, socket.socket, list[bytes]]:
+    """A socket pair whose second end ``loop`` reads: what is sent to the first is
+    heard, in order."""
+    a, b = socket.socketpair()
+    heard: list[bytes] = []
+    loop.add_reader(b.fileno(), lambda: heard.append(b.recv(100)))
+    return a, b, heard
+
+
+@pytest.fixture
+def cpu_to_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sched_yield returns at once, as on a CPU with no other task to run (on a
+    busy machine a yield may give the CPU away, and that ends the polling)."""
+    monkeypatch.setattr(os, "sched_yield", lambda: None)
+
+
+@pytest.mark.usefixtures("cpu_to_itself")
 @pytest.mark.parametrize("busy_poll", [0.0, 0.1])
 def test_busy_polling_lasts_its_time_after_work_then_the_loop_sleeps(busy_poll: float) -> None:
     """What an operator sees in the worker's CPU time: after each piece of work the
     loop polls on for ``busy_poll`` (here 100 ms, to be measurable), then sleeps."""
     loop = Loop(on_error=lambda exc: None, busy_poll=busy_poll)
-    a, b = socket.socketpair()
-    heard: list[bytes] = []
-
-    def readable() -> None:
-        heard.append(b.recv(100))
-
-    loop.add_reader(b.fileno(), readable)
+    a, b, heard = heard_by(loop)
     a.sendall(b"work")
     loop.call_later(0.5, loop.stop)  # idle for the rest of the half second
     cpu = time.thread_time()
@@ -307,6 +319,39 @@ def test_busy_polling_lasts_its_time_after_work_then_the_loop_sleeps(busy_poll: 
         assert cpu < 0.05
 
 
+@pytest.mark.parametrize(("calm_after", "yields"), [(10.0, 1), (0.0, 4)])
+def test_busy_polling_stops_for_a_while_once_a_yield_gives_the_cpu_away(
+    monkeypatch: pytest.MonkeyPatch, calm_after: float, yields: int
+) -> None:
+    """On a machine as busy as its cores, a worker that yields waits in the run queue
+    behind the other tasks for as long as a time slice, where a sleeping one is woken
+    by its next event.  Here each yield gives the CPU to another task for 1 ms: the
+    first ends the polling, and the loop sleeps after each of its next pieces of work
+    until ``CALM_AFTER`` has passed (with none, it tries a yield after each).  Polling
+    on, it would make a hundred yields in its 100 ms of ``busy_poll``."""
+    made: list[float] = []
+
+    def busy_cpu() -> None:
+        made.append(time.monotonic())
+        time.sleep(0.001)
+
+    monkeypatch.setattr(os, "sched_yield", busy_cpu)
+    monkeypatch.setattr(loop_module, "CALM_AFTER", calm_after)
+    loop = Loop(on_error=lambda exc: None, busy_poll=0.1)
+    a, b, heard = heard_by(loop)
+    a.sendall(b"work")
+    for at in (0.02, 0.04, 0.06):
+        loop.call_later(at, lambda: a.sendall(b"more"))
+    loop.call_later(0.3, loop.stop)
+    loop.run()
+    loop.shutdown()
+    a.close()
+    b.close()
+    assert heard == [b"work", b"more", b"more", b"more"]
+    assert len(made) == yields
+
+
+@pytest.mark.usefixtures("cpu_to_itself")
 @pytest.mark.parametrize("busy_poll", [0.0, 0.1])
 def test_on_idle_runs_between_busy_polls_and_never_wakes_the_loop(busy_poll: float) -> None:
     """A worker takes another's queued connections from ``on_idle``: while it polls
